@@ -1,0 +1,231 @@
+"""Process-wide state: the hot-path ring, the pipeline, the tracer provider; ``start`` / ``stop``.
+
+``RECORDER`` exists from import on, so instrumentation wrappers bind it once. ``start`` is
+idempotent and safe to call from the bootstrap, from the ``opentelemetry_post_instrument`` hook, or
+from user code; ``stop`` undoes it (unwraps, drains, flushes, stops our thread).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import Optional, Sequence
+
+from prism_otel import semconv as sc
+from prism_otel.record import Recorder
+
+logger = logging.getLogger(__name__)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        logger.warning("prism-otel: %s is not an integer; using %d", name, default)
+        return default
+
+
+RECORDER = Recorder(_env_int(sc.ENV_RING_SIZE, 65536))
+
+_lock = threading.RLock()
+_state: Optional["Runtime"] = None
+
+
+class Runtime:
+    def __init__(self, provider, own_provider: bool, embedded_default: bool, pipeline, instrumentors) -> None:
+        self.provider = provider
+        self.own_provider = own_provider
+        self.embedded_default = embedded_default
+        self.pipeline = pipeline
+        self.instrumentors = instrumentors
+        self.pid = os.getpid()
+
+
+def _instance_id() -> str:
+    return os.environ.get(sc.ENV_INSTANCE) or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _resource(frameworks: dict):
+    from opentelemetry.sdk.resources import Resource
+
+    attrs = {"process.pid": os.getpid(), "service.instance.id": _instance_id()}
+    if frameworks:
+        name, ver = next(iter(frameworks.items()))
+        attrs[sc.RES_FRAMEWORK] = name
+        attrs[sc.RES_FRAMEWORK_VERSION] = ver
+    if not os.environ.get(sc.OTEL_SERVICE_NAME):
+        attrs["service.name"] = "prism-otel"
+    return Resource.create(attrs)
+
+
+def _all_instrumentors() -> list:
+    """Our instrumentors, as (name, class). New engines add themselves here."""
+    from prism_otel.instrumentation.transformers import TransformersInstrumentor
+
+    out = [("transformers", TransformersInstrumentor)]
+    try:
+        from prism_otel.instrumentation.vllm import VLLMInstrumentor
+
+        out.append(("vllm", VLLMInstrumentor))
+    except ImportError:
+        pass
+    wanted = os.environ.get(sc.ENV_INSTRUMENTATIONS)
+    if wanted:
+        keep = {w.strip() for w in wanted.split(",")}
+        out = [(n, c) for n, c in out if n in keep]
+    return out
+
+
+def default_processors() -> list:
+    """The processors that run in-process by default (detection, SLO) when they are available."""
+    if os.environ.get(sc.ENV_DETECT, "1") == "0":
+        return []
+    try:
+        from processors.defaults import in_process_processors
+    except ImportError:
+        return []
+    try:
+        return in_process_processors()
+    except Exception:  # noqa: BLE001 - detection must never stop tracing from starting
+        logger.warning("prism-otel: detection processors unavailable", exc_info=True)
+        return []
+
+
+def start(tracer_provider=None, processors: Optional[Sequence] = None, instrument: bool = True,
+          model_name: Optional[str] = None) -> Optional[Runtime]:
+    """Start prism-otel in this process. Returns the runtime, or None when disabled."""
+    global _state
+    if os.environ.get(sc.ENV_DISABLED, "") not in ("", "0"):
+        return None
+    with _lock:
+        if _state is not None and _state.pid == os.getpid():
+            return _state
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        from prism_otel.export import exporters_from_env
+        from prism_otel.instrumentation import installed_version
+        from prism_otel.pipeline import Pipeline
+
+        frameworks = {}
+        for name in ("vllm", "transformers"):
+            v = installed_version(name, name + "-cpu") if name == "vllm" else installed_version(name)
+            if v:
+                frameworks[name] = v
+        own = False
+        embedded = False
+        provider = tracer_provider
+        if provider is None:
+            glob = trace.get_tracer_provider()
+            if isinstance(glob, TracerProvider):
+                provider = glob
+        if provider is None:
+            exporters, embedded = exporters_from_env()
+            links = _env_int(sc.OTEL_SPAN_LINK_COUNT_LIMIT, 0) or max(128, _env_int(sc.ENV_MAX_STEP_LINKS, 128))
+            provider = TracerProvider(resource=_resource(frameworks), span_limits=SpanLimits(max_links=links))
+            for e in exporters:
+                provider.add_span_processor(BatchSpanProcessor(e))
+            own = True
+        procs = default_processors() if processors is None else list(processors)
+        pipeline = Pipeline(RECORDER, provider, _instance_id(), procs,
+                            max_step_links=_env_int(sc.ENV_MAX_STEP_LINKS, 128),
+                            max_request_links=_env_int(sc.ENV_MAX_REQUEST_LINKS, 16),
+                            max_open_requests=_env_int(sc.ENV_MAX_OPEN_REQUESTS, 10000),
+                            model_name=model_name, provider_name=next(iter(frameworks), "prism"))
+        pipeline.start()
+        insts = []
+        if instrument:
+            for name, cls in _all_instrumentors():
+                try:
+                    inst = cls()
+                    if not inst.is_instrumented_by_opentelemetry:
+                        inst.instrument(skip_dep_check=True)
+                    insts.append(inst)
+                except Exception:  # noqa: BLE001
+                    logger.warning("prism-otel: instrumenting %s failed", name, exc_info=True)
+        _state = Runtime(provider, own, embedded, pipeline, insts)
+        return _state
+
+
+def stop(timeout: float = 10.0) -> None:
+    """Uninstrument, drain and flush, stop the pipeline thread; print the summary in embedded mode."""
+    global _state
+    with _lock:
+        st = _state
+        if st is None:
+            return
+        _state = None
+        for inst in st.instrumentors:
+            try:
+                inst.uninstrument()
+            except Exception:  # noqa: BLE001
+                logger.debug("uninstrument failed", exc_info=True)
+        st.pipeline.stop(timeout)
+        try:
+            st.provider.force_flush(int(timeout * 1000))
+            if st.own_provider:
+                st.provider.shutdown()
+        except Exception:  # noqa: BLE001
+            logger.debug("provider flush failed", exc_info=True)
+        if st.embedded_default and os.environ.get(sc.ENV_SUMMARY, "1") != "0" and st.pipeline.steps_seen:
+            print(st.pipeline.stats.render(), file=sys.stderr)
+            out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
+            print(f"prism-otel: spans written under {out}", file=sys.stderr)
+
+
+def current() -> Optional[Runtime]:
+    return _state
+
+
+def status() -> dict:
+    """What is running and what it saw (used by ``prism-otel status`` and the attach handshake)."""
+    from prism_otel.instrumentation import STATUS
+    from prism_otel.instrumentation._hooks import hook_errors
+
+    st = _state
+    out = {"pid": os.getpid(), "running": st is not None, "instrumentations": {k: list(v) for k, v in STATUS.items()},
+           "hook_errors": hook_errors(), "ring_dropped": RECORDER.dropped}
+    if st is not None:
+        p = st.pipeline
+        out.update(steps=p.steps_seen, requests=p.requests_seen, dropped=dict(p.dropped),
+                   processor_errors=p.processor_errors, patched=[t for i in st.instrumentors
+                                                                 for t in getattr(i, "patched", [])])
+    return out
+
+
+def _after_fork_in_child() -> None:
+    st = _state
+    if st is None:
+        return
+    RECORDER.drain(1 << 30)
+    st.pid = os.getpid()
+    st.pipeline.after_fork_in_child()
+
+
+def post_instrument() -> None:
+    """``opentelemetry_post_instrument`` entry point: attach our pipeline to the SDK provider that
+    ``opentelemetry-instrument`` built (instrumentors were already applied by its loader)."""
+    try:
+        start(instrument=False)
+        st = _state
+        if st is not None:
+            from prism_otel.instrumentation.transformers import TransformersInstrumentor
+
+            st.instrumentors = [TransformersInstrumentor()]
+            try:
+                from prism_otel.instrumentation.vllm import VLLMInstrumentor
+
+                st.instrumentors.append(VLLMInstrumentor())
+            except ImportError:
+                pass
+    except Exception:  # noqa: BLE001 - auto-instrumentation must never break the application
+        logger.warning("prism-otel: post-instrument start failed", exc_info=True)
+
+
+atexit.register(stop)
+os.register_at_fork(after_in_child=_after_fork_in_child)

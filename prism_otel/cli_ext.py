@@ -1,0 +1,31 @@
+"""Sub-commands added by other parts (detect, eval, collector, attach, simulate): each registers here."""
+
+from __future__ import annotations
+
+import importlib
+
+# (module, function names): each module has ``register(subparsers)`` and ``dispatch(args) -> int | None``
+_MODULES = ()
+
+
+def _load():
+    mods = []
+    for name in _MODULES:
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return mods
+
+
+def register(sub) -> None:
+    for m in _load():
+        m.register(sub)
+
+
+def dispatch(args) -> int:
+    for m in _load():
+        rc = m.dispatch(args)
+        if rc is not None:
+            return rc
+    raise SystemExit(f"prism-otel: unknown command {args.cmd!r}")

@@ -1,0 +1,1 @@
+"""Device-agnostic timing, kernel-group classification and device health (see timing.py)."""

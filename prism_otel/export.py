@@ -1,0 +1,111 @@
+"""Exporter choice from the standard ``OTEL_*`` variables, and the embedded default.
+
+* ``OTEL_TRACES_EXPORTER`` (comma list) names exporters as the SDK does: ``otlp`` (protocol from
+  ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``grpc`` (default),
+  ``http/protobuf``), ``otlp_proto_grpc``, ``otlp_proto_http``, ``console``, ``none``, or any
+  ``opentelemetry_traces_exporter`` entry point.
+* ``OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT`` alone implies ``otlp``.
+* With none of these set, the embedded default writes OTLP JSON lines under ``./prism-out/``
+  (``PRISM_OTEL_OUT_DIR``) and a per-stage summary is printed at exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from importlib.metadata import entry_points
+from typing import List, Optional, Sequence, Tuple
+
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from prism_otel import semconv as sc
+
+logger = logging.getLogger(__name__)
+
+
+class OTLPJSONFileExporter(SpanExporter):
+    """Writes each export batch as one OTLP/JSON ``ExportTraceServiceRequest`` line (hex ids)."""
+
+    def __init__(self, directory: str, filename: Optional[str] = None) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, filename or f"traces-{os.getpid()}.jsonl")
+        self._lock = threading.Lock()
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown
+
+    def export(self, spans: Sequence) -> SpanExportResult:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        from prism_otel.otlp_json import request_to_json
+
+        try:
+            line = request_to_json(encode_spans(spans))
+            with self._lock:
+                if self._fh.closed:
+                    return SpanExportResult.FAILURE
+                self._fh.write(line + "\n")
+                self._fh.flush()
+            return SpanExportResult.SUCCESS
+        except Exception:  # noqa: BLE001 - an exporter reports failure, it does not raise
+            logger.warning("prism-otel: writing %s failed", self.path, exc_info=True)
+            return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if not self._fh.closed:
+                self._fh.close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def _protocol() -> str:
+    return (os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL) or os.environ.get(sc.OTEL_EXPORTER_OTLP_PROTOCOL)
+            or "grpc").strip().lower()
+
+
+def _named_exporter(name: str) -> Optional[SpanExporter]:
+    if name == "none":
+        return None
+    if name == "otlp":
+        name = "otlp_proto_http" if _protocol().startswith("http") else "otlp_proto_grpc"
+    if name == "otlp_proto_grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    if name == "otlp_proto_http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
+
+        return HTTPExporter()
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    for ep in entry_points(group="opentelemetry_traces_exporter"):
+        if ep.name == name:
+            return ep.load()()
+    raise ValueError(f"{sc.OTEL_TRACES_EXPORTER}: unknown exporter {name!r}")
+
+
+def exporters_from_env() -> Tuple[List[SpanExporter], bool]:
+    """The exporters the environment asks for, and whether that is the embedded default."""
+    names = os.environ.get(sc.OTEL_TRACES_EXPORTER, "").strip()
+    if not names and (os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT)
+                      or os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)):
+        names = "otlp"
+    if not names:
+        out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
+        return [OTLPJSONFileExporter(out)], True
+    exporters = []
+    for n in names.split(","):
+        n = n.strip().lower()
+        if not n:
+            continue
+        try:
+            e = _named_exporter(n)
+        except Exception as exc:  # noqa: BLE001 - a bad name is reported, the others still work
+            logger.error("prism-otel: cannot create exporter %r: %s", n, exc)
+            continue
+        if e is not None:
+            exporters.append(e)
+    return exporters, False

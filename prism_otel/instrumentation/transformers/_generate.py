@@ -1,0 +1,116 @@
+"""``model.generate``: forward pre/post hooks on the model for the duration of one call.
+
+Step i runs from forward i's start to forward i+1's start (or the end of ``generate``): stage
+``forward`` is the model forward, stage ``sample`` the logits processing, sampling and stopping
+criteria that follow it. Forward 0 is the prefill; the rest are decode steps. Shapes only are read
+(no tensor values), so nothing synchronises a device.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from prism_otel import semconv as sc
+from prism_otel._runtime import RECORDER
+from prism_otel.device import timing
+from prism_otel.record import REQUEST, STEP, StepFeatures, clock_ns
+
+_calls = itertools.count(1)
+_keys = itertools.count(1)
+_emit = RECORDER.emit
+
+
+class _GenerateCall:
+    __slots__ = ("g", "t_start", "call", "rids", "prompt", "n", "pre_t", "post_t", "pair", "dev", "feat")
+
+    def __init__(self, g, t_start: int, dev) -> None:
+        self.g = g
+        self.t_start = t_start
+        self.call = next(_calls)
+        self.rids = ()
+        self.prompt = 0
+        self.n = 0
+        self.pre_t = self.post_t = None
+        self.pair = None
+        self.dev = dev
+        self.feat = None
+
+    def _flush(self, t: int) -> None:
+        if self.post_t is None:
+            return
+        stages = ((sc.STAGE_FORWARD, self.pre_t, self.post_t), (sc.STAGE_SAMPLE, self.post_t, t))
+        reqs = tuple((rid, self.feat.prefill_tokens // len(self.rids) if self.n == 1 else 1, True)
+                     for rid in self.rids)
+        _emit((STEP, ("generate", next(_keys)), self.pre_t, t, self.feat, reqs, self.pair, stages))
+        self.post_t = None
+
+    def pre(self, module, args, kwargs):
+        g = self.g
+        if g.disabled:
+            return None
+        try:
+            t = clock_ns()
+            self._flush(t)
+            x = kwargs.get("input_ids")
+            if x is None:
+                x = kwargs.get("inputs_embeds")
+            if x is None and args:
+                x = args[0]
+            b, q = int(x.shape[0]), int(x.shape[1])
+            if self.n == 0:
+                self.prompt = q
+                self.rids = tuple(f"generate-{self.call}-{i}" for i in range(b))
+                for rid in self.rids:
+                    _emit((REQUEST, rid, "arrive", self.t_start, {"prompt_tokens": q}))
+                self.feat = StepFeatures("prefill", b, b * q, 0, b * q, q, None)
+            else:
+                pos = self.prompt + self.n
+                self.feat = StepFeatures("decode", b, 0, b * q, b * pos, pos, None)
+            self.n += 1
+            self.pair = timing.begin(self.dev)
+            self.pre_t = clock_ns()
+        except Exception as exc:  # noqa: BLE001
+            g.failed(exc)
+        return None
+
+    def post(self, module, args, kwargs, output):
+        if self.g.disabled or self.pre_t is None:
+            return None
+        try:
+            timing.end(self.pair)
+            self.post_t = clock_ns()
+        except Exception as exc:  # noqa: BLE001
+            self.g.failed(exc)
+        return None
+
+    def finish(self) -> None:
+        t = clock_ns()
+        self._flush(t)
+        for rid in self.rids:
+            _emit((REQUEST, rid, "finish", t, None))
+
+
+def wrap_generate(g):
+    def _generate(wrapped, instance, args, kwargs):
+        if g.disabled or getattr(instance, "_prism_generating", False):
+            return wrapped(*args, **kwargs)
+        try:
+            call = _GenerateCall(g, clock_ns(), timing.accelerator_of(instance))
+            handles = (instance.register_forward_pre_hook(call.pre, with_kwargs=True),
+                       instance.register_forward_hook(call.post, with_kwargs=True))
+            instance._prism_generating = True
+        except Exception as exc:  # noqa: BLE001
+            g.failed(exc)
+            return wrapped(*args, **kwargs)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            instance._prism_generating = False
+            try:
+                call.finish()
+            except Exception as exc:  # noqa: BLE001
+                g.failed(exc)
+
+    return _generate

@@ -1,0 +1,140 @@
+"""Every span, attribute, metric and environment-variable name prism-otel uses.
+
+This module is the only place names are spelled. Standard ``gen_ai.*`` names come from
+``opentelemetry.semconv`` (never literals); our own live under ``prism.``. Environment variables
+of our own use the ``PRISM_OTEL_`` prefix; every standard ``OTEL_*`` variable works unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+with warnings.catch_warnings():
+    # The GenAI constants are marked "moved to semantic-conventions-genai"; the names are unchanged.
+    warnings.simplefilter("ignore")
+    from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as _ga
+    from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as _gm
+
+# --- instrumentation scope -------------------------------------------------------------------
+SCOPE = "prism_otel"
+
+# --- span names --------------------------------------------------------------------------------
+STEP_SPAN = "prism.step"
+STAGE_SPAN_PREFIX = "prism.stage."
+KERNEL_SPAN_PREFIX = "prism.kernels."
+RANK_SPAN_PREFIX = "prism.rank."
+
+# Host stages (the engines map their own methods to these).
+STAGE_SCHEDULE = "schedule"
+STAGE_PREPARE = "prepare"
+STAGE_FORWARD = "forward"
+STAGE_SAMPLE = "sample"
+STAGE_UPDATE = "update"
+STAGE_DETOKENIZE = "detokenize"
+STAGE_PREFILL = "prefill"
+STAGE_DECODE = "decode"
+
+# Device kernel groups.
+KERNEL_GROUPS = ("attention", "gemm", "norm", "activation", "embedding", "sampling", "collective", "memcpy", "other")
+
+
+def stage_span_name(stage: str) -> str:
+    return STAGE_SPAN_PREFIX + stage
+
+
+def kernel_span_name(group: str) -> str:
+    return KERNEL_SPAN_PREFIX + group
+
+
+# --- step attributes ---------------------------------------------------------------------------
+STEP_INDEX = "prism.step.index"
+STEP_PHASE = "prism.step.phase"
+STEP_DURATION_MS = "prism.step.duration_ms"
+STEP_INSTANCE = "prism.step.instance"
+STEP_LINKS_DROPPED = "prism.step.links_dropped"
+BATCH_SIZE = "prism.batch.size"
+BATCH_PREFILL_TOKENS = "prism.batch.prefill_tokens"
+BATCH_DECODE_TOKENS = "prism.batch.decode_tokens"
+BATCH_CONTEXT_TOKENS = "prism.batch.context_tokens"
+BATCH_MAX_CONTEXT_TOKENS = "prism.batch.max_context_tokens"
+BATCH_REQUEST_IDS = "prism.batch.request_ids"
+KV_CACHE_USAGE = "prism.kv_cache.usage"
+DEVICE_TIME_MS = "prism.device.time_ms"
+DEVICE_TIMING = "prism.device.timing"  # "event" (device events) or "host" (host clock fallback)
+STAGE_NAME = "prism.stage.name"
+KERNEL_GROUP = "prism.kernels.group"
+
+PHASES = ("prefill", "decode", "mixed", "idle")
+
+# --- verdict attributes ------------------------------------------------------------------------
+ANOMALY = "prism.anomaly"
+ANOMALY_SCORE = "prism.anomaly.score"
+ANOMALY_ROOT_CAUSE = "prism.anomaly.root_cause"
+LATENCY_EXPECTED_MS = "prism.latency.expected_ms"
+ALERT_EVENT = "prism.alert"
+SLO_PREFIX = "prism.slo."
+SLO_VIOLATED = "prism.slo.violated"
+SLO_TTFT_VIOLATED = "prism.slo.ttft.violated"
+SLO_TPOT_VIOLATED = "prism.slo.tpot.violated"
+SLO_STEP_VIOLATED = "prism.slo.step.violated"
+
+# --- request attributes ------------------------------------------------------------------------
+REQUEST_ID = "prism.request.id"
+REQUEST_QUEUE_MS = "prism.request.queue_ms"
+REQUEST_PREFILL_MS = "prism.request.prefill_ms"
+REQUEST_TTFT_MS = "prism.request.ttft_ms"
+REQUEST_TPOT_MS = "prism.request.tpot_ms"
+REQUEST_DURATION_MS = "prism.request.duration_ms"
+REQUEST_STEPS = "prism.request.steps"
+REQUEST_LINKS_DROPPED = "prism.request.links_dropped"
+REQUEST_STATUS = "prism.request.status"
+
+GEN_AI_OPERATION_NAME = _ga.GEN_AI_OPERATION_NAME
+GEN_AI_PROVIDER_NAME = getattr(_ga, "GEN_AI_PROVIDER_NAME", "gen_ai.provider.name")
+GEN_AI_REQUEST_MODEL = _ga.GEN_AI_REQUEST_MODEL
+GEN_AI_REQUEST_MAX_TOKENS = _ga.GEN_AI_REQUEST_MAX_TOKENS
+GEN_AI_RESPONSE_ID = _ga.GEN_AI_RESPONSE_ID
+GEN_AI_USAGE_INPUT_TOKENS = _ga.GEN_AI_USAGE_INPUT_TOKENS
+GEN_AI_USAGE_OUTPUT_TOKENS = _ga.GEN_AI_USAGE_OUTPUT_TOKENS
+GEN_AI_OPERATION_TEXT_COMPLETION = _ga.GenAiOperationNameValues.TEXT_COMPLETION.value
+
+# --- metrics -----------------------------------------------------------------------------------
+METRIC_TTFT = _gm.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN
+METRIC_TPOT = _gm.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN
+METRIC_REQUEST_DURATION = _gm.GEN_AI_SERVER_REQUEST_DURATION
+METRIC_STEP_DURATION = "prism.step.duration"
+METRIC_ANOMALY_COUNT = "prism.anomaly.count"
+METRIC_DROPPED = "prism.dropped"
+METRIC_HOOK_ERRORS = "prism.hook.errors"
+DROP_REASON = "reason"
+
+# --- resource attributes -----------------------------------------------------------------------
+RES_FRAMEWORK = "prism.engine.framework"
+RES_FRAMEWORK_VERSION = "prism.engine.version"
+RES_DEVICE_KIND = "prism.device.kind"
+RES_DEVICE_NAME = "prism.device.name"
+
+# --- environment variables (ours) --------------------------------------------------------------
+ENV_DISABLED = "PRISM_OTEL_DISABLED"  # "1": load nothing
+ENV_OUT_DIR = "PRISM_OTEL_OUT_DIR"  # embedded default's output directory (./prism-out)
+ENV_SUMMARY = "PRISM_OTEL_SUMMARY"  # "0": no per-stage summary at exit
+ENV_RING_SIZE = "PRISM_OTEL_RING_SIZE"  # hot-path ring capacity (records)
+ENV_MAX_STEP_LINKS = "PRISM_OTEL_MAX_STEP_LINKS"  # links from a step span to request spans
+ENV_MAX_REQUEST_LINKS = "PRISM_OTEL_MAX_REQUEST_LINKS"  # links from a request span to step spans
+ENV_MAX_OPEN_REQUESTS = "PRISM_OTEL_MAX_OPEN_REQUESTS"  # request spans held open at once
+ENV_INSTRUMENTATIONS = "PRISM_OTEL_INSTRUMENTATIONS"  # comma list; default: every one whose engine is importable
+ENV_BOOTSTRAP_ACTIVE = "PRISM_OTEL_BOOTSTRAP"  # set by `prism-otel run` for child processes
+ENV_HOOK_MAX_ERRORS = "PRISM_OTEL_HOOK_MAX_ERRORS"  # failures before a hook disables itself
+ENV_INSTANCE = "PRISM_OTEL_INSTANCE"  # instance id (default: host:pid)
+ENV_DETECT = "PRISM_OTEL_DETECT"  # "0": no anomaly detection in-process
+ENV_BASELINE_DIR = "PRISM_OTEL_BASELINE_DIR"  # where learned baselines persist
+ENV_MODEL_CACHE = "PRISM_OTEL_MODEL_CACHE"  # where tiny test/demo models are built
+
+# Standard OTel variables we read (spelled here so nothing else spells them).
+OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+OTEL_EXPORTER_OTLP_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+OTEL_EXPORTER_OTLP_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
+OTEL_SPAN_LINK_COUNT_LIMIT = "OTEL_SPAN_LINK_COUNT_LIMIT"

@@ -1,0 +1,71 @@
+"""Per-stage aggregation for the exit summary (bounded: a reservoir of durations per stage and phase)."""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List
+
+from prism_otel.record import StepRecord
+
+_RESERVOIR = 4096
+
+
+class _Series:
+    __slots__ = ("n", "total_ns", "sample")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total_ns = 0
+        self.sample: List[int] = []
+
+    def add(self, ns: int) -> None:
+        self.n += 1
+        self.total_ns += ns
+        if len(self.sample) < _RESERVOIR:
+            self.sample.append(ns)
+        else:
+            j = random.randrange(self.n)
+            if j < _RESERVOIR:
+                self.sample[j] = ns
+
+    def quantile(self, q: float) -> float:
+        s = sorted(self.sample)
+        if not s:
+            return 0.0
+        return s[min(len(s) - 1, int(q * len(s)))] / 1e6
+
+
+class StageStats:
+    """Counts and latency quantiles per stage, plus whole steps per phase."""
+
+    def __init__(self) -> None:
+        self.stages: Dict[str, _Series] = {}
+        self.steps: Dict[str, _Series] = {}
+        self.tokens = 0
+        self.anomalies = 0
+
+    def add(self, step: StepRecord) -> None:
+        self.steps.setdefault(step.phase, _Series()).add(step.duration_ns)
+        for name, (t0, t1) in step.stages.items():
+            self.stages.setdefault(name, _Series()).add(t1 - t0)
+        for group, ns in step.kernel_groups.items():
+            self.stages.setdefault("kernels." + group, _Series()).add(ns)
+        self.tokens += step.tokens
+        if step.verdict is not None and step.verdict.anomaly:
+            self.anomalies += 1
+
+    def render(self) -> str:
+        total_step_ns = sum(s.total_ns for s in self.steps.values()) or 1
+        nsteps = sum(s.n for s in self.steps.values())
+        lines = [f"prism-otel: {nsteps} steps, {self.tokens} tokens, {self.anomalies} anomalous steps",
+                 f"{'':2}{'stage':<22}{'count':>8}{'mean ms':>10}{'p50 ms':>10}{'p99 ms':>10}{'share':>8}"]
+
+        def row(name: str, s: _Series) -> str:
+            return (f"{'':2}{name:<22}{s.n:>8}{s.total_ns / s.n / 1e6:>10.3f}{s.quantile(0.5):>10.3f}"
+                    f"{s.quantile(0.99):>10.3f}{100 * s.total_ns / total_step_ns:>7.1f}%")
+
+        for name, s in sorted(self.steps.items()):
+            lines.append(row("step[" + name + "]", s))
+        for name, s in sorted(self.stages.items(), key=lambda kv: -kv[1].total_ns):
+            lines.append(row(name, s))
+        return "\n".join(lines)
