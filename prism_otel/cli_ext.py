@@ -5,7 +5,12 @@ from __future__ import annotations
 import importlib
 
 # (module, function names): each module has ``register(subparsers)`` and ``dispatch(args) -> int | None``
-_MODULES = ()
+_MODULES = (
+    "prism_otel.detect_cli",  # detect, eval
+    "prism_otel.collector.cli",  # collector
+    "prism_otel.attach.cli",  # attach, detach, status
+    "prism_otel.simulate.cli",  # simulate
+)
 
 
 def _load():
@@ -13,7 +18,9 @@ def _load():
     for name in _MODULES:
         try:
             mods.append(importlib.import_module(name))
-        except ImportError:
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # the module exists but something it needs does not
+                raise
             continue
     return mods
 
