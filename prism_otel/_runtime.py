@@ -127,7 +127,9 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
         if provider is None:
             exporters, embedded = exporters_from_env()
             links = _env_int(sc.OTEL_SPAN_LINK_COUNT_LIMIT, 0) or max(128, _env_int(sc.ENV_MAX_STEP_LINKS, 128))
-            provider = TracerProvider(resource=_resource(frameworks), span_limits=SpanLimits(max_links=links))
+            # shutdown_on_exit=False: our own atexit stop() drains the pipeline first, then shuts it down.
+            provider = TracerProvider(resource=_resource(frameworks), span_limits=SpanLimits(max_links=links),
+                                      shutdown_on_exit=False)
             for e in exporters:
                 provider.add_span_processor(BatchSpanProcessor(e))
             own = True

@@ -55,10 +55,10 @@ _TARGETS = (
 class TransformersInstrumentor(BaseInstrumentor):
     """Patches transformers' continuous-batching and generate loops (see the module docstring)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._active = False
-        self._patched = []
+    # BaseInstrumentor is a per-class singleton whose __init__ runs on every construction: state
+    # lives on the class so a second `TransformersInstrumentor()` does not forget what was patched.
+    _active = False
+    _patched: list = []
 
     def instrumentation_dependencies(self) -> Collection[str]:
         return _instruments
@@ -66,7 +66,8 @@ class TransformersInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs) -> None:
         if check_version("transformers", ("transformers",), kwargs.get("supported", SUPPORTED)) is None:
             return
-        self._active = True
+        type(self)._active = True
+        type(self)._patched = list(self._patched)
         for module in {t[0] for t in _TARGETS}:
             wrapt.register_post_import_hook(self._on_import, module)
         STATUS["transformers"] = ("instrumented", "hooks installed on import")
@@ -88,7 +89,7 @@ class TransformersInstrumentor(BaseInstrumentor):
                 STATUS["transformers." + target] = ("error", repr(exc))
 
     def _uninstrument(self, **kwargs) -> None:
-        self._active = False
+        type(self)._active = False
         for mod_name, target in self._patched:
             module = sys.modules.get(mod_name)
             if module is None:
