@@ -95,6 +95,12 @@ def default_processors() -> list:
         return []
 
 
+def _count_export_drop() -> None:
+    st = _state
+    if st is not None:
+        st.pipeline._drop("export_queue_full")
+
+
 def start(tracer_provider=None, processors: Optional[Sequence] = None, instrument: bool = True,
           model_name: Optional[str] = None) -> Optional[Runtime]:
     """Start prism-otel in this process. Returns the runtime, or None when disabled."""
@@ -106,9 +112,7 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
             return _state
         from opentelemetry import trace
         from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        from prism_otel.export import exporters_from_env
+        from prism_otel.export import CountingBatchSpanProcessor, exporters_from_env
         from prism_otel.instrumentation import installed_version
         from prism_otel.pipeline import Pipeline
 
@@ -131,7 +135,7 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
             provider = TracerProvider(resource=_resource(frameworks), span_limits=SpanLimits(max_links=links),
                                       shutdown_on_exit=False)
             for e in exporters:
-                provider.add_span_processor(BatchSpanProcessor(e))
+                provider.add_span_processor(CountingBatchSpanProcessor(e, _count_export_drop))
             own = True
         procs = default_processors() if processors is None else list(processors)
         pipeline = Pipeline(RECORDER, provider, _instance_id(), procs,

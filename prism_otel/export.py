@@ -17,7 +17,7 @@ import threading
 from importlib.metadata import entry_points
 from typing import List, Optional, Sequence, Tuple
 
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from prism_otel import semconv as sc
 
@@ -109,3 +109,31 @@ def exporters_from_env() -> Tuple[List[SpanExporter], bool]:
         if e is not None:
             exporters.append(e)
     return exporters, False
+
+
+class CountingBatchSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, plus a count of the spans it drops when its queue is full.
+
+    The SDK drops the oldest queued span silently (one log line); prism-otel counts every such drop
+    in ``prism.dropped{reason="export_queue_full"}``. The queue is read through a private attribute;
+    if a future SDK moves it, counting stops and exporting goes on unchanged.
+    """
+
+    def __init__(self, exporter: SpanExporter, on_drop) -> None:
+        try:
+            super().__init__(exporter)
+        except ValueError as exc:  # inconsistent OTEL_BSP_* settings: say so, keep exporting
+            logger.error("prism-otel: OTEL_BSP_* settings rejected (%s); using the SDK defaults", exc)
+            super().__init__(exporter, max_queue_size=2048, schedule_delay_millis=5000, max_export_batch_size=512)
+        self._on_drop = on_drop
+        inner = getattr(self, "_batch_processor", None)
+        self._queue = getattr(inner, "_queue", None)
+
+    def on_end(self, span) -> None:
+        q = self._queue
+        if q is not None and q.maxlen is not None and len(q) >= q.maxlen:
+            try:
+                self._on_drop()
+            except Exception:  # noqa: BLE001
+                pass
+        super().on_end(span)

@@ -1,0 +1,155 @@
+"""In-process behaviour of the transformers hooks: failure isolation, uninstrumenting, version
+gating, and a down or slow exporter (the engine finishes, memory stays bounded, drops are counted)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import prism_otel
+from prism_otel import _runtime, semconv as sc, tiny_models
+from prism_otel.instrumentation import STATUS
+from prism_otel.instrumentation._hooks import GUARDS
+from prism_otel.instrumentation.transformers import _cb, TransformersInstrumentor
+from tests.engines import cb_workload
+
+cbapi = pytest.importorskip("transformers.generation.continuous_batching.continuous_api")
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
+
+
+def run_engine(tmp_path, model_dir, n=16, name="r"):
+    out = tmp_path / f"{name}.json"
+    cb_workload.run_cb(str(out), n, 1, model_dir, 0.0)
+    rep = json.loads(out.read_text())
+    return {r["id"]: r["generated"] for r in rep["requests"]}, rep
+
+
+@pytest.fixture
+def memory_provider():
+    exp = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(exp))
+    yield tp, exp
+    prism_otel.stop()
+    for g in GUARDS.values():
+        g.reset()
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, model_dir):
+    assert _runtime.current() is None
+    return run_engine(tmp_path_factory.mktemp("base"), model_dir)[0]
+
+
+def test_raising_hook_changes_nothing_and_disables_itself(tmp_path, model_dir, baseline, memory_provider,
+                                                          monkeypatch):
+    tp, exp = memory_provider
+    calls = {"n": 0}
+
+    def boom(bp):
+        calls["n"] += 1
+        raise RuntimeError("feature extraction broke")
+
+    monkeypatch.setattr(_cb, "step_features", boom)
+    prism_otel.start(tracer_provider=tp, processors=[])
+    outputs, _ = run_engine(tmp_path, model_dir)
+    assert outputs == baseline
+    g = GUARDS["transformers.ContinuousBatchProcessor._generation_step"]
+    assert g.disabled and g.errors == g.max_errors
+    assert calls["n"] == g.max_errors, "a disabled hook must stop calling our code"
+    assert prism_otel.status()["hook_errors"]["transformers.ContinuousBatchProcessor._generation_step"] == g.max_errors
+
+
+def test_uninstrument_restores_original_methods(model_dir, memory_provider):
+    tp, _ = memory_provider
+    cls = cbapi.ContinuousBatchProcessor
+    originals = {m: cls.__dict__[m] for m in ("prepare_next_batch", "_generation_step", "update_batch")}
+    prism_otel.start(tracer_provider=tp, processors=[])
+    assert all(cls.__dict__[m] is not f for m, f in originals.items()), "not instrumented"
+    prism_otel.stop()
+    assert all(cls.__dict__[m] is f for m, f in originals.items())
+    assert STATUS["transformers"][0] == "uninstrumented"
+
+
+def test_unsupported_version_is_reported_and_skipped():
+    inst = TransformersInstrumentor()
+    cls = cbapi.ContinuousBatchProcessor
+    before = cls.__dict__["update_batch"]
+    inst.instrument(skip_dep_check=True, supported=">=99")
+    try:
+        assert STATUS["transformers"][0] == "skipped"
+        assert "outside the supported range" in STATUS["transformers"][1]
+        assert cls.__dict__["update_batch"] is before
+    finally:
+        inst.uninstrument()
+
+
+class _SlowSink(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, delay):
+        self.delay = delay
+        self.calls = 0
+
+    def Export(self, request, context):  # noqa: N802
+        self.calls += 1
+        time.sleep(self.delay)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@pytest.mark.parametrize("mode", ["down", "slow"])
+def test_exporter_down_or_slow(tmp_path, model_dir, baseline, monkeypatch, mode):
+    server = None
+    if mode == "slow":
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        sink = _SlowSink(2.0)
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+    else:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()  # nothing listens there
+    monkeypatch.setenv(sc.OTEL_EXPORTER_OTLP_ENDPOINT, f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "64")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "32")
+    try:
+        st = prism_otel.start(processors=[])
+        threads_before = threading.active_count()
+        t0 = time.perf_counter()
+        outputs, rep = run_engine(tmp_path, model_dir, n=16, name=mode)
+        elapsed = time.perf_counter() - t0
+        assert outputs == baseline
+        # Exports never block the engine: a 10 s export deadline or a 2 s slow export would show here.
+        assert rep["elapsed_s"] < 5.0, rep["elapsed_s"]
+        st.pipeline.flush()
+        dropped = dict(st.pipeline.dropped)
+        assert dropped.get("export_queue_full", 0) > 0, dropped
+        # bounded: the ring, the open requests, the exporter queue
+        assert len(_runtime.RECORDER) <= 65536 and len(st.pipeline._open) <= st.pipeline.max_open_requests
+        bsp = st.provider._active_span_processor._span_processors[0]
+        assert len(bsp._batch_processor._queue) <= 64
+        assert threading.active_count() <= threads_before + 2
+        assert elapsed < 60
+    finally:
+        t = time.perf_counter()
+        prism_otel.stop(timeout=2)
+        assert time.perf_counter() - t < 30
+        if server is not None:
+            server.stop(grace=None)
