@@ -138,3 +138,26 @@ OTEL_EXPORTER_OTLP_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
 OTEL_EXPORTER_OTLP_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
 OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
 OTEL_SPAN_LINK_COUNT_LIMIT = "OTEL_SPAN_LINK_COUNT_LIMIT"
+
+# --- collector (issue 5) -----------------------------------------------------------------------
+STEP_CHILDREN = "prism.step.children"  # child spans (stages + kernel groups) rendered under the step span
+FLEET_SLOW = "prism.fleet.slow"  # this instance is slower than its peers with the same baseline key
+FLEET_RATIO = "prism.fleet.ratio"  # instance latency / peers' latency at the same workload
+FLEET_PEERS = "prism.fleet.peers"  # how many peer instances the comparison used
+FLEET_KEY = "prism.fleet.key"  # the baseline key the instance was compared under
+RES_SERVICE_INSTANCE_ID = "service.instance.id"
+RES_SERVICE_NAME = "service.name"
+# Collector self-telemetry counters (labels: receiver, exporter, transport, reason).
+COLLECTOR_RECEIVED_SPANS = "prism.collector.received_spans"
+COLLECTOR_REFUSED_SPANS = "prism.collector.refused_spans"
+COLLECTOR_MALFORMED_REQUESTS = "prism.collector.malformed_requests"
+COLLECTOR_REJECTED_SPANS = "prism.collector.rejected_spans"
+COLLECTOR_UNAUTHENTICATED = "prism.collector.unauthenticated_requests"
+COLLECTOR_EXPORTED_SPANS = "prism.collector.exported_spans"
+COLLECTOR_EXPORT_FAILED_SPANS = "prism.collector.export_failed_spans"
+COLLECTOR_EXPORT_RETRIES = "prism.collector.export_retries"
+COLLECTOR_DUPLICATE_SPANS = "prism.collector.duplicate_spans_skipped"
+COLLECTOR_REPLAYED_RECORDS = "prism.collector.replayed_records"
+COLLECTOR_STEPS = "prism.collector.steps_assembled"
+COLLECTOR_LATE_CHILDREN = "prism.collector.late_children"
+COLLECTOR_PROCESSOR_ERRORS = "prism.collector.processor_errors"
