@@ -161,3 +161,9 @@ COLLECTOR_REPLAYED_RECORDS = "prism.collector.replayed_records"
 COLLECTOR_STEPS = "prism.collector.steps_assembled"
 COLLECTOR_LATE_CHILDREN = "prism.collector.late_children"
 COLLECTOR_PROCESSOR_ERRORS = "prism.collector.processor_errors"
+
+# --- live attach (issue 6) ---------------------------------------------------------------------
+ENV_PREFIX = "PRISM_OTEL_"  # every variable of ours starts so; `prism-otel attach` forwards them
+OTEL_ENV_PREFIX = "OTEL_"  # standard variables, forwarded by `prism-otel attach` to the target
+ENV_ATTACH_DIR = "PRISM_OTEL_ATTACH_DIR"  # attacher's work dir (shim, requests, registry); default under $TMPDIR
+ENV_ATTACH_TIMEOUT = "PRISM_OTEL_ATTACH_TIMEOUT"  # seconds to wait for the target's handshake (default 30)
