@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from opentelemetry import metrics
 
 from prism_otel import semconv as sc
-from prism_otel.record import REQUEST, STAGE, STEP, Recorder, RequestRecord, StepRecord, to_epoch_ns
+from prism_otel.record import REQUEST, SPAN, STAGE, STEP, Recorder, RequestRecord, StepRecord, to_epoch_ns
 from prism_otel.spans import SpanMaterializer
 from prism_otel.stats import StageStats
 
@@ -176,6 +176,9 @@ class Pipeline:
                 self._drop("orphan_stage")
         elif kind == REQUEST:
             self._handle_request_event(rec)
+        elif kind == SPAN:
+            _, name, t0, t1, attrs = rec
+            self.materializer.detached_stage(name, to_epoch_ns(t0), to_epoch_ns(t1), attrs)
 
     # -- requests -----------------------------------------------------------------------------
     def _handle_request_event(self, rec: tuple) -> None:
@@ -240,13 +243,15 @@ class Pipeline:
 
     # -- steps --------------------------------------------------------------------------------
     def _handle_step(self, rec: tuple) -> None:
-        _, key, t0, t1, feat, reqs, device, stages = rec
+        _, key, t0, t1, feat, reqs, device, stages = rec[:8]
         stage_map = {}
         for name, s0, s1 in stages or ():
             stage_map[name] = (to_epoch_ns(s0), to_epoch_ns(s1))
         for name, s0, s1 in self._pending_stages.pop(key, ()):
             stage_map.setdefault(name, (to_epoch_ns(s0), to_epoch_ns(s1)))
         device_ns, attrs = _device_time(device, stage_map)
+        if len(rec) > 8 and rec[8]:
+            attrs = {**attrs, **rec[8]}
         start, end = to_epoch_ns(t0), to_epoch_ns(t1)
         self._step_index += 1
         step = StepRecord(instance=self.instance, index=self._step_index, start_ns=start, end_ns=end,

@@ -7,10 +7,15 @@ the ring and builds `StepRecord`s (see :mod:`prism_otel.pipeline`).
 Raw records on the ring are plain tuples whose first item says what they are:
 
 * ``(STAGE, key, name, t0, t1)``: a host stage of the step identified by ``key``;
-* ``(STEP, key, t0, t1, features, request_ids, device)``: the end of a step; ``features`` is a
-  :class:`StepFeatures`, ``device`` a pending device timing (or None);
+* ``(STEP, key, t0, t1, features, request_ids, device, stages[, attrs])``: the end of a step;
+  ``features`` is a :class:`StepFeatures`, ``request_ids`` a tuple of ``(request_id, tokens,
+  has_new_token)``, ``device`` a pending device timing (or None), ``stages`` a tuple of
+  ``(name, t0, t1)`` (or None), ``attrs`` an optional dict of engine-specific step attributes;
 * ``(REQUEST, request_id, event, t, info)``: a request lifecycle event (``arrive``, ``schedule``,
-  ``first_token``, ``finish``); ``info`` is a small dict or None.
+  ``first_token``, ``finish``); ``info`` is a small dict or None;
+* ``(SPAN, name, t0, t1, attrs)``: a host stage that ran outside any step of this process (e.g.
+  vLLM's front-end output processing, in another process than the engine loop); it becomes a root
+  ``prism.stage.<name>`` span joined to its step by attributes (request ids, engine timestamps).
 
 Times are ``time.perf_counter_ns()`` values; :func:`to_epoch_ns` maps them to wall-clock epoch
 nanoseconds with one offset taken at import, so a wall-clock jump never bends a duration.
@@ -26,6 +31,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Tuple
 STAGE = 0
 STEP = 1
 REQUEST = 2
+SPAN = 3
 
 clock_ns = time.perf_counter_ns
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
@@ -131,8 +137,9 @@ class Recorder:
     def stage(self, key: Any, name: str, t0: int, t1: int) -> None:
         self.emit((STAGE, key, name, t0, t1))
 
-    def step(self, key: Any, t0: int, t1: int, features: StepFeatures, request_ids=(), device=None) -> None:
-        self.emit((STEP, key, t0, t1, features, request_ids, device))
+    def step(self, key: Any, t0: int, t1: int, features: StepFeatures, request_ids=(), device=None,
+             stages=None) -> None:
+        self.emit((STEP, key, t0, t1, features, request_ids, device, stages))
 
     def request(self, request_id: str, event: str, t: int, info: Optional[dict] = None) -> None:
         self.emit((REQUEST, request_id, event, t, info))

@@ -104,6 +104,15 @@ class SpanMaterializer:
         span.end(end_time=step.end_ns)
         return span.get_span_context()
 
+    def detached_stage(self, name: str, start_ns: int, end_ns: int, attributes: Optional[dict] = None) -> None:
+        """A host stage that ran outside any step of this process (vLLM's front-end output processing
+        runs in another process than the engine loop): a root span, joined to its step by attributes."""
+        attrs = {sc.STAGE_NAME: name}
+        if attributes:
+            attrs.update(attributes)
+        self._tracer.start_span(sc.stage_span_name(name), context=_ROOT, kind=SpanKind.INTERNAL, attributes=attrs,
+                                start_time=start_ns).end(end_time=end_ns)
+
     # -- requests -----------------------------------------------------------------------------
     def open_request(self, request_id: str, arrival_ns: int, parent: Optional[Context] = None,
                      prompt_tokens: int = 0, max_tokens: Optional[int] = None):
