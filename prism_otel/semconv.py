@@ -167,3 +167,14 @@ ENV_PREFIX = "PRISM_OTEL_"  # every variable of ours starts so; `prism-otel atta
 OTEL_ENV_PREFIX = "OTEL_"  # standard variables, forwarded by `prism-otel attach` to the target
 ENV_ATTACH_DIR = "PRISM_OTEL_ATTACH_DIR"  # attacher's work dir (shim, requests, registry); default under $TMPDIR
 ENV_ATTACH_TIMEOUT = "PRISM_OTEL_ATTACH_TIMEOUT"  # seconds to wait for the target's handshake (default 30)
+
+# --- vLLM (issue 7) ----------------------------------------------------------------------------
+# Join key between an engine-core step and the front-end's output processing of what it produced:
+# vLLM's EngineCoreOutputs.timestamp (engine-core time.monotonic() seconds), on both spans.
+STEP_OUTPUTS_TS = "prism.step.outputs_ts"
+STEP_OVERLAP = "prism.step.overlap"  # batches already in flight when this one was scheduled (batch queue)
+STEP_TIMING_SOURCE = "prism.step.timing_source"  # forward/sample clocks: "runner" (model runner) or "executor"
+BATCH_OUTPUT_TOKENS = "prism.batch.output_tokens"  # tokens a front-end output batch carried (detokenized)
+BATCH_WAITING = "prism.batch.waiting"  # requests left waiting in the scheduler after this step was scheduled
+STAGE_OUTPUT_DELAY_MS = "prism.stage.output_delay_ms"  # engine-core outputs created -> front-end processing start
+VLLM_PLUGIN_NAME = "prism_otel"  # our name in vLLM's `vllm.general_plugins` group (VLLM_PLUGINS allow-list)
