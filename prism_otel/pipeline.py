@@ -65,6 +65,7 @@ class Pipeline:
         self.stats = StageStats()
         self.dropped: Dict[str, int] = {}
         self.processor_errors = 0
+        self.cpu_ns = 0  # CPU time the pipeline thread spent processing (it shares the GIL with the engine)
         self.steps_seen = 0
         self.requests_seen = 0
         self.handoff_ns: List[int] = []  # step end -> span ended (handed to the exporter), bounded sample
@@ -130,8 +131,11 @@ class Pipeline:
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
         wait = _IDLE_POLL_S
+        tt = time.thread_time_ns
         while not self._stop.is_set():
+            c0 = tt()
             n = self.process_pending()
+            self.cpu_ns += tt() - c0
             wait = _BUSY_POLL_S if n else min(_IDLE_POLL_S, wait * 2)
             self._wake.wait(wait)
             self._wake.clear()

@@ -1,0 +1,65 @@
+"""One benchmark run (a child process of bench/cb_overhead.py): serve a fixed workload with
+transformers continuous batching and print one JSON line with the serving window's throughput.
+When prism-otel is loaded (under `prism-otel run`) it also reports the step-end -> span-ended
+hand-off latencies and the pipeline's counters."""
+
+import json
+import random
+import sys
+import time
+
+
+def main() -> None:
+    model_dir, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    import torch
+    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2)
+    cbc = ContinuousBatchingConfig(num_blocks=256, page_size=32, max_batch_tokens=512)
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
+    mgr.start()
+    rng = random.Random(seed)
+    work = [([1] + [rng.randrange(3, 259) for _ in range(rng.randint(16, 128))], rng.randint(32, 64))
+            for _ in range(n)]
+    # warm-up (not timed)
+    rid = mgr.add_request(work[0][0], max_new_tokens=8)
+    while True:
+        r = mgr.get_result(rid, timeout=60)
+        if r is not None and r.is_finished():
+            break
+    t0 = time.perf_counter()
+    rids = [mgr.add_request(p, max_new_tokens=m) for p, m in work]
+    tokens = 0
+    done = 0
+    while done < len(rids):
+        r = mgr.get_result(timeout=120)
+        if r is None:
+            break
+        if r.is_finished():
+            done += 1
+            tokens += len(r.generated_tokens)
+    dt = time.perf_counter() - t0
+    mgr.stop(block=True, timeout=60)
+    out = {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+    try:
+        import prism_otel._runtime as rt
+
+        st = rt.current()
+        if st is not None:
+            st.pipeline.flush()
+            h = sorted(st.pipeline.handoff_ns)
+            out["handoff_us"] = [h[len(h) // 2] / 1e3, h[min(len(h) - 1, int(len(h) * 0.99))] / 1e3] if h else None
+            out["steps"] = st.pipeline.steps_seen
+            out["pipeline_cpu_us_per_step"] = st.pipeline.cpu_ns / 1e3 / max(1, st.pipeline.steps_seen)
+            out["dropped"] = st.pipeline.dropped
+            s = st.pipeline.stats.steps
+            out["step_ms_mean"] = sum(x.total_ns for x in s.values()) / max(1, sum(x.n for x in s.values())) / 1e6
+    except ImportError:
+        pass
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
