@@ -1,0 +1,228 @@
+"""Live attach and detach: start (and stop) prism-otel inside a running Python process.
+
+``prism-otel attach PID`` runs :func:`prism_otel.start` in the target, ``detach`` runs
+:func:`prism_otel.stop` (unwraps every hook, drains and flushes, stops our threads) and ``status``
+asks the target what it has. The target's configuration (exporter, endpoint, service name,
+options) comes from the attaching command's ``OTEL_*`` / ``PRISM_OTEL_*`` environment and flags,
+carried in a request file; the target's own environment is neither needed nor changed.
+
+How code gets into the target
+-----------------------------
+* **Python 3.14+**: ``sys.remote_exec`` (PEP 768). The interpreter runs our stub on its main thread
+  at the next safe point; nothing is loaded, no ptrace-driven call. The caller must have the
+  target's major.minor, so when ours differs the target's own interpreter makes the call.
+* **Before 3.14**: pyinjector (kubo/injector) loads a 3 KB shim library of ours into the target and
+  calls one function in it, ``prism_otel_trigger``, which only starts a native thread and returns.
+  That thread takes the GIL the ordinary way (``PyGILState_Ensure``, as any C extension's callback
+  thread does) and runs the stub. The target is stopped for the injection only (~1-5 ms here).
+
+Why not the others (measured on this machine class, research/feasibility.md §4):
+
+* **hypno 1.1.0** (the PyPI release) runs the injected code with ``PyRun_SimpleString`` *on the
+  hijacked thread*, in the middle of whatever that thread was doing, holding the GIL or not; its
+  authors moved master to ``Py_AddPendingCall`` after deadlocks (a non-reentrant lock held by the
+  interrupted thread) and aborts on 3.14 (foreign C stack), and that fix is not released. Its
+  template is also built per Python version (the wheel is cp311 only; 3.12 needs a compiler anyway).
+  A pending call would wait for the *main* thread to reach bytecode, and an idle engine's main
+  thread can block in a lock for as long as no request comes; a new thread waits only for the GIL.
+* **gdb** works but is not a pip dependency, takes 0.35-0.5 s on a plain interpreter and 4.4 s on a
+  process with torch loaded (it reads every library's symbols while the target is stopped), and
+  runs the code on the thread it stopped, like hypno 1.1.0.
+* **pyinjector** alone: manylinux wheels, maintained, 33-71 ms, but it only ``dlopen``s a library;
+  hence the shim. The shim resolves every CPython symbol with ``dlsym`` at run time, so it needs no
+  Python headers, serves every version, and does nothing in a process that is not Python. It is
+  compiled once with the system C compiler (the one thing this path needs besides pyinjector).
+
+The remaining hazard is the injector's own: ``dlopen`` runs on the stopped thread, so a thread
+stopped inside ``malloc`` holding an arena lock could deadlock it (the same for gdb; only
+``remote_exec`` avoids it). Nothing of ours runs there beyond ``pthread_create``.
+
+What is refused before the target is touched (clear message, non-zero exit): no such process,
+another user's process without ``CAP_SYS_PTRACE`` (or Yama says no), a non-Python process
+(injecting into one kills it), Python < 3.9, 3.14+ with remote debugging disabled, a process in
+another mount namespace, and a target that cannot import prism-otel (``--path`` adds a site-packages
+directory, a wheel, or a directory of wheels to its ``sys.path`` for the bootstrap; detach removes them).
+
+The handshake: the stub's thread writes ``status.json`` (``prism_otel.status()`` plus ``ok`` /
+``error``) to a file the attacher chose, and the attacher waits for it; errors in the target
+(e.g. an import failure) come back that way instead of only on the target's stderr.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Sequence
+
+from prism_otel import semconv as sc
+from prism_otel.attach._inject import InjectError, Request, work_dir
+from prism_otel.attach._target import Refused, Target, examine, probe_imports, start_time, tree  # noqa: F401
+
+__all__ = ["AttachFailed", "Refused", "attach", "attached", "config_env", "detach", "expand_paths", "status",
+           "tree"]
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class AttachFailed(Exception):
+    """The request reached the target (or tried to) but did not succeed; ``doc`` is the handshake."""
+
+    def __init__(self, msg: str, doc: Optional[dict] = None) -> None:
+        super().__init__(msg)
+        self.doc = doc or {}
+
+
+def default_timeout() -> float:
+    try:
+        return float(os.environ.get(sc.ENV_ATTACH_TIMEOUT, DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def config_env(overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The configuration the target gets: our OTEL_* / PRISM_OTEL_* variables plus ``overrides``.
+    With no exporter configured, the embedded default writes under the *attacher's* ./prism-out."""
+    attacher_only = {sc.ENV_ATTACH_DIR, sc.ENV_ATTACH_TIMEOUT}
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith((sc.OTEL_ENV_PREFIX, sc.ENV_PREFIX)) and k not in attacher_only}
+    env.update(overrides or {})
+    if not any(env.get(k) for k in (sc.OTEL_TRACES_EXPORTER, sc.OTEL_EXPORTER_OTLP_ENDPOINT,
+                                    sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, sc.ENV_OUT_DIR)):
+        env[sc.ENV_OUT_DIR] = os.path.abspath("prism-out")
+    return env
+
+
+def expand_paths(paths: Sequence[str]) -> List[str]:
+    """``--path`` entries as sys.path entries: a directory as is, plus every wheel inside it."""
+    out: List[str] = []
+    for p in paths:
+        p = os.path.abspath(p)
+        if not os.path.exists(p):
+            raise Refused(f"--path {p}: no such file or directory")
+        out.append(p)
+        if os.path.isdir(p):
+            out.extend(os.path.join(p, n) for n in sorted(os.listdir(p)) if n.endswith(".whl"))
+    return out
+
+
+@contextmanager
+def _locked(name: str):
+    fd = os.open(os.path.join(work_dir(), name), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _registry_path() -> str:
+    return os.path.join(work_dir(), "attached.json")
+
+
+def _registry() -> Dict[str, dict]:
+    try:
+        with open(_registry_path()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(t: Target, doc: dict, attached_now: bool) -> None:
+    with _locked("registry.lock"):
+        reg = _registry()
+        if attached_now:
+            reg[str(t.pid)] = {"pid": t.pid, "start_time": t.start_time, "attached_at": time.time(),
+                               "python": t.version_str, "engine": t.engine, "exe": t.exe,
+                               "patched": doc.get("patched", []), "argv": t.argv[:8]}
+        else:
+            reg.pop(str(t.pid), None)
+        tmp = _registry_path() + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(reg, f, indent=1)
+        os.replace(tmp, _registry_path())
+
+
+def attached() -> List[dict]:
+    """Processes this user attached to that are still alive (the same process: pid + start time)."""
+    out = []
+    for e in _registry().values():
+        try:
+            if start_time(e["pid"]) == e["start_time"]:
+                out.append(e)
+        except (OSError, ValueError, KeyError):
+            continue
+    return sorted(out, key=lambda e: e["pid"])
+
+
+def _request(t: Target, action: str, env: Dict[str, str], paths: Sequence[str], timeout: float) -> dict:
+    with _locked(f"lock-{t.pid}"):
+        req = Request(t, action, env, paths, stop_timeout=max(1.0, timeout / 2))
+        answered = False
+        try:
+            t0 = time.perf_counter()
+            try:
+                req.trigger()
+            except InjectError as exc:
+                raise AttachFailed(str(exc)) from exc
+            doc = req.wait(timeout)
+            answered = doc is not None
+            if doc is None:
+                raise AttachFailed(
+                    f"no handshake from process {t.pid} within {timeout:g} s after {req.method} "
+                    f"(injection {'ok' if req.inject_s is not None else 'failed'}): the bootstrap may still be "
+                    f"starting, or failed before it could report (see the target's stderr); "
+                    f"`prism-otel status {t.pid}` asks again")
+            doc["method"] = req.method
+            doc["inject_ms"] = round((req.inject_s or 0) * 1e3, 2)
+            doc["handshake_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+            return doc
+        finally:
+            req.cleanup(answered)
+
+
+def _check_import(t: Target, paths: Sequence[str]) -> None:
+    rep = probe_imports(t, paths)
+    t.probe = rep
+    missing = rep.get("missing") or {}
+    if missing:
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        raise Refused(
+            f"process {t.pid} (Python {rep.get('python', t.version_str)}, {rep.get('interpreter', t.exe)}) "
+            f"cannot import {', '.join(sorted(missing))}: pass --path DIR with a site-packages directory, a wheel "
+            f"or a directory of wheels built for that Python (e.g. `pip install --target DIR prism-otel` with "
+            f"that interpreter; this prism-otel lives in {here})")
+
+
+def attach(pid: int, env: Optional[Dict[str, str]] = None, paths: Sequence[str] = (),
+           timeout: Optional[float] = None, probe: bool = True, target: Optional[Target] = None) -> dict:
+    """Start prism-otel in ``pid``; returns its handshake. Raises :class:`Refused` (untouched) or
+    :class:`AttachFailed`. Attaching to an attached process is harmless (``already`` is true)."""
+    t = target or examine(pid)
+    paths = expand_paths(paths)
+    if probe:
+        _check_import(t, paths)
+    doc = _request(t, "attach", config_env() if env is None else env, paths,
+                   default_timeout() if timeout is None else timeout)
+    if not doc.get("ok") or not doc.get("running"):
+        raise AttachFailed(f"attach to {t.pid} failed in the target: {doc.get('error', 'not running')}", doc)
+    _remember(t, doc, True)
+    return doc
+
+
+def detach(pid: int, timeout: Optional[float] = None, target: Optional[Target] = None) -> dict:
+    """Stop prism-otel in ``pid`` (unwrap, flush, stop threads, drop the --path entries)."""
+    t = target or examine(pid)
+    doc = _request(t, "detach", config_env(), (), default_timeout() if timeout is None else timeout)
+    _remember(t, doc, False)
+    if not doc.get("ok") or doc.get("running"):
+        raise AttachFailed(f"detach from {t.pid} failed in the target: {doc.get('error', 'still running')}", doc)
+    return doc
+
+
+def status(pid: int, timeout: Optional[float] = None) -> dict:
+    """Ask ``pid`` what prism-otel is doing there (loads nothing into a process that has none)."""
+    t = examine(pid)
+    return _request(t, "status", {}, (), default_timeout() if timeout is None else timeout)

@@ -1,0 +1,82 @@
+"""The attach agent: runs inside the target, on the ``prism-otel-attach`` thread the stub started.
+
+``run`` carries out one request (``attach``, ``detach`` or ``status``) and writes the handshake
+document: ``prism_otel.status()`` (pid, running, instrumentations, patched, steps, ...) plus
+``ok``, ``error``, ``already`` and timings. The configuration comes from the request, i.e. from
+the attaching command's environment and flags, never from the target's own environment: while
+the agent is imported and runs, the stub hides every ``OTEL_*`` / ``PRISM_OTEL_*`` variable of the
+target and shows the request's instead, at the ``os.environ`` mapping level (no ``putenv``: C code
+in other threads that calls ``getenv`` must never race a ``setenv``); afterwards the target's
+environment is exactly what it was. Components read their configuration when they are built
+(the ring at import, exporters and span processors in ``start``), which happens inside that window.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import List
+
+from prism_otel import semconv as sc
+
+_ADDED_PATHS: List[str] = []  # sys.path entries attach added (removed again by detach)
+
+
+def _attach(req: dict, added: List[str], doc: dict) -> None:
+    import prism_otel
+    from prism_otel import _runtime
+
+    for p in added:
+        if p not in _ADDED_PATHS:
+            _ADDED_PATHS.append(p)
+    already = _runtime.current() is not None
+    if not already:
+        _runtime.RECORDER.drain(1 << 30)  # records left by a hook that was mid-call at the last detach
+    rt = prism_otel.start()
+    doc["already"] = already
+    if rt is None:
+        doc["ok"] = False
+        doc["error"] = f"prism-otel is disabled by {sc.ENV_DISABLED} in the attach configuration"
+
+
+def _detach(req: dict, added: List[str], doc: dict) -> None:
+    import prism_otel
+    from prism_otel import _runtime
+
+    doc["was_running"] = _runtime.current() is not None
+    prism_otel.stop(float(req.get("stop_timeout", 10.0)))
+    for p in set(_ADDED_PATHS) | set(added):
+        while p in sys.path:
+            sys.path.remove(p)
+    _ADDED_PATHS.clear()
+
+
+def run(req: dict, added: List[str], base: dict) -> dict:
+    """Carry out ``req`` and return the handshake document (the stub writes it)."""
+    t0 = time.monotonic()
+    doc = dict(base, ok=True)
+    try:
+        action = req["action"]
+        if action == "attach":
+            _attach(req, added, doc)
+        elif action == "detach":
+            _detach(req, added, doc)
+        elif action != "status":
+            raise ValueError(f"unknown action {action!r}")
+    except BaseException as exc:  # noqa: BLE001 - whatever happens is reported, never raised into the target
+        doc["ok"] = False
+        doc["error"] = repr(exc)
+        doc["traceback"] = traceback.format_exc(limit=20)
+    try:
+        import prism_otel
+
+        doc.update(prism_otel.status())
+    except BaseException as exc:  # noqa: BLE001
+        doc["status_error"] = repr(exc)
+    doc["loaded"] = True
+    doc["agent_s"] = round(time.monotonic() - t0, 4)
+    doc["threads"] = sorted(t.name for t in threading.enumerate())
+    return doc
