@@ -254,6 +254,10 @@ class Pipeline:
         for name, s0, s1 in self._pending_stages.pop(key, ()):
             stage_map.setdefault(name, (to_epoch_ns(s0), to_epoch_ns(s1)))
         device_ns, attrs = _device_time(device, stage_map)
+        groups = {}
+        if device is not None and hasattr(device, "details"):  # a DeepDive step: kernel groups + burst attributes
+            groups, extra = device.details()
+            attrs = {**attrs, **extra}
         if len(rec) > 8 and rec[8]:
             attrs = {**attrs, **rec[8]}
         start, end = to_epoch_ns(t0), to_epoch_ns(t1)
@@ -262,12 +266,15 @@ class Pipeline:
                           phase=feat.phase, batch_size=feat.batch_size, prefill_tokens=feat.prefill_tokens,
                           decode_tokens=feat.decode_tokens, context_tokens=feat.context_tokens,
                           max_context_tokens=feat.max_context_tokens, kv_usage=feat.kv_usage, stages=stage_map,
-                          device_ns=device_ns, request_ids=tuple(r[0] for r in reqs), attributes=attrs)
+                          device_ns=device_ns, request_ids=tuple(r[0] for r in reqs), attributes=attrs,
+                          kernel_groups=groups)
         for p in self.processors:
             try:
                 step = p.process(step)
             except Exception:  # noqa: BLE001 - a failing processor leaves the step untagged
                 self.processor_errors += 1
+            if step is None:  # a processor took the step out of this pipeline (a rank forwarding to its leader)
+                return
         self.steps_seen += 1
         self.stats.add(step)
         # Requests served by this step: open spans as needed, note scheduling and token times.
