@@ -38,7 +38,11 @@ def step_features(bp) -> tuple:
     kv = None
     cache = getattr(bp, "cache", None)
     if cache is not None:
-        kv = 1.0 - cache.compute_free_capacity(relative=True)
+        free = getattr(cache, "compute_free_capacity", None)
+        if free is not None:
+            kv = 1.0 - free(relative=True)
+        elif getattr(cache, "num_blocks", 0):  # transformers < 5.2x: block counts only
+            kv = 1.0 - cache.get_num_free_blocks() / cache.num_blocks
     return StepFeatures(classify_phase(pre, dec), len(reqs), pre, dec, ctx, mx, kv), tuple(reqs)
 
 
@@ -61,9 +65,12 @@ def wrap_generation_step(g):
         try:
             feat = step_features(instance)
             dev = getattr(instance, "_prism_dev", False)
+            model = args[0] if args else kwargs.get("model")
             if dev is False:
-                dev = instance._prism_dev = timing.accelerator_of(args[0] if args else kwargs.get("model"))
-            pair = timing.begin(dev)
+                dev = instance._prism_dev = timing.accelerator_of(model)
+                # events go on the stream CB computes on (it runs the forward on a stream of its own)
+                instance._prism_stream = getattr(instance.inputs_and_outputs, "compute_stream", None) if dev else None
+            pair = timing.begin(dev, model, instance._prism_stream)
         except Exception as exc:  # noqa: BLE001
             g.failed(exc)
             return wrapped(*args, **kwargs)

@@ -67,7 +67,7 @@ class _GenerateCall:
                 pos = self.prompt + self.n
                 self.feat = StepFeatures("decode", b, 0, b * q, b * pos, pos, None)
             self.n += 1
-            self.pair = timing.begin(self.dev)
+            self.pair = timing.begin(self.dev, module)
             self.pre_t = clock_ns()
         except Exception as exc:  # noqa: BLE001
             g.failed(exc)
