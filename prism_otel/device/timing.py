@@ -1,30 +1,77 @@
 """Device time of a step: one event pair around the forward, resolved on the pipeline thread.
 
-Uses torch's generic ``torch.Event`` (CUDA, ROCm, XPU, NPU, MPS alike) recorded on the current
-stream of the model's device. The engine thread only records the two events; the pipeline thread
-polls ``query()`` and reads ``elapsed_time`` once the end event completed, so the engine never
-synchronises. Events come from a bounded pool and go back to it after reading. On CPU (or when
-torch has no accelerator) there are no events: the pipeline uses the host clock of the forward.
+Uses torch's generic ``torch.Event`` (CUDA, ROCm, XPU, NPU, MPS alike) recorded on the stream the
+engine computes on (the current stream unless the instrumentation names one). The engine thread
+only records the two events; the pipeline thread polls ``query()`` and reads ``elapsed_time`` once
+the end event completed, so the engine never synchronises. Events come from bounded pools and go
+back to them after reading. Without an accelerator there are no device events: Sentinel steps use
+the host clock of the forward, and DeepDive uses :class:`HostEvent` (the same interface on the
+host clock), so every code path also runs, and is tested, on a CPU.
+
+``begin`` is also where a DeepDive burst starts: when one is armed (one attribute read per step),
+the step gets a kernel-group timeline instead of a plain pair (see :mod:`prism_otel.device.deepdive`).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import deque
-from typing import Optional
+from typing import Dict, Optional
 
 _POOL_MAX = 256
+_perf_ns = time.perf_counter_ns
+
+# device type -> index of the device the engine's model last ran on (read by the health sampler)
+DEVICE_INDEX: Dict[str, int] = {}
+
+
+class HostEvent:
+    """A stand-in for ``torch.Event`` on the host clock: recording reads ``perf_counter_ns``."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = 0
+
+    def record(self, stream=None) -> None:
+        self.t = _perf_ns()
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        return (end.t - self.t) / 1e6  # ms, as torch.Event does
+
+
+def record_on(event, stream) -> None:
+    """Record ``event`` on ``stream`` (None: the current stream)."""
+    if stream is None:
+        event.record()
+        return
+    try:
+        event.record(stream)
+    except TypeError:  # an event type whose record() takes no foreign stream object
+        import torch
+
+        with torch.accelerator.stream(stream) if hasattr(torch.accelerator, "stream") else torch.cuda.stream(stream):
+            event.record()
 
 
 class EventPair:
-    __slots__ = ("start", "end", "pool", "tries")
+    __slots__ = ("start", "end", "pool", "tries", "stream")
 
     def __init__(self, start, end, pool) -> None:
         self.start = start
         self.end = end
         self.pool = pool
         self.tries = 0
+        self.stream = None
+
+    def finish(self) -> None:
+        """Hot path: record the end event on the stream the start went to."""
+        record_on(self.end, self.stream)
 
     def ready(self) -> bool:
         try:
@@ -45,14 +92,20 @@ class EventPair:
         return ns, "event"
 
 
+def make_event(device_type: Optional[str]):
+    """One timing event for ``device_type`` (a :class:`HostEvent` for None / "cpu")."""
+    if device_type in (None, "cpu"):
+        return HostEvent()
+    import torch
+
+    return torch.Event(device=device_type, enable_timing=True)
+
+
 class EventPool:
-    """Bounded pool of timing events for one device type. ``acquire`` never blocks: when the pool
-    is exhausted (the pipeline fell behind) it returns None and the step gets host timing."""
+    """Bounded pool of timing event pairs for one device type. ``acquire`` never blocks: when the
+    pool is exhausted (the pipeline fell behind) it returns None and the step gets host timing."""
 
     def __init__(self, device_type: str, size: int = _POOL_MAX) -> None:
-        import torch
-
-        self._torch = torch
         self.device_type = device_type
         self._free: deque = deque()
         self._lock = threading.Lock()
@@ -70,25 +123,56 @@ class EventPool:
                 self.exhausted += 1
                 return None
             self.created += 1
-        Event = self._torch.Event
-        return EventPair(Event(device=self.device_type, enable_timing=True),
-                         Event(device=self.device_type, enable_timing=True), self)
+        return EventPair(make_event(self.device_type), make_event(self.device_type), self)
 
     def release(self, pair: EventPair) -> None:
+        pair.tries = 0
         self._free.append(pair)
 
 
-_pools = {}
+class EventBank:
+    """Bounded pool of single events (DeepDive boundaries). ``take`` returns None when exhausted."""
+
+    def __init__(self, device_type: Optional[str], size: int = 16384) -> None:
+        self.device_type = device_type
+        self._free: deque = deque()
+        self._lock = threading.Lock()
+        self.created = 0
+        self.size = size
+        self.exhausted = 0
+
+    def take(self):
+        try:
+            return self._free.popleft()
+        except IndexError:
+            pass
+        with self._lock:
+            if self.created >= self.size:
+                self.exhausted += 1
+                return None
+            self.created += 1
+        return make_event(self.device_type)
+
+    def give(self, events) -> None:
+        self._free.extend(events)
+
+
+_pools: Dict[str, EventPool] = {}
+_banks: Dict[Optional[str], EventBank] = {}
 
 
 def accelerator_of(model) -> Optional[str]:
-    """The accelerator type a model runs on, or None for CPU / no torch."""
+    """The accelerator type a model runs on, or None for CPU / no torch. Notes the device index."""
     if "torch" not in sys.modules:
         return None
     try:
         dev = getattr(model, "device", None)
         t = getattr(dev, "type", None)
-        return None if t in (None, "cpu", "meta") else t
+        if t in (None, "cpu", "meta"):
+            return None
+        if dev.index is not None:
+            DEVICE_INDEX[t] = dev.index
+        return t
     except Exception:  # noqa: BLE001
         return None
 
@@ -100,16 +184,36 @@ def pool_for(device_type: str) -> EventPool:
     return p
 
 
-def begin(device_type: Optional[str]) -> Optional[EventPair]:
-    """Hot path: record the start event on the current stream (no synchronisation)."""
+def bank_for(device_type: Optional[str]) -> EventBank:
+    b = _banks.get(device_type)
+    if b is None:
+        b = _banks[device_type] = EventBank(device_type)
+    return b
+
+
+def begin(device_type: Optional[str], model=None, stream=None):
+    """Hot path: the step's pending device timing, its start recorded (no synchronisation).
+
+    A plain :class:`EventPair` (None without an accelerator), or, on a DeepDive step, a kernel-group
+    timeline of ``model``. ``stream``: the stream the engine computes on (None: the current one).
+    """
+    if _DD.pending and model is not None:
+        tl = _DD.begin_step(device_type, model, stream)
+        if tl is not None:
+            return tl
     if device_type is None:
         return None
     pair = pool_for(device_type).acquire()
     if pair is not None:
-        pair.start.record()
+        pair.stream = stream
+        record_on(pair.start, stream)
     return pair
 
 
-def end(pair: Optional[EventPair]) -> None:
+def end(pair) -> None:
+    """Hot path: record the end of the step's device timing."""
     if pair is not None:
-        pair.end.record()
+        pair.finish()
+
+
+from prism_otel.device.deepdive import DEEPDIVE as _DD  # noqa: E402 - deepdive imports this module's helpers
