@@ -1,0 +1,77 @@
+"""`transformers serve --continuous-batching` under `prism-otel run`: request spans carry the HTTP
+layer's request id (x-request-id), are linked with the steps that served them, and no HTTP server
+spans are added by us (no duplicate FastAPI spans)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from prism_otel import semconv as sc, tiny_models
+from tests.otlp_sink import OTLPSink
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _post(port, model, prompt, max_tokens):
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.headers["x-request-id"], json.loads(r.read())
+
+
+def test_serve_request_spans(tmp_path):
+    model = tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
+    port = _free_port()
+    (tmp_path / "hub").mkdir()
+    with OTLPSink() as sink:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_"))}
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=sink.endpoint, OTEL_EXPORTER_OTLP_INSECURE="true",
+                   OTEL_BSP_SCHEDULE_DELAY="200", HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+        proc = subprocess.Popen([os.path.join(BIN, "prism-otel"), "run", "--", os.path.join(BIN, "transformers"),
+                                 "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                                 "--continuous-batching", "--cb-num-blocks", "128", "--cb-block-size", "32",
+                                 "--cb-max-batch-tokens", "512"], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    assert proc.poll() is None, proc.stdout.read()[-3000:]
+                    time.sleep(0.3)
+            prompts = [("Hello world", 8), ("The quick brown fox jumps", 12), ("abc", 5), ("Once upon a time", 16)]
+            with ThreadPoolExecutor(4) as ex:
+                results = list(ex.map(lambda p: _post(port, model, *p), prompts))
+            ids = {rid for rid, _ in results}
+            usage = {rid: body["usage"] for rid, body in results}
+            spans = sink.wait_for(lambda s: len({x.attributes.get(sc.REQUEST_ID) for x in s} & ids) == 4, timeout=20)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    req_spans = {s.attributes[sc.REQUEST_ID]: s for s in spans if s.attributes.get(sc.REQUEST_ID) in ids}
+    assert set(req_spans) == ids
+    steps = {s.span_id: s for s in spans if s.name == sc.STEP_SPAN}
+    for rid, s in req_spans.items():
+        assert s.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == usage[rid]["completion_tokens"]
+        assert s.attributes[sc.GEN_AI_USAGE_INPUT_TOKENS] == usage[rid]["prompt_tokens"]
+        assert s.links and all(sid in steps for _, sid in s.links)
+        assert s.attributes[sc.REQUEST_TTFT_MS] > 0
+    assert not [s for s in spans if any(k.startswith("http.") for k in s.attributes)], "no HTTP server spans from us"
