@@ -66,6 +66,7 @@ EXEC_RAY = "vllm.v1.executor.ray_executor"
 RUNNER_V1 = "vllm.v1.worker.gpu_model_runner"
 RUNNER_V2 = "vllm.v1.worker.gpu.model_runner"
 OUTPUT = "vllm.v1.engine.output_processor"
+CORE = "vllm.v1.engine.core"
 TRACING = "vllm.tracing"
 
 # (module, "Class.method", wrapper factory, own: only if the class itself defines the method)
@@ -87,6 +88,7 @@ _TARGETS = (
     (RUNNER_V2, "GPUModelRunner.execute_model", _runner.wrap_execute_model, False),
     (RUNNER_V2, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens, False),
     (OUTPUT, "OutputProcessor.process_outputs", _frontend.wrap_process_outputs, False),
+    (CORE, "EngineCore.shutdown", _engine.wrap_engine_shutdown, False),
 )
 _MODULES = tuple(dict.fromkeys([t[0] for t in _TARGETS] + [TRACING]))
 

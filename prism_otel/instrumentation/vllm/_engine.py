@@ -257,3 +257,25 @@ def wrap_add_request(g):
         return r
 
     return add_request
+
+
+def wrap_engine_shutdown(g):
+    """Export what the engine core recorded before vLLM tears it down: the parent force-kills an
+    engine core that takes longer than its grace period (waiting for workers), and a killed
+    process never reaches ``atexit``."""
+
+    def shutdown(wrapped, instance, args, kwargs):
+        if not g.disabled:
+            try:
+                from prism_otel import _runtime
+
+                st = _runtime.current()
+                if st is not None:
+                    st.pipeline.flush(2.0)
+                    st.pipeline.process_pending()  # an empty pass closes the requests that finished
+                    st.provider.force_flush(2000)
+            except Exception as exc:  # noqa: BLE001
+                g.failed(exc)
+        return wrapped(*args, **kwargs)
+
+    return shutdown
