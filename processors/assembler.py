@@ -1,0 +1,262 @@
+"""Step assembly in the collector: OTLP spans in, the same spans (tagged) out, in bounded time.
+
+:class:`StepAssembler` takes each received ``ExportTraceServiceRequest``, rebuilds every
+``prism.step`` span's :class:`~prism_otel.record.StepRecord` from its children
+(:mod:`processors.assembly`), runs the step processors on it in order (the very processors the
+in-process pipeline runs), and writes their verdict back onto the step span before forwarding.
+
+Children and their step may arrive in different requests, in either order:
+
+* children end before their step, so an SDK exports them first: they are remembered (name and
+  times only; the child spans themselves are forwarded at once) until their step arrives;
+* a step whose children are not all in yet (``prism.step.children`` says how many to expect; with
+  no count, one child is taken as enough) is held back, *and only it*, for at most ``wait``; it is
+  released with what has arrived when the wait ends;
+* a child that arrives after its step was released is still forwarded unchanged, and counted.
+
+Everything held is bounded (``max_pending_steps`` steps, ``max_pending_children`` parents); the
+oldest is released (steps) or forgotten (children) first, and counted. Not thread-safe: one
+pipeline thread owns an assembler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from prism_otel import semconv as sc
+from processors import assembly as asm
+from processors.base import StepProcessor
+
+logger = logging.getLogger(__name__)
+
+Sources = Dict[Any, int]  # where the spans of an output request came from -> how many
+Output = Tuple[ExportTraceServiceRequest, Sources]
+_PRISM = "prism."
+
+
+class _Held:
+    __slots__ = ("span", "resource", "res_attrs", "scope", "rs_schema", "ss_schema", "source", "deadline",
+                 "expected")
+
+    def __init__(self, span, resource, res_attrs, scope, rs_schema, ss_schema, source, deadline, expected):
+        self.span = span
+        self.resource = resource
+        self.res_attrs = res_attrs
+        self.scope = scope
+        self.rs_schema = rs_schema
+        self.ss_schema = ss_schema
+        self.source = source
+        self.deadline = deadline
+        self.expected = expected
+
+
+def _overrides(p: Any, name: str) -> bool:
+    return getattr(type(p), name, None) is not getattr(StepProcessor, name)
+
+
+class StepAssembler:
+    def __init__(self, processors: Sequence[Any] = (), wait_s: float = 1.0, max_pending_steps: int = 10000,
+                 max_pending_children: int = 100000, count: Optional[Callable[..., None]] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.processors = list(processors)
+        self.wait_s = wait_s
+        self.child_ttl_s = max(2 * wait_s, 1.0)
+        self.max_pending_steps = max_pending_steps
+        self.max_pending_children = max_pending_children
+        self._count = count or (lambda *a, **k: None)
+        self._clock = clock
+        self._children: "OrderedDict[bytes, List]" = OrderedDict()  # trace+parent id -> [t_first, [ChildInfo]]
+        self._held: "OrderedDict[bytes, _Held]" = OrderedDict()
+        self._released: "OrderedDict[bytes, None]" = OrderedDict()  # recent step keys, to count late children
+        self._want_requests = any(_overrides(p, "process_request") for p in self.processors)
+        self._resource_hooks = [p for p in self.processors if hasattr(p, "observe_resource")]
+        self._seen_instances: Dict[str, None] = {}
+        self.steps = 0
+
+    # -- the processor chain ----------------------------------------------------------------------
+    def _run_step(self, span, res_attrs, kids) -> None:
+        before = asm.step_from_span(span, res_attrs, kids or ())
+        if self._resource_hooks and before.instance not in self._seen_instances:
+            self._seen_instances[before.instance] = None
+            for p in self._resource_hooks:
+                p.observe_resource(before.instance, res_attrs)
+        step = before
+        for p in self.processors:
+            try:
+                out = p.process(step)
+            except Exception:  # noqa: BLE001 - one processor's bug must not stop the stream
+                self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor=getattr(p, "name", type(p).__name__))
+                logger.debug("processor %r failed", p, exc_info=True)
+                continue
+            if out is None:  # the processor took the step out of its chain; the span is still forwarded
+                break
+            step = out
+        self.steps += 1
+        asm.tag_step(span, before, step)
+
+    def _run_request(self, span, res_attrs) -> None:
+        before = asm.request_from_span(span, res_attrs)
+        rec = before
+        for p in self.processors:
+            try:
+                rec = p.process_request(rec) or rec
+            except Exception:  # noqa: BLE001
+                self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor=getattr(p, "name", type(p).__name__))
+        asm.tag_request(span, before, rec)
+
+    # -- intake ---------------------------------------------------------------------------------------
+    def _remember_children(self, req, now: float) -> List[bytes]:
+        touched = []
+        children = self._children
+        for rs in req.resource_spans:
+            for ss in rs.scope_spans:
+                for span in ss.spans:
+                    if not span.name.startswith(_PRISM):
+                        continue
+                    info = asm.child_info(span)
+                    if info is None:
+                        continue
+                    key = span.trace_id + span.parent_span_id
+                    entry = children.get(key)
+                    if entry is None:
+                        if key in self._released:
+                            self._count(sc.COLLECTOR_LATE_CHILDREN)
+                            continue
+                        if len(children) >= self.max_pending_children:
+                            children.popitem(last=False)
+                            self._count(sc.METRIC_DROPPED, reason="assembler_children_full")
+                        entry = children[key] = [now, []]
+                    entry[1].append(info)
+                    touched.append(key)
+        return touched
+
+    @staticmethod
+    def _complete(kids, expected: Optional[int]) -> bool:
+        if expected is not None:
+            return expected == 0 or (kids is not None and len(kids) >= expected)
+        return bool(kids)
+
+    def process(self, req: ExportTraceServiceRequest, source: Any = None) -> List[Output]:
+        """Assemble, detect and tag ``req`` in place. Returns what may be forwarded now."""
+        now = self._clock()
+        touched = self._remember_children(req, now)
+        total = held_here = 0
+        want_requests = self._want_requests
+        for rs in req.resource_spans:
+            res_attrs = None
+            for ss in rs.scope_spans:
+                hold_idx = []
+                spans = ss.spans
+                total += len(spans)
+                for i, span in enumerate(spans):
+                    if span.name == sc.STEP_SPAN:
+                        if res_attrs is None:
+                            res_attrs = asm.attrs_of(rs.resource.attributes)
+                        key = span.trace_id + span.span_id
+                        entry = self._children.get(key)
+                        kids = entry[1] if entry else None
+                        expected = asm.expected_children(span)
+                        if self._complete(kids, expected):
+                            self._children.pop(key, None)
+                            self._mark_released(key)
+                            self._run_step(span, res_attrs, kids)
+                        else:
+                            self._hold(key, span, rs, res_attrs, ss, source, now, expected)
+                            hold_idx.append(i)
+                    elif want_requests and asm.request_id_of(span) is not None:
+                        if res_attrs is None:
+                            res_attrs = asm.attrs_of(rs.resource.attributes)
+                        self._run_request(span, res_attrs)
+                for i in reversed(hold_idx):
+                    del spans[i]
+                held_here += len(hold_idx)
+        out: List[Output] = []
+        if total - held_here > 0:
+            out.append((req, {source: total - held_here}))
+        ready = [k for k in dict.fromkeys(touched) if k in self._held
+                 and self._complete(self._children.get(k, (0, None))[1], self._held[k].expected)]
+        excess = len(self._held) - self.max_pending_steps
+        if excess > 0:  # released early (without all children), not lost
+            self._count(sc.METRIC_DROPPED, excess, reason="assembler_wait_cut_short")
+            ready.extend(list(self._held)[:excess])
+        if ready:
+            out.extend(self._release(ready))
+        return out
+
+    def _hold(self, key, span, rs, res_attrs, ss, source, now, expected) -> None:
+        copy = Span()
+        copy.CopyFrom(span)
+        self._held[key] = _Held(copy, rs.resource, res_attrs, ss.scope, rs.schema_url, ss.schema_url, source,
+                                now + self.wait_s, expected)
+
+    def _mark_released(self, key: bytes) -> None:
+        released = self._released
+        released[key] = None
+        if len(released) > 4 * self.max_pending_steps:
+            released.popitem(last=False)
+
+    def _release(self, keys: Sequence[bytes]) -> List[Output]:
+        """Run the chain on held steps (with whatever children arrived) and pack them for forwarding."""
+        req = ExportTraceServiceRequest()
+        groups: Dict[Tuple[bytes, str], Any] = {}
+        scopes: Dict[Tuple[int, bytes, str], Any] = {}
+        sources: Sources = {}
+        for key in keys:
+            h = self._held.pop(key, None)
+            if h is None:
+                continue
+            entry = self._children.pop(key, None)
+            self._mark_released(key)
+            self._run_step(h.span, h.res_attrs, entry[1] if entry else None)
+            rkey = (h.resource.SerializeToString(deterministic=True), h.rs_schema)
+            rs = groups.get(rkey)
+            if rs is None:
+                rs = groups[rkey] = req.resource_spans.add()
+                rs.resource.CopyFrom(h.resource)
+                rs.schema_url = h.rs_schema
+            skey = (id(rs), h.scope.SerializeToString(deterministic=True), h.ss_schema)
+            ss = scopes.get(skey)
+            if ss is None:
+                ss = scopes[skey] = rs.scope_spans.add()
+                ss.scope.CopyFrom(h.scope)
+                ss.schema_url = h.ss_schema
+            ss.spans.append(h.span)
+            sources[h.source] = sources.get(h.source, 0) + 1
+        return [(req, sources)] if sources else []
+
+    def expire(self) -> List[Output]:
+        """Release held steps whose wait is over; forget children nobody claimed. Call often."""
+        now = self._clock()
+        due = []
+        for key, h in self._held.items():
+            if h.deadline > now:
+                break
+            due.append(key)
+        children = self._children
+        while children:
+            entry = next(iter(children.values()))
+            if entry[0] + self.child_ttl_s > now:
+                break
+            children.popitem(last=False)  # children whose step never came (they were forwarded already)
+        return self._release(due) if due else []
+
+    def flush(self) -> List[Output]:
+        """Release everything held (shutdown)."""
+        return self._release(list(self._held))
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def shutdown(self) -> None:
+        for p in self.processors:
+            try:
+                p.shutdown()
+            except Exception:  # noqa: BLE001
+                logger.debug("processor shutdown failed", exc_info=True)

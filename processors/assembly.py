@@ -1,0 +1,214 @@
+"""Spans back into records: the inverse of :mod:`prism_otel.spans`, on OTLP protobuf spans.
+
+A ``prism.step`` span and its ``prism.stage.<name>`` / ``prism.kernels.<group>`` children become
+one :class:`~prism_otel.record.StepRecord` again (same names, from :mod:`prism_otel.semconv`); a
+request span (one carrying ``prism.request.id``) becomes a :class:`~prism_otel.record.RequestRecord`.
+After the processors ran, :func:`tag_step` / :func:`tag_request` write what they concluded back
+onto the original protobuf span (verdict attributes, new extras, the alert event), so the spans the
+collector forwards are the ones it received plus the verdict.
+
+Pure functions; the stateful part (waiting for children) is :mod:`processors.assembler`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from prism_otel import semconv as sc
+from prism_otel.record import RequestRecord, StepRecord, Verdict
+from prism_otel.spans import step_attributes
+
+STAGE = 0
+KERNEL = 1
+ChildInfo = Tuple[int, str, int, int]  # (STAGE|KERNEL, name, start_ns, end_ns)
+
+_STEP_KEYS = frozenset((
+    sc.STEP_INDEX, sc.STEP_PHASE, sc.STEP_INSTANCE, sc.STEP_DURATION_MS, sc.STEP_LINKS_DROPPED, sc.STEP_CHILDREN,
+    sc.BATCH_SIZE, sc.BATCH_PREFILL_TOKENS, sc.BATCH_DECODE_TOKENS, sc.BATCH_CONTEXT_TOKENS,
+    sc.BATCH_MAX_CONTEXT_TOKENS, sc.BATCH_REQUEST_IDS, sc.KV_CACHE_USAGE, sc.DEVICE_TIME_MS))
+VERDICT_KEYS = (sc.ANOMALY, sc.ANOMALY_SCORE, sc.LATENCY_EXPECTED_MS, sc.ANOMALY_ROOT_CAUSE, sc.SLO_VIOLATED)
+_KNOWN = _STEP_KEYS | frozenset(VERDICT_KEYS)
+_STAGE_PREFIX_LEN = len(sc.STAGE_SPAN_PREFIX)
+_KERNEL_PREFIX_LEN = len(sc.KERNEL_SPAN_PREFIX)
+
+
+def any_value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value(x) for x in v.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in v.kvlist_value.values}
+    return getattr(v, kind)
+
+
+def attrs_of(kvs: Iterable) -> Dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in kvs}
+
+
+def is_step(span) -> bool:
+    return span.name == sc.STEP_SPAN
+
+
+def child_info(span) -> Optional[ChildInfo]:
+    """(kind, name, start, end) for a stage or kernel-group span that has a parent; else None."""
+    name = span.name
+    if not span.parent_span_id:
+        return None
+    if name.startswith(sc.STAGE_SPAN_PREFIX):
+        return (STAGE, name[_STAGE_PREFIX_LEN:], span.start_time_unix_nano, span.end_time_unix_nano)
+    if name.startswith(sc.KERNEL_SPAN_PREFIX):
+        return (KERNEL, name[_KERNEL_PREFIX_LEN:], span.start_time_unix_nano, span.end_time_unix_nano)
+    return None
+
+
+def expected_children(span) -> Optional[int]:
+    for kv in span.attributes:
+        if kv.key == sc.STEP_CHILDREN:
+            return kv.value.int_value
+    return None
+
+
+def _int(a: Mapping[str, Any], key: str) -> int:
+    v = a.get(key)
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+
+
+def step_from_span(span, resource: Mapping[str, Any], children: Iterable[ChildInfo] = ()) -> StepRecord:
+    a = attrs_of(span.attributes)
+    stages: Dict[str, Tuple[int, int]] = {}
+    kernels: Dict[str, int] = {}
+    for kind, name, t0, t1 in sorted(children, key=lambda c: c[2]):
+        if kind == STAGE:
+            stages[name] = (t0, t1)
+        else:
+            kernels[name] = t1 - t0
+    verdict = None
+    if sc.ANOMALY in a:
+        verdict = Verdict(expected_ms=a.get(sc.LATENCY_EXPECTED_MS), score=a.get(sc.ANOMALY_SCORE),
+                          anomaly=bool(a[sc.ANOMALY]), root_cause=a.get(sc.ANOMALY_ROOT_CAUSE),
+                          alert=any(e.name == sc.ALERT_EVENT for e in span.events),
+                          slo_violations=tuple(a.get(sc.SLO_VIOLATED) or ()))
+    kv = a.get(sc.KV_CACHE_USAGE)
+    dev = a.get(sc.DEVICE_TIME_MS)
+    instance = a.get(sc.STEP_INSTANCE) or resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""
+    return StepRecord(
+        instance=str(instance), index=_int(a, sc.STEP_INDEX),
+        start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
+        phase=str(a.get(sc.STEP_PHASE) or "idle"), batch_size=_int(a, sc.BATCH_SIZE),
+        prefill_tokens=_int(a, sc.BATCH_PREFILL_TOKENS), decode_tokens=_int(a, sc.BATCH_DECODE_TOKENS),
+        context_tokens=_int(a, sc.BATCH_CONTEXT_TOKENS), max_context_tokens=_int(a, sc.BATCH_MAX_CONTEXT_TOKENS),
+        kv_usage=float(kv) if kv is not None else None, stages=stages, kernel_groups=kernels,
+        device_ns=int(round(dev * 1e6)) if dev is not None else None,
+        request_ids=tuple(str(r) for r in (a.get(sc.BATCH_REQUEST_IDS) or ())),
+        verdict=verdict, attributes={k: v for k, v in a.items() if k not in _KNOWN})
+
+
+def request_id_of(span) -> Optional[str]:
+    for kv in span.attributes:
+        if kv.key == sc.REQUEST_ID:
+            return kv.value.string_value
+    return None
+
+
+def request_from_span(span, resource: Mapping[str, Any]) -> RequestRecord:
+    a = attrs_of(span.attributes)
+    t0 = span.start_time_unix_nano
+
+    def at(key: str) -> Optional[int]:
+        v = a.get(key)
+        return None if v is None else t0 + int(round(float(v) * 1e6))
+
+    n_out = _int(a, sc.GEN_AI_USAGE_OUTPUT_TOKENS)
+    first = at(sc.REQUEST_TTFT_MS)
+    tpot = a.get(sc.REQUEST_TPOT_MS)
+    last = first + int(round(float(tpot) * 1e6 * (n_out - 1))) if first is not None and tpot is not None else first
+    return RequestRecord(
+        instance=str(resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""), request_id=str(a.get(sc.REQUEST_ID)),
+        arrival_ns=t0, end_ns=span.end_time_unix_nano, first_scheduled_ns=at(sc.REQUEST_QUEUE_MS),
+        first_token_ns=first, last_token_ns=last, prompt_tokens=_int(a, sc.GEN_AI_USAGE_INPUT_TOKENS),
+        output_tokens=n_out, steps=_int(a, sc.REQUEST_STEPS), status=str(a.get(sc.REQUEST_STATUS) or "finished"),
+        slo_violations=tuple(a.get(sc.SLO_VIOLATED) or ()))
+
+
+# -- writing back ---------------------------------------------------------------------------------
+def _fill(target: AnyValue, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int):
+        target.int_value = value
+    elif isinstance(value, float):
+        target.double_value = value
+    elif isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, (list, tuple)):
+        arr = target.array_value
+        del arr.values[:]
+        for v in value:
+            _fill(arr.values.add(), v)
+    else:
+        target.string_value = str(value)
+
+
+def set_attribute(span, key: str, value: Any) -> None:
+    for kv in span.attributes:
+        if kv.key == key:
+            kv.value.Clear()
+            _fill(kv.value, value)
+            return
+    kv = span.attributes.add()
+    kv.key = key
+    _fill(kv.value, value)
+
+
+def remove_attribute(span, key: str) -> None:
+    for i, kv in enumerate(span.attributes):
+        if kv.key == key:
+            del span.attributes[i]
+            return
+
+
+def tag_step(span, before: StepRecord, after: StepRecord) -> bool:
+    """Write ``after``'s verdict and new/changed extras onto ``span``. True if anything changed."""
+    changed = False
+    new = step_attributes(after)
+    if after.verdict != before.verdict:
+        changed = True
+        for key in VERDICT_KEYS:
+            if key in new:
+                set_attribute(span, key, new[key])
+            else:
+                remove_attribute(span, key)
+        v = after.verdict
+        if v is not None and v.alert and not any(e.name == sc.ALERT_EVENT for e in span.events):
+            ev = span.events.add()
+            ev.name = sc.ALERT_EVENT
+            ev.time_unix_nano = after.end_ns
+            for k, val in ((sc.ANOMALY_SCORE, float(v.score or 0.0)),
+                           (sc.LATENCY_EXPECTED_MS, float(v.expected_ms or 0.0)),
+                           (sc.STEP_DURATION_MS, after.duration_ms)):
+                kv = ev.attributes.add()
+                kv.key = k
+                _fill(kv.value, val)
+    if after.attributes is not before.attributes:
+        for key, val in after.attributes.items():
+            if before.attributes.get(key, _MISSING) != val:
+                set_attribute(span, key, val)
+                changed = True
+    return changed
+
+
+def tag_request(span, before: RequestRecord, after: RequestRecord) -> bool:
+    if after.slo_violations == before.slo_violations:
+        return False
+    if after.slo_violations:
+        set_attribute(span, sc.SLO_VIOLATED, list(after.slo_violations))
+    else:
+        remove_attribute(span, sc.SLO_VIOLATED)
+    return True
+
+
+_MISSING = object()
