@@ -127,6 +127,8 @@ class StepTimeline:
         """The model's forward returned: what the step does next on the device is sampling."""
         if not self.stack:
             self.mark("sampling")
+            if self.dd.annotate and not self.closed:
+                self._annotate("sampling")  # closed by finish()
 
     def _annotate(self, group: str) -> None:
         import torch
@@ -401,6 +403,12 @@ class DeepDive:
         with self._lock:
             self.pending = 0
 
+    def reset(self) -> None:
+        """Drop any burst and remove its hooks now. Only while the engine is not stepping."""
+        with self._lock:
+            self.pending = 0
+        self._teardown()
+
     # -- engine thread ------------------------------------------------------------------------
     def begin_step(self, device_type, model, stream) -> Optional[StepTimeline]:
         try:
@@ -415,14 +423,14 @@ class DeepDive:
                 self._seq += 1
                 seq = self._seq
             tl = StepTimeline(self, sess, stream, seq)
+            from prism_otel.device.profiler import ProfilerWindow
+
             if sess.mode == "profiler":
                 if sess.window is None:
-                    from prism_otel.device.profiler import ProfilerWindow
-
                     sess.window = ProfilerWindow.start_if_free(self.profiler_allowed)
-                if sess.window is not None:
-                    tl.window = sess.window
-                    tl.rf_step = sess.window.step_begin(seq)
+                tl.window = sess.window
+            if tl.window is not None or self.annotate:
+                tl.rf_step = ProfilerWindow.step_begin(seq)
             self.current = tl
             tl.start()
             return tl
@@ -436,8 +444,9 @@ class DeepDive:
         self.burst_steps += 1
         sess = tl.session
         try:
-            if tl.window is not None:
-                tl.window.step_end(tl.rf_step)
+            if tl.rf_step is not None:
+                tl.rf_step.__exit__(None, None, None)
+                tl.rf_step = None
             if tl.graph and not tl.marks and sess.mode == "module_hooks" and self.pending:
                 sess.mode = "profiler"  # hooks cannot see inside a graph replay: name kernels instead
             if self.pending <= 0:

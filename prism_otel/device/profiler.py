@@ -130,11 +130,14 @@ def _us_to_ns(x) -> int:
     return int(round(float(x) * 1000))
 
 
-def trace_groups(events: Iterable[dict], by_name_only: bool = False) -> Dict:
+def trace_groups(events: Iterable[dict], by_name_only: bool = False, unannotated: str = "name") -> Dict:
     """``{step: {"busy": {group: ns}, "span": {group: ns}, "kernels": n}}`` from Chrome-trace events.
 
     ``step`` is the number after ``prism.step#`` (an int), or ``None`` for device work launched
-    outside any step range. ``by_name_only`` ignores ``prism.kernels.*`` annotations.
+    outside any step range. ``by_name_only`` ignores ``prism.kernels.*`` annotations. A kernel
+    launched outside every annotation is classified by its name (``unannotated="name"``) or
+    counted as ``other`` (``unannotated="other"``: what module hooks do with time outside every
+    hooked module).
     """
     per_tid: Dict[tuple, list] = {}
     launches: Dict[int, tuple] = {}
@@ -189,7 +192,9 @@ def trace_groups(events: Iterable[dict], by_name_only: bool = False) -> Dict:
     for e in device:
         corr = (e.get("args") or {}).get("correlation")
         step, grp = where.get(corr, (None, None))
-        if by_name_only or grp is None:
+        if grp is None and not by_name_only and unannotated == "other" and step is not None:
+            grp = "other"
+        elif by_name_only or grp is None:
             grp = "memcpy" if e.get("cat") != "kernel" else classify_kernel(e.get("name", ""))
         t0 = _us_to_ns(e["ts"])
         by_step.setdefault(step, []).append((t0, t0 + _us_to_ns(e.get("dur", 0)), grp))
