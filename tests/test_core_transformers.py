@@ -167,3 +167,28 @@ def test_generate_steps(tmp_path):
     req_spans = [s for s in spans if sc.REQUEST_ID in s.attributes]
     assert len(req_spans) == report["batch"]
     assert all(s.attributes[sc.REQUEST_STEPS] == len(steps) for s in req_spans)
+
+
+def test_forked_child_is_traced(tmp_path):
+    """A process that forks after prism-otel started: the child restarts the pipeline and exports."""
+    script = tmp_path / "fork_app.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {os.path.join(ROOT, 'tests', 'engines')!r})\n"
+        "import cb_workload\n"
+        "from prism_otel import tiny_models\n"
+        "d = tiny_models.build(tiny_models.default_dir('tiny'), 'tiny')\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    cb_workload.run_cb(sys.argv[1], 16, 3, d, 0.002)\n"
+        "    sys.exit(0)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "sys.exit(os.waitstatus_to_exitcode(status))\n")
+    out = tmp_path / "fork.json"
+    with OTLPSink() as sink:
+        p = subprocess.run([os.path.join(BIN, "prism-otel"), "run", "--", sys.executable, str(script), str(out)],
+                           env=_env(sink), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        report = json.loads(out.read_text())
+        spans = sink.wait_for(lambda s: sum(x.name == sc.STEP_SPAN for x in s) > 0, timeout=10)
+    check_trace_shape(report, spans)
