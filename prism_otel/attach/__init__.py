@@ -104,7 +104,8 @@ def expand_paths(paths: Sequence[str]) -> List[str]:
             raise Refused(f"--path {p}: no such file or directory")
         out.append(p)
         if os.path.isdir(p):
-            out.extend(os.path.join(p, n) for n in sorted(os.listdir(p)) if n.endswith(".whl"))
+            out.extend(os.path.join(p, n) for n in sorted(os.listdir(p))
+                       if n.endswith(".whl") and len(n) > 4 and os.path.isfile(os.path.join(p, n)))
     return out
 
 

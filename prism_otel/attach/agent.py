@@ -13,7 +13,6 @@ environment is exactly what it was. Components read their configuration when the
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ def _attach(req: dict, added: List[str], doc: dict) -> None:
         _runtime.RECORDER.drain(1 << 30)  # records left by a hook that was mid-call at the last detach
     rt = prism_otel.start()
     doc["already"] = already
+    doc["sys_path_added"] = list(_ADDED_PATHS)
     if rt is None:
         doc["ok"] = False
         doc["error"] = f"prism-otel is disabled by {sc.ENV_DISABLED} in the attach configuration"
@@ -48,10 +48,13 @@ def _detach(req: dict, added: List[str], doc: dict) -> None:
 
     doc["was_running"] = _runtime.current() is not None
     prism_otel.stop(float(req.get("stop_timeout", 10.0)))
+    removed = []
     for p in set(_ADDED_PATHS) | set(added):
         while p in sys.path:
             sys.path.remove(p)
+            removed.append(p)
     _ADDED_PATHS.clear()
+    doc["sys_path_removed"] = sorted(set(removed))
 
 
 def run(req: dict, added: List[str], base: dict) -> dict:
