@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 MIN_VERSION = (3, 9)  # pyproject's requires-python
 CAP_SYS_PTRACE = 19
 _LIBPY = re.compile(r"/libpython(\d+)\.(\d+)t?[a-z]*\.so")
+_SITE = re.compile(r" (/\S*?)/lib/python\d+\.\d+t?/site-packages/")
 _PYEXE = re.compile(r"^python(\d+(\.\d+)?)?t?$")
 # Modules that mean "this Python process runs an inference engine" (in /proc/PID/maps: extension
 # modules and shared libraries are mapped; pure-Python modules are not, hence torch as the witness).
@@ -46,6 +47,7 @@ class Target:
     libpython: Optional[str] = None
     engine: Optional[str] = None
     probe: Dict[str, object] = field(default_factory=dict)
+    venvs: List[str] = field(default_factory=list)  # venv roots (pyvenv.cfg) of site-packages it mapped
 
     @property
     def version_str(self) -> str:
@@ -181,7 +183,12 @@ def examine(pid: int) -> Target:
         raise Refused(f"process {pid} lives in another mount namespace (a container?): run prism-otel attach "
                       "inside it, where its files are")
     engine = next((mk.strip("/").split("/")[0] for mk in ENGINE_MARKERS if mk in maps), None)
-    return Target(pid, uid, exe, version, argv, environ, cwd, t0, libpython, engine)
+    venvs = []
+    for m in _SITE.finditer(maps):
+        root = m.group(1)
+        if root not in venvs and os.path.isfile(os.path.join(root, "pyvenv.cfg")):
+            venvs.append(root)
+    return Target(pid, uid, exe, version, argv, environ, cwd, t0, libpython, engine, venvs=venvs)
 
 
 def _interpreter_path(t: Target) -> str:
@@ -200,6 +207,15 @@ def _interpreter_path(t: Target) -> str:
             return cand
     except OSError:
         pass
+    # argv rewritten (setproctitle: "VLLM::EngineCore"): find the venv from the libraries it mapped.
+    for root in t.venvs:
+        for name in (f"python{t.version_str}", "python3", "python"):
+            p = os.path.join(root, "bin", name)
+            try:
+                if os.path.samefile(p, t.exe):
+                    return p
+            except OSError:
+                continue
     return t.exe
 
 
