@@ -57,6 +57,20 @@ def _detach(req: dict, added: List[str], doc: dict) -> None:
     doc["sys_path_removed"] = sorted(set(removed))
 
 
+def _call(req: dict, doc: dict) -> None:
+    """Run ``req["call"]`` = ``{"target": "prism_otel.<module>:<function>", "kwargs": {...}}`` here and
+    put its (JSON-able) return value in ``doc["result"]``: how the simulation toolkit delivers its
+    in-process faults (a stage stall, a GC storm) through this same mechanism. Only functions of
+    prism-otel's own modules can be named."""
+    import importlib
+
+    spec = req.get("call") or {}
+    mod, _, fn = str(spec.get("target", "")).partition(":")
+    if not mod.startswith("prism_otel.") or not fn.isidentifier():
+        raise ValueError(f"call: expected 'prism_otel.<module>:<function>', got {spec.get('target')!r}")
+    doc["result"] = getattr(importlib.import_module(mod), fn)(**(spec.get("kwargs") or {}))
+
+
 def run(req: dict, added: List[str], base: dict) -> dict:
     """Carry out ``req`` and return the handshake document (the stub writes it)."""
     t0 = time.monotonic()
@@ -67,6 +81,8 @@ def run(req: dict, added: List[str], base: dict) -> dict:
             _attach(req, added, doc)
         elif action == "detach":
             _detach(req, added, doc)
+        elif action == "call":
+            _call(req, doc)
         elif action != "status":
             raise ValueError(f"unknown action {action!r}")
     except BaseException as exc:  # noqa: BLE001 - whatever happens is reported, never raised into the target
