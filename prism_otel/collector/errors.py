@@ -1,0 +1,57 @@
+"""Errors shared by the collector's config loader, components and pipelines.
+
+* :class:`ConfigError` carries the YAML path of the offending node (``receivers::otlp::protocols``),
+  in the Collector's own ``::`` notation, so a bad config names where it is wrong.
+* :class:`Refused` is how the intake says "not now": receivers turn it into the OTLP backpressure
+  statuses (gRPC RESOURCE_EXHAUSTED / UNAVAILABLE with RetryInfo, HTTP 429 / 503 with Retry-After).
+* :class:`PermanentError` marks a send that must not be retried (the backend said the data is bad).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+PathLike = Union[str, Sequence[str]]
+
+
+def join_path(*parts: PathLike) -> str:
+    out = []
+    for p in parts:
+        if not p:
+            continue
+        if isinstance(p, str):
+            out.append(p)
+        else:
+            out.extend(str(x) for x in p if x != "")
+    return "::".join(out)
+
+
+class ConfigError(ValueError):
+    """A config problem, found before anything starts. ``str()`` is ``"<path>: <message>"``."""
+
+    def __init__(self, path: PathLike, message: str) -> None:
+        self.path = join_path(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+    def under(self, *prefix: PathLike) -> "ConfigError":
+        """The same error with ``prefix`` put in front of its path."""
+        return ConfigError(join_path(*prefix, self.path), self.message)
+
+
+class Refused(Exception):
+    """The intake cannot take this request now; the sender should retry after ``retry_after`` seconds.
+
+    ``overloaded`` True means "queue full" (RESOURCE_EXHAUSTED / 429); False means "unavailable"
+    (shutting down, memory limit, storage failing: UNAVAILABLE / 503), as the Collector maps them.
+    """
+
+    def __init__(self, reason: str, retry_after: float = 1.0, overloaded: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.overloaded = overloaded
+
+
+class PermanentError(Exception):
+    """A send failed in a way retrying cannot fix (e.g. the backend answered INVALID_ARGUMENT / 400)."""

@@ -1,0 +1,69 @@
+"""``file`` exporter: every request as one OTLP/JSON line (hex ids), or length-prefixed protobuf.
+
+Keys as in the Collector's file exporter: ``path``, ``format`` (``json`` | ``proto``: a 4-byte
+big-endian length before each message), ``append`` (false: the file is truncated at start) and
+``flush_interval``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from prism_otel.collector.component import EXPORTER, Factory
+from prism_otel.collector.decode import Duration, check
+from prism_otel.collector.exporters.base import OutItem, QueuedExporter, SendingQueueConfig
+from prism_otel.otlp_json import request_to_json
+
+
+@dataclass
+class FileExporterConfig:
+    path: str = ""
+    format: Literal["json", "proto"] = "json"
+    append: bool = False
+    flush_interval: Duration = Duration(1.0)
+
+    def validate(self) -> None:
+        check(bool(self.path), "path", "required: the file to write")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        check(os.path.isdir(parent), "path", f"directory {parent!r} does not exist")
+
+
+class FileExporter(QueuedExporter):
+    def __init__(self, settings, cfg: FileExporterConfig) -> None:
+        super().__init__(settings)
+        self.cfg = cfg
+        self.queue = SendingQueueConfig(num_consumers=1, queue_size=1000, block_on_overflow=True)
+        self._fh = None
+        self._lock = threading.Lock()
+        self._last_flush = 0.0
+
+    def start(self, host) -> None:
+        mode = ("a" if self.cfg.append else "w") + ("b" if self.cfg.format == "proto" else "")
+        self._fh = open(self.cfg.path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))  # noqa: SIM115
+        super().start(host)
+
+    def send(self, item: OutItem) -> None:
+        with self._lock:
+            if self.cfg.format == "json":
+                self._fh.write(request_to_json(item.request) + "\n")
+            else:
+                self._fh.write(struct.pack(">I", len(item.payload)) + item.payload)
+            now = time.monotonic()
+            if now - self._last_flush >= self.cfg.flush_interval:
+                self._fh.flush()
+                self._last_flush = now
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+
+def factory() -> Factory:
+    return Factory("file", EXPORTER, FileExporterConfig, FileExporter)

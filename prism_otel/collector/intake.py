@@ -1,0 +1,118 @@
+"""Bounded hand-off from receivers (many threads) to a pipeline (one thread).
+
+* :class:`MemoryIntake`: a queue bounded in requests and bytes. Full means
+  :class:`~prism_otel.collector.errors.Refused` (the receiver answers RESOURCE_EXHAUSTED / 429 with
+  a retry delay); nothing is queued beyond the bound.
+* :class:`DiskIntake`: every accepted request is appended to the pipeline's log
+  (:mod:`prism_otel.collector.wal`) *before* the sender is answered, so what was acknowledged
+  survives a crash. Bounded by records not yet delivered (``queue_size``). The pipeline normally
+  gets the already-decoded request handed over in memory; when it lags, it reads the log.
+  Records found on disk at start are handed out first, marked ``replay``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Optional, Tuple
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from prism_otel.collector.errors import Refused
+from prism_otel.collector.wal import WAL
+
+Item = Tuple[Optional[int], ExportTraceServiceRequest, int, bool]  # (seq, request, spans, replay)
+
+
+class MemoryIntake:
+    def __init__(self, max_requests: int = 256, max_bytes: int = 64 << 20, retry_after: float = 1.0) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.retry_after = retry_after
+        self._q: deque = deque()
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def put(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
+        with self._cv:
+            if self._closed:
+                raise Refused("shutting down", self.retry_after, overloaded=False)
+            if self._q and (len(self._q) >= self.max_requests or self._bytes + len(raw) > self.max_bytes):
+                raise Refused("intake queue full", self.retry_after)
+            self._q.append((req, len(raw), n_spans))
+            self._bytes += len(raw)
+            self._cv.notify()
+
+    def get(self, timeout: float) -> Optional[Item]:
+        with self._cv:
+            if not self._q:
+                self._cv.wait(timeout)
+                if not self._q:
+                    return None
+            req, size, n = self._q.popleft()
+            self._bytes -= size
+            return (None, req, n, False)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+
+class DiskIntake:
+    def __init__(self, wal: WAL, max_records: int = 1000, retry_after: float = 1.0, handoff: int = 64) -> None:
+        self.wal = wal
+        self.max_records = max_records
+        self.retry_after = retry_after
+        self._handoff: deque = deque()
+        self._handoff_max = handoff
+        self._next = wal.cursor  # next seq the pipeline gets
+        self._cv = threading.Condition()
+        self._closed = False
+
+    def put(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
+        with self._cv:
+            if self._closed:
+                raise Refused("shutting down", self.retry_after, overloaded=False)
+            if self.wal.pending >= self.max_records:
+                raise Refused("persistent queue full", self.retry_after)
+            try:
+                seq = self.wal.append(raw)
+            except OSError as exc:
+                raise Refused(f"persistent queue cannot write: {exc.strerror}", self.retry_after,
+                              overloaded=False) from exc
+            if len(self._handoff) >= self._handoff_max:
+                self._handoff.popleft()  # the pipeline will read that one back from the log
+            self._handoff.append((seq, req, n_spans))
+            self._cv.notify()
+
+    def get(self, timeout: float) -> Optional[Item]:
+        with self._cv:
+            if self._next >= self.wal.next_seq:
+                self._cv.wait(timeout)
+                if self._next >= self.wal.next_seq:
+                    return None
+            seq = self._next
+            self._next += 1
+            handoff = self._handoff
+            while handoff and handoff[0][0] < seq:
+                handoff.popleft()
+            if handoff and handoff[0][0] == seq:
+                _, req, n = handoff.popleft()
+                return (seq, req, n, False)
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(self.wal.read(seq))
+        n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+        return (seq, req, n, seq < self.wal.recovered_end)
+
+    def __len__(self) -> int:
+        return self.wal.next_seq - self._next
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()

@@ -1,0 +1,183 @@
+"""One traces pipeline: intake → step assembly and the prism processors → exporters.
+
+A single thread per pipeline takes requests from the intake (bounded; see
+:mod:`prism_otel.collector.intake`), runs them through the pipeline's
+:class:`~processors.assembler.StepAssembler`, and fans the (tagged) requests out to its exporters.
+
+Persistent pipelines (an exporter has ``sending_queue.storage``) keep every accepted request in a
+log on disk until each persistent exporter has delivered all of its spans (a
+:class:`~prism_otel.collector.delivery.Ledger` decides how far the log may be committed); each
+persistent exporter filters spans it already delivered (:class:`DeliveredIDs`), so a replay after
+a crash, or a client re-sending a request whose answer it lost, does not send a span twice. When a
+persistent exporter's queue is full the pipeline waits (the log fills, then receivers push back);
+an in-memory exporter's full queue drops and counts, as in the Collector. Replayed records go to
+persistent exporters only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import List, Optional, Tuple
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from prism_otel import semconv as sc
+from prism_otel.collector.delivery import DeliveredIDs, Ledger, request_keys
+from prism_otel.collector.exporters.base import OutItem
+from prism_otel.collector.intake import DiskIntake, MemoryIntake
+from prism_otel.collector.wal import WAL
+from processors.assembler import StepAssembler
+
+logger = logging.getLogger(__name__)
+
+_TICK_S = 0.05
+_CURSOR_EVERY_S = 0.1
+
+
+def _noop(ok: bool) -> None:
+    pass
+
+
+def _without(req: ExportTraceServiceRequest, drop: List[bool]) -> ExportTraceServiceRequest:
+    out = ExportTraceServiceRequest()
+    out.CopyFrom(req)
+    i = 0
+    for rs in out.resource_spans:
+        for ss in rs.scope_spans:
+            n = len(ss.spans)
+            for j in reversed(range(n)):
+                if drop[i + j]:
+                    del ss.spans[j]
+            i += n
+    return out
+
+
+class Pipeline:
+    def __init__(self, name: str, assembler: StepAssembler, exporters: List[Tuple[object, bool]], telemetry,
+                 storage_dir: Optional[str] = None, fsync: bool = False, max_records: int = 1000) -> None:
+        self.name = name
+        self.assembler = assembler
+        self.telemetry = telemetry
+        self.wal: Optional[WAL] = None
+        self.ledger: Optional[Ledger] = None
+        self.targets: List[Tuple[object, Optional[DeliveredIDs]]] = []
+        if storage_dir is not None:
+            self.wal = WAL(storage_dir, fsync=fsync)
+            self.ledger = Ledger(self.wal.cursor)
+            self.intake = DiskIntake(self.wal, max_records=max_records)
+            if self.wal.pending:
+                logger.info("pipeline %s: %d records to replay from %s", name, self.wal.pending, storage_dir)
+        else:
+            self.intake = MemoryIntake()
+        for exp, persistent in exporters:
+            ids = None
+            if persistent and storage_dir is not None:
+                ids = DeliveredIDs(os.path.join(storage_dir, f"delivered-{exp.id.replace('/', '_')}.ids"))
+            self.targets.append((exp, ids))
+        self.n_persistent = sum(1 for _, ids in self.targets if ids is not None)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._last_cursor = 0.0
+
+    # -- receivers call this ----------------------------------------------------------------------
+    def consume(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
+        self.intake.put(req, raw, n_spans)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"prism-pipeline-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking requests, process what the intake holds (memory) or leave it in the log
+        (persistent), release held steps, and hand everything to the exporters."""
+        self.intake.close()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def close(self) -> None:
+        """After the exporters have stopped: persist the log cursor and close files."""
+        if self.wal is not None:
+            self._commit(force=True)
+            self.wal.close()
+        for _, ids in self.targets:
+            if ids is not None:
+                ids.close()
+        self.assembler.shutdown()
+
+    # -- the thread -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            if stopping and (self.wal is not None or not len(self.intake)):
+                break
+            item = self.intake.get(_TICK_S)
+            try:
+                if item is not None:
+                    seq, req, n, replay = item
+                    if replay:
+                        self.telemetry.add(sc.COLLECTOR_REPLAYED_RECORDS, pipeline=self.name)
+                    if self.ledger is not None:
+                        self.ledger.open(seq, n * self.n_persistent)
+                    self._dispatch(self.assembler.process(req, seq))
+                self._dispatch(self.assembler.expire())
+            except Exception:  # noqa: BLE001 - never let one request stop the pipeline
+                logger.exception("pipeline %s: failed on a request", self.name)
+            self._commit()
+        self._dispatch(self.assembler.flush())
+        self._commit(force=True)
+
+    def _commit(self, force: bool = False) -> None:
+        if self.wal is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_cursor >= _CURSOR_EVERY_S:
+            self._last_cursor = now
+            self.wal.commit(self.ledger.committable())
+            self.wal.flush_cursor()
+
+    def _is_replay(self, sources) -> bool:
+        wal = self.wal
+        return wal is not None and all(s is not None and s < wal.recovered_end for s in sources)
+
+    def _dispatch(self, outs) -> None:
+        for req, sources in outs:
+            n = sum(sources.values())
+            payload = req.SerializeToString()
+            replay = self._is_replay(sources)
+            keys = request_keys(req) if self.n_persistent else None
+            for exp, ids in self.targets:
+                if ids is None:
+                    if not replay:
+                        exp.enqueue(OutItem(req, payload, n, sources), _noop)
+                else:
+                    self._enqueue_persistent(exp, ids, req, payload, n, sources, keys)
+
+    def _enqueue_persistent(self, exp, ids: DeliveredIDs, req, payload, n, sources, keys) -> None:
+        dups = ids.reserve(keys)
+        ledger = self.ledger
+        if any(dups):
+            n_dup = sum(dups)
+            self.telemetry.add(sc.COLLECTOR_DUPLICATE_SPANS, n_dup, exporter=exp.id)
+            if n_dup == len(keys):
+                ledger.pay(sources)
+                return
+            req = _without(req, dups)
+            payload = req.SerializeToString()
+            keys = [k for k, d in zip(keys, dups) if not d]
+            n = len(keys)
+        item = OutItem(req, payload, n, sources, keys)
+
+        def done(ok: bool) -> None:
+            if ok:
+                ids.delivered(item.keys)
+            else:
+                ids.release(item.keys)
+            ledger.pay(sources)
+
+        exp.enqueue(item, done, block=True)

@@ -1,0 +1,137 @@
+"""The ``prism_anomaly``, ``prism_slo`` and ``prism_fleet`` collector processors.
+
+Each wraps one step processor from ``processors/`` (the same code the in-process pipeline runs).
+The prism processors of a pipeline share one :class:`~processors.assembler.StepAssembler`: spans
+are assembled into steps once, every listed processor runs on each step in the listed order, and
+the verdict is written back onto the original spans. Each takes an optional ``assembly`` block
+(``wait``, ``max_pending_steps``, ``max_pending_children``); within one pipeline they must agree.
+
+```yaml
+processors:
+  prism_anomaly: {}                       # assembly + workload-aware detection, default settings
+  prism_slo: {step_ms: 200}               # keys of the SLO processor
+  prism_fleet: {threshold: 1.25, min_steps: 32}
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from prism_otel.collector.component import PROCESSOR, Factory
+from prism_otel.collector.decode import Duration, check, decode
+from prism_otel.collector.errors import ConfigError, join_path
+from processors.fleet import DEFAULT_KEY, FleetProcessor
+
+
+@dataclass
+class AssemblyConfig:
+    wait: Duration = Duration(1.0)
+    max_pending_steps: int = 10000
+    max_pending_children: int = 100000
+
+    def validate(self) -> None:
+        check(self.wait >= 0, "wait", "must not be negative")
+        check(self.max_pending_steps >= 1, "max_pending_steps", "must be at least 1")
+        check(self.max_pending_children >= 1, "max_pending_children", "must be at least 1")
+
+
+@dataclass
+class PrismFleetConfig:
+    assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
+    key_attributes: List[str] = field(default_factory=lambda: list(DEFAULT_KEY))
+    threshold: float = 1.25
+    min_steps: int = 32
+    min_peers: int = 1
+    window: int = 256
+    flag_anomaly: bool = True
+
+    def validate(self) -> None:
+        check(self.threshold > 1.0, "threshold", "is a latency ratio to the peers; must be > 1")
+        check(self.min_steps >= 4, "min_steps", "must be at least 4")
+        check(self.min_peers >= 1, "min_peers", "must be at least 1")
+        check(self.window >= self.min_steps, "window", "must be >= min_steps")
+
+
+def _make_fleet(settings, cfg: PrismFleetConfig) -> FleetProcessor:
+    return FleetProcessor(cfg.key_attributes, cfg.threshold, cfg.min_steps, cfg.min_peers, cfg.window,
+                          flag_anomaly=cfg.flag_anomaly)
+
+
+class _Wrapped:
+    """Config of a processor whose own config class lives in ``processors/`` (detection, SLO).
+
+    The YAML block minus ``assembly`` is decoded strictly onto that class when it is a dataclass,
+    or passed as keyword arguments otherwise.
+    """
+
+    module = ""
+    names = ()  # candidate class names, the processor first
+
+    def __init__(self, assembly: AssemblyConfig, options: Dict[str, Any], built: Any) -> None:
+        self.assembly = assembly
+        self.options = options
+        self.built = built
+
+    @classmethod
+    def locate(cls, path: str):
+        try:
+            mod = importlib.import_module(cls.module)
+        except ModuleNotFoundError as exc:
+            if exc.name != cls.module:
+                raise
+            raise ConfigError(path, f"{cls.module} is not available in this installation") from None
+        return mod
+
+    @classmethod
+    def from_yaml(cls, body: Any, path: str) -> "_Wrapped":
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(path, f"expected a mapping, got {type(body).__name__}")
+        body = dict(body)
+        assembly = decode(AssemblyConfig, body.pop("assembly", None), join_path(path, "assembly"))
+        mod = cls.locate(path)
+        proc_cls = getattr(mod, cls.names[0])
+        cfg_cls = next((getattr(mod, n) for n in cls.names[1:] if hasattr(mod, n)), None)
+        if cfg_cls is not None and dataclasses.is_dataclass(cfg_cls):
+            built = decode(cfg_cls, body, path)
+        else:
+            built = body
+        return cls(assembly, body, built)
+
+    def create(self, settings) -> Any:
+        mod = importlib.import_module(self.module)
+        proc_cls = getattr(mod, self.names[0])
+        if isinstance(self.built, dict):
+            return proc_cls(**self.built) if self.built else proc_cls()
+        return proc_cls(self.built)
+
+
+class PrismAnomalyConfig(_Wrapped):
+    module = "processors.anomaly"
+    names = ("AnomalyProcessor", "AnomalyConfig", "DetectorConfig")
+
+
+class PrismSLOConfig(_Wrapped):
+    module = "processors.slo"
+    names = ("SLOProcessor", "SLOConfig")
+
+
+def _make_wrapped(settings, cfg: _Wrapped):
+    return cfg.create(settings)
+
+
+def assembly_of(cfg: Any) -> Optional[AssemblyConfig]:
+    return getattr(cfg, "assembly", None)
+
+
+def factories() -> List[Factory]:
+    return [
+        Factory("prism_anomaly", PROCESSOR, PrismAnomalyConfig, _make_wrapped),
+        Factory("prism_slo", PROCESSOR, PrismSLOConfig, _make_wrapped),
+        Factory("prism_fleet", PROCESSOR, PrismFleetConfig, _make_fleet),
+    ]

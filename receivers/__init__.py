@@ -1,0 +1,1 @@
+"""Collector receivers. ``otlp``: OTLP over gRPC (``TraceService/Export``) and HTTP (``/v1/traces``)."""
