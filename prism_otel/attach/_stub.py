@@ -5,9 +5,12 @@ boundary (``sys.remote_exec``, 3.14+) or on a fresh native thread that took the 
 shim, before 3.14). Either way it defines one function, starts the ``prism-otel-attach`` daemon
 thread, and deletes its name again, so the ``__main__`` namespace it ran in is left as it was.
 The thread reads the request (a JSON file that only the target's user can read, deleted once
-read since it may hold exporter credentials), adds ``--path`` entries to ``sys.path``, imports
-:mod:`prism_otel.attach.agent` and lets it act; if the import fails it still writes the handshake
-file, so the attacher learns why instead of timing out (an injector's own rc proves nothing).
+read since it may hold exporter credentials), adds ``--path`` entries to ``sys.path``, shows the
+request's ``OTEL_*`` / ``PRISM_OTEL_*`` variables in place of the target's own (``os.environ``'s
+mapping only, no ``putenv``; restored afterwards), imports :mod:`prism_otel.attach.agent` and lets
+it act; if the import fails it still writes the handshake file, so the attacher learns why instead
+of timing out (an injector's own rc proves nothing). A ``status`` or ``detach`` request to a
+process where prism-otel was never loaded imports nothing.
 """
 
 from __future__ import annotations

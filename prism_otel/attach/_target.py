@@ -171,7 +171,8 @@ def examine(pid: int) -> Target:
     if version < MIN_VERSION:
         raise Refused(f"process {pid} runs Python {version[0]}.{version[1]}; prism-otel needs "
                       f"{MIN_VERSION[0]}.{MIN_VERSION[1]} or newer")
-    if version >= (3, 14) and (environ.get("PYTHON_DISABLE_REMOTE_DEBUG") or "disable_remote_debug" in argv):
+    if version >= (3, 14) and (environ.get("PYTHON_DISABLE_REMOTE_DEBUG")
+                                   or any("disable_remote_debug" in a for a in argv)):
         raise Refused(f"process {pid} (Python {version[0]}.{version[1]}) was started with remote debugging "
                       "disabled (PYTHON_DISABLE_REMOTE_DEBUG / -X disable_remote_debug); it cannot be attached")
     try:

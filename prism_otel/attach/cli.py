@@ -137,6 +137,7 @@ def _status(args) -> int:
         import prism_otel
 
         here = prism_otel.status()
+        here.setdefault("python", sys.version.split()[0])
         procs = at.attached()
         if args.json:
             print(json.dumps({"self": here, "attached": procs}, indent=1, default=repr))
