@@ -226,3 +226,4 @@ RANK_COMPUTE_MS = "prism.rank.compute_ms"  # a rank's device time outside collec
 RANK_COLLECTIVE_MS = "prism.rank.collective_ms"  # a rank's time in collectives (waiting for the others included)
 ENV_RANK_JOIN = "PRISM_OTEL_RANK_JOIN"  # "1": ranks send step records to rank 0, which joins them
 ENV_RANK_JOIN_TIMEOUT_MS = "PRISM_OTEL_RANK_JOIN_TIMEOUT_MS"  # leader's wait for the other ranks (default 200)
+DEEPDIVE_SEQ = "prism.deepdive.seq"  # DeepDive step number in this process; names its `prism.step#<n>` trace range
