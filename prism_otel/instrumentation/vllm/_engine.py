@@ -221,8 +221,9 @@ def wrap_update_from_output(g):
             stages, source = _stages(b, mro, u0, u1)
             attrs = {sc.STEP_TIMING_SOURCE: source, sc.STEP_OVERLAP: b.overlap, sc.BATCH_WAITING: b.waiting}
             for eco in r.values():  # the outputs' engine timestamp joins the front-end's processing
-                attrs[sc.STEP_OUTPUTS_TS] = eco.timestamp
-                break
+                if eco.outputs:
+                    attrs[sc.STEP_OUTPUTS_TS] = eco.timestamp
+                    break
             _emit((STEP, id(so), b.t0, u1, b.feat, b.reqs, None, stages, attrs))
             fin = instance.finished_req_ids  # finished since the last schedule: after the step record
             if fin:
