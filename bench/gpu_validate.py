@@ -130,29 +130,85 @@ def stop_prism():
 
 
 # ---------------------------------------------------------------------------------------------
-def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int) -> None:
+class _GcClock:
+    """Time spent in garbage collection (any thread), via gc.callbacks."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self.ns = 0
+        self.n = 0
+        self._t = 0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase, info) -> None:
+        if phase == "start":
+            self._t = time.perf_counter_ns()
+        else:
+            self.ns += time.perf_counter_ns() - self._t
+            self.n += 1
+
+
+def _config_run(E: Env, ids, new: int, cfg: str, gcc: _GcClock) -> dict:
+    """One generate call under configuration ``cfg``; wall time, engine-thread CPU, GC time."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    import prism_otel
+    import prism_otel.pipeline as pl
+    from prism_otel._runtime import RECORDER, default_processors
+    from prism_otel.record import STEP
+
+    rt = None
+    poll = pl._BUSY_POLL_S
+    if cfg == "sentinel":
+        rt = start_prism()
+    elif cfg == "no health":
+        rt = prism_otel.start(processors=default_processors())
+    elif cfg == "no export":
+        rt = prism_otel.start(tracer_provider=TracerProvider(), processors=[])
+    elif cfg == "slow poll":
+        pl._BUSY_POLL_S = 0.02
+        rt = start_prism()
+    elif cfg == "hooks only":
+        rt = prism_otel.start(tracer_provider=TracerProvider(), processors=[])
+        rt.pipeline.stop()
+    g0, gn0, c0 = gcc.ns, gcc.n, time.thread_time_ns()
+    wall = E.generate(ids, new)
+    cpu = time.thread_time_ns() - c0
+    res = dict(wall=wall, cpu=cpu / 1e9, gc=(gcc.ns - g0) / 1e9, gcn=gcc.n - gn0)
+    if rt is not None:
+        if cfg == "hooks only":
+            for rec in RECORDER.drain(1 << 30):
+                if rec[0] == STEP and rec[6] is not None:
+                    E.sync()
+                    rec[6].resolve()
+        else:
+            rt.pipeline.flush()
+            res["pipe_cpu"] = rt.pipeline.cpu_ns / 1e9
+            res["steps"] = rt.pipeline.steps_seen
+        stop_prism()
+    pl._BUSY_POLL_S = poll
+    return res
+
+
+CONFIGS = ("off", "sentinel", "no health", "no export", "slow poll", "hooks only")
+
+
+def sentinel_generate(E: Env, rounds: int, b: int, p: int, new: int):
     from prism_otel.instrumentation.transformers import _generate
 
     ids = E.prompts(b, p)
     E.generate(ids, 4)
     E.generate(ids, new)  # warm-up
-    ratios, offs, ons = [], [], []
-    pipe_ns, steps = 0, 0
-    for i in range(pairs):
-        res = {}
-        for on in ((False, True) if i % 2 == 0 else (True, False)):
-            if on:
-                rt = start_prism()
-                res[on] = E.generate(ids, new)
-                rt.pipeline.flush()
-                pipe_ns += rt.pipeline.cpu_ns
-                steps += rt.pipeline.steps_seen
-                stop_prism()
-            else:
-                res[on] = E.generate(ids, new)
-        ratios.append(res[True] / res[False])
-        offs.append(res[False])
-        ons.append(res[True])
+    gcc = _GcClock()
+    runs = {c: [] for c in CONFIGS}
+    ratios = {c: [] for c in CONFIGS}
+    for i in range(rounds):
+        order = CONFIGS[i % len(CONFIGS):] + CONFIGS[:i % len(CONFIGS)]
+        res = {c: _config_run(E, ids, new, c, gcc) for c in order}
+        for c in CONFIGS:
+            runs[c].append(res[c])
+            ratios[c].append(res[c]["wall"] / res["off"]["wall"])
     # Our engine-thread code, timed in place (pre/post hooks of one generate call).
     spent = [0]
     opre, opost = _generate._GenerateCall.pre, _generate._GenerateCall.post
@@ -178,16 +234,23 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int) -> None:
         stop_prism()
     finally:
         _generate._GenerateCall.pre, _generate._GenerateCall.post = opre, opost
+    offs = [r["wall"] for r in runs["off"]]
     step_ms = statistics.median(offs) * 1e3 / new  # generate runs one forward per new token
     hook_us = spent[0] / 1e3 / max(1, nsteps)
-    pipe_us = pipe_ns / 1e3 / max(1, steps)
-    med = statistics.median(ratios)
-    lo, hi = q(ratios)
-    RAW["sentinel_generate"] = dict(ratios=ratios, off_s=offs, on_s=ons, hook_us=hook_us, pipe_us=pipe_us,
-                                    step_ms=step_ms)
+    sen = runs["sentinel"]
+    pipe_us = statistics.median(r["pipe_cpu"] / r["steps"] for r in sen) * 1e6
+    RAW["sentinel_generate"] = dict(runs=runs, ratios=ratios, hook_us=hook_us, pipe_us=pipe_us, step_ms=step_ms)
     sec = f"A generate b{b} p{p} n{new}"
-    row(sec, f"time off / on, median of {pairs} pairs", f"{statistics.median(offs):.3f} s / {statistics.median(ons):.3f} s")
-    row(sec, "Sentinel overhead, paired (median [IQR])", f"{100 * (med - 1):+.2f}% [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]")
+    row(sec, f"off: wall per run, median [IQR] of {rounds}", "%.3f s [%.3f, %.3f]" % (statistics.median(offs), *q(offs)))
+    for c in CONFIGS[1:]:
+        med = statistics.median(ratios[c])
+        lo, hi = q(ratios[c])
+        dcpu = statistics.median(r["cpu"] / o["cpu"] for r, o in zip(runs[c], runs["off"]))
+        gc_ms = statistics.median(r["gc"] for r in runs[c]) * 1e3
+        row(sec, f"{c}: time vs off, paired (median [IQR])",
+            f"{100 * (med - 1):+.2f}% [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]; engine-thread CPU "
+            f"{100 * (dcpu - 1):+.2f}%; GC {gc_ms:.1f} ms/run")
+    row(sec, "off: GC per run", f"{statistics.median(r['gc'] for r in runs['off']) * 1e3:.1f} ms")
     row(sec, "engine-thread hook time per step (direct)", f"{hook_us:.1f} us = {100 * hook_us / 1e3 / step_ms:.3f}% of a {step_ms:.2f} ms step")
     row(sec, "pipeline-thread CPU per step (upper bound: shares the GIL)", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
     return ids
@@ -326,6 +389,86 @@ def deepdive_cost(E: Env, ids, pairs: int, new: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def boundary_groups(events) -> dict:
+    """What stream events at the group boundaries should read, rebuilt from the trace alone.
+
+    A boundary recorded on the host at time c completes on the device at
+    g(c) = max(c + L, end of the last kernel launched before c): right away when the device is
+    idle (after the launch latency L, the median start-minus-launch of kernels that found the
+    device idle), else when the work queued before it finishes. The time between two boundaries
+    belongs to the group open on the host in between (innermost ``prism.kernels.*`` range, else
+    ``other``). Returns {step: {group: ns}}.
+    """
+    from prism_otel.device.profiler import STEP_MARK
+
+    ns = lambda x: int(round(float(x) * 1000))  # noqa: E731
+    launches, kernels, ann = {}, [], []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat, name = e.get("cat", ""), e.get("name", "")
+        if cat in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {}):
+            launches[e["args"]["correlation"]] = ns(e["ts"])
+        elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            kernels.append(e)
+        elif cat == "user_annotation" and (name.startswith(STEP_MARK) or name.startswith("prism.kernels.")):
+            ann.append((ns(e["ts"]), ns(e["ts"]) + ns(e.get("dur", 0)), name))
+    ks = []
+    for e in kernels:
+        c = launches.get((e.get("args") or {}).get("correlation"))
+        if c is not None:
+            ks.append((c, ns(e["ts"]), ns(e["ts"]) + ns(e.get("dur", 0))))
+    ks.sort()
+    by_start = sorted(ks, key=lambda k: k[1])
+    lat, prev_end = [], None
+    for c, t0, t1 in by_start:
+        if prev_end is not None and t0 > prev_end + 1000:
+            lat.append(t0 - c)
+        prev_end = t1 if prev_end is None else max(prev_end, t1)
+    L = statistics.median(lat) if lat else 0
+    import bisect
+
+    cs = [k[0] for k in ks]
+    run_end, m = [], 0
+    for k in ks:
+        m = max(m, k[2])
+        run_end.append(m)
+
+    def g(c):
+        i = bisect.bisect_left(cs, c)
+        return max(c + L, run_end[i - 1] if i else 0)
+
+    marks = []
+    for t0, t1, name in ann:
+        marks.append((t0, 1, name))
+        marks.append((t1, 0, name))
+    marks.sort(key=lambda m: (m[0], m[1]))
+    out, stack, step, last = {}, [], None, None
+    for t, kind, name in marks:
+        if name.startswith(STEP_MARK):
+            if kind == 1:
+                step, stack, last = int(name[len(STEP_MARK):]), [], (t, "other")
+            else:
+                if step is not None and last is not None:
+                    d = out.setdefault(step, {})
+                    d[last[1]] = d.get(last[1], 0) + g(t) - g(last[0])
+                step, last = None, None
+            continue
+        if step is None:
+            continue
+        d = out.setdefault(step, {})
+        d[last[1]] = d.get(last[1], 0) + g(t) - g(last[0])
+        grp = name[len("prism.kernels."):]
+        if kind == 1:
+            stack.append(grp)
+        elif grp in stack:
+            stack.reverse()
+            stack.remove(grp)
+            stack.reverse()
+        last = (t, stack[-1] if stack else "other")
+    return out
+
+
 def kernel_groups_vs_trace(E: Env, b: int, p: int, new: int) -> None:
     import torch
 
@@ -339,6 +482,10 @@ def kernel_groups_vs_trace(E: Env, b: int, p: int, new: int) -> None:
     DEEPDIVE.annotate = True
     deepdive.request(steps=new)
     with torch.profiler.profile(activities=list(torch.profiler.supported_activities())) as prof:
+        with torch.autograd.profiler.record_function("warm-up"):  # first-use cost outside the steps
+            E.generate(ids[:1, :8], 1)
+        DEEPDIVE.reset()
+        deepdive.request(steps=new)
         E.generate(ids, new)
     DEEPDIVE.annotate = False
     DEEPDIVE.reset()
@@ -348,36 +495,51 @@ def kernel_groups_vs_trace(E: Env, b: int, p: int, new: int) -> None:
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = json.load(f)["traceEvents"]
+    if os.environ.get("OUT"):  # keep what the comparison reads, for offline checks
+        import gzip
+
+        keep = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime",
+                                                       "cuda_driver", "user_annotation")]
+        with gzip.open(os.path.join(os.environ["OUT"], "trace_c.json.gz"), "wt") as f:
+            json.dump({"traceEvents": keep, "records": [dict(index=s.index, phase=s.phase, groups=s.kernel_groups,
+                                                             seq=s.attributes.get("prism.deepdive.seq"),
+                                                             device_ns=s.device_ns) for s in steps]}, f)
     tg = trace_groups(events, unannotated="other")
     byname = trace_groups(events, by_name_only=True)
-    dd_steps = [s for s in steps if s.kernel_groups]
-    seqs = sorted(k for k in tg if k is not None)
-    if len(seqs) != len(dd_steps):
-        row("C kernel groups", "steps matched", f"MISMATCH trace {len(seqs)} vs records {len(dd_steps)}")
+    bg = boundary_groups(events)
+    dd_steps = [s for s in steps if s.kernel_groups and s.attributes.get("prism.deepdive.seq") in bg
+                and s.batch_size == b]  # the 1-row warm-up call left out
+    seqs = [s.attributes["prism.deepdive.seq"] for s in dd_steps]
+    row("C kernel groups", "DeepDive steps matched to trace steps (by prism.deepdive.seq)",
+        f"{len(dd_steps)} of {sum(1 for s in steps if s.kernel_groups and s.batch_size == b)} records, "
+        f"{len(bg)} trace steps (1 warm-up)")
     out = {}
     for label, sel in (("prefill", lambda s: s.phase == "prefill"), ("decode", lambda s: s.phase != "prefill")):
-        hk, sp, bz, bn = {}, {}, {}, {}
+        hk, rb, sp, bz, bn = {}, {}, {}, {}, {}
         for s, seq in zip(dd_steps, seqs):
             if not sel(s):
                 continue
-            for g, ns in s.kernel_groups.items():
-                hk[g] = hk.get(g, 0) + ns
-            for src, dst in ((tg[seq]["span"], sp), (tg[seq]["busy"], bz), (byname[seq]["busy"], bn)):
-                for g, ns in src.items():
-                    dst[g] = dst.get(g, 0) + ns
-        total = sum(sp.values()) or 1
-        sec = f"C kernel groups, {label} (b{b} p{p}), ms summed over its steps"
+            for src, dst in ((s.kernel_groups, hk), (bg.get(seq, {}), rb), (tg.get(seq, {}).get("span", {}), sp),
+                             (tg.get(seq, {}).get("busy", {}), bz), (byname.get(seq, {}).get("busy", {}), bn)):
+                for g, v in src.items():
+                    dst[g] = dst.get(g, 0) + v
+        total = sum(rb.values()) or 1
+        busy_total = sum(bz.values()) or 1
+        sec = f"C kernel groups, {label} (b{b} p{p}), ms over its steps"
+        row(sec, "device busy / step span in the trace", f"{busy_total / 1e6:.2f} / {total / 1e6:.2f} ms "
+                                                          f"({100 * busy_total / total:.0f}% busy)")
         worst = 0.0
-        for g in sorted(set(hk) | set(sp), key=lambda g: -sp.get(g, 0)):
-            h, t = hk.get(g, 0) / 1e6, sp.get(g, 0) / 1e6
+        for g in sorted(set(hk) | set(rb), key=lambda g: -rb.get(g, 0)):
+            h, t = hk.get(g, 0) / 1e6, rb.get(g, 0) / 1e6
             d = 100 * (h - t) / t if t else float("inf")
-            share = sp.get(g, 0) / total
+            share = rb.get(g, 0) / total
             if share >= 0.02:
                 worst = max(worst, abs(d))
-            row(sec, g, f"hooks {h:.3f} | trace {t:.3f} ({d:+.1f}%, {100 * share:.1f}% of step) | "
-                        f"trace busy {bz.get(g, 0) / 1e6:.3f} | by kernel name only {bn.get(g, 0) / 1e6:.3f}")
+            row(sec, g, f"hooks {h:.3f} | trace at the same boundaries {t:.3f} ({d:+.1f}%, {100 * share:.1f}% of "
+                        f"step) | trace kernel time {bz.get(g, 0) / 1e6:.3f} (+idle before each {sp.get(g, 0) / 1e6:.3f})"
+                        f" | by kernel name only {bn.get(g, 0) / 1e6:.3f}")
         row(sec, "largest |difference| over groups >= 2% of the step", f"{worst:.1f}% (target 5%)")
-        out[label] = dict(hooks=hk, trace_span=sp, trace_busy=bz, by_name=bn)
+        out[label] = dict(hooks=hk, trace_boundaries=rb, trace_span=sp, trace_busy=bz, by_name=bn)
     RAW["kernel_groups"] = out
 
 
@@ -558,6 +720,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few runs: checks the code paths only")
     ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=10, help="rounds of the generate configuration sweep")
     ap.add_argument("--only", default="", help="comma list of sections to run (A,B,C,D,E)")
     a = ap.parse_args()
     only = set(a.only.split(",")) if a.only else set("ABCDE")
@@ -576,7 +739,7 @@ def main() -> None:
         b, p, new = (2, 16, 8) if small else (32, 256, 64)
         pairs = 2 if small else a.pairs
         sections = [
-            ("A", lambda: sentinel_generate(E, pairs, b, p, new)),
+            ("A", lambda: sentinel_generate(E, 2 if small else a.rounds, b, p, new)),
             ("A", lambda: profiler_always_on(E, E.prompts(b, p), 1 if small else 2, new)),
             ("A", lambda: sentinel_cb(E, pairs, 8 if small else 64)),
             ("B", lambda: deepdive_cost(E, E.prompts(b, p), 2 if small else 4, new)),

@@ -112,23 +112,23 @@ class StepTimeline:
 
     def push(self, group: str) -> None:
         self.stack.append(group)
-        self.mark(group)
         if self.dd.annotate and not self.closed:
-            self._annotate(group)
+            self._annotate(group)  # annotation first, event second, at every boundary alike
+        self.mark(group)
 
     def pop(self) -> None:
         if self.stack:
             self.stack.pop()
-        self.mark(self.stack[-1] if self.stack else sc.KERNEL_GROUPS[-1])
         if self.rfs:
             self.rfs.pop().__exit__(None, None, None)
+        self.mark(self.stack[-1] if self.stack else sc.KERNEL_GROUPS[-1])
 
     def after_model(self) -> None:
         """The model's forward returned: what the step does next on the device is sampling."""
         if not self.stack:
-            self.mark("sampling")
             if self.dd.annotate and not self.closed:
                 self._annotate("sampling")  # closed by finish()
+            self.mark("sampling")
 
     def _annotate(self, group: str) -> None:
         import torch
@@ -204,7 +204,7 @@ class StepTimeline:
         return total, ("host" if self.host else "event")
 
     def _set_extra(self, method: str) -> None:
-        x = {sc.DEEPDIVE: True, sc.DEEPDIVE_TRIGGER: self.trigger, sc.DEEPDIVE_METHOD: method}
+        x = {sc.DEEPDIVE: True, sc.DEEPDIVE_TRIGGER: self.trigger, sc.DEEPDIVE_METHOD: method, sc.DEEPDIVE_SEQ: self.seq}
         if self.trigger_step is not None:
             x[sc.DEEPDIVE_TRIGGER_STEP] = self.trigger_step
         if self.graph:

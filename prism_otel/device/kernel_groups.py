@@ -109,16 +109,27 @@ def classify_kernel(name: str) -> str:
 
 
 def hook_plan(model) -> List[Tuple[object, str]]:
-    """The (module, group) pairs DeepDive hooks in ``model``, in ``named_modules`` order. The root
-    module is left out (its boundaries are the step's own). Modules that map to no group are
-    containers and get no hook: their time goes to the enclosing group, or to ``other``."""
+    """The (module, group) pairs DeepDive hooks in ``model``, depth first. The root module is left
+    out (its boundaries are the step's own). Modules that map to no group are containers and get
+    no hook: their time goes to the enclosing group, or to ``other``."""
     plan = []
-    for _name, mod in model.named_modules():
-        if mod is model:
-            continue
-        g = classify_module(mod)
-        if g is not None:
-            plan.append((mod, g))
+    seen = {id(model)}
+
+    def walk(mod, enclosing: Optional[str]) -> None:
+        for child in mod.children():
+            if id(child) in seen:  # a module shared in two places is hooked once
+                continue
+            seen.add(id(child))
+            g = classify_module(child)
+            # A module of the same group as the hooked module around it adds no boundary (an
+            # activation inside an MLP, rotary inside attention): no hook, no cost.
+            if g is not None and g != enclosing:
+                plan.append((child, g))
+                walk(child, g)
+            else:
+                walk(child, enclosing)
+
+    walk(model, None)
     return plan
 
 
