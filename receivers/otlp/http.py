@@ -211,6 +211,8 @@ class HTTPFrontEnd:
         self.port = None
         self._server: Optional[_Server] = None
         self._threads = []
+        self._lock = threading.Lock()
+        self._active = set()
         self._ssl = cfg.tls.ssl_context() if cfg.tls is not None else None
 
     def start(self) -> None:
@@ -228,20 +230,25 @@ class HTTPFrontEnd:
         logger.info("otlp receiver: HTTP listening on %s:%d%s", host, self.port, self.cfg.traces_url_path)
 
     def _work(self) -> None:
+        server = self._server
         while True:
             item = self.pending.get()
             if item is None:
                 return
             sock, addr = item
+            with self._lock:
+                self._active.add(sock)
             try:
                 if self._ssl is not None:
                     sock.settimeout(_Handler.timeout)
                     sock = self._ssl.wrap_socket(sock, server_side=True)
-                self._server.finish_request(sock, addr)
+                server.finish_request(sock, addr)
             except Exception:  # noqa: BLE001 - one connection's failure is that connection's
                 logger.debug("otlp http: connection from %s failed", addr, exc_info=True)
             finally:
-                self._server.shutdown_request(sock)
+                with self._lock:
+                    self._active.discard(item[0])
+                server.shutdown_request(sock)
 
     def busy(self, sock) -> None:
         """Every handler is taken: answer 503 + Retry-After without reading the request."""
@@ -256,10 +263,23 @@ class HTTPFrontEnd:
             self._server.shutdown_request(sock)
 
     def stop(self) -> None:
-        if self._server is None:
+        server = self._server
+        if server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            for sock in list(self._active):  # idle keep-alive connections: end them now
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        while True:
+            try:
+                sock, _ = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            server.shutdown_request(sock)
         for _ in range(self.workers):
             self.pending.put(None)
         self._server = None
