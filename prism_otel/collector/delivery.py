@@ -85,6 +85,8 @@ class DeliveredIDs:
             return
         data = b"".join(_KEY.pack(k) for k in keys)
         with self._lock:
+            for k in keys:
+                self._add(k)
             self._fh.write(data)
             self._journal_entries += len(keys)
             if self._journal_entries > 4 * self.capacity:
