@@ -1,0 +1,1 @@
+"""Anomaly simulation toolkit: synthetic engine step streams, injected anomalies and their labels."""
