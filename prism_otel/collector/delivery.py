@@ -21,9 +21,14 @@ from typing import Dict, Iterable, List
 _KEY = struct.Struct("<Q")
 
 
+_MASK = (1 << 64) - 1
+
+
 def span_key(span) -> int:
-    return int.from_bytes(span.span_id, "little") ^ (int.from_bytes(span.trace_id[:8], "little") << 1) \
-        ^ int.from_bytes(span.trace_id[8:], "little")
+    """64 bits of (trace id, span id): collisions among the ~10^5 keys kept are ~10^-9 likely."""
+    tid = span.trace_id
+    return (int.from_bytes(span.span_id, "little") ^ ((int.from_bytes(tid[:8], "little") * 0x9E3779B97F4A7C15) & _MASK)
+            ^ int.from_bytes(tid[8:], "little"))
 
 
 def request_keys(req) -> List[int]:

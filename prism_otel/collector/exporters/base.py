@@ -161,7 +161,10 @@ class QueuedExporter:
                 with self._cv:
                     self._inflight -= 1
             if ok is not None:
-                done(ok)
+                try:
+                    done(ok)
+                except Exception:  # noqa: BLE001 - bookkeeping failure must not kill the consumer
+                    logger.exception("exporter %s: completion callback failed", self.id)
 
     # -- delivery with retries ------------------------------------------------------------------
     def _deliver(self, item: OutItem) -> Optional[bool]:
