@@ -203,14 +203,17 @@ class Request:
                 try:
                     inj.call(handle, TRIGGER)
                 finally:
-                    inj.uninject(handle)  # the shim is -z nodelete: this only drops the reference
+                    try:
+                        inj.uninject(handle)  # the shim is -z nodelete: this only drops the reference
+                    except InjectorError:
+                        pass  # a reference left on a nodelete library changes nothing
         except InjectorError as exc:
             raise InjectError(f"pyinjector failed on process {self.t.pid}: {exc}") from exc
 
     def wait(self, timeout: float) -> Optional[dict]:
         """The handshake document, or None if none came within ``timeout``."""
-        deadline = time.monotonic() + timeout
-        delay = 0.005
+        start = time.monotonic()
+        deadline = start + timeout
         while True:
             try:
                 with open(self.status_path) as f:
@@ -221,8 +224,7 @@ class Request:
                 return {"ok": False, "error": f"unreadable handshake file {self.status_path}"}
             if time.monotonic() >= deadline:
                 return None
-            time.sleep(delay)
-            delay = min(0.05, delay * 1.5)
+            time.sleep(0.002 if time.monotonic() - start < 1.0 else 0.02)  # a stat() per poll: cheap
 
     def cleanup(self, answered: bool) -> None:
         """Remove this request's files; a stub not yet run (no answer) is left for the target."""

@@ -55,6 +55,10 @@ def test_attach_exports_steps_then_detach_stops_them(server_factory, sink):
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
     assert st["running"] and st["steps"] > 0
+    p = prism("status", "--json")  # no PID: this process, and the processes we attached to
+    listed = json.loads(p.stdout)
+    assert p.returncode == 0 and [e["pid"] for e in listed["attached"]] == [srv.pid]
+    assert listed["self"]["running"] is False
 
     during = srv.wait_results(len(srv.results()) + 20)
     p = prism("detach", srv.pid, "--json", env=env)
@@ -85,6 +89,7 @@ def test_attach_exports_steps_then_detach_stops_them(server_factory, sink):
     p = prism("status", srv.pid, "--json")
     st = json.loads(p.stdout)
     assert p.returncode == 0 and st["loaded"] and not st["running"]
+    assert json.loads(prism("status", "--json").stdout)["attached"] == []
 
 
 def test_twenty_cycles_leave_no_threads_or_memory(server_factory, sink, monkeypatch):
