@@ -1,0 +1,102 @@
+"""The in-process transformers engine of a simulation run: continuous batching fed by the workload.
+
+``python -m prism_otel.simulate._cb_driver SPEC.json`` (run under ``prism-otel run``, so the steps come
+from prism-otel itself). SPEC holds the model directory, the CB cache settings, the torch thread
+count, the arrivals (``[[t_s, prompt_tokens, output_tokens], ...]``) and the paths below.
+
+It loads the model, starts one continuous-batching manager, serves a short warm-up batch, then
+writes ``ready.json`` (``pid``, ``t0_ns``: the wall-clock start of the arrivals, a moment ahead)
+and sends each request at ``t0 + t_s`` through ``add_request`` (open loop: a slow engine makes a
+queue, not slower clients). A second thread collects results into ``requests.jsonl`` (id, arrival,
+finish, tokens). When every request finished (or ``drain_s`` passed) the manager stops and the
+process exits; prism-otel's exit hook flushes the spans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+
+def main(spec_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    import torch
+    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+
+    from prism_otel.simulate.workload import prompt_ids
+
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    model = AutoModelForCausalLM.from_pretrained(spec["model"]).eval()
+    cb = spec.get("cb", {})
+    gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2)
+    cbc = ContinuousBatchingConfig(num_blocks=int(cb.get("num_blocks", 512)), page_size=int(cb.get("page_size", 32)),
+                                   max_batch_tokens=int(cb.get("max_batch_tokens", 256)))
+    mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
+    mgr.start()
+    warm = [mgr.add_request(prompt_ids(24, i), max_new_tokens=8, request_id=f"warmup-{i}") for i in range(4)]
+    for _ in warm:
+        mgr.get_result(timeout=120)
+
+    arrivals = spec["arrivals"]
+    done = {}
+    lock = threading.Lock()
+    sent = {}
+    t0_ns = time.time_ns() + int(float(spec.get("lead_s", 0.5)) * 1e9)
+    tmp = spec["ready"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "t0_ns": t0_ns}, f)
+    os.replace(tmp, spec["ready"])
+    log = open(spec["requests_log"], "w", buffering=1)  # noqa: SIM115 - closed below
+
+    def collect():
+        while True:
+            r = mgr.get_result(timeout=0.5)
+            if r is None:
+                if stop.is_set():
+                    return
+                continue
+            if not r.is_finished():
+                continue
+            t = time.time_ns()
+            with lock:
+                a = sent.get(r.request_id)
+                done[r.request_id] = t
+            if a is not None:
+                log.write(json.dumps({"id": r.request_id, "arrival_ns": a[0], "finish_ns": t, "prompt_tokens": a[1],
+                                      "output_tokens": len(r.generated_tokens), "error": r.error}) + "\n")
+
+    stop = threading.Event()
+    th = threading.Thread(target=collect, name="sim-collect", daemon=True)
+    th.start()
+    for i, (t_s, p, o) in enumerate(arrivals):
+        due = t0_ns + int(t_s * 1e9)
+        delay = (due - time.time_ns()) / 1e9
+        if delay > 0:
+            time.sleep(delay)
+        rid = f"sim-{i}"
+        with lock:
+            sent[rid] = (time.time_ns(), p)
+        mgr.add_request(prompt_ids(p, 1000 + i), max_new_tokens=int(o), request_id=rid)
+    deadline = time.monotonic() + float(spec.get("drain_s", 30))
+    while time.monotonic() < deadline:
+        with lock:
+            if len(done) >= len(arrivals):
+                break
+        time.sleep(0.05)
+    stop.set()
+    th.join(5)
+    mgr.stop(block=True, timeout=30)
+    log.close()
+    with lock:
+        missing = len(arrivals) - len([k for k in done if k.startswith("sim-")])
+    if missing:
+        print(f"prism-otel simulate: {missing} requests unfinished at exit", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,231 @@
+"""A run's labelled step stream: OTLP/JSON spans -> ``steps.csv`` + ``labels.csv``, and effect sizes.
+
+The steps come from prism-otel itself: the engine ran under it with the embedded default exporter,
+which writes OTLP/JSON lines (``traces-<pid>.jsonl``) under the run's ``otlp/`` directory. Every
+``prism.step`` span becomes one row, in start order, with the columns ``prism-otel detect`` reads
+(:data:`STEP_COLUMNS`) followed by extras: the step index, the host-stage durations of its child
+``prism.stage.*`` spans (``stage_<name>_us``) and the in-process detector's verdict when it ran
+(``online_anomaly``, ``online_score``, ``expected_us``; empty otherwise).
+
+Labels: a step is anomalous (``anomaly=1``, ``fault=<name>``) when its ``[start, end]`` overlaps an
+injection window ``[t_start, t_end]`` (wall-clock ns, as recorded by the injector: from the moment
+the fault acted to the moment it was fully undone). Windows are closed intervals, so a step that
+ends exactly when a fault starts counts as overlapping.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from prism_otel import semconv as sc
+from prism_otel.otlp_json import request_from_json, request_to_dict
+
+STEP_COLUMNS = ("instance", "start_ns", "duration_us", "phase", "batch_size", "prefill_tokens", "decode_tokens",
+                "context_tokens", "max_context_tokens")
+LABEL_COLUMNS = ("index", "start_ns", "end_ns", "anomaly", "fault")
+_FEATURES = {sc.BATCH_SIZE: "batch_size", sc.BATCH_PREFILL_TOKENS: "prefill_tokens",
+             sc.BATCH_DECODE_TOKENS: "decode_tokens", sc.BATCH_CONTEXT_TOKENS: "context_tokens",
+             sc.BATCH_MAX_CONTEXT_TOKENS: "max_context_tokens"}
+
+
+def _value(v: dict):
+    for k in ("stringValue", "boolValue", "doubleValue"):
+        if k in v:
+            return v[k]
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "arrayValue" in v:
+        return [_value(x) for x in v["arrayValue"].get("values", [])]
+    return None
+
+
+def _attrs(items) -> dict:
+    return {a["key"]: _value(a.get("value", {})) for a in items or ()}
+
+
+def read_spans(paths: Iterable[str]) -> List[dict]:
+    """Every span in the OTLP/JSON line files, flattened: name, ids, times (ns), attributes, resource."""
+    out = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    doc = request_to_dict(request_from_json(line))  # validates, normalises ids
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{n}: not an OTLP/JSON export request: {exc}") from exc
+                for rs in doc.get("resourceSpans", []):
+                    res = _attrs(rs.get("resource", {}).get("attributes"))
+                    for ss in rs.get("scopeSpans", []):
+                        for s in ss.get("spans", []):
+                            out.append({"name": s.get("name", ""), "span_id": s.get("spanId", ""),
+                                        "parent_id": s.get("parentSpanId", ""),
+                                        "start_ns": int(s.get("startTimeUnixNano", 0)),
+                                        "end_ns": int(s.get("endTimeUnixNano", 0)),
+                                        "attrs": _attrs(s.get("attributes")), "resource": res})
+    return out
+
+
+def otlp_files(otlp_dir: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(otlp_dir, "*.jsonl")))
+
+
+def steps_from_spans(spans: Sequence[dict]) -> List[dict]:
+    """One row per ``prism.step`` span, in start order (see the module docstring for the columns)."""
+    children: Dict[str, Dict[str, int]] = {}
+    for s in spans:
+        if s["name"].startswith(sc.STAGE_SPAN_PREFIX) and s["parent_id"]:
+            stage = s["name"][len(sc.STAGE_SPAN_PREFIX):]
+            d = children.setdefault(s["parent_id"], {})
+            d[stage] = d.get(stage, 0) + (s["end_ns"] - s["start_ns"])
+    rows = []
+    for s in spans:
+        if s["name"] != sc.STEP_SPAN:
+            continue
+        a = s["attrs"]
+        row = {"instance": a.get(sc.STEP_INSTANCE) or s["resource"].get(sc.RES_SERVICE_INSTANCE_ID, ""),
+               "start_ns": s["start_ns"], "end_ns": s["end_ns"],
+               "duration_us": round((s["end_ns"] - s["start_ns"]) / 1e3, 3),
+               "phase": a.get(sc.STEP_PHASE, ""), "index": a.get(sc.STEP_INDEX, "")}
+        for attr, col in _FEATURES.items():
+            row[col] = int(a.get(attr, 0) or 0)
+        for stage, ns in children.get(s["span_id"], {}).items():
+            row[f"stage_{stage}_us"] = round(ns / 1e3, 3)
+        row["online_anomaly"] = "" if sc.ANOMALY not in a else int(bool(a[sc.ANOMALY]))
+        row["online_score"] = a.get(sc.ANOMALY_SCORE, "")
+        exp = a.get(sc.LATENCY_EXPECTED_MS)
+        row["expected_us"] = "" if exp is None else round(float(exp) * 1e3, 3)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["start_ns"], r["instance"]))
+    return rows
+
+
+def label(rows: Sequence[dict], windows: Sequence[dict]) -> List[dict]:
+    """One label per row: the first window (``fault``, ``t_start``, ``t_end``) the step overlaps."""
+    out = []
+    for i, r in enumerate(rows):
+        fault = ""
+        for w in windows:
+            if r["start_ns"] <= w["t_end"] and r["end_ns"] >= w["t_start"]:
+                fault = w["fault"]
+                break
+        out.append({"index": i, "start_ns": r["start_ns"], "end_ns": r["end_ns"], "anomaly": int(bool(fault)),
+                    "fault": fault})
+    return out
+
+
+def write_csv(path: str, rows: Sequence[dict], first: Sequence[str]) -> None:
+    extra: List[str] = []
+    for r in rows:
+        for k in r:
+            if k not in first and k not in extra:
+                extra.append(k)
+    stage_cols = sorted(k for k in extra if k.startswith("stage_"))
+    extra = [k for k in extra if not k.startswith("stage_")] + stage_cols
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(first) + extra, restval="", extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def read_csv(path: str) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- effect size -----------------------------------------------------------------------------------
+
+def _median(xs: List[float]) -> Optional[float]:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else 0.5 * (xs[m - 1] + xs[m])
+
+
+def _bucket(n: int) -> int:
+    return 0 if n <= 0 else int(n).bit_length()  # 0, 1, 2-3, 4-7, 8-15, ...
+
+
+def _keys(r: dict):
+    ph = r["phase"]
+    b, p = _bucket(int(r["batch_size"])), _bucket(int(r["prefill_tokens"]))
+    return ((ph, b, p), (ph, b), (ph,))
+
+
+class Yardstick:
+    """What a step of this shape costs when nothing is wrong: the median latency of baseline steps
+    of the same phase, batch-size bucket and prefill-token bucket (powers of two), falling back to
+    coarser groups with fewer than ``min_n`` steps. Used so that "slower during the fault" is not
+    just "bigger batches during the fault" (an open-loop queue grows while the engine is slow)."""
+
+    def __init__(self, baseline: Sequence[dict], min_n: int = 5) -> None:
+        groups: Dict[tuple, List[float]] = {}
+        for r in baseline:
+            for k in _keys(r):
+                groups.setdefault(k, []).append(float(r["duration_us"]))
+        self.med = {k: _median(v) for k, v in groups.items() if len(v) >= min_n}
+
+    def relative(self, group: Sequence[dict]) -> List[float]:
+        out = []
+        for r in group:
+            m = next((self.med[k] for k in _keys(r) if k in self.med), None)
+            if m:
+                out.append(float(r["duration_us"]) / m)
+        return out
+
+
+def _baseline(rows: Sequence[dict], labels: Sequence[dict], exclude_s: float) -> List[dict]:
+    """Steps outside every window and not within ``exclude_s`` after one (recovery is not baseline)."""
+    out = []
+    last_end = None
+    for r, lb in zip(rows, labels):
+        if lb["anomaly"]:
+            last_end = r["end_ns"]
+            continue
+        if last_end is not None and r["start_ns"] - last_end < exclude_s * 1e9:
+            continue
+        out.append(r)
+    return out
+
+
+def effect(rows: Sequence[dict], labels: Sequence[dict], fault: str, exclude_s: float = 1.0) -> dict:
+    """Step latency during ``fault`` vs outside every fault: the raw median ratio, and ``ratio``, the
+    median of latency / yardstick (:class:`Yardstick`) during vs outside (the number to read: it does not
+    count a queue built up by the fault, i.e. bigger batches, as the fault's effect)."""
+    inside = [r for r, lb in zip(rows, labels) if lb["fault"] == fault]
+    outside = _baseline(rows, labels, exclude_s)
+    res = {"fault": fault, "steps_in": len(inside), "steps_out": len(outside)}
+    if not inside or not outside:
+        return res
+    mi = _median([float(r["duration_us"]) for r in inside])
+    mo = _median([float(r["duration_us"]) for r in outside])
+    res.update(median_us_in=round(mi, 1), median_us_out=round(mo, 1), raw_ratio=round(mi / mo, 3))
+    ys = Yardstick(outside)
+    rel_in, rel_out = ys.relative(inside), ys.relative(outside)
+    res["ratio"] = round(_median(rel_in) / _median(rel_out), 3) if rel_in and rel_out else res["raw_ratio"]
+    return res
+
+
+def recovery(rows: Sequence[dict], labels: Sequence[dict], window: dict, after_s: float = 0.5,
+             span_s: float = 3.0) -> dict:
+    """Did the engine recover after ``window``? Steps starting in ``[t_end + after_s, + span_s]`` vs
+    the baseline, relative to the yardstick (``ratio`` near 1: recovered)."""
+    lo = window["t_end"] + after_s * 1e9
+    hi = lo + span_s * 1e9
+    after = [r for r in rows if lo <= r["start_ns"] < hi]
+    res = {"fault": window["fault"], "t_end": window["t_end"], "steps_after": len(after)}
+    outside = _baseline(rows, labels, 1.0)
+    if not after or not outside:
+        return res
+    ys = Yardstick(outside)
+    rel_a, rel_o = ys.relative(after), ys.relative(outside)
+    if rel_a and rel_o:
+        res["ratio"] = round(_median(rel_a) / _median(rel_o), 3)
+    return res
