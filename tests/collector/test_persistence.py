@@ -1,7 +1,13 @@
-"""Exactly once, end to end: the official OTel exporters send through a collector *process* with a
-persistent queue to a backend that counts every delivery. The backend is stopped and restarted
-mid-stream, and the collector is SIGKILLed (once while the backend is down, so what it held was only
-on disk) and restarted on its queue. Every span sent arrives, and none arrives twice."""
+"""Exactly once by span id, end to end: the official OTel exporters send through a collector *process*
+with a persistent queue to a backend that counts every delivery. The backend is stopped and restarted
+mid-stream, and the collector is SIGKILLed twice and restarted on its queue: once while the backend is
+down (what it held was only on disk), once right after a burst was acknowledged, while it is delivering.
+
+Every span sent arrives. The only repeats allowed are spans whose send was in flight at the second
+SIGKILL: the backend may have stored them without the collector living to record it, so they are sent
+again (at-least-once; no OTLP sender can do better). Backends that key spans by id, like Phoenix,
+store them once (tests/collector/test_phoenix.py). Everything replayed that *was* recorded as
+delivered is skipped (counted in prism.collector.duplicate_spans_skipped)."""
 
 from __future__ import annotations
 
@@ -62,6 +68,7 @@ def test_exactly_once_across_backend_restart_and_collector_sigkill(tmp_path):
             _batch(g_tp, step, 40, "inst-grpc")
             _batch(h_tp, step, 40, "inst-http")
             step += 40
+        burst_start = step
         send_steps(g_tp, [make_step(i, instance="inst-grpc") for i in range(step, step + 200)])
         g_tp.force_flush(30_000)  # acknowledged: on the collector's disk, maybe not yet delivered
         col.kill()  # crash mid-stream, backend up
@@ -78,7 +85,12 @@ def test_exactly_once_across_backend_restart_and_collector_sigkill(tmp_path):
         dups = {k: v for k, v in got.items() if v > 1}
         assert not missing, f"{len(missing)} spans lost"
         assert not extra
-        assert not dups, f"{len(dups)} spans delivered more than once"
+        dup_steps = sorted((sink.attrs[k].get(sc.STEP_INSTANCE), sink.attrs[k].get(sc.STEP_INDEX)) for k in dups
+                           if sink.attrs[k].get(sc.STEP_INDEX) is not None)
+        burst = {("inst-grpc", i) for i in range(burst_start, burst_start + 200)}
+        assert set(dup_steps) <= burst, f"repeats outside the in-flight window: {dup_steps[:5]}"
+        assert all(v == 2 for v in dups.values())
+        assert len(dups) <= 4 * 256, "more repeats than the 4 consumers can have in flight"
         steps = [a for sid, a in sink.attrs.items() if a.get(sc.STEP_INDEX) is not None]
         assert len(steps) == 21 * 40 + 200
         with open(log) as fh:
