@@ -1,0 +1,292 @@
+"""Expected step latency from workload: a linear physics baseline times a boosted-tree correction.
+
+``expected_ms = base(x) * exp(trees(x))``
+
+* ``base`` is an interpretable linear model on the physics columns (ms per request, per new token,
+  per context token, per sum L^2, ...), fitted robustly (statsmodels RLM, Huber) on *relative*
+  error (each row divided by its latency, so a 5 ms and a 200 ms step weigh the same); columns whose
+  coefficient comes out negative are dropped (no physical cost is negative). Because it is linear it
+  extrapolates sensibly to batches bigger than any seen so far. Each column enters as a roofline
+  ``max(x, knot)``: below the knot (at least the smallest value seen in training, picked from the low
+  quantiles) fixed costs such as weight streaming dominate and the cost is flat, so the line never
+  extrapolates down through the origin.
+* ``trees`` (sklearn gradient boosting, shallow, on a winsorised target) model the log-ratio the line misses:
+  roofline knees, CUDA-graph padding steps, the ``max(device, host)`` inflection of overlapped engines.
+  Outside the range they were trained on they stay at their edge value, so the line carries the trend.
+
+The fitted trees are compiled into flat arrays and evaluated here (a few vectorised numpy ops per
+tree level), so scoring one step takes microseconds and a model needs neither sklearn nor pickle to
+be used or loaded: :meth:`LatencyModel.to_dict` is plain JSON. Without statsmodels the line is fitted
+with numpy least squares; without sklearn there is no tree correction (the line alone).
+
+Calibration: residuals ``log(y / expected)`` are taken out of fold (two-fold cross-fit over time
+blocks) so the limits reflect the error on unseen steps, not the training fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from processors.features import LINEAR_COLUMNS, N_FEATURES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitParams:
+    n_trees: int = 100
+    depth: int = 3
+    learning_rate: float = 0.1
+    min_leaf: int = 8
+    window: int = 8
+    scale_floor: float = 0.004  # smallest residual scale accepted (log units, ~0.4%)
+
+
+class LatencyModel:
+    """A fitted model plus the residual statistics the verdict needs. Immutable once built."""
+
+    def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, tail, win_scale, n_train,
+                 ranges=None, fit_s=0.0, lo=None) -> None:
+        self.cols = tuple(int(c) for c in cols)
+        self.coef = tuple(float(c) for c in coef)
+        self.lo = tuple(float(v) for v in lo) if lo is not None else tuple(0.0 for _ in self.cols)
+        self.intercept = float(intercept)
+        self.floor_ms = float(floor_ms)
+        self.trees = trees  # None or dict of numpy arrays (feat, thr, child, value, roots, depth, init)
+        self.center = float(center)  # median out-of-fold log residual
+        self.scale = float(scale)  # robust sigma of it
+        self.tail = float(tail)  # 99.9% quantile of (residual - center) / scale
+        self.win_scale = float(win_scale)  # robust sigma of the window mean of residuals, in units of scale
+        self.n_train = int(n_train)
+        self.ranges = ranges
+        self.fit_s = fit_s
+        self._lin = tuple(zip(self.cols, self.coef, self.lo))
+        if trees is not None:
+            self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
+            self._value, self._roots = trees["value"], trees["roots"]
+            self._depth, self._init = int(trees["depth"]), float(trees["init"])
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def base_one(self, x) -> float:
+        b = self.intercept
+        for c, k, lo in self._lin:
+            v = x[c]
+            b += k * (v if v > lo else lo)
+        return b if b > self.floor_ms else self.floor_ms
+
+    def predict_one(self, x) -> float:
+        """Expected latency (ms) of one step's feature tuple."""
+        b = self.base_one(x)
+        if self.trees is None:
+            return b
+        xv = np.asarray(x, dtype=np.float32)  # sklearn compares float32 features with its thresholds
+        node = self._roots
+        feat, thr, child = self._feat, self._thr, self._child
+        for _ in range(self._depth):
+            node = child[2 * node + (xv[feat[node]] > thr[node])]
+        return b * math.exp(self._init + float(self._value[node].sum()))
+
+    def predict_many(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        b = np.full(len(X), self.intercept)
+        for c, k, lo in self._lin:
+            b += k * np.maximum(X[:, c], lo)
+        b = np.maximum(b, self.floor_ms)
+        if self.trees is None:
+            return b
+        return b * np.exp(_tree_raw(self.trees, X))
+
+    # -- persistence ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {"cols": list(self.cols), "coef": list(self.coef), "lo": list(self.lo), "intercept": self.intercept,
+             "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "tail": self.tail,
+             "win_scale": self.win_scale, "n_train": self.n_train, "ranges": self.ranges, "trees": None}
+        if self.trees is not None:
+            t = self.trees
+            d["trees"] = {"feat": t["feat"].tolist(), "thr": [float(v) for v in t["thr"]],
+                          "child": t["child"].tolist(), "value": t["value"].tolist(), "roots": t["roots"].tolist(),
+                          "depth": int(t["depth"]), "init": float(t["init"])}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyModel":
+        t = d.get("trees")
+        trees = None
+        if t is not None:
+            trees = {"feat": np.asarray(t["feat"], dtype=np.intp), "thr": np.asarray(t["thr"], dtype=np.float64),
+                     "child": np.asarray(t["child"], dtype=np.intp), "value": np.asarray(t["value"], dtype=np.float64),
+                     "roots": np.asarray(t["roots"], dtype=np.intp), "depth": int(t["depth"]), "init": float(t["init"])}
+            if not (len(trees["feat"]) == len(trees["thr"]) == len(trees["value"]) == len(trees["child"]) // 2):
+                raise ValueError("baseline trees are inconsistent")
+        return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], trees, d["center"], d["scale"], d["tail"],
+                   d["win_scale"], d["n_train"], d.get("ranges"), lo=d.get("lo"))
+
+
+def _tree_raw(trees: dict, X: np.ndarray) -> np.ndarray:
+    X32 = np.asarray(X, dtype=np.float32)
+    n = len(X32)
+    node = np.broadcast_to(trees["roots"], (n, len(trees["roots"]))).copy()
+    rows = np.arange(n)[:, None]
+    feat, thr, child = trees["feat"], trees["thr"], trees["child"]
+    for _ in range(int(trees["depth"])):
+        node = child[2 * node + (X32[rows, feat[node]] > thr[node])]
+    return trees["init"] + trees["value"][node].sum(axis=1)
+
+
+def _compile(gbr, X: np.ndarray, z: np.ndarray) -> dict:
+    """Flatten a fitted GradientBoostingRegressor into arrays; leaves loop onto themselves."""
+    feats, thrs, childs, vals, roots = [], [], [], [], []
+    off = 0
+    depth = 0
+    lr = gbr.learning_rate
+    for est in gbr.estimators_[:, 0]:
+        t = est.tree_
+        n = t.node_count
+        left, right = t.children_left.astype(np.intp), t.children_right.astype(np.intp)
+        leaf = left < 0
+        ids = np.arange(n, dtype=np.intp)
+        child = np.empty(2 * n, dtype=np.intp)
+        child[0::2] = np.where(leaf, ids, left) + off
+        child[1::2] = np.where(leaf, ids, right) + off
+        feats.append(np.where(leaf, 0, t.feature).astype(np.intp))
+        thrs.append(np.where(leaf, np.inf, t.threshold))
+        vals.append(np.where(leaf, t.value[:, 0, 0] * lr, 0.0))
+        childs.append(child)
+        roots.append(off)
+        off += n
+        depth = max(depth, int(t.max_depth))
+    trees = {"feat": np.concatenate(feats), "thr": np.concatenate(thrs), "child": np.concatenate(childs),
+             "value": np.concatenate(vals), "roots": np.asarray(roots, dtype=np.intp), "depth": depth, "init": 0.0}
+    trees["init"] = float(np.median(gbr.predict(X) - _tree_raw(trees, X)))
+    return trees
+
+
+def _design(X, y, cols, knots):
+    A = np.column_stack([np.ones(len(X))] + [np.maximum(X[:, c], k) for c, k in zip(cols, knots)]) / y[:, None]
+    scale = np.maximum(np.abs(A).max(axis=0), 1e-12)
+    return A / scale, scale
+
+
+def _lsq_err(X, y, cols, knots) -> float:
+    A, _ = _design(X, y, cols, knots)
+    beta = np.linalg.lstsq(A, np.ones(len(X)), rcond=None)[0]
+    r = A @ beta - 1.0
+    return float(np.mean(np.minimum(r * r, 0.04)))  # bounded: a few stray steps do not pick the knot
+
+
+def _fit_linear(X: np.ndarray, y: np.ndarray):
+    """Robust fit of relative error (rows divided by y, target 1) on roofline columns ``max(x, knot)``.
+
+    The knot of each column is picked from its low quantiles (least squares on relative error): below
+    it the cost is flat (weight streaming, launches), above it linear. Returns (cols, coef, intercept, knots).
+    """
+    cols = []
+    for c in LINEAR_COLUMNS:  # keep columns that vary and are not linear in those kept (decode: batch == tokens)
+        if np.ptp(X[:, c]) <= 0:
+            continue
+        K = np.column_stack([np.ones(len(X))] + [X[:, k] for k in cols + [c]]) / y[:, None]
+        K = K / np.maximum(np.abs(K).max(axis=0), 1e-12)
+        if np.linalg.matrix_rank(K, tol=1e-7 * len(X)) == K.shape[1]:
+            cols.append(c)
+    knots = [float(X[:, c].min()) for c in cols]
+    if cols:
+        best = _lsq_err(X, y, cols, knots)
+        for i, c in enumerate(cols):
+            for q in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5):
+                trial = list(knots)
+                trial[i] = float(np.quantile(X[:, c], q))
+                e = _lsq_err(X, y, cols, trial)
+                if e < best * 0.98:
+                    best, knots = e, trial
+    try:
+        import statsmodels.api as sm
+    except ImportError:  # the line alone, by least squares
+        sm = None
+    ones = np.ones(len(X))
+    while True:
+        A, scale = _design(X, y, cols, knots)
+        if sm is not None:
+            try:
+                beta = sm.RLM(ones, A, M=sm.robust.norms.HuberT()).fit(maxiter=30).params
+            except Exception:  # noqa: BLE001 - degenerate design: fall back to least squares
+                beta = np.linalg.lstsq(A, ones, rcond=None)[0]
+        else:
+            beta = np.linalg.lstsq(A, ones, rcond=None)[0]
+        beta = np.asarray(beta) / scale
+        neg = [i for i, c in enumerate(cols) if beta[i + 1] < 0]
+        if not neg:
+            return cols, beta[1:], beta[0], knots
+        worst = min(neg, key=lambda i: beta[i + 1] * np.abs(X[:, cols[i]]).mean())
+        cols = cols[:worst] + cols[worst + 1:]
+        knots = knots[:worst] + knots[worst + 1:]
+
+
+def _fit_once(X, y, p: FitParams, with_trees: bool):
+    cols, coef, icpt, lo = _fit_linear(X, y)
+    floor = 0.5 * float(np.percentile(y, 1))
+    base = np.full(len(X), icpt)
+    for c, k, kn in zip(cols, coef, lo):
+        base += k * np.maximum(X[:, c], kn)
+    base = np.maximum(base, floor)
+    trees = None
+    if with_trees:
+        z = np.log(y / base)
+        med = np.median(z)
+        lim = 6 * 1.4826 * max(np.median(np.abs(z - med)), 1e-4)
+        z = np.clip(z, med - lim, med + lim)  # a stray slow step must not bend the trees
+        gbr = _gbr(p, len(X))
+        if gbr is not None:
+            gbr.fit(X.astype(np.float32), z)
+            trees = _compile(gbr, X, z)
+    return LatencyModel(cols, coef, icpt, floor, trees, 0.0, 1.0, 5.0, 1.0, len(X), lo=lo)
+
+
+def _gbr(p: FitParams, n: int):
+    try:
+        from sklearn.ensemble import GradientBoostingRegressor
+    except ImportError:
+        return None
+    return GradientBoostingRegressor(loss="squared_error", n_estimators=p.n_trees, max_depth=p.depth,
+                                     learning_rate=p.learning_rate, subsample=0.8,
+                                     min_samples_leaf=max(p.min_leaf, n // 200), random_state=0)
+
+
+def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyModel:
+    """Fit on normal steps (rows of features in time order, latencies in ms) and calibrate."""
+    p = p or FitParams()
+    t0 = time.perf_counter()
+    X = np.asarray(X, dtype=np.float64).reshape(-1, N_FEATURES)
+    y = np.asarray(y, dtype=np.float64)
+    n = len(y)
+    with_trees = n >= 4 * p.min_leaf
+    # out-of-fold residuals: two folds of alternating time blocks
+    blk = max(8, n // 16)
+    fold = (np.arange(n) // blk) % 2 == 0
+    oof = np.empty(n)
+    if fold.all() or not fold.any():
+        fold = np.arange(n) % 2 == 0
+    for f in (fold, ~fold):
+        m = _fit_once(X[~f], y[~f], p, with_trees)
+        oof[f] = m.predict_many(X[f])
+    r = np.log(y / oof)
+    center = float(np.median(r))
+    dev = r - center
+    scale = max(p.scale_floor, 1.4826 * float(np.median(np.abs(dev))))
+    tail = float(np.quantile(dev / scale, 0.999)) if n >= 200 else 6.0
+    w = min(p.window, max(1, n // 10))
+    if n >= 4 * w:
+        wm = np.convolve(dev, np.ones(w) / w, mode="valid")
+        win_scale = 1.4826 * float(np.median(np.abs(wm - np.median(wm)))) / scale
+        win_scale = max(win_scale, 1.0 / math.sqrt(w))
+    else:
+        win_scale = 1.0
+    final = _fit_once(X, y, p, with_trees)
+    ranges = [[float(a), float(b)] for a, b in zip(X.min(axis=0), X.max(axis=0))]
+    return LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
+                        max(tail, 3.0), win_scale, n, ranges, time.perf_counter() - t0, lo=final.lo)
