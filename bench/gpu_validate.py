@@ -130,85 +130,81 @@ def stop_prism():
 
 
 # ---------------------------------------------------------------------------------------------
-class _GcClock:
-    """Time spent in garbage collection (any thread), via gc.callbacks."""
+def _set_instrumented(on: bool) -> None:
+    """Switch every prism-otel hook on or off in place (the guards every wrapper checks first).
 
-    def __init__(self) -> None:
-        import gc
+    Off, ``generate`` runs untouched but for one wrapper call per ``generate`` (no per-step
+    hooks are registered); continuous batching pays one guard check per wrapped method call
+    (3 a step, ~1 us together). The pipeline thread keeps running, idle."""
+    from prism_otel.instrumentation._hooks import GUARDS
 
-        self.ns = 0
-        self.n = 0
-        self._t = 0
-        gc.callbacks.append(self._cb)
-
-    def _cb(self, phase, info) -> None:
-        if phase == "start":
-            self._t = time.perf_counter_ns()
-        else:
-            self.ns += time.perf_counter_ns() - self._t
-            self.n += 1
+    for g in GUARDS.values():
+        g.disabled = not on
 
 
-def _config_run(E: Env, ids, new: int, cfg: str, gcc: _GcClock) -> dict:
-    """One generate call under configuration ``cfg``; wall time, engine-thread CPU, GC time."""
-    from opentelemetry.sdk.trace import TracerProvider
-
-    import prism_otel
-    import prism_otel.pipeline as pl
-    from prism_otel._runtime import RECORDER, default_processors
-    from prism_otel.record import STEP
-
-    rt = None
-    poll = pl._BUSY_POLL_S
-    if cfg == "sentinel":
-        rt = start_prism()
-    elif cfg == "no health":
-        rt = prism_otel.start(processors=default_processors())
-    elif cfg == "no export":
-        rt = prism_otel.start(tracer_provider=TracerProvider(), processors=[])
-    elif cfg == "slow poll":
-        pl._BUSY_POLL_S = 0.02
-        rt = start_prism()
-    elif cfg == "hooks only":
-        rt = prism_otel.start(tracer_provider=TracerProvider(), processors=[])
-        rt.pipeline.stop()
-    g0, gn0, c0 = gcc.ns, gcc.n, time.thread_time_ns()
-    wall = E.generate(ids, new)
-    cpu = time.thread_time_ns() - c0
-    res = dict(wall=wall, cpu=cpu / 1e9, gc=(gcc.ns - g0) / 1e9, gcn=gcc.n - gn0)
-    if rt is not None:
-        if cfg == "hooks only":
-            for rec in RECORDER.drain(1 << 30):
-                if rec[0] == STEP and rec[6] is not None:
-                    E.sync()
-                    rec[6].resolve()
-        else:
-            rt.pipeline.flush()
-            res["pipe_cpu"] = rt.pipeline.cpu_ns / 1e9
-            res["steps"] = rt.pipeline.steps_seen
-        stop_prism()
-    pl._BUSY_POLL_S = poll
-    return res
+def _our_threads_cpu_ns() -> int:
+    """CPU time of prism-otel's own threads and the span exporter's (they share the GIL with the engine)."""
+    total = 0
+    for t in threading.enumerate():
+        if t is threading.main_thread() or t.ident is None:
+            continue
+        n = t.name.lower()
+        if "prism" in n or "otel" in n or "span" in n or "export" in n:
+            try:
+                total += time.clock_gettime_ns(time.pthread_getcpuclockid(t.ident))
+            except (OSError, AttributeError):
+                pass
+    return total
 
 
-CONFIGS = ("off", "sentinel", "no health", "no export", "slow poll", "hooks only")
+def _paired(run_a, run_b, pairs: int):
+    """ABBA-ordered pairs; returns (ratios b/a, a times, b times)."""
+    ratios, ta, tb = [], [], []
+    for i in range(pairs):
+        order = (("a", "b") if i % 2 == 0 else ("b", "a"))
+        res = {}
+        for k in order:
+            res[k] = run_a() if k == "a" else run_b()
+        ratios.append(res["b"] / res["a"])
+        ta.append(res["a"])
+        tb.append(res["b"])
+    return ratios, ta, tb
 
 
-def sentinel_generate(E: Env, rounds: int, b: int, p: int, new: int):
+def _overhead_rows(sec: str, ratios, ta, steps_per_run: float) -> None:
+    med = statistics.median(ratios)
+    lo, hi = q(ratios)
+    slower = sum(r > 1 for r in ratios)
+    row(sec, f"off: wall per run, median [IQR] of {len(ta)}", "%.3f s [%.3f, %.3f]" % (statistics.median(ta), *q(ta)))
+    row(sec, f"Sentinel vs off, {len(ratios)} ABBA pairs: median [IQR]; pairs slower on",
+        f"{100 * (med - 1):+.2f}% [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]; {slower}/{len(ratios)}")
+
+
+def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int):
     from prism_otel.instrumentation.transformers import _generate
 
     ids = E.prompts(b, p)
     E.generate(ids, 4)
-    E.generate(ids, new)  # warm-up
-    gcc = _GcClock()
-    runs = {c: [] for c in CONFIGS}
-    ratios = {c: [] for c in CONFIGS}
-    for i in range(rounds):
-        order = CONFIGS[i % len(CONFIGS):] + CONFIGS[:i % len(CONFIGS)]
-        res = {c: _config_run(E, ids, new, c, gcc) for c in order}
-        for c in CONFIGS:
-            runs[c].append(res[c])
-            ratios[c].append(res[c]["wall"] / res["off"]["wall"])
+    rt = start_prism()
+    E.generate(ids, new)  # warm-up, instrumented (starts the health sampler, the exporter)
+    rt.pipeline.flush()
+    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, _our_threads_cpu_ns()
+
+    def off():
+        _set_instrumented(False)
+        return E.generate(ids, new)
+
+    def on():
+        _set_instrumented(True)
+        return E.generate(ids, new)
+
+    ratios, ta, tb = _paired(off, on, pairs)
+    _set_instrumented(True)
+    rt.pipeline.flush()
+    steps = rt.pipeline.steps_seen - s0
+    pipe_us = (rt.pipeline.cpu_ns - c0) / 1e3 / max(1, steps)
+    threads_us = (_our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
+    stop_prism()
     # Our engine-thread code, timed in place (pre/post hooks of one generate call).
     spent = [0]
     opre, opost = _generate._GenerateCall.pre, _generate._GenerateCall.post
@@ -234,25 +230,16 @@ def sentinel_generate(E: Env, rounds: int, b: int, p: int, new: int):
         stop_prism()
     finally:
         _generate._GenerateCall.pre, _generate._GenerateCall.post = opre, opost
-    offs = [r["wall"] for r in runs["off"]]
-    step_ms = statistics.median(offs) * 1e3 / new  # generate runs one forward per new token
+    step_ms = statistics.median(ta) * 1e3 / new  # generate runs one forward per new token
     hook_us = spent[0] / 1e3 / max(1, nsteps)
-    sen = runs["sentinel"]
-    pipe_us = statistics.median(r["pipe_cpu"] / r["steps"] for r in sen) * 1e6
-    RAW["sentinel_generate"] = dict(runs=runs, ratios=ratios, hook_us=hook_us, pipe_us=pipe_us, step_ms=step_ms)
+    RAW["sentinel_generate"] = dict(ratios=ratios, off_s=ta, on_s=tb, hook_us=hook_us, pipe_us=pipe_us,
+                                    threads_us=threads_us, step_ms=step_ms)
     sec = f"A generate b{b} p{p} n{new}"
-    row(sec, f"off: wall per run, median [IQR] of {rounds}", "%.3f s [%.3f, %.3f]" % (statistics.median(offs), *q(offs)))
-    for c in CONFIGS[1:]:
-        med = statistics.median(ratios[c])
-        lo, hi = q(ratios[c])
-        dcpu = statistics.median(r["cpu"] / o["cpu"] for r, o in zip(runs[c], runs["off"]))
-        gc_ms = statistics.median(r["gc"] for r in runs[c]) * 1e3
-        row(sec, f"{c}: time vs off, paired (median [IQR])",
-            f"{100 * (med - 1):+.2f}% [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]; engine-thread CPU "
-            f"{100 * (dcpu - 1):+.2f}%; GC {gc_ms:.1f} ms/run")
-    row(sec, "off: GC per run", f"{statistics.median(r['gc'] for r in runs['off']) * 1e3:.1f} ms")
+    _overhead_rows(sec, ratios, ta, new)
     row(sec, "engine-thread hook time per step (direct)", f"{hook_us:.1f} us = {100 * hook_us / 1e3 / step_ms:.3f}% of a {step_ms:.2f} ms step")
-    row(sec, "pipeline-thread CPU per step (upper bound: shares the GIL)", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
+    row(sec, "pipeline-thread CPU per step", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
+    row(sec, "all prism-otel + exporter threads' CPU per step (shares the GIL)",
+        f"{threads_us:.1f} us = {100 * threads_us / 1e3 / step_ms:.3f}%")
     return ids
 
 
@@ -313,33 +300,37 @@ def cb_work(E: Env, n: int, seed: int, plen=(128, 256), new=(48, 64)):
 
 def sentinel_cb(E: Env, pairs: int, n: int) -> None:
     srv = CBServer(E)
-    work = cb_work(E, n, 1)
+    work = cb_work(E, n, 1, new=(24, 32))
     srv.run(work[:4])
-    srv.run(work)
-    ratios, offs, steps, pipe = [], [], 0, 0
-    for i in range(pairs):
-        res = {}
-        for on in ((False, True) if i % 2 == 0 else (True, False)):
-            if on:
-                rt = start_prism()
-                res[on] = srv.run(work)
-                rt.pipeline.flush()
-                steps += rt.pipeline.steps_seen
-                pipe += rt.pipeline.cpu_ns
-                stop_prism()
-            else:
-                res[on] = srv.run(work)
-        ratios.append(res[True] / res[False])
-        offs.append(res[False])
+    rt = start_prism()
+    srv.run(work)  # warm-up, instrumented
+    rt.pipeline.flush()
+    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, _our_threads_cpu_ns()
+
+    def off():
+        _set_instrumented(False)
+        return srv.run(work)
+
+    def on():
+        _set_instrumented(True)
+        return srv.run(work)
+
+    ratios, ta, tb = _paired(off, on, pairs)
+    _set_instrumented(True)
+    rt.pipeline.flush()
+    steps = rt.pipeline.steps_seen - s0
+    pipe_us = (rt.pipeline.cpu_ns - c0) / 1e3 / max(1, steps)
+    threads_us = (_our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
+    stop_prism()
     srv.stop()
-    med = statistics.median(ratios)
-    lo, hi = q(ratios)
-    step_ms = statistics.median(offs) * 1e3 / max(1, steps / pairs)
-    RAW["sentinel_cb"] = dict(ratios=ratios, off_s=offs, steps=steps, pipe_us=pipe / 1e3 / max(1, steps))
+    per_run = steps / pairs
+    step_ms = statistics.median(ta) * 1e3 / max(1, per_run)
+    RAW["sentinel_cb"] = dict(ratios=ratios, off_s=ta, on_s=tb, steps=steps, pipe_us=pipe_us, threads_us=threads_us)
     sec = f"A CB {n} requests"
-    row(sec, f"Sentinel overhead, paired {pairs} (median [IQR])", f"{100 * (med - 1):+.2f}% [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]")
-    row(sec, "steps per run, mean step", f"{steps / pairs:.0f}, {step_ms:.2f} ms")
-    row(sec, "pipeline-thread CPU per step", f"{pipe / 1e3 / max(1, steps):.1f} us")
+    _overhead_rows(sec, ratios, ta, per_run)
+    row(sec, "steps per run, mean step", f"{per_run:.0f}, {step_ms:.2f} ms")
+    row(sec, "pipeline-thread CPU per step", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
+    row(sec, "all prism-otel + exporter threads' CPU per step", f"{threads_us:.1f} us = {100 * threads_us / 1e3 / step_ms:.3f}%")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,18 +338,22 @@ def deepdive_cost(E: Env, ids, pairs: int, new: int) -> None:
     from prism_otel.device import deepdive
     from prism_otel.device.deepdive import DEEPDIVE
 
-    ratios = []
-    for i in range(pairs):
-        res = {}
-        for dd in ((False, True) if i % 2 == 0 else (True, False)):
-            rt = start_prism()
-            if dd:
-                deepdive.request(steps=new)
-            res[dd] = E.generate(ids, new)
-            DEEPDIVE.reset()
-            rt.pipeline.flush()
-            stop_prism()
-        ratios.append(res[True] / res[False])
+    rt = start_prism()
+    E.generate(ids, new)
+
+    def sentinel():
+        return E.generate(ids, new)
+
+    def burst():
+        deepdive.request(steps=new)
+        t = E.generate(ids, new)
+        DEEPDIVE.reset()
+        return t
+
+    burst()
+    ratios, ta, tb = _paired(sentinel, burst, pairs)
+    rt.pipeline.flush()
+    stop_prism()
     # one-off cost of installing and removing the hooks (first and last burst step)
     from prism_otel.device.deepdive import _Session
 
@@ -377,12 +372,14 @@ def deepdive_cost(E: Env, ids, pairs: int, new: int) -> None:
     steps_per_s = 1e3 / step_ms
     gap_steps = 60.0 * steps_per_s + 1 / 0.002  # rate limit, then the sampling rate
     amort = burst_cost_ms / (gap_steps * step_ms)
-    RAW["deepdive"] = dict(ratios=ratios, setup_ms=inst, amortised=amort)
+    RAW["deepdive"] = dict(ratios=ratios, sentinel_s=ta, burst_s=tb, setup_ms=inst, amortised=amort)
     from prism_otel.device.kernel_groups import hook_plan
 
     sec = "B DeepDive (generate)"
     row(sec, "hooked modules (group boundaries)", f"{len(hook_plan(E.model))}")
-    row(sec, f"cost of a burst step vs Sentinel, paired {pairs}", f"{100 * per_step:+.1f}%")
+    lo, hi = q(ratios)
+    row(sec, f"cost of a burst step vs Sentinel, {pairs} ABBA pairs (median [IQR])",
+        f"{100 * per_step:+.1f}% [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]")
     row(sec, "hook install + removal, once per burst", f"{setup_ms:.2f} ms")
     row(sec, "one default burst (4 steps) costs", f"{burst_cost_ms:.1f} ms")
     row(sec, "amortised at the default rate (<=1 burst/60 s, p=0.002/step)", f"{100 * amort:.4f}% of run time")
@@ -390,44 +387,46 @@ def deepdive_cost(E: Env, ids, pairs: int, new: int) -> None:
 
 # ---------------------------------------------------------------------------------------------
 def boundary_groups(events) -> dict:
-    """What stream events at the group boundaries should read, rebuilt from the trace alone.
+    """What the stream events at the group boundaries should read, rebuilt from the trace alone.
 
-    A boundary recorded on the host at time c completes on the device at
-    g(c) = max(c + L, end of the last kernel launched before c): right away when the device is
-    idle (after the launch latency L, the median start-minus-launch of kernels that found the
-    device idle), else when the work queued before it finishes. The time between two boundaries
-    belongs to the group open on the host in between (innermost ``prism.kernels.*`` range, else
-    ``other``). Returns {step: {group: ns}}.
+    Every boundary is a ``cudaEventRecord`` call on the engine thread (the trace has them). One
+    issued on the host at time c completes on the device at g(c) = max(c + L, end of the last
+    kernel launched before c): right away when the device is idle (after the launch latency L, the
+    median start-minus-launch of kernels that found the device idle), else when the work queued
+    before it finishes. The time between two boundaries belongs to the group open on the host in
+    between (innermost ``prism.kernels.*`` range, else ``other``). Returns {step: {group: ns}}.
     """
+    import bisect
+
     from prism_otel.device.profiler import STEP_MARK
 
     ns = lambda x: int(round(float(x) * 1000))  # noqa: E731
-    launches, kernels, ann = {}, [], []
+    launches, kernels, ann, records = {}, [], [], []
     for e in events:
         if e.get("ph") != "X":
             continue
         cat, name = e.get("cat", ""), e.get("name", "")
-        if cat in ("cuda_runtime", "cuda_driver") and "correlation" in (e.get("args") or {}):
-            launches[e["args"]["correlation"]] = ns(e["ts"])
+        if cat in ("cuda_runtime", "cuda_driver"):
+            if "EventRecord" in name:
+                records.append((ns(e["ts"]), e.get("tid")))
+            elif "correlation" in (e.get("args") or {}):
+                launches[e["args"]["correlation"]] = ns(e["ts"])
         elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
             kernels.append(e)
         elif cat == "user_annotation" and (name.startswith(STEP_MARK) or name.startswith("prism.kernels.")):
-            ann.append((ns(e["ts"]), ns(e["ts"]) + ns(e.get("dur", 0)), name))
+            ann.append((ns(e["ts"]), ns(e["ts"]) + ns(e.get("dur", 0)), name, e.get("tid")))
     ks = []
     for e in kernels:
         c = launches.get((e.get("args") or {}).get("correlation"))
         if c is not None:
             ks.append((c, ns(e["ts"]), ns(e["ts"]) + ns(e.get("dur", 0))))
     ks.sort()
-    by_start = sorted(ks, key=lambda k: k[1])
     lat, prev_end = [], None
-    for c, t0, t1 in by_start:
+    for c, t0, t1 in sorted(ks, key=lambda k: k[1]):
         if prev_end is not None and t0 > prev_end + 1000:
             lat.append(t0 - c)
         prev_end = t1 if prev_end is None else max(prev_end, t1)
     L = statistics.median(lat) if lat else 0
-    import bisect
-
     cs = [k[0] for k in ks]
     run_end, m = [], 0
     for k in ks:
@@ -438,34 +437,31 @@ def boundary_groups(events) -> dict:
         i = bisect.bisect_left(cs, c)
         return max(c + L, run_end[i - 1] if i else 0)
 
+    tids = {a[3] for a in ann if a[2].startswith(STEP_MARK)}
     marks = []
-    for t0, t1, name in ann:
-        marks.append((t0, 1, name))
-        marks.append((t1, 0, name))
+    for t0, t1, name, tid in ann:
+        if tid in tids:
+            marks.append((t0, 1, name))
+            marks.append((t1, 0, name))
+    marks += [(t, 2, None) for t, tid in records if tid in tids]
     marks.sort(key=lambda m: (m[0], m[1]))
     out, stack, step, last = {}, [], None, None
     for t, kind, name in marks:
-        if name.startswith(STEP_MARK):
+        if kind == 2:
+            if step is None:
+                continue
+            if last is not None:
+                d = out.setdefault(step, {})
+                d[last[1]] = d.get(last[1], 0) + g(t) - g(last[0])
+            last = (t, stack[-1] if stack else "other")
+        elif name.startswith(STEP_MARK):
+            step, stack, last = (int(name[len(STEP_MARK):]), [], None) if kind == 1 else (None, [], None)
+        elif step is not None:
+            grp = name[len("prism.kernels."):]
             if kind == 1:
-                step, stack, last = int(name[len(STEP_MARK):]), [], (t, "other")
-            else:
-                if step is not None and last is not None:
-                    d = out.setdefault(step, {})
-                    d[last[1]] = d.get(last[1], 0) + g(t) - g(last[0])
-                step, last = None, None
-            continue
-        if step is None:
-            continue
-        d = out.setdefault(step, {})
-        d[last[1]] = d.get(last[1], 0) + g(t) - g(last[0])
-        grp = name[len("prism.kernels."):]
-        if kind == 1:
-            stack.append(grp)
-        elif grp in stack:
-            stack.reverse()
-            stack.remove(grp)
-            stack.reverse()
-        last = (t, stack[-1] if stack else "other")
+                stack.append(grp)
+            elif grp in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(grp)]
     return out
 
 
@@ -720,7 +716,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few runs: checks the code paths only")
     ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=10, help="rounds of the generate configuration sweep")
     ap.add_argument("--only", default="", help="comma list of sections to run (A,B,C,D,E)")
     a = ap.parse_args()
     only = set(a.only.split(",")) if a.only else set("ABCDE")
@@ -739,10 +734,10 @@ def main() -> None:
         b, p, new = (2, 16, 8) if small else (32, 256, 64)
         pairs = 2 if small else a.pairs
         sections = [
-            ("A", lambda: sentinel_generate(E, 2 if small else a.rounds, b, p, new)),
-            ("A", lambda: profiler_always_on(E, E.prompts(b, p), 1 if small else 2, new)),
-            ("A", lambda: sentinel_cb(E, pairs, 8 if small else 64)),
-            ("B", lambda: deepdive_cost(E, E.prompts(b, p), 2 if small else 4, new)),
+            ("A", lambda: sentinel_generate(E, 4 if small else 40, b, p, 4 if small else 16)),
+            ("A", lambda: profiler_always_on(E, E.prompts(b, p), 1 if small else 4, 4 if small else 16)),
+            ("A", lambda: sentinel_cb(E, 4 if small else 24, 8 if small else 48)),
+            ("B", lambda: deepdive_cost(E, E.prompts(b, p), 2 if small else 12, 4 if small else 16)),
             ("C", lambda: kernel_groups_vs_trace(E, b, p, 4 if small else 16)),
             ("D", lambda: gpu_fault(E, *((4, 3, 2) if small else (25, 12, 6)))),
             ("E", lambda: graphs(E) if E.dev == "cuda" else row("E device graphs", "skipped", "no CUDA")),
