@@ -97,6 +97,7 @@ class StepRecord:
     request_ids: Tuple[str, ...] = ()
     verdict: Optional[Verdict] = None
     attributes: Mapping[str, Any] = field(default_factory=dict)  # engine-specific extras
+    ranks: Tuple["StepRecord", ...] = ()  # tensor parallel: each rank's record of this step (prism_otel.device.ranks)
 
     @property
     def duration_ns(self) -> int:
