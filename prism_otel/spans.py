@@ -148,6 +148,8 @@ class SpanMaterializer:
                 self._emit(sc.kernel_span_name(group), SpanContext(trace_id, ids.generate_span_id(), False, _SAMPLED),
                            ctx, {sc.KERNEL_GROUP: group, sc.DEVICE_TIME_MS: dev_ns / 1e6}, t, t + dev_ns)
                 t += dev_ns
+        for r in step.ranks:  # tensor parallel: one child per rank, its kernel groups under it
+            self._rank(trace_id, ctx, r)
         events = ()
         v = step.verdict
         if v is not None and v.alert:
@@ -156,6 +158,21 @@ class SpanMaterializer:
                                              sc.STEP_DURATION_MS: step.duration_ms}, timestamp=step.end_ns),)
         self._emit(sc.STEP_SPAN, ctx, None, attrs, step.start_ns, step.end_ns, links, events)
         return ctx
+
+    def _rank(self, trace_id: int, parent: SpanContext, r: StepRecord) -> None:
+        ids = self._ids
+        rank = r.attributes.get(sc.RANK, 0)
+        attrs = dict(r.attributes)
+        attrs[sc.STEP_DURATION_MS] = round(r.duration_ms, 4)
+        if r.device_ns is not None:
+            attrs[sc.DEVICE_TIME_MS] = r.device_ns / 1e6
+        rctx = SpanContext(trace_id, ids.generate_span_id(), False, _SAMPLED)
+        self._emit(f"{sc.RANK_SPAN_PREFIX}{rank}", rctx, parent, attrs, r.start_ns, r.end_ns)
+        t = r.stages.get(sc.STAGE_FORWARD, (r.start_ns, r.end_ns))[0]
+        for group, dev_ns in r.kernel_groups.items():
+            self._emit(sc.kernel_span_name(group), SpanContext(trace_id, ids.generate_span_id(), False, _SAMPLED),
+                       rctx, {sc.KERNEL_GROUP: group, sc.DEVICE_TIME_MS: dev_ns / 1e6}, t, t + dev_ns)
+            t += dev_ns
 
     def detached_stage(self, name: str, start_ns: int, end_ns: int, attributes: Optional[dict] = None) -> None:
         """A host stage that ran outside any step of this process (vLLM's front-end output processing
