@@ -81,7 +81,23 @@ def _all_instrumentors() -> list:
 
 
 def default_processors() -> list:
-    """The processors that run in-process by default (detection, SLO) when they are available."""
+    """The processors that run in-process by default (detection, SLO) when they are available,
+    then the device ones (DeepDive triggers, device health, rank join), which need the verdicts."""
+    return _detection_processors() + _device_processors()
+
+
+def _device_processors() -> list:
+    try:
+        from prism_otel.device.processor import device_processors
+        from prism_otel.device.ranks import rank_processors
+
+        return device_processors() + rank_processors()
+    except Exception:  # noqa: BLE001 - device extras must never stop tracing from starting
+        logger.warning("prism-otel: device processors unavailable", exc_info=True)
+        return []
+
+
+def _detection_processors() -> list:
     if os.environ.get(sc.ENV_DETECT, "1") == "0":
         return []
     try:
