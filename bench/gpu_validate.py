@@ -116,7 +116,7 @@ def start_prism(procs=None, on_step=None):
     from prism_otel.device.processor import DeviceProcessor
 
     if procs is None:
-        procs = default_processors() + [DeviceProcessor(rate=0.0)]
+        procs = [p for p in default_processors() if not isinstance(p, DeviceProcessor)] + [DeviceProcessor(rate=0.0)]
     rt = prism_otel.start(processors=procs)
     if on_step is not None:
         rt.pipeline.on_step = on_step
@@ -602,7 +602,7 @@ def gpu_fault(E: Env, base_s: float, fault_s: float, after_s: float) -> None:
     tmp = tempfile.mkdtemp()
     go, stop, out = (os.path.join(tmp, x) for x in ("go", "stop", "out"))
     comp = subprocess.Popen([sys.executable, "-c", COMPETITOR, E.dev, go, stop, out])
-    det = default_processors()
+    det = [p for p in default_processors() if not isinstance(p, DeviceProcessor)]
     det_name = ",".join(getattr(p, "name", type(p).__name__) for p in det) or None
     if not det:
         det = [RollingDetector()]

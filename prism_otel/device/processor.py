@@ -11,6 +11,10 @@ step, and costs a few attribute reads unless the step is anomalous:
   ``PRISM_OTEL_DEEPDIVE_AT_STEP``: an on-demand burst (not rate-limited);
 * otherwise, with probability ``PRISM_OTEL_DEEPDIVE_RATE``: a sampled burst (rate-limited).
 
+Automatic bursts (anomaly, sample) happen on steps timed by device events, i.e. on an accelerator;
+on a CPU-only engine only when ``PRISM_OTEL_DEEPDIVE=1`` (the groups are then host time). On-demand
+bursts work everywhere; ``PRISM_OTEL_DEEPDIVE=0`` turns every kind off.
+
 The health sampler starts with the first step timed by device events (an accelerator is in use).
 """
 
@@ -45,9 +49,10 @@ class DeviceProcessor(StepProcessor):
     name = "device"
 
     def __init__(self, deepdive: Optional[DeepDive] = None, rate: Optional[float] = None, health=True,
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, on_host: Optional[bool] = None) -> None:
         self.dd = deepdive or DEEPDIVE
         self.rate = self.dd.rate if rate is None else rate
+        self.on_host = os.environ.get(sc.ENV_DEEPDIVE, "") == "1" if on_host is None else on_host
         self.at_steps = _at_steps()
         self._rand = random.Random(seed).random
         self._health_wanted = health
@@ -70,7 +75,8 @@ class DeviceProcessor(StepProcessor):
         dd = self.dd
         v = step.verdict
         attrs = None
-        if v is not None and v.anomaly:
+        auto = self.on_host or step.attributes.get(sc.DEVICE_TIMING) == "event"
+        if v is not None and v.anomaly and auto:
             attrs = {sc.DEEPDIVE_REQUEST: dd.request("anomaly", step.index)}
             if self.health is not None:
                 from prism_otel.device.timing import DEVICE_INDEX
@@ -79,7 +85,7 @@ class DeviceProcessor(StepProcessor):
         elif dd.signal_flag or step.index in self.at_steps:
             dd.signal_flag = False
             attrs = {sc.DEEPDIVE_REQUEST: dd.request("on_demand", step.index, force=True)}
-        elif self.rate > 0 and dd.enabled and not dd.pending and self._rand() < self.rate:
+        elif auto and self.rate > 0 and dd.enabled and not dd.pending and self._rand() < self.rate:
             outcome = dd.request("sample", step.index)
             if outcome == "armed":
                 attrs = {sc.DEEPDIVE_REQUEST: outcome}
