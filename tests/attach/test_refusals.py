@@ -90,8 +90,9 @@ def test_unsupported_python_version_is_refused(procs):
     assert p.poll() is None and untouched(p.pid)
 
 
-def test_target_that_cannot_import_prism_otel(procs):
-    p = start([pyenv("3.12"), "-c", LOOP])
+@pytest.mark.parametrize("version", ["3.9", "3.12", "3.13"])
+def test_target_that_cannot_import_prism_otel(procs, version):
+    p = start([pyenv(version), "-c", LOOP])
     procs.append(p)
     r = prism("attach", p.pid)
     assert r.returncode == 2, r.stderr
@@ -105,7 +106,7 @@ def test_target_that_cannot_import_prism_otel(procs):
     # status on a process without prism-otel loads nothing into it
     r = prism("status", p.pid, "--json")
     doc = json.loads(r.stdout)
-    assert r.returncode == 0 and doc["loaded"] is False and doc["python"].startswith("3.12")
+    assert r.returncode == 0 and doc["loaded"] is False and doc["python"].startswith(version + ".")
 
 
 def test_path_makes_a_bare_interpreter_attachable_and_detach_removes_it(procs, sink):
@@ -146,3 +147,19 @@ def test_root_attaches_to_another_users_process(procs, sink, monkeypatch):
         assert p.poll() is None
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_shim_alone_leaves_a_non_python_process_alone(procs):
+    """Second line of defence behind the refusal: the shim looks CPython up with dlsym and does
+    nothing where it is absent (a library with plain undefined Py* symbols kills such a process)."""
+    pyinjector = pytest.importorskip("pyinjector.api")
+    from prism_otel.attach import _inject
+
+    p = start(["sleep", "60"])
+    procs.append(p)
+    shim = _inject.shim_path(_inject.work_dir())
+    with pyinjector.attach(p.pid) as inj:
+        handle = inj.inject(shim.encode())
+        inj.call(handle, _inject.TRIGGER)
+    time.sleep(0.3)
+    assert p.poll() is None and not untouched(p.pid)
