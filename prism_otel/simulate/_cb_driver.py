@@ -1,8 +1,8 @@
 """The in-process transformers engine of a simulation run: continuous batching fed by the workload.
 
 ``python -m prism_otel.simulate._cb_driver SPEC.json`` (run under ``prism-otel run``, so the steps come
-from prism-otel itself). SPEC holds the model directory, the CB cache settings, the torch thread
-count, the arrivals (``[[t_s, prompt_tokens, output_tokens], ...]``) and the paths below.
+from prism-otel itself). SPEC holds the model directory, the device and dtype, the CB cache settings,
+the torch thread count, the arrivals (``[[t_s, prompt_tokens, output_tokens], ...]``) and the paths below.
 
 It loads the model, starts one continuous-batching manager, serves a short warm-up batch, then
 writes ``ready.json`` (``pid``, ``t0_ns``: the wall-clock start of the arrivals, a moment ahead)
@@ -30,7 +30,8 @@ def main(spec_path: str) -> int:
     from prism_otel.simulate.workload import prompt_ids
 
     torch.set_num_threads(int(spec.get("threads", 2)))
-    model = AutoModelForCausalLM.from_pretrained(spec["model"]).eval()
+    dtype = getattr(torch, spec.get("dtype") or "float32")
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(spec.get("device") or "cpu").eval()
     cb = spec.get("cb", {})
     gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2)
     cbc = ContinuousBatchingConfig(num_blocks=int(cb.get("num_blocks", 512)), page_size=int(cb.get("page_size", 32)),

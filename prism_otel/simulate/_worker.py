@@ -220,4 +220,7 @@ def main(arg: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    rc = main(sys.argv[1])
+    # os._exit: the stdin reader thread may be blocked in read(); a normal interpreter shutdown would
+    # then abort on the stdin buffer's lock. Everything to undo was undone in main's finally.
+    os._exit(rc)

@@ -30,9 +30,9 @@ class DeliveryFailed(RuntimeError):
     """The call did not run in the target (or failed there); the message says why."""
 
 
-def call(pid: int, target: str, kwargs: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
+def call(pid: int, target: str, kwargs: Optional[dict] = None, timeout: Optional[float] = None):
     """Run ``target`` (``"prism_otel.<module>:<function>"``) with ``kwargs`` inside process ``pid``;
-    returns what it returned. Raises :class:`DeliveryFailed` (with the refusal or the target's error)."""
+    returns what it returned (a dict gets ``_delivery_ms`` added). Raises :class:`DeliveryFailed` (with the refusal or the target's error)."""
     try:
         t = _attach.examine(pid)
     except _attach.Refused as exc:
@@ -66,6 +66,7 @@ def call(pid: int, target: str, kwargs: Optional[dict] = None, timeout: Optional
                              f"or `prism-otel attach {pid}` first")
     if not doc.get("ok"):
         raise DeliveryFailed(f"{target} failed in process {pid}: {doc.get('error')}\n{doc.get('traceback', '')}")
-    res = doc.get("result") or {}
-    res["_delivery_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    res = doc.get("result")
+    if isinstance(res, dict):
+        res = dict(res, _delivery_ms=round((time.perf_counter() - t0) * 1e3, 1))
     return res

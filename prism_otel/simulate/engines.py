@@ -34,7 +34,7 @@ from prism_otel.simulate.workload import Arrival, prompt_text
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _DROP_ENV = (sc.OTEL_TRACES_EXPORTER, sc.OTEL_EXPORTER_OTLP_ENDPOINT, sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT,
              sc.OTEL_EXPORTER_OTLP_PROTOCOL, sc.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, sc.ENV_OUT_DIR, sc.ENV_DISABLED,
-             sc.ENV_INSTRUMENTATIONS, "PYTHONPATH")
+             sc.ENV_INSTRUMENTATIONS)
 
 TRANSFORMERS_STAGES = {  # stage -> a method called once per step *inside* that stage's span
     sc.STAGE_SCHEDULE: "transformers.generation.continuous_batching.input_outputs:ContinuousBatchingIOs."
@@ -51,6 +51,14 @@ VLLM_STAGES = {
 
 def run_env(otlp_dir: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
+    # The engine runs in the run directory: relative PYTHONPATH entries are made absolute (a checkout
+    # used from its root with PYTHONPATH=. keeps working); `prism-otel run` adds its bootstrap itself.
+    parts = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    parts = [p for p in parts if os.path.basename(p) != "bootstrap"]
+    if parts:
+        env["PYTHONPATH"] = os.pathsep.join(parts)
+    else:
+        env.pop("PYTHONPATH", None)
     env[sc.ENV_OUT_DIR] = otlp_dir
     env[sc.ENV_SUMMARY] = "0"
     env[sc.OTEL_BSP_SCHEDULE_DELAY] = "500"
@@ -165,13 +173,14 @@ class TransformersCB(Engine):
     def start(self, arrivals: List[Arrival], lead_s: float, drain_s: float) -> None:
         spec = {"model": self.model, "arrivals": [list(a) for a in arrivals], "lead_s": lead_s, "drain_s": drain_s,
                 "threads": int(self.options.get("threads", 1)), "cb": self.options.get("cb", {}),
+                "device": self.options.get("device", "cpu"), "dtype": self.options.get("dtype", "float32"),
                 "ready": os.path.join(self.run_dir, "ready.json"),
                 "requests_log": os.path.join(self.run_dir, "requests.jsonl")}
         path = os.path.join(self.run_dir, "driver.json")
         with open(path, "w") as f:
             json.dump(spec, f)
-        prism = os.path.join(os.path.dirname(sys.executable), "prism-otel")
-        self._spawn([prism, "run", "--", sys.executable, "-m", "prism_otel.simulate._cb_driver", path],
+        self._spawn([sys.executable, "-m", "prism_otel.cli", "run", "--", sys.executable, "-m",
+                     "prism_otel.simulate._cb_driver", path],
                     run_env(os.path.join(self.run_dir, "otlp")))
         self.ready_path = spec["ready"]
 
@@ -281,7 +290,7 @@ class TransformersServe(_HTTPEngine):
         b = os.path.dirname(sys.executable)
         cb = self.options.get("cb", {})
         self.served_name = self.model
-        return [os.path.join(b, "prism-otel"), "run", "--", os.path.join(b, "transformers"), "serve", self.model,
+        return [sys.executable, "-m", "prism_otel.cli", "run", "--", os.path.join(b, "transformers"), "serve", self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--continuous-batching",
                 "--cb-num-blocks", str(cb.get("num_blocks", 512)), "--cb-block-size", str(cb.get("page_size", 32)),
                 "--cb-max-batch-tokens", str(cb.get("max_batch_tokens", 256))]
@@ -307,10 +316,7 @@ class VLLMServer(_HTTPEngine):
 
     def argv(self, port: int) -> List[str]:
         py = vllm_python(self.options.get("python"))
-        prism = os.path.join(os.path.dirname(py), "prism-otel")
-        if not os.path.exists(prism):
-            raise FileNotFoundError(f"{prism}: prism-otel is not installed beside vLLM")
-        return [prism, "run", "--", py, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+        return [py, "-m", "prism_otel.cli", "run", "--", py, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                 "--max-model-len", str(self.options.get("max_model_len", 2048)), "--enforce-eager",
                 "--max-num-seqs", str(self.options.get("max_num_seqs", 32)),

@@ -143,10 +143,12 @@ def quick(engine: str, model: str, fault: str, duration_s: float, warmup_s: floa
         "faults": [{"fault": fault, "at_s": round(s, 1), "for_s": length, "params": params or {}} for s in starts]})
 
 
-def _resolve_model(model: str) -> str:
+def _resolve_model(model: str, dtype: Optional[str] = None) -> str:
     from prism_otel import tiny_models
 
     if model in tiny_models.SIZES:
+        if dtype and dtype != "float32":
+            return tiny_models.build(tiny_models.default_dir(model) + "-" + dtype, model, dtype=dtype)
         return tiny_models.build(tiny_models.default_dir(model), model)
     if not os.path.isdir(model):
         raise FileNotFoundError(f"model {model!r}: not a directory nor a size of prism_otel.tiny_models "
@@ -192,7 +194,7 @@ def run(sc: "Scenario", out_dir: str, log=print) -> dict:
         raise FileExistsError(f"{out_dir} exists and is not empty")
     os.makedirs(os.path.join(out_dir, "otlp"), exist_ok=True)
     out_dir = os.path.abspath(out_dir)
-    model = _resolve_model(sc.engine["model"])
+    model = _resolve_model(sc.engine["model"], sc.engine.get("dtype"))
     eng = ENGINES[sc.engine["kind"]](model, out_dir, {k: v for k, v in sc.engine.items() if k not in ("kind", "model")})
     arrivals = sc.workload.arrivals(sc.warmup_s + sc.duration_s)
     meta = {"scenario": sc.to_dict(), "model_dir": model, "versions": _versions(sc.engine["kind"]),

@@ -1,0 +1,98 @@
+"""Every CPU fault against a real transformers continuous-batching engine running under prism-otel.
+
+One run, six fault episodes with fault-free gaps between them (the faults' default parameters):
+labels line up with the injection windows by timestamps, each injector has a clear effect, the
+engine recovers after each, every request is served, and nothing is left running or stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+
+import pytest
+
+from prism_otel.simulate import dataset, scenario
+from tests.simulate.helpers import alive, procs_matching
+
+FAULTS = ["cpu_contention", "cpu_throttle", "membw_contention", "gc_storm", "stage_stall", "io_stall"]
+AT, FOR, GAP = 3.0, 4.0, 5.0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim") / "run"
+    sc = scenario.Scenario.from_dict({
+        "name": "test-cpu-faults", "engine": {"kind": "transformers", "model": "small", "threads": 1},
+        "workload": {"arrival": "tidal", "rate": 4, "tide": 0.5, "period_s": 15},
+        "warmup_s": 10, "duration_s": AT + len(FAULTS) * (FOR + GAP),
+        "faults": [{"fault": f, "at_s": AT + i * (FOR + GAP), "for_s": FOR} for i, f in enumerate(FAULTS)]})
+    meta = scenario.run(sc, str(out), log=lambda *a: None)
+    return out, meta
+
+
+def test_outputs_and_labels_line_up_with_windows(run):
+    out, meta = run
+    with open(out / "steps.csv") as f:
+        header = next(csv.reader(f))
+    assert tuple(header[:len(dataset.STEP_COLUMNS)]) == dataset.STEP_COLUMNS
+    steps = dataset.read_csv(str(out / "steps.csv"))
+    labels = dataset.read_csv(str(out / "labels.csv"))
+    assert len(steps) == len(labels) == meta["steps"]["scored"] > 300
+    assert meta["steps"]["train"] > 50 and os.path.getsize(out / "train.csv") > 0
+    starts = [int(s["start_ns"]) for s in steps]
+    assert starts == sorted(starts)
+    assert all(int(s["start_ns"]) >= meta["scored_from_ns"] for s in steps)
+    assert list(os.listdir(out / "otlp")) and all(n.endswith(".jsonl") for n in os.listdir(out / "otlp"))
+    wins = meta["windows"]
+    assert [w["fault"] for w in wins] == FAULTS
+    for i, w in enumerate(wins):  # injected when the schedule says, for as long as it says
+        planned = meta["scored_from_ns"] + (AT + i * (FOR + GAP)) * 1e9
+        assert abs(w["t_start"] - planned) < 0.5e9, w
+        assert FOR - 0.1 < (w["t_end"] - w["t_start"]) / 1e9 < FOR + 2.5, w
+    for s, lb in zip(steps, labels):  # a step is anomalous iff it overlaps a window, labelled with its fault
+        s0, s1 = int(s["start_ns"]), int(s["end_ns"])
+        hit = [w["fault"] for w in wins if s0 <= w["t_end"] and s1 >= w["t_start"]]
+        assert int(lb["anomaly"]) == bool(hit) and lb["fault"] == (hit[0] if hit else "")
+        assert int(lb["start_ns"]) == s0
+    for f in FAULTS:
+        assert sum(1 for lb in labels if lb["fault"] == f) >= 5, f
+
+
+def test_every_injector_has_a_clear_effect(run):
+    _, meta = run
+    for f in FAULTS:
+        e = meta["effects"][f]
+        assert e["ratio"] >= 1.3, e  # step latency over same-shape steps outside the faults
+
+
+def test_engine_recovers_after_each_fault(run):
+    out, meta = run
+    steps = dataset.read_csv(str(out / "steps.csv"))
+    labels = dataset.read_csv(str(out / "labels.csv"))
+    for s in steps:
+        for k in ("start_ns", "end_ns"):
+            s[k] = int(s[k])
+    for lb in labels:
+        lb["anomaly"] = int(lb["anomaly"])
+    base = dataset.Yardstick(dataset._baseline(steps, labels, 1.0))
+    for w in meta["windows"]:  # the second half of the fault-free gap that follows each window
+        lo, hi = w["t_end"] + GAP / 2 * 1e9, w["t_end"] + (GAP - 0.3) * 1e9
+        rel = base.relative([s for s in steps if lo <= s["start_ns"] < hi])
+        assert len(rel) >= 10, w["fault"]
+        assert statistics.median(rel) < 1.5, (w["fault"], statistics.median(rel))
+    served = [json.loads(ln) for ln in open(out / "requests.jsonl")]
+    assert len(served) == meta["requests"] and not [r for r in served if r["error"]]
+
+
+def test_nothing_left_running(run):
+    out, meta = run
+    assert procs_matching(f'"parent": {os.getpid()}') == []  # injector processes
+    assert procs_matching(str(out)) == []  # the engine and anything started with the run dir
+    assert not any(alive(p) for p in meta["target"]["pids"])
+    assert [n for n in os.listdir(out) if n.startswith(".prism-sim-io")] == []  # io_stall's scratch files
+    infos = {w["fault"]: w["info"] for w in meta["windows"]}
+    assert infos["stage_stall"]["stalls"] > 0 and infos["stage_stall"]["left_passthrough"] is False
+    assert infos["gc_storm"]["rounds"] > 0
