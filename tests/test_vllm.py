@@ -200,7 +200,9 @@ class Server:
         self.log.close()
 
 
-def _serve(model, tmp, env, prefix=(), extra_args=(), traceparent=None):
+def _serve(model, tmp, env, prefix=(), extra_args=(), traceparent=None, before_stop=None):
+    """Sequential requests, then a concurrent burst; ``before_stop(n)`` runs while the server is still
+    up (vLLM's API server kills its engine core at once on shutdown, so spans are awaited first)."""
     srv = Server(model, tmp, env, prefix, extra_args)
     try:
         srv.wait_ready()
@@ -219,6 +221,8 @@ def _serve(model, tmp, env, prefix=(), extra_args=(), traceparent=None):
         for t in threads:
             t.join(180)
         assert all(burst), "a burst request failed"
+        if before_stop is not None:
+            before_stop(len(seq) + len(burst))
         return seq, burst
     finally:
         srv.stop()
@@ -233,11 +237,14 @@ def test_openai_server_with_vllm_tracing(vllm_python, model_dir, tmp_path):
     tp = f"00-{trace_id}-00f067aa0ba902b7-01"
     with OTLPSink() as sink:
         env = child_env(tmp_path, sink)
+
+        def all_in(n):
+            settle(sink, lambda s: len(chk.split(s)["requests"]) >= n and sum(x.name == "llm_request" for x in s) >= n)
+
         seq, burst = _serve(model_dir, tmp_path, env, [prism, "run", "--"],
-                            ["--otlp-traces-endpoint", sink.endpoint], traceparent=tp)
+                            ["--otlp-traces-endpoint", sink.endpoint], traceparent=tp, before_stop=all_in)
         n = len(seq) + len(burst)
-        spans = settle(sink, lambda s: len(chk.split(s)["requests"]) >= n
-                       and sum(x.name == "llm_request" for x in s) >= n)
+        spans = sink.spans()
     base_dir = tmp_path / "base"
     base_dir.mkdir()
     base_seq, _ = _serve(model_dir, base_dir, child_env(base_dir, PRISM_OTEL_DISABLED="1"))

@@ -37,19 +37,22 @@ def _norm(endpoint: str) -> str:
     return e.rstrip("/")
 
 
-def note_env_endpoint() -> None:
-    """Called when prism-otel instruments: if its provider was built from an OTLP endpoint in the
-    environment, that endpoint is already exported to."""
-    from prism_otel import _runtime
+_ENV = {}  # the OTLP settings in the environment when prism-otel instrumented (its provider's source)
 
-    st = _runtime.current()
-    if st is None or st.embedded_default or not st.own_provider:
-        return
-    names = os.environ.get(sc.OTEL_TRACES_EXPORTER, "otlp").lower()
-    if "otlp" not in names:
-        return
-    ep = os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) or os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT)
-    if ep:
+
+def note_env_endpoint() -> None:
+    """Called when prism-otel instruments, right as its provider is built from the environment."""
+    _ENV["exporters"] = os.environ.get(sc.OTEL_TRACES_EXPORTER, "").lower()
+    _ENV["endpoint"] = (os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+                        or os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT))
+
+
+def _seed_exported(st) -> None:
+    """If the shared provider's exporters came from an OTLP endpoint in the environment (ours, or the
+    SDK's under opentelemetry-instrument), that endpoint is already exported to."""
+    ep = _ENV.get("endpoint")
+    names = _ENV.get("exporters") or "otlp"
+    if ep and not st.embedded_default and "otlp" in names:
         _EXPORTED.add(_norm(ep))
 
 
@@ -63,6 +66,7 @@ def wrap_init_otel_tracer(original):
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
 
+        _seed_exported(st)
         os.environ[sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT] = otlp_traces_endpoint
         provider = st.provider
         glob = trace.get_tracer_provider()
