@@ -26,6 +26,9 @@ _PYEXE = re.compile(r"^python(\d+(\.\d+)?)?t?$")
 # Modules that mean "this Python process runs an inference engine" (in /proc/PID/maps: extension
 # modules and shared libraries are mapped; pure-Python modules are not, hence torch as the witness).
 ENGINE_MARKERS = ("/torch/lib/", "/vllm/", "/sglang/")
+# Python helpers that map an engine's libraries but run no engine (multiprocessing's own servers).
+HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver",
+                  "multiprocessing.semaphore_tracker")
 # What the bootstrap imports in the target (checked by the probe).
 REQUIRED_MODULES = ("prism_otel", "opentelemetry.sdk", "opentelemetry.instrumentation", "wrapt")
 
@@ -309,7 +312,10 @@ def tree(pid: int) -> Tuple[List[Target], List[Tuple[int, str]]]:
                 raise
             skipped.append((p, str(exc)))
             continue
-        if i == 0 or t.engine:
+        helper = next((h for h in HELPER_MARKERS if any(h in a for a in t.argv)), None)
+        if i > 0 and helper:
+            skipped.append((p, f"{helper} helper process, no engine"))
+        elif i == 0 or t.engine:
             keep.append(t)
         else:
             skipped.append((p, "Python, but no inference engine loaded (no torch/vllm/sglang in its memory map)"))

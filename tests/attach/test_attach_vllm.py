@@ -58,7 +58,8 @@ def test_attach_tree_to_running_vllm_server(tmp_path, sink):
         assert r.returncode == 0, r.stderr
         docs = json.loads(r.stdout)
         pids = {d["pid"] for d in docs}
-        assert srv.proc.pid in pids and len(pids) >= 2, (pids, r.stderr)  # API server + EngineCore
+        assert srv.proc.pid in pids and len(pids) >= 2, (pids, r.stderr)  # API server + EngineCore (+ worker)
+        assert "resource_tracker helper process" in r.stderr  # mapped torch, but runs no engine: skipped
         assert all(d["ok"] and d["running"] for d in docs)
         assert any(d["instrumentations"].get("vllm", ["?"])[0] == "instrumented" for d in docs), docs
 
@@ -66,6 +67,9 @@ def test_attach_tree_to_running_vllm_server(tmp_path, sink):
         steps = [s for s in spans if s.name == sc.STEP_SPAN]
         assert len(steps) >= 10, f"{len(steps)} step spans; stderr: {r.stderr[-2000:]}"
         assert {s.resource.get("process.pid") for s in steps} <= pids
+        print(f"attached {len(docs)} processes: " + "; ".join(
+            f"{d['pid']} {d['instrumentations'].get('vllm', ['-'])[0]} {len(d.get('patched', []))} hooks "
+            f"{d['handshake_ms']:.0f} ms" for d in docs) + f"; skipped: {r.stderr.strip()[:300]}")
 
         r = prism("detach", srv.proc.pid, "--tree", "--json", env=env, timeout=300)
         assert r.returncode == 0, r.stderr
