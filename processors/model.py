@@ -51,7 +51,7 @@ class FitParams:
 class LatencyModel:
     """A fitted model plus the residual statistics the verdict needs. Immutable once built."""
 
-    def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, tail, win_scale, n_train,
+    def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, tail, win_mean, win_std, n_train,
                  ranges=None, fit_s=0.0, lo=None) -> None:
         self.cols = tuple(int(c) for c in cols)
         self.coef = tuple(float(c) for c in coef)
@@ -62,17 +62,36 @@ class LatencyModel:
         self.center = float(center)  # median out-of-fold log residual
         self.scale = float(scale)  # robust sigma of it
         self.tail = float(tail)  # 99.9% quantile of (residual - center) / scale
-        self.win_scale = float(win_scale)  # robust sigma of the window mean of residuals, in units of scale
+        # mean and spread of the window mean of one-sided residuals max(0, (r - center) / scale)
+        self.win_mean = float(win_mean)
+        self.win_std = float(win_std)
         self.n_train = int(n_train)
         self.ranges = ranges
         self.fit_s = fit_s
         self._lin = tuple(zip(self.cols, self.coef, self.lo))
+        # upper edges of the training envelope of the physics columns, for novelty (see excess())
+        self._hi = tuple((c, float(ranges[c][1])) for c in LINEAR_COLUMNS if ranges and ranges[c][1] > 0)
         if trees is not None:
             self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
             self._value, self._roots = trees["value"], trees["roots"]
             self._depth, self._init = int(trees["depth"]), float(trees["init"])
 
     # -- scoring ----------------------------------------------------------------------------------
+    def point_limit(self, k: float) -> float:
+        """Limit on one step's standardised residual: ``k``, or more where normal residuals are heavy-tailed."""
+        t = 1.25 * self.tail
+        return t if t > k else k
+
+    def excess(self, x) -> float:
+        """How far beyond the training envelope a step's workload lies (0 inside; 0.5 = 50% past the
+        largest value of some physics column). Predictions out there are extrapolations."""
+        e = 0.0
+        for c, hi in self._hi:
+            v = x[c] / hi - 1.0
+            if v > e:
+                e = v
+        return e
+
     def base_one(self, x) -> float:
         b = self.intercept
         for c, k, lo in self._lin:
@@ -106,7 +125,7 @@ class LatencyModel:
     def to_dict(self) -> dict:
         d = {"cols": list(self.cols), "coef": list(self.coef), "lo": list(self.lo), "intercept": self.intercept,
              "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "tail": self.tail,
-             "win_scale": self.win_scale, "n_train": self.n_train, "ranges": self.ranges, "trees": None}
+             "win_mean": self.win_mean, "win_std": self.win_std, "n_train": self.n_train, "ranges": self.ranges, "trees": None}
         if self.trees is not None:
             t = self.trees
             d["trees"] = {"feat": t["feat"].tolist(), "thr": [float(v) for v in t["thr"]],
@@ -125,7 +144,7 @@ class LatencyModel:
             if not (len(trees["feat"]) == len(trees["thr"]) == len(trees["value"]) == len(trees["child"]) // 2):
                 raise ValueError("baseline trees are inconsistent")
         return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], trees, d["center"], d["scale"], d["tail"],
-                   d["win_scale"], d["n_train"], d.get("ranges"), lo=d.get("lo"))
+                   d["win_mean"], d["win_std"], d["n_train"], d.get("ranges"), lo=d.get("lo"))
 
 
 def _tree_raw(trees: dict, X: np.ndarray) -> np.ndarray:
@@ -244,7 +263,7 @@ def _fit_once(X, y, p: FitParams, with_trees: bool):
         if gbr is not None:
             gbr.fit(X.astype(np.float32), z)
             trees = _compile(gbr, X, z)
-    return LatencyModel(cols, coef, icpt, floor, trees, 0.0, 1.0, 5.0, 1.0, len(X), lo=lo)
+    return LatencyModel(cols, coef, icpt, floor, trees, 0.0, 1.0, 5.0, 0.4, 0.3, len(X), lo=lo)
 
 
 def _gbr(p: FitParams, n: int):
@@ -279,14 +298,15 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyM
     dev = r - center
     scale = max(p.scale_floor, 1.4826 * float(np.median(np.abs(dev))))
     tail = float(np.quantile(dev / scale, 0.999)) if n >= 200 else 6.0
-    w = min(p.window, max(1, n // 10))
+    w = max(1, p.window)
+    e = np.clip(dev / scale, 0.0, max(tail, 5.0))  # one-sided, a stray outlier bounded
     if n >= 4 * w:
-        wm = np.convolve(dev, np.ones(w) / w, mode="valid")
-        win_scale = 1.4826 * float(np.median(np.abs(wm - np.median(wm)))) / scale
-        win_scale = max(win_scale, 1.0 / math.sqrt(w))
+        wm = np.convolve(e, np.ones(w) / w, mode="valid")
+        win_mean, win_std = float(wm.mean()), float(wm.std())
     else:
-        win_scale = 1.0
+        win_mean, win_std = 0.4, 0.0
+    win_std = max(win_std, 0.58 / math.sqrt(w))  # never tighter than iid normal residuals allow
     final = _fit_once(X, y, p, with_trees)
     ranges = [[float(a), float(b)] for a, b in zip(X.min(axis=0), X.max(axis=0))]
     return LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
-                        max(tail, 3.0), win_scale, n, ranges, time.perf_counter() - t0, lo=final.lo)
+                        max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo)

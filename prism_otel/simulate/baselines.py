@@ -1,0 +1,88 @@
+"""The detectors a user would otherwise reach for, judged on the same streams as prism's.
+
+Each takes the warm-up (normal) steps, then flags the stream's steps in order, online (no step is
+judged with knowledge of later steps):
+
+* ``static_threshold``: per phase, the 99th percentile of warm-up latencies; a step over it is flagged;
+* ``zscore``: per phase, a rolling z-score of raw latency over the previous 100 steps, flagged over 3;
+* ``latencyprism_rule``: LatencyPrism's detector reimplemented from the paper's description (arXiv
+  2601.09258 section 4.2.3 and its artifact's settings): a GBDT (200 trees, depth 4, rate 0.1) per
+  phase on batch size and B x L (summed context), the one-sided relative error
+  ``E = max(0, (y - y_hat) / (y + eps))``, smoothed over a window of 10 steps, against
+  ``UCL = min(mu + 3 sigma, 0.5)`` of the same windowed statistic on the training set.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from prism_otel.record import StepRecord
+
+
+def _by_phase(steps: Sequence[StepRecord]) -> Dict[str, List[int]]:
+    out: Dict[str, List[int]] = {}
+    for i, s in enumerate(steps):
+        out.setdefault(s.phase, []).append(i)
+    return out
+
+
+def static_threshold(train: Sequence[StepRecord], steps: Sequence[StepRecord]) -> np.ndarray:
+    dur = np.array([s.duration_ms for s in train])
+    limits = {ph: float(np.percentile(dur[idx], 99)) for ph, idx in _by_phase(train).items() if len(idx) >= 10}
+    overall = float(np.percentile(dur, 99)) if len(dur) else float("inf")
+    return np.array([s.duration_ms > limits.get(s.phase, overall) for s in steps], dtype=bool)
+
+
+def zscore(train: Sequence[StepRecord], steps: Sequence[StepRecord], window: int = 100,
+           k: float = 3.0) -> np.ndarray:
+    wins: Dict[str, deque] = {}
+    for s in train:
+        wins.setdefault(s.phase, deque(maxlen=window)).append(s.duration_ms)
+    out = np.zeros(len(steps), dtype=bool)
+    for i, s in enumerate(steps):
+        w = wins.setdefault(s.phase, deque(maxlen=window))
+        y = s.duration_ms
+        if len(w) >= 10:
+            a = np.fromiter(w, dtype=np.float64)
+            sd = a.std()
+            out[i] = sd > 0 and (y - a.mean()) / sd > k
+        w.append(y)
+    return out
+
+
+def _lp_features(steps: Sequence[StepRecord]) -> np.ndarray:
+    return np.array([[s.batch_size, s.context_tokens if s.context_tokens else s.batch_size * s.tokens]
+                     for s in steps], dtype=np.float64).reshape(-1, 2)
+
+
+def latencyprism_rule(train: Sequence[StepRecord], steps: Sequence[StepRecord], window: int = 10,
+                      k: float = 3.0, max_ucl: float = 0.5, eps: float = 1e-6) -> np.ndarray:
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    out = np.zeros(len(steps), dtype=bool)
+    tr_phase = _by_phase(train)
+    for phase, idx in _by_phase(steps).items():
+        tidx = tr_phase.get(phase, [])
+        if len(tidx) < 20:
+            continue
+        tr = [train[i] for i in tidx]
+        Xtr, ytr = _lp_features(tr), np.array([s.duration_ms for s in tr])
+        gbr = GradientBoostingRegressor(n_estimators=200, learning_rate=0.1, max_depth=4, random_state=42)
+        gbr.fit(Xtr, ytr)
+        e_tr = np.maximum(0.0, (ytr - gbr.predict(Xtr)) / (ytr + eps))
+        w_tr = np.convolve(e_tr, np.ones(window) / window, mode="valid") if len(e_tr) >= window else e_tr
+        ucl = min(float(w_tr.mean() + k * w_tr.std()), max_ucl)
+        st = [steps[i] for i in idx]
+        y = np.array([s.duration_ms for s in st])
+        e = np.maximum(0.0, (y - gbr.predict(_lp_features(st))) / (y + eps))
+        # the window carries over from the end of training, as a monitor that kept running would
+        e_all = np.concatenate([e_tr[-(window - 1):], e]) if window > 1 else e
+        wm = np.convolve(e_all, np.ones(window) / window, mode="valid")[-len(e):]
+        out[np.asarray(idx)] = wm > ucl
+    return out
+
+
+BASELINES = {"static_threshold": static_threshold, "zscore": zscore, "latencyprism_rule": latencyprism_rule}

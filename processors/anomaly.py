@@ -1,0 +1,440 @@
+"""Workload-aware anomaly detection: the processor that sets each step's verdict.
+
+Per (instance, phase) it keeps an expected-latency model (:mod:`processors.model`), a verdict
+state (:mod:`processors.verdict`) and a bounded buffer of normal steps. ``process`` runs on the
+caller's thread (pipeline or collector) and costs tens of microseconds: features, one model
+evaluation, the tests, and a copy of the step with its :class:`~prism_otel.record.Verdict`. Fitting
+happens elsewhere: on a thread of the processor's own (``background=True``, live) or inline at the
+same points of the stream (``background=False``, offline tools, for reproducible results). Steps
+that are flagged, that fall in an alarm, or that look suspicious are kept out of the training data,
+so an anomaly does not teach the model that it is normal.
+
+Baselines persist by key (:mod:`processors.baseline`); a process that finds one judges its first
+steps. Bad steps (non-finite or negative numbers, a clock that went backwards or jumped) are counted
+by reason in :attr:`AnomalyProcessor.bad` and left without a verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Tuple
+
+import numpy as np
+
+from prism_otel import semconv as sc
+from prism_otel.record import StepRecord, Verdict
+from processors import baseline as bl
+from processors.alerts import AlertSink
+from processors.base import StepProcessor
+from processors.config import build, positive
+from processors.features import PrevTracker, step_features
+from processors.model import FitParams, LatencyModel, fit
+from processors.rootcause import StageNorms
+from processors.verdict import KeyVerdict, VerdictParams
+
+logger = logging.getLogger(__name__)
+
+_SAMPLE_ROWS = 2000  # normal steps stored with a baseline
+
+
+@dataclass
+class AnomalyConfig:
+    """Keys and defaults are listed in processors/README.md."""
+
+    min_train: int = 200
+    refit_every: int = 2000
+    max_train: int = 4000
+    background: bool = True
+    window: int = 8
+    point_k: float = 5.0
+    window_k: float = 4.0
+    cusum_k: float = 1.5
+    cusum_h: float = 8.0
+    flag_k: float = 1.5
+    min_rel: float = 0.03
+    clear_steps: int = 3
+    novelty_k: float = 2.0
+    novelty_refit: int = 50
+    n_trees: int = 100
+    tree_depth: int = 3
+    root_cause: bool = True
+    root_cause_min_z: float = 4.0
+    phases: str = "prefill,decode,mixed"
+    max_step_s: float = 600.0
+    baseline_dir: str = ""
+    baseline_key: Dict[str, str] = field(default_factory=dict)
+    alert_log: bool = True
+    alert_file: str = "stderr"
+    alert_webhook: str = ""
+    alert_queue: int = 64
+    alert_timeout_s: float = 2.0
+    alert_min_interval_s: float = 0.0
+
+    def validate(self, where: str = "") -> None:
+        positive(where, min_train=self.min_train, refit_every=self.refit_every, max_train=self.max_train,
+                 window=self.window, point_k=self.point_k, window_k=self.window_k, cusum_h=self.cusum_h,
+                 clear_steps=self.clear_steps, n_trees=self.n_trees, tree_depth=self.tree_depth,
+                 alert_queue=self.alert_queue, alert_timeout_s=self.alert_timeout_s, max_step_s=self.max_step_s)
+        pre = where + "." if where else ""
+        if self.max_train < self.min_train:
+            raise ValueError(f"{pre}max_train: must be >= min_train ({self.min_train}), got {self.max_train}")
+        bad = [p for p in self.phase_set() if p not in sc.PHASES]
+        if bad:
+            raise ValueError(f"{pre}phases: unknown phase {bad[0]!r} (known: {', '.join(sc.PHASES)})")
+        if self.alert_webhook and not self.alert_webhook.startswith(("http://", "https://")):
+            raise ValueError(f"{pre}alert_webhook: must be an http:// or https:// URL, got {self.alert_webhook!r}")
+        try:
+            bl.normalize_key(self.baseline_key)
+        except ValueError as exc:
+            raise ValueError(f"{pre}{exc}") from None
+
+    def phase_set(self) -> frozenset:
+        return frozenset(p.strip() for p in self.phases.split(",") if p.strip())
+
+    @classmethod
+    def from_dict(cls, d, where: str = "") -> "AnomalyConfig":
+        return build(cls, d, where)
+
+
+class _Key:
+    """Model, verdict state and training buffer of one (instance, phase)."""
+
+    __slots__ = ("instance", "phase", "model", "norms", "verdict", "recent", "reservoir", "evicted", "clean",
+                 "novel", "fitting", "fits", "last_alert_ns")
+
+    def __init__(self, instance: str, phase: str, cfg: AnomalyConfig, vp: VerdictParams) -> None:
+        self.instance, self.phase = instance, phase
+        self.model: Optional[LatencyModel] = None
+        self.norms: Optional[StageNorms] = None
+        self.verdict = KeyVerdict(vp)
+        cap_res = cfg.max_train // 4
+        self.recent: deque = deque(maxlen=cfg.max_train - cap_res)
+        self.reservoir: list = []
+        self.evicted = 0
+        self.clean = 0  # normal steps added since the last fit started
+        self.novel = 0  # of which beyond the model's training envelope
+        self.fitting = False
+        self.fits = 0
+        self.last_alert_ns = -(1 << 62)
+
+    def add(self, row: tuple, cap_res: int, rng: random.Random) -> None:
+        rec = self.recent
+        if len(rec) == rec.maxlen:
+            old = rec[0]
+            self.evicted += 1
+            if len(self.reservoir) < cap_res:
+                self.reservoir.append(old)
+            else:
+                j = rng.randrange(self.evicted)
+                if j < cap_res:
+                    self.reservoir[j] = old
+        rec.append(row)
+        self.clean += 1
+
+    def rows(self) -> list:
+        return list(self.reservoir) + list(self.recent)
+
+
+class AnomalyProcessor(StepProcessor):
+    """Sets ``expected_ms``, ``score``, ``anomaly``, ``root_cause`` and ``alert`` on every judged step."""
+
+    name = "anomaly"
+
+    def __init__(self, config=None) -> None:
+        if config is None or isinstance(config, dict):
+            config = AnomalyConfig.from_dict(config or {})
+        self.cfg: AnomalyConfig = config
+        c = config
+        self._vp = VerdictParams(point_k=c.point_k, window=c.window, window_k=c.window_k, cusum_k=c.cusum_k,
+                                 cusum_h=c.cusum_h, flag_k=c.flag_k, min_rel=c.min_rel, clear_steps=c.clear_steps)
+        self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, window=c.window)
+        self._phases = c.phase_set()
+        self._keys: Dict[Tuple[str, str], _Key] = {}
+        self._prev = PrevTracker()
+        self._last_start: Dict[str, int] = {}
+        self._rng = random.Random(0)
+        self._cap_res = c.max_train // 4
+        self._max_step_ns = int(c.max_step_s * 1e9)
+        self._seeds: Dict[str, tuple] = {}  # phase -> (model, norms, rows): baseline for new keys
+        self._latest: Dict[str, _Key] = {}
+        self._dirty = False
+        self.bad: Dict[str, int] = {}
+        self.fit_errors = 0
+        self.fit_seconds: list = []
+        self.alerts = 0
+        self.baseline_key = bl.normalize_key(c.baseline_key)
+        self.baseline_loaded = False
+        self.sink = AlertSink(c.alert_log, c.alert_file, c.alert_webhook, c.alert_queue, c.alert_timeout_s)
+        self._q: "queue.Queue" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        if c.baseline_dir:
+            self._load_baseline()
+
+    # -- the per-step path -------------------------------------------------------------------------
+    def process(self, step: StepRecord) -> StepRecord:
+        phase = step.phase
+        if phase not in self._phases:
+            return step
+        reason = self._check(step.instance, step.start_ns, step.end_ns, step.batch_size, step.prefill_tokens,
+                             step.decode_tokens, step.context_tokens, step.max_context_tokens)
+        if reason is not None:
+            self.bad[reason] = self.bad.get(reason, 0) + 1
+            return step
+        inst = step.instance
+        prev = self._prev.prev(inst, step.start_ns, step.end_ns)
+        self._prev.update(inst, step.batch_size, step.prefill_tokens + step.decode_tokens, step.end_ns)
+        x = step_features(step.batch_size, step.prefill_tokens, step.decode_tokens, step.context_tokens,
+                          step.max_context_tokens, prev)
+        stages = None
+        if step.stages:
+            stages = {n: (b - a) / 1e6 for n, (a, b) in step.stages.items()}
+        out = self.judge(inst, phase, x, (step.end_ns - step.start_ns) / 1e6, stages, step.end_ns, step.index)
+        if out is None:
+            return step
+        expected, score, anomalous, alert, root = out
+        v = step.verdict
+        if v is None:
+            v = Verdict(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert)
+        else:
+            v = dataclasses.replace(v, expected_ms=expected, score=score, anomaly=anomalous, root_cause=root,
+                                    alert=alert or v.alert)
+        return dataclasses.replace(step, verdict=v)
+
+    def _check(self, inst, start_ns, end_ns, *counts) -> Optional[str]:
+        for v in (start_ns, end_ns) + counts:
+            if v is None or (isinstance(v, float) and not math.isfinite(v)):
+                return "non_finite"
+            if v < 0:
+                return "negative"
+        dur = end_ns - start_ns
+        if dur <= 0:
+            return "negative"
+        if dur > self._max_step_ns:
+            return "clock_jump"
+        last = self._last_start.get(inst)
+        if last is not None and start_ns < last:
+            return "clock_backwards"
+        self._last_start[inst] = start_ns
+        return None
+
+    def judge(self, inst: str, phase: str, x: tuple, y_ms: float, stages, end_ns: int = 0, index: int = 0):
+        """Judge one (validated) step; returns (expected_ms, score, anomalous, alert, root_cause) or None."""
+        k = self._keys.get((inst, phase))
+        if k is None:
+            k = self._new_key(inst, phase)
+        m = k.model
+        out = None
+        clean = True
+        if m is not None:
+            pred = m.predict_one(x)
+            r = math.log(y_ms / pred)
+            novel = m.excess(x)
+            score, anomalous, rising = k.verdict.judge(r, m, 1.0 + self.cfg.novelty_k * novel)
+            expected = pred * math.exp(m.center)
+            root = None
+            if anomalous and stages and self.cfg.root_cause and k.norms is not None:
+                root = k.norms.hint(stages, expected, int(x[0]))
+            alert = rising and self._alert(k, phase, end_ns, index, y_ms, expected, score, root)
+            if novel > 0.02:
+                # new workload: learn it unless the step itself is clearly anomalous
+                clean = not anomalous or r - m.center < self.cfg.point_k * m.scale
+                k.novel += clean
+            else:
+                clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale
+            out = (expected, score, anomalous, alert, root)
+        if clean:
+            k.add((x, y_ms, stages), self._cap_res, self._rng)
+            if not k.fitting and (k.clean >= self._refit_due(k) or k.novel >= self.cfg.novelty_refit):
+                self._schedule(k)
+        return out
+
+    def _refit_due(self, k: _Key) -> int:
+        if k.model is None:
+            return self.cfg.min_train
+        return max(self.cfg.min_train, min(self.cfg.refit_every, k.model.n_train))
+
+    def _alert(self, k: _Key, phase, end_ns, index, y_ms, expected, score, root) -> bool:
+        gap = self.cfg.alert_min_interval_s * 1e9
+        if gap and end_ns - k.last_alert_ns < gap:
+            return False
+        k.last_alert_ns = end_ns
+        self.alerts += 1
+        payload = {"event": sc.ALERT_EVENT, "time_unix_nano": end_ns, sc.STEP_INSTANCE: k.instance,
+                   sc.STEP_PHASE: phase, sc.STEP_INDEX: index, sc.STEP_DURATION_MS: round(y_ms, 4),
+                   sc.LATENCY_EXPECTED_MS: round(expected, 4), sc.ANOMALY_SCORE: round(score, 3)}
+        if root:
+            payload[sc.ANOMALY_ROOT_CAUSE] = root
+        self.sink.emit(payload)
+        return True
+
+    def _new_key(self, inst: str, phase: str) -> _Key:
+        k = _Key(inst, phase, self.cfg, self._vp)
+        seed = self._seeds.get(phase)
+        if seed is not None:
+            k.model, k.norms, rows = seed
+            k.reservoir = list(rows[-self._cap_res:])
+        self._keys[(inst, phase)] = k
+        return k
+
+    # -- fitting -----------------------------------------------------------------------------------
+    def _schedule(self, k: _Key) -> None:
+        k.fitting = True
+        if not self.cfg.background:
+            self._fit_key(k)
+            return
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._fit_loop, name="prism-otel-fit", daemon=True)
+            self._thread.start()
+        self._q.put(k)
+
+    def _fit_loop(self) -> None:
+        while True:
+            k = self._q.get()
+            if k is None:
+                return
+            self._fit_key(k)
+
+    def _fit_key(self, k: _Key) -> None:
+        try:
+            rows = k.rows()
+            taken, novel = k.clean, k.novel
+            model, norms = self._fit_rows(rows)
+            k.model, k.norms = model, norms
+            k.clean -= taken
+            k.novel -= novel
+            k.fits += 1
+            self.fit_seconds.append(model.fit_s)
+            with self._lock:
+                self._latest[k.phase] = k
+                self._dirty = True
+            if self.cfg.baseline_dir:
+                self.save_baseline()
+        except Exception:  # noqa: BLE001 - a failed fit keeps the old model; counted, retried later
+            self.fit_errors += 1
+            k.clean = k.novel = 0
+            logger.debug("prism-otel: fit failed for %s/%s", k.instance, k.phase, exc_info=True)
+        finally:
+            k.fitting = False
+
+    def _fit_rows(self, rows: list) -> tuple:
+        X = np.asarray([r[0] for r in rows], dtype=np.float64)
+        y = np.asarray([r[1] for r in rows], dtype=np.float64)
+        model = fit(X, y, self._fp)
+        norms = None
+        if self.cfg.root_cause and any(r[2] for r in rows):
+            expected = model.predict_many(X) * math.exp(model.center)
+            norms = StageNorms.fit([r[2] for r in rows], expected, X[:, 0], self.cfg.root_cause_min_z)
+        return model, norms
+
+    def train(self, steps: Iterable[StepRecord]) -> Dict[str, int]:
+        """Fit a baseline per phase on known-normal steps now (offline ``--train``); returns rows per phase.
+
+        The result seeds every (instance, phase) seen afterwards, exactly as a loaded baseline does.
+        """
+        prev = PrevTracker()
+        rows: Dict[str, list] = {}
+        for s in steps:
+            if s.phase not in self._phases:
+                continue
+            if self._check("\0train:" + s.instance, s.start_ns, s.end_ns, s.batch_size, s.prefill_tokens,
+                           s.decode_tokens, s.context_tokens, s.max_context_tokens) is not None:
+                continue
+            p = prev.prev(s.instance, s.start_ns, s.end_ns)
+            prev.update(s.instance, s.batch_size, s.prefill_tokens + s.decode_tokens, s.end_ns)
+            x = step_features(s.batch_size, s.prefill_tokens, s.decode_tokens, s.context_tokens,
+                              s.max_context_tokens, p)
+            st = {n: (b - a) / 1e6 for n, (a, b) in s.stages.items()} if s.stages else None
+            rows.setdefault(s.phase, []).append((x, (s.end_ns - s.start_ns) / 1e6, st))
+        out = {}
+        for phase, rs in rows.items():
+            if len(rs) < max(30, self.cfg.min_train // 4):
+                continue
+            rs = rs[-self.cfg.max_train:]
+            model, norms = self._fit_rows(rs)
+            self._seeds[phase] = (model, norms, rs[-_SAMPLE_ROWS:])
+            for (_, ph), k in self._keys.items():
+                if ph == phase:
+                    k.model, k.norms = model, norms
+            out[phase] = len(rs)
+        return out
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no fit is queued or running (tests, benchmarks)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._q.empty() and not any(k.fitting for k in list(self._keys.values())):
+                return True
+            time.sleep(0.005)
+        return False
+
+    # -- baselines ---------------------------------------------------------------------------------
+    def _load_baseline(self) -> None:
+        doc = bl.load(self.cfg.baseline_dir, self.baseline_key)
+        if doc is None:
+            return
+        for phase, d in doc.get("phases", {}).items():
+            try:
+                model = LatencyModel.from_dict(d["model"])
+                norms = StageNorms.from_dict(d["stages"]) if d.get("stages") else None
+                s = d.get("sample") or {}
+                stage_rows = s.get("S") or [None] * len(s.get("y", []))
+                rows = [(tuple(x), float(y), st) for x, y, st in zip(s.get("X", []), s.get("y", []), stage_rows)]
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("prism-otel: baseline phase %s unusable: %s", phase, exc)
+                continue
+            self._seeds[phase] = (model, norms, rows)
+        self.baseline_loaded = bool(self._seeds)
+
+    def save_baseline(self) -> Optional[str]:
+        """Write the latest model of each phase (and a sample of its normal steps) under the key."""
+        if not self.cfg.baseline_dir:
+            return None
+        with self._lock:
+            latest = dict(self._latest)
+            self._dirty = False
+        phases = {}
+        for phase, k in latest.items():
+            if k.model is None:
+                continue
+            rows = k.rows()[-_SAMPLE_ROWS:]
+            phases[phase] = {"model": k.model.to_dict(), "stages": k.norms.to_dict() if k.norms else None,
+                             "sample": {"X": [list(r[0]) for r in rows], "y": [r[1] for r in rows],
+                                        "S": [r[2] for r in rows]}}
+        for phase, (model, norms, rows) in self._seeds.items():
+            if phase not in phases:  # keep what was loaded for phases not refitted here
+                phases[phase] = {"model": model.to_dict(), "stages": norms.to_dict() if norms else None,
+                                 "sample": {"X": [list(r[0]) for r in rows], "y": [r[1] for r in rows],
+                                            "S": [r[2] for r in rows]}}
+        if not phases:
+            return None
+        try:
+            return bl.save(self.cfg.baseline_dir, self.baseline_key, phases)
+        except OSError as exc:
+            logger.warning("prism-otel: could not save baseline in %s: %s", self.cfg.baseline_dir, exc)
+            return None
+
+    # -- lifecycle and introspection ---------------------------------------------------------------
+    def shutdown(self) -> None:
+        t = self._thread
+        if t is not None:
+            self._q.put(None)
+            t.join(5.0)
+            self._thread = None
+        if self.cfg.baseline_dir and self._dirty:
+            self.save_baseline()
+        self.sink.close()
+
+    def stats(self) -> dict:
+        return {"keys": len(self._keys), "models": sum(1 for k in self._keys.values() if k.model is not None),
+                "fits": sum(k.fits for k in self._keys.values()), "fit_errors": self.fit_errors,
+                "alerts": self.alerts, "bad": dict(self.bad), "baseline_loaded": self.baseline_loaded,
+                "alert_webhook_dropped": self.sink.dropped, "alert_failed": self.sink.failed}
