@@ -1,0 +1,122 @@
+"""The whole path against a real backend: the official OTel OTLP exporters (gRPC and HTTP) → our
+receivers → prism_anomaly (+ prism_fleet) → our otlp_grpc and otlp_http exporters → Phoenix
+(``phoenix serve`` on loopback, its own venv: ``make .venv-phoenix/.installed``), queried back through
+its REST API. Phoenix is stopped and restarted mid-stream and the collector is SIGKILLed and
+restarted on its persistent queue; every span arrives exactly once (Phoenix keys spans by id)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import pytest
+
+from prism_otel import semconv as sc
+from tests.collector.harness import (PHOENIX_BIN, CollectorProcess, Phoenix, client_provider, free_port, send_steps,
+                                     span_ids, write_config)
+from tests.collector.spans_util import make_step
+
+pytestmark = pytest.mark.slow
+
+PROCESSORS = {"prism_fleet": {"min_steps": 16, "window": 64}}
+
+
+def _config(tmp_path, ph: Phoenix, ports):
+    queue = {"storage": "file_storage", "queue_size": 2000, "num_consumers": 2}
+    retry = {"initial_interval": "200ms", "max_interval": "2s", "max_elapsed_time": 0}
+    procs = list(PROCESSORS)
+    return {
+        "extensions": {"file_storage": {"directory": str(tmp_path / "queue"), "create_directory": True}},
+        "receivers": {
+            "otlp/a": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{ports[0]}"}}},
+            "otlp/b": {"protocols": {"http": {"endpoint": f"127.0.0.1:{ports[1]}"}}},
+        },
+        "processors": PROCESSORS,
+        "exporters": {
+            "otlp_grpc/phoenix": {"endpoint": f"127.0.0.1:{ph.grpc_port}", "tls": {"insecure": True},
+                                  "sending_queue": queue, "retry_on_failure": retry},
+            "otlp_http/phoenix": {"endpoint": ph.base, "sending_queue": queue, "retry_on_failure": retry},
+        },
+        "service": {"extensions": ["file_storage"], "pipelines": {
+            "traces/a": {"receivers": ["otlp/a"], "processors": procs, "exporters": ["otlp_grpc/phoenix"]},
+            "traces/b": {"receivers": ["otlp/b"], "processors": procs, "exporters": ["otlp_http/phoenix"]},
+        }},
+    }
+
+
+def _steps(instance, start, n, slow=1.0, spikes=()):
+    rng = random.Random(hash((instance, start)))
+    out = []
+    for i in range(start, start + n):
+        batch = rng.randint(1, 16)
+        dur = (2.0 + 0.6 * batch) * slow * (3.0 if i in spikes else 1.0)
+        out.append(make_step(i, instance=instance, dur_ms=dur, batch=batch, context_tokens=batch * rng.randint(50, 400)))
+    return out
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not os.path.exists(PHOENIX_BIN), reason="build Phoenix with `make .venv-phoenix/.installed`")
+def test_official_exporters_to_phoenix_through_prism(tmp_path):
+    (tmp_path / "phoenix").mkdir()
+    ph = Phoenix(str(tmp_path / "phoenix")).start()
+    ports = (free_port(), free_port())
+    path = write_config(str(tmp_path / "c.yaml"), _config(tmp_path, ph, ports))
+    log = str(tmp_path / "collector.log")
+    col = CollectorProcess(path, log).start()
+    # a: gRPC client, two healthy instances; b: HTTP client, one healthy and one slow from its first step.
+    clients = {inst: client_provider(proto, ports[0] if proto == "grpc" else ports[1], inst,
+                                     **{"prism.engine.framework": "transformers", "prism.device.kind": "cpu"})
+               for inst, proto in (("a-1", "grpc"), ("a-2", "grpc"), ("b-1", "http"), ("b-slow", "http"))}
+    spikes = set(range(250, 300, 5))
+
+    def send(start, n):
+        for inst, (tp, _) in clients.items():
+            send_steps(tp, _steps(inst, start, n, slow=2.0 if inst == "b-slow" else 1.0,
+                                  spikes=spikes if inst == "a-1" else ()))
+        for tp, _ in clients.values():
+            assert tp.force_flush(60_000)
+
+    def sent_ids():
+        return [sid for tp, rec in clients.values() for sid in span_ids(rec.get_finished_spans())]
+
+    try:
+        send(0, 120)
+        # Phoenix acknowledges before it writes (a background inserter) and drops what it has not
+        # written when stopped; that loss would be Phoenix's, so let it store what it acknowledged first.
+        ph.wait_for(sent_ids(), timeout=120)
+        ph.stop()  # backend down mid-stream: the collector keeps what it acknowledged on disk
+        send(120, 80)
+        time.sleep(1.0)
+        col.kill()  # and crashes while the backend is still down
+        col = CollectorProcess(path, log).start()
+        ph.start()
+        send(200, 120)
+        sent = sent_ids()
+        spans = ph.wait_for(sent, timeout=180)
+    finally:
+        for tp, _ in clients.values():
+            tp.shutdown()
+        col.stop()
+        ph.stop()
+    got = [s["context"]["span_id"] for s in spans]
+    assert len(sent) == len(set(sent)) == 4 * 320 * 4
+    missing = set(sent) - set(got)
+    where = sorted({(n, i // 40 * 40) for tp, rec in clients.values() for sp in rec.get_finished_spans()
+                    if format(sp.context.span_id, "016x") in missing
+                    for n, i in [(sp.resource.attributes["service.instance.id"],
+                                  sp.attributes.get(sc.STEP_INDEX, -1))]})
+    assert not missing, f"missing {len(missing)} spans (instance, step block): {where[:12]}"
+    assert set(got) == set(sent)
+    assert len(got) == len(set(got))
+    steps = [s for s in spans if s["name"] == sc.STEP_SPAN]
+    assert len(steps) == 4 * 320
+    by_inst = {}
+    for s in steps:
+        by_inst.setdefault(s["attributes"][sc.STEP_INSTANCE], []).append(s["attributes"])
+    if "prism_anomaly" in PROCESSORS:  # the detector's verdict is on every step span
+        assert all(sc.ANOMALY in a for a in (x for v in by_inst.values() for x in v))
+    slow = by_inst["b-slow"]
+    flagged = [a for a in slow if a.get(sc.FLEET_SLOW) is True and a.get(sc.ANOMALY) is True]
+    assert len(flagged) >= 0.8 * len(slow) - 32, "the instance slow from its first step is caught by prism_fleet"
+    assert not any(a.get(sc.FLEET_SLOW) for a in by_inst["b-1"] + by_inst["a-1"] + by_inst["a-2"])
