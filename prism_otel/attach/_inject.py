@@ -155,8 +155,13 @@ class Request:
         with os.fdopen(fd, "w") as f:
             json.dump(req, f)
         if t.uid != os.geteuid():  # root attaching to another user's process: hand the files over
-            os.chown(self.request_path, t.uid, -1)
-            os.chown(self.op, t.uid, -1)
+            try:
+                os.chown(self.request_path, t.uid, -1)
+                os.chown(self.op, t.uid, -1)
+            except PermissionError as exc:
+                shutil.rmtree(self.op, ignore_errors=True)
+                raise Refused(f"cannot hand the request files to uid {t.uid} (process {t.pid}): {exc.strerror}; "
+                              "attach as root or as that user") from exc
         self.method = "remote_exec" if t.version >= (3, 14) else "pyinjector"
         self.stub_path = os.path.join(self.dir, f"req-{t.pid}-{self.id}.py" if self.method == "remote_exec"
                                       else f"req-{t.pid}.py")

@@ -93,6 +93,13 @@ def _remember(t: Target, doc: dict, attached_now: bool) -> None:
                                "patched": doc.get("patched", []), "argv": t.argv[:8]}
         else:
             reg.pop(str(t.pid), None)
+        for k, e in list(reg.items()):  # forget processes that are gone (or whose pid was reused)
+            try:
+                alive = start_time(e["pid"]) == e["start_time"]
+            except (OSError, ValueError, KeyError):
+                alive = False
+            if not alive:
+                reg.pop(k)
         tmp = _registry_path() + ".tmp"
         with open(tmp, "w") as f:
             json.dump(reg, f, indent=1)
