@@ -36,6 +36,16 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 EXTRA_ENVS += $(VLLM_VENV)/.installed
 
+# Phoenix (tests/collector/test_phoenix.py): a real OTLP backend, in its own venv so its many pins stay
+# out of .venv. Started by the tests with `phoenix serve` on loopback ports of their own.
+PHOENIX_VENV := .venv-phoenix
+$(PHOENIX_VENV)/.installed:
+	test -x $(PHOENIX_VENV)/bin/python || $(PY) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PHOENIX_VENV)/bin/python -m pip install -q arize-phoenix==20.26.1
+	touch $@
+EXTRA_ENVS += $(PHOENIX_VENV)/.installed
+
 test: $(VENV)/.installed $(EXTRA_ENVS)
 	$(VPY) -m pytest -q tests
 
