@@ -102,10 +102,11 @@ class StepTimeline:
     def start(self) -> None:
         self._record(sc.KERNEL_GROUPS[-1], self.stream)  # "other" until a hook says otherwise
 
-    def mark(self, label: str) -> None:
+    def mark(self, label: str, hook: bool = True) -> None:
         if self.closed or self.capturing:
             return
-        self.marks += 1
+        if hook:
+            self.marks += 1  # a module / collective hook fired inside the forward
         if self.labels and self.labels[-1] == label:
             return
         self._record(label)
@@ -128,7 +129,7 @@ class StepTimeline:
         if not self.stack:
             if self.dd.annotate and not self.closed:
                 self._annotate("sampling")  # closed by finish()
-            self.mark("sampling")
+            self.mark("sampling", hook=False)
 
     def _annotate(self, group: str) -> None:
         import torch
