@@ -153,6 +153,7 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
             for e in exporters:
                 provider.add_span_processor(CountingBatchSpanProcessor(e, _count_export_drop))
             own = True
+        RECORDER.drain(1 << 30)  # records a hook wrote after an earlier stop() belong to no pipeline
         procs = default_processors() if processors is None else list(processors)
         pipeline = Pipeline(RECORDER, provider, _instance_id(), procs,
                             max_step_links=_env_int(sc.ENV_MAX_STEP_LINKS, 128),
@@ -210,7 +211,7 @@ def status() -> dict:
     from prism_otel.instrumentation._hooks import hook_errors
 
     st = _state
-    out = {"pid": os.getpid(), "running": st is not None, "instrumentations": {k: list(v) for k, v in STATUS.items()},
+    out = {"pid": os.getpid(), "python": sys.version.split()[0], "running": st is not None, "instrumentations": {k: list(v) for k, v in STATUS.items()},
            "hook_errors": hook_errors(), "ring_dropped": RECORDER.dropped}
     if st is not None:
         p = st.pipeline
