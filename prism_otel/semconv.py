@@ -150,6 +150,7 @@ RES_SERVICE_NAME = "service.name"
 # Collector self-telemetry counters (labels: receiver, exporter, transport, reason).
 COLLECTOR_RECEIVED_SPANS = "prism.collector.received_spans"
 COLLECTOR_REFUSED_SPANS = "prism.collector.refused_spans"
+COLLECTOR_REFUSED_REQUESTS = "prism.collector.refused_requests"  # refused before decoding (intake full)
 COLLECTOR_MALFORMED_REQUESTS = "prism.collector.malformed_requests"
 COLLECTOR_REJECTED_SPANS = "prism.collector.rejected_spans"
 COLLECTOR_UNAUTHENTICATED = "prism.collector.unauthenticated_requests"
