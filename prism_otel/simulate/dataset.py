@@ -5,9 +5,10 @@ which writes OTLP/JSON lines (``traces-<pid>.jsonl``) under the run's ``otlp/`` 
 ``prism.step`` span becomes one row, in start order, with the columns ``prism-otel detect`` reads
 (:data:`STEP_COLUMNS`) followed by extras: the step index, the host-stage durations of its child
 ``prism.stage.*`` spans (``stage_<name>_us``) and the in-process detector's verdict when it ran
-(``online_anomaly``, ``online_score``, ``expected_us``; empty otherwise).
+(``online_anomaly``, ``online_score``, ``online_expected_us``; empty otherwise).
 
-Labels: a step is anomalous (``anomaly=1``, ``fault=<name>``) when its ``[start, end]`` overlaps an
+Labels: a step is anomalous (``anomaly=1``, ``fault=<name>``; ``label`` repeats ``anomaly`` for readers
+of the ``label`` column, :mod:`prism_otel.simulate.stepcsv`) when its ``[start, end]`` overlaps an
 injection window ``[t_start, t_end]`` (wall-clock ns, as recorded by the injector: from the moment
 the fault acted to the moment it was fully undone). Windows are closed intervals, so a step that
 ends exactly when a fault starts counts as overlapping.
@@ -25,7 +26,7 @@ from prism_otel.otlp_json import request_from_json, request_to_dict
 
 STEP_COLUMNS = ("instance", "start_ns", "duration_us", "phase", "batch_size", "prefill_tokens", "decode_tokens",
                 "context_tokens", "max_context_tokens")
-LABEL_COLUMNS = ("index", "start_ns", "end_ns", "anomaly", "fault")
+LABEL_COLUMNS = ("index", "start_ns", "end_ns", "anomaly", "fault", "label")
 _FEATURES = {sc.BATCH_SIZE: "batch_size", sc.BATCH_PREFILL_TOKENS: "prefill_tokens",
              sc.BATCH_DECODE_TOKENS: "decode_tokens", sc.BATCH_CONTEXT_TOKENS: "context_tokens",
              sc.BATCH_MAX_CONTEXT_TOKENS: "max_context_tokens"}
@@ -99,7 +100,7 @@ def steps_from_spans(spans: Sequence[dict]) -> List[dict]:
         row["online_anomaly"] = "" if sc.ANOMALY not in a else int(bool(a[sc.ANOMALY]))
         row["online_score"] = a.get(sc.ANOMALY_SCORE, "")
         exp = a.get(sc.LATENCY_EXPECTED_MS)
-        row["expected_us"] = "" if exp is None else round(float(exp) * 1e3, 3)
+        row["online_expected_us"] = "" if exp is None else round(float(exp) * 1e3, 3)
         rows.append(row)
     rows.sort(key=lambda r: (r["start_ns"], r["instance"]))
     return rows
@@ -115,7 +116,7 @@ def label(rows: Sequence[dict], windows: Sequence[dict]) -> List[dict]:
                 fault = w["fault"]
                 break
         out.append({"index": i, "start_ns": r["start_ns"], "end_ns": r["end_ns"], "anomaly": int(bool(fault)),
-                    "fault": fault})
+                    "fault": fault, "label": int(bool(fault))})
     return out
 
 
