@@ -167,6 +167,9 @@ def accelerator_of(model) -> Optional[str]:
         return None
     try:
         dev = getattr(model, "device", None)
+        if dev is None and hasattr(model, "parameters"):  # a plain nn.Module: where its weights are
+            p = next(model.parameters(), None)
+            dev = None if p is None else p.device
         t = getattr(dev, "type", None)
         if t in (None, "cpu", "meta"):
             return None
