@@ -57,12 +57,14 @@ class AnomalyConfig:
     point_k: float = 5.0
     window_k: float = 4.0
     cusum_k: float = 1.5
-    cusum_h: float = 8.0
+    cusum_h: float = 5.0
     flag_k: float = 1.5
     min_rel: float = 0.03
+    min_shift: float = 0.05
     clear_steps: int = 3
     novelty_k: float = 2.0
     novelty_refit: int = 50
+    min_support: int = 10
     n_trees: int = 100
     tree_depth: int = 3
     root_cause: bool = True
@@ -154,7 +156,8 @@ class AnomalyProcessor(StepProcessor):
         self.cfg: AnomalyConfig = config
         c = config
         self._vp = VerdictParams(point_k=c.point_k, window=c.window, window_k=c.window_k, cusum_k=c.cusum_k,
-                                 cusum_h=c.cusum_h, flag_k=c.flag_k, min_rel=c.min_rel, clear_steps=c.clear_steps)
+                                 cusum_h=c.cusum_h, flag_k=c.flag_k, min_rel=c.min_rel, min_shift=c.min_shift,
+                                 clear_steps=c.clear_steps)
         self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, window=c.window)
         self._phases = c.phase_set()
         self._keys: Dict[Tuple[str, str], _Key] = {}
@@ -238,6 +241,11 @@ class AnomalyProcessor(StepProcessor):
             pred = m.predict_one(x)
             r = math.log(y_ms / pred)
             novel = m.excess(x)
+            if r - m.center > self._vp.flag_k * m.scale and novel < 1.0:
+                # slower than usual: is this a workload the model has hardly seen? (only computed here)
+                sup = m.support(x)
+                if sup < self.cfg.min_support:
+                    novel = max(novel, 1.0 - sup / self.cfg.min_support)
             score, anomalous, rising = k.verdict.judge(r, m, 1.0 + self.cfg.novelty_k * novel)
             expected = pred * math.exp(m.center)
             root = None
@@ -388,6 +396,8 @@ class AnomalyProcessor(StepProcessor):
                 s = d.get("sample") or {}
                 stage_rows = s.get("S") or [None] * len(s.get("y", []))
                 rows = [(tuple(x), float(y), st) for x, y, st in zip(s.get("X", []), s.get("y", []), stage_rows)]
+                if rows:
+                    model.set_support(np.asarray([r[0] for r in rows], dtype=np.float64))
             except (KeyError, TypeError, ValueError) as exc:
                 logger.warning("prism-otel: baseline phase %s unusable: %s", phase, exc)
                 continue

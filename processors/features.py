@@ -10,7 +10,9 @@ meaningless for a phase is simply constant there and ignored by the fit):
 * ``quad_hi``: prefill attention, sum of L^2 bounded above by ``max_context x new_tokens``;
 * ``quad_lo``: the same bounded below by ``new_tokens^2 / batch`` (equal lengths);
 * ``prev_batch``, ``prev_tokens``: the previous step of the same instance when it ran back to back
-  (overlapped engines process the previous batch's results under this batch's device work).
+  (overlapped engines process the previous batch's results under this batch's device work);
+* ``avg_context``: context per request (with ``batch``, the two axes of the decode workload: the
+  trees generalise better across them than across the summed context).
 
 Missing data degrades gracefully: an engine that reports no KV/context numbers gives zeros, which
 are constant columns the model drops; a step with no previous neighbour gets zeros there.
@@ -21,8 +23,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 FEATURE_NAMES = ("batch", "new_tokens", "decode_tokens", "context", "quad_hi", "quad_lo", "prev_batch",
-                 "prev_tokens")
+                 "prev_tokens", "avg_context")
 N_FEATURES = len(FEATURE_NAMES)
+AVG_CONTEXT = FEATURE_NAMES.index("avg_context")
 
 # Physics columns the interpretable linear baseline uses (indices into FEATURE_NAMES); the trees see all.
 LINEAR_COLUMNS = (0, 1, 2, 3, 4, 6)
@@ -39,7 +42,8 @@ def step_features(batch: int, prefill: int, decode: int, context: int, max_conte
         pb = pt = 0
     else:
         pb, pt = prev
-    return (float(batch), float(prefill), float(decode), float(context), quad_hi, quad_lo, float(pb), float(pt))
+    return (float(batch), float(prefill), float(decode), float(context), quad_hi, quad_lo, float(pb), float(pt),
+            context / b)
 
 
 class PrevTracker:

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from processors.features import LINEAR_COLUMNS, N_FEATURES
+from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_FEATURES
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class FitParams:
     n_trees: int = 100
     depth: int = 3
     learning_rate: float = 0.1
-    min_leaf: int = 8
+    min_leaf: int = 15
     window: int = 8
     scale_floor: float = 0.004  # smallest residual scale accepted (log units, ~0.4%)
 
@@ -71,6 +71,7 @@ class LatencyModel:
         self._lin = tuple(zip(self.cols, self.coef, self.lo))
         # upper edges of the training envelope of the physics columns, for novelty (see excess())
         self._hi = tuple((c, float(ranges[c][1])) for c in LINEAR_COLUMNS if ranges and ranges[c][1] > 0)
+        self.support_pts: Optional[np.ndarray] = None  # (n, 2) log batch, log context per request
         if trees is not None:
             self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
             self._value, self._roots = trees["value"], trees["roots"]
@@ -91,6 +92,21 @@ class LatencyModel:
             if v > e:
                 e = v
         return e
+
+    def set_support(self, X: np.ndarray) -> "LatencyModel":
+        X = np.asarray(X, dtype=np.float64).reshape(-1, N_FEATURES)
+        self.support_pts = np.log1p(X[:, (0, AVG_CONTEXT)]).astype(np.float32)
+        return self
+
+    def support(self, x, radius: float = 0.1) -> int:
+        """Training steps within ``radius`` (relative) of this step in batch size and context per
+        request: how densely the model has seen this workload (the two axes are correlated in
+        traffic, so a combination can be unseen although each value alone is in range)."""
+        pts = self.support_pts
+        if pts is None:
+            return 1 << 30
+        q = np.log1p(np.asarray((x[0], x[AVG_CONTEXT]), dtype=np.float32))
+        return int(np.count_nonzero((np.abs(pts - q) < radius).all(axis=1)))
 
     def base_one(self, x) -> float:
         b = self.intercept
@@ -217,7 +233,7 @@ def _fit_linear(X: np.ndarray, y: np.ndarray):
     if cols:
         best = _lsq_err(X, y, cols, knots)
         for i, c in enumerate(cols):
-            for q in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5):
+            for q in (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9):
                 trial = list(knots)
                 trial[i] = float(np.quantile(X[:, c], q))
                 e = _lsq_err(X, y, cols, trial)
@@ -308,5 +324,6 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyM
     win_std = max(win_std, 0.58 / math.sqrt(w))  # never tighter than iid normal residuals allow
     final = _fit_once(X, y, p, with_trees)
     ranges = [[float(a), float(b)] for a, b in zip(X.min(axis=0), X.max(axis=0))]
-    return LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
-                        max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo)
+    model = LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
+                         max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo)
+    return model.set_support(X)

@@ -1,24 +1,26 @@
 """The verdict on one step's residual: point, window and sustained-shift tests with hysteresis.
 
 Input per step: ``r = log(observed / predicted)`` and the model's residual statistics learned out
-of fold on normal steps (``center``, robust ``scale``, the 99.9% ``tail``, the spread of the
-window mean). Everything below is in units of that scale (``d = (r - center) / scale``):
+of fold on normal steps (``center``, robust ``scale`` s, the 99.9% ``tail``, the mean and spread of
+the window mean). With ``u = r - center`` (about the relative excess over the expected latency):
 
-* point test: ``d > point_limit`` (``max(point_k, 1.25 * tail)``), catches spikes and large
-  slowdowns on the step itself (lag 0);
-* window test: the one-sided residual ``max(0, d)`` averaged over the last ``window`` steps
-  against the limit learned from normal residuals (``win_mean + window_k * win_std``), catches
+* point test: ``u > max(point_k * s, 1.25 * tail * s, min_shift)``: spikes and large slowdowns on
+  the step itself (lag 0);
+* window test: the one-sided residual ``max(0, u)`` averaged over the last ``window`` steps against
+  the limit learned from normal residuals, ``max((win_mean + window_k * win_std) * s, min_shift)``:
   moderate sustained slowdowns within a few steps (LatencyPrism's smoothed control chart);
-* sustained-shift test: a one-sided CUSUM ``S = max(0, S + min(d, point_limit) - cusum_k)``, alarm
-  at ``S > cusum_h``, catches slow drifts that stay under the other two limits;
-* novelty: where the step's workload lies beyond the training envelope the model extrapolates, so
-  the residual scale is widened by the caller (``inflate``) until a refit has learned the region;
+* sustained-shift test: a one-sided CUSUM ``S = max(0, S + min(u, point limit) - a)`` with
+  allowance ``a = max(cusum_k * s, min_shift / 2)``, alarm at ``S > max(cusum_h * s, 2 * min_shift)``:
+  slow drifts that stay under the other two limits;
+* novelty: where the step's workload lies beyond what the model was trained on, the caller widens
+  ``s`` (``inflate``) until a refit has learned the region;
 * hysteresis: the *alarm* stays up until ``clear_steps`` steps in a row fire nothing, so alerts
   (rising edges) do not flap; a step is *anomalous* when the point test fires, or while a
-  window/CUSUM alarm is up and the step itself is over ``flag_k`` and over ``min_rel``.
+  window/CUSUM alarm is up and the step itself is over ``flag_k * s`` and over ``min_rel``.
 
-Pure and allocation-free per step (a few float operations and one bounded deque), so it runs on
-the calling thread in about a microsecond.
+``min_shift`` is the smallest sustained slowdown worth an alarm (default 5%): a model is never
+perfect across every workload, and a bias of a few percent in a sparsely seen region must not read
+as an anomaly however long it lasts. Pure, a few float operations and one bounded deque per step.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ class VerdictParams:
     window: int = 8
     window_k: float = 4.0
     cusum_k: float = 1.5
-    cusum_h: float = 8.0
+    cusum_h: float = 5.0
     flag_k: float = 1.5
     min_rel: float = 0.03
+    min_shift: float = 0.05
     clear_steps: int = 3
 
 
@@ -58,24 +61,36 @@ class KeyVerdict:
         """(score, anomalous, rising_edge) for one step's log residual ``r`` under ``model``;
         ``inflate`` widens the residual scale where the model extrapolates."""
         p = self.p
-        d = (r - model.center) / (model.scale * inflate)
-        point_lim = model.point_limit(p.point_k)
+        s = model.scale * inflate
+        u = r - model.center
+        point_thr = model.point_limit(p.point_k) * s
+        if point_thr < p.min_shift:
+            point_thr = p.min_shift
         # window of one-sided residuals
-        e = d if d > 0.0 else 0.0
+        e = u if u > 0.0 else 0.0
         win = self.win
         if len(win) == win.maxlen:
             self.win_sum -= win[0]
         win.append(e)
         self.win_sum += e
-        wz = 0.0
-        if len(win) == win.maxlen:
-            wz = (self.win_sum / len(win) - model.win_mean) / model.win_std
-        # CUSUM on the standardised residual, each step's push bounded by the point limit
-        c = self.cusum + (d if d < point_lim else point_lim) - p.cusum_k
-        c = 0.0 if c < 0.0 else (2.0 * p.cusum_h if c > 2.0 * p.cusum_h else c)
+        win_thr = (model.win_mean + p.window_k * model.win_std) * s
+        if win_thr < p.min_shift:
+            win_thr = p.min_shift
+        wm = self.win_sum / len(win) if len(win) == win.maxlen else 0.0
+        # CUSUM, each step's push bounded by the point limit
+        a = p.cusum_k * s
+        if a < 0.5 * p.min_shift:
+            a = 0.5 * p.min_shift
+        h = p.cusum_h * s
+        if h < 2.0 * p.min_shift:
+            h = 2.0 * p.min_shift
+        c = self.cusum + (u if u < point_thr else point_thr) - a
+        c = 0.0 if c < 0.0 else (2.0 * h if c > 2.0 * h else c)
+        if c > h and len(win) == win.maxlen and wm < 0.5 * win_thr:
+            c = h  # the last window looks normal again: recover in a step, not 2h / a of them
         self.cusum = c
-        point = d > point_lim
-        sus_fire = wz > p.window_k or c > p.cusum_h
+        point = u > point_thr
+        sus_fire = wm > win_thr or c > h
         if sus_fire:
             self.sustained = True
             self.quiet_s = 0
@@ -92,13 +107,10 @@ class KeyVerdict:
             self.quiet += 1
             if self.quiet >= p.clear_steps:
                 self.alarm = False
-        rel = r - model.center
-        anomalous = point or (self.sustained and d > p.flag_k and rel > p.min_rel)
-        if anomalous and rel <= p.min_rel:
-            anomalous = False
-        score = d / point_lim
-        s2 = wz / p.window_k
-        s3 = c / p.cusum_h
+        anomalous = point or (self.sustained and u > p.flag_k * s and u > p.min_rel)
+        score = u / point_thr
+        s2 = wm / win_thr
+        s3 = c / h
         if s2 > score:
             score = s2
         if s3 > score:
