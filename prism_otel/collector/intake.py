@@ -34,6 +34,13 @@ class MemoryIntake:
         self._cv = threading.Condition()
         self._closed = False
 
+    def admit(self) -> None:
+        """Cheap check before a request is even decoded: raises Refused when it could not be queued."""
+        if self._closed:
+            raise Refused("shutting down", self.retry_after, overloaded=False)
+        if len(self._q) >= self.max_requests or self._bytes >= self.max_bytes:
+            raise Refused("intake queue full", self.retry_after)
+
     def put(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
         with self._cv:
             if self._closed:
@@ -73,6 +80,12 @@ class DiskIntake:
         self._next = wal.cursor  # next seq the pipeline gets
         self._cv = threading.Condition()
         self._closed = False
+
+    def admit(self) -> None:
+        if self._closed:
+            raise Refused("shutting down", self.retry_after, overloaded=False)
+        if self.wal.pending >= self.max_records:
+            raise Refused("persistent queue full", self.retry_after)
 
     def put(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
         with self._cv:

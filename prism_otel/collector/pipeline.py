@@ -86,6 +86,9 @@ class Pipeline:
     def consume(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
         self.intake.put(req, raw, n_spans)
 
+    def admit(self) -> None:
+        self.intake.admit()
+
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"prism-pipeline-{self.name}", daemon=True)

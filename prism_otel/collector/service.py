@@ -30,6 +30,10 @@ class _FanOut:
     def __init__(self, pipelines: List[Pipeline]) -> None:
         self.pipelines = pipelines
 
+    def admit(self) -> None:
+        for p in self.pipelines:
+            p.admit()
+
     def __call__(self, req, raw, n_spans) -> None:
         if len(self.pipelines) == 1:
             self.pipelines[0].consume(req, raw, n_spans)

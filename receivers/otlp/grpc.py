@@ -45,6 +45,10 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
                 r.unauthenticated("grpc")
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         try:
+            r.admit("grpc")
+        except Refused as exc:
+            self._refuse(context, exc)
+        try:
             req = decode_protobuf(request)
         except Malformed as exc:
             r.malformed("grpc", "decode")
@@ -52,9 +56,13 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
         try:
             return r.accept(req, request, "grpc")
         except Refused as exc:
-            context.set_trailing_metadata(((RETRY_INFO_KEY, retry_info(exc.retry_after)),))
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.overloaded else grpc.StatusCode.UNAVAILABLE
-            context.abort(code, f"{exc.reason}; retry after {exc.retry_after:g}s")
+            self._refuse(context, exc)
+
+    @staticmethod
+    def _refuse(context, exc: Refused) -> None:
+        context.set_trailing_metadata(((RETRY_INFO_KEY, retry_info(exc.retry_after)),))
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.overloaded else grpc.StatusCode.UNAVAILABLE
+        context.abort(code, f"{exc.reason}; retry after {exc.retry_after:g}s")
 
 
 class GRPCFrontEnd:

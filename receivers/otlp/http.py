@@ -56,6 +56,7 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "prism-otel"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
     timeout = 15  # seconds a keep-alive connection may sit idle, and a slow body may take
 
     def log_message(self, fmt, *args) -> None:  # no per-request logs; the receiver counts
@@ -108,6 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             body = self._read_body(length, cfg.max_request_body_size)
+            r.admit("http")
             enc = (self.headers.get("Content-Encoding") or "").strip().lower()
             if enc and enc != "identity":
                 body = _inflate(body, enc, cfg.max_request_body_size)
@@ -120,17 +122,23 @@ class _Handler(BaseHTTPRequestHandler):
             r.malformed("http", "decode")
             self._error(400, str(exc), as_json, close=self.close_connection)
             return
+        except Refused as exc:
+            self._refuse(exc, as_json)
+            return
         try:
             resp = r.accept(req, None if as_json else body, "http")
         except Refused as exc:
-            code = 429 if exc.overloaded else 503
-            self._error(code, exc.reason, as_json, (("Retry-After", str(max(1, math.ceil(exc.retry_after)))),))
+            self._refuse(exc, as_json)
             return
         if as_json:
             payload = json.dumps(json_format.MessageToDict(resp)).encode()
             self._send(200, payload, JSON)
         else:
             self._send(200, resp.SerializeToString(), PROTOBUF)
+
+    def _refuse(self, exc: Refused, as_json: bool) -> None:
+        code = 429 if exc.overloaded else 503
+        self._error(code, exc.reason, as_json, (("Retry-After", str(max(1, math.ceil(exc.retry_after)))),))
 
     def _drain(self, length: Optional[str]) -> None:
         if length and length.isdigit() and int(length) <= self.server.front.cfg.max_request_body_size:

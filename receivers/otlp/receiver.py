@@ -116,6 +116,18 @@ class OTLPReceiver:
         return self.http.port if self.http else None
 
     # -- per request ----------------------------------------------------------------------------
+    def admit(self, transport: str) -> None:
+        """Refuse before decoding when the pipelines are full: overload then costs little CPU."""
+        admit = getattr(self.consumer, "admit", None)
+        if admit is None:
+            return
+        try:
+            admit()
+        except Refused as exc:
+            self.telemetry.add(sc.COLLECTOR_REFUSED_REQUESTS, receiver=self.id, transport=transport,
+                               reason=exc.reason)
+            raise
+
     def malformed(self, transport: str, reason: str) -> None:
         self.telemetry.add(sc.COLLECTOR_MALFORMED_REQUESTS, receiver=self.id, transport=transport, reason=reason)
 

@@ -189,7 +189,7 @@ def test_full_intake_answers_with_backpressure_statuses(tmp_path):
                              headers={"Content-Type": "application/x-protobuf"}, timeout=10)
         assert resp.status_code == 429 and int(resp.headers["Retry-After"]) >= 1
         assert Status.FromString(resp.content).code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-        assert svc.telemetry.get(sc.COLLECTOR_REFUSED_SPANS) == 8
+        assert svc.telemetry.get(sc.COLLECTOR_REFUSED_REQUESTS) == 2  # refused before decoding
 
 
 def test_bearer_token_auth(tmp_path):
