@@ -150,7 +150,11 @@ class AnomalyProcessor(StepProcessor):
 
     name = "anomaly"
 
-    def __init__(self, config=None) -> None:
+    def __init__(self, config=None, key_resolver=None) -> None:
+        """``config``: an :class:`AnomalyConfig` or a dict of its keys. ``key_resolver`` (in-process
+        only): a callable returning the baseline key dict, or None while it is not known yet (a model
+        name the engine reports late); it is asked on each step until it answers, for at most 64
+        steps, and the baseline is loaded then."""
         if config is None or isinstance(config, dict):
             config = AnomalyConfig.from_dict(config or {})
         self.cfg: AnomalyConfig = config
@@ -179,11 +183,15 @@ class AnomalyProcessor(StepProcessor):
         self._q: "queue.Queue" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
-        if c.baseline_dir:
+        self._resolver = key_resolver
+        self._resolve_tries = 0
+        if c.baseline_dir and key_resolver is None:
             self._load_baseline()
 
     # -- the per-step path -------------------------------------------------------------------------
     def process(self, step: StepRecord) -> StepRecord:
+        if self._resolver is not None:
+            self._resolve_key()
         phase = step.phase
         if phase not in self._phases:
             return step
@@ -385,6 +393,24 @@ class AnomalyProcessor(StepProcessor):
         return False
 
     # -- baselines ---------------------------------------------------------------------------------
+    def _resolve_key(self) -> None:
+        self._resolve_tries += 1
+        try:
+            key = self._resolver()
+        except Exception:  # noqa: BLE001 - an unknown key is not fatal: keep the configured one
+            key = None
+        if key is None and self._resolve_tries < 64:
+            return
+        self._resolver = None
+        if key is not None:
+            self.baseline_key = bl.normalize_key(key)
+        if self.cfg.baseline_dir:
+            self._load_baseline()
+            for (_, phase), k in self._keys.items():  # keys seen while the key was being resolved
+                seed = self._seeds.get(phase)
+                if seed is not None and k.model is None:
+                    k.model, k.norms = seed[0], seed[1]
+
     def _load_baseline(self) -> None:
         doc = bl.load(self.cfg.baseline_dir, self.baseline_key)
         if doc is None:
