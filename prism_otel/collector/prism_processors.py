@@ -95,9 +95,16 @@ class _Wrapped:
         body = dict(body)
         assembly = decode(AssemblyConfig, body.pop("assembly", None), join_path(path, "assembly"))
         mod = cls.locate(path)
-        proc_cls = getattr(mod, cls.names[0])
         cfg_cls = next((getattr(mod, n) for n in cls.names[1:] if hasattr(mod, n)), None)
-        if cfg_cls is not None and dataclasses.is_dataclass(cfg_cls):
+        if cfg_cls is not None and hasattr(cfg_cls, "from_dict"):
+            try:
+                built = cfg_cls.from_dict(body)
+            except ValueError as exc:  # "key: message" from processors/config.py
+                key, sep, msg = str(exc).partition(": ")
+                if sep and " " not in key:
+                    raise ConfigError(join_path(path, *key.split(".")), msg) from None
+                raise ConfigError(path, str(exc)) from None
+        elif cfg_cls is not None and dataclasses.is_dataclass(cfg_cls):
             built = decode(cfg_cls, body, path)
         else:
             built = body
