@@ -29,8 +29,7 @@ class FileExporterConfig:
 
     def validate(self) -> None:
         check(bool(self.path), "path", "required: the file to write")
-        parent = os.path.dirname(os.path.abspath(self.path))
-        check(os.path.isdir(parent), "path", f"directory {parent!r} does not exist")
+        check(not os.path.isdir(self.path), "path", f"{self.path!r} is a directory")
 
 
 class FileExporter(QueuedExporter):
@@ -43,6 +42,7 @@ class FileExporter(QueuedExporter):
         self._last_flush = 0.0
 
     def start(self, host) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.cfg.path)), exist_ok=True)
         mode = ("a" if self.cfg.append else "w") + ("b" if self.cfg.format == "proto" else "")
         self._fh = open(self.cfg.path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))  # noqa: SIM115
         super().start(host)
