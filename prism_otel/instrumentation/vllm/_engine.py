@@ -16,6 +16,8 @@ thread.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from operator import add
 
 from prism_otel import semconv as sc
 from prism_otel._runtime import RECORDER
@@ -55,44 +57,92 @@ class _Engine:
 ENGINE = _Engine()
 
 
-def features(scheduler, so):
-    """(StepFeatures, ((request_id, tokens, has_new_token), ...)) of a batch just scheduled.
+class _Reqs(Sequence):
+    """The ``(request_id, tokens, has_new_token)`` triples of a step, built lazily: the hot path only
+    copies the scheduled ids and token counts (C-speed) and names the few requests that produce no
+    token (prefill chunks); the triples are made on the pipeline thread."""
 
-    Runs right after ``schedule`` returned, when each scheduled request's ``num_computed_tokens``
-    already includes this step's tokens (``_update_after_schedule``). A request's tokens count as
-    prefill while they lie inside its prompt (computed-before < prompt length), the rest as decode.
-    Its context (KV length read) is its computed length after this step. A request produces a token
-    this step unless it is still a prefill chunk (vLLM's own ``is_prefill_chunk``).
+    __slots__ = ("ids", "qs", "quiet")
+
+    def __init__(self, ids, qs, quiet) -> None:
+        self.ids = ids
+        self.qs = qs
+        self.quiet = quiet
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        rid = self.ids[i]
+        return rid, self.qs[i], rid not in self.quiet
+
+    def __iter__(self):
+        quiet = self.quiet
+        for rid, q in zip(self.ids, self.qs):
+            yield rid, q, rid not in quiet
+
+
+_EMPTY = frozenset()
+
+
+def _prompt_side(r, rid, c0, q, quiet) -> int:
+    """Prefill tokens of one request that is (or may be) still in its prompt; notes a silent chunk."""
+    p = r.num_prompt_tokens
+    c1 = c0 + q
+    chunk = getattr(r, "is_prefill_chunk", None)  # set by this very schedule(); absent before ~0.2x
+    if chunk if chunk is not None else c1 < p:
+        quiet.add(rid)
+    return ((c1 if c1 < p else p) - c0) if c0 < p else 0
+
+
+def features(scheduler, so):
+    """(StepFeatures, request triples) of a batch just scheduled, from the ``SchedulerOutput``.
+
+    A request's tokens count as prefill while they lie inside its prompt (computed-before < prompt
+    length), the rest as decode; its context (KV length read) is its computed length after this
+    step; it produces a token unless it is still a prefill chunk. Decode requests, the bulk of a
+    large batch, are handled with C-level sums over vLLM's own lists (``scheduled_cached_reqs``);
+    only new requests, chunked-prefill continuations (no output yet) and resumed ones are visited
+    one by one.
     """
-    pre = dec = ctx = mx = 0
-    reqs = []
-    append = reqs.append
+    nst = so.num_scheduled_tokens
+    total = so.total_num_scheduled_tokens
+    cached = so.scheduled_cached_reqs
+    c_ids = cached.req_ids
+    c_c0 = cached.num_computed_tokens
+    ctx = sum(c_c0) + total
+    mx = max(map(add, c_c0, map(nst.__getitem__, c_ids)), default=0)
+    pre = 0
+    quiet = None
     requests = scheduler.requests
-    for rid, q in so.num_scheduled_tokens.items():
+    for nr in so.scheduled_new_reqs:
+        rid = nr.req_id
+        c0 = nr.num_computed_tokens
+        q = nst[rid]
+        ctx += c0
+        if c0 + q > mx:
+            mx = c0 + q
+        if quiet is None:
+            quiet = set()
         r = requests.get(rid)
-        if r is None:
-            dec += q
-            append((rid, q, True))
-            continue
-        c1 = r.num_computed_tokens
-        p = r.num_prompt_tokens
-        c0 = c1 - q
-        if c0 < p:
-            k = (c1 if c1 < p else p) - c0
-            pre += k
-            dec += q - k
-        else:
-            dec += q
-        ctx += c1
-        if c1 > mx:
-            mx = c1
-        chunk = getattr(r, "is_prefill_chunk", None)
-        append((rid, q, (c1 >= p) if chunk is None else not chunk))
+        if r is not None:
+            pre += _prompt_side(r, rid, c0, q, quiet)
+    c_out = cached.num_output_tokens
+    resumed = cached.resumed_req_ids
+    if resumed or 0 in c_out:
+        if quiet is None:
+            quiet = set()
+        for rid, c0, n_out in zip(c_ids, c_c0, c_out):
+            if n_out == 0 or rid in resumed:
+                r = requests.get(rid)
+                if r is not None:
+                    pre += _prompt_side(r, rid, c0, nst[rid], quiet)
     kv = None
     kvm = getattr(scheduler, "kv_cache_manager", None)
     if kvm is not None:
         kv = kvm.usage
-    return StepFeatures(classify_phase(pre, dec), len(reqs), pre, dec, ctx, mx, kv), tuple(reqs)
+    feat = StepFeatures(classify_phase(pre, total - pre), len(nst), pre, total - pre, ctx, mx, kv)
+    return feat, _Reqs(tuple(nst), tuple(nst.values()), quiet or _EMPTY)
 
 
 def wrap_schedule(g):
