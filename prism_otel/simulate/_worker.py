@@ -15,8 +15,9 @@ Kinds (JSON ``kind``; parameters in ``params``):
   on ``cpu``: memory-bandwidth and cache pressure.
 * ``throttle``: ``SIGSTOP`` / ``SIGCONT`` the ``targets`` on a duty cycle (``period_ms``,
   ``run_fraction``), the user-space stand-in for a CPU frequency cap.
-* ``fsync``: writes ``chunk_kb`` blocks to ``path`` (cycling over ``file_mb``) and ``fsync`` s after
-  each, on ``cpu``: a noisy neighbour hammering the same disk and the kernel's writeback path.
+* ``fsync``: writes ``chunk_kb`` blocks to ``path`` (cycling over ``file_mb``), ``fdatasync`` every
+  ``sync_mb`` and drops the pages from the cache, on ``cpu``: a noisy neighbour hammering the same
+  disk, the page cache and the kernel's writeback path.
 * ``gpu_matmul``, ``gpu_copy``, ``gpu_churn``: see :mod:`prism_otel.simulate.gpu`.
 """
 
@@ -171,17 +172,24 @@ def _throttle(p: dict, ctl: _Control, stopped: set) -> None:
 
 
 def _fsync(p: dict, ctl: _Control) -> None:
+    """Writes through the page cache and out to the disk: ``chunk_kb`` blocks cycling over a
+    ``file_mb`` file, ``fdatasync`` every ``sync_mb`` (0: after every block), then the written pages
+    are dropped from the cache (``POSIX_FADV_DONTNEED``) so the next pass allocates and copies again."""
     _pin(p.get("cpu"))
-    chunk = os.urandom(int(p.get("chunk_kb", 1024)) * 1024)
+    chunk = os.urandom(int(p.get("chunk_kb", 4096)) * 1024)
     span = max(1, int(float(p.get("file_mb", 256)) * 1024 * 1024 // len(chunk)))
+    every = max(1, int(float(p.get("sync_mb", 64)) * 1024 * 1024 // len(chunk)))
     fd = os.open(p["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         ctl.wait_go()
         i = 0
         while ctl.running():
             os.pwrite(fd, chunk, (i % span) * len(chunk))
-            os.fsync(fd)
             i += 1
+            if i % every == 0:
+                os.fdatasync(fd)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
         try:

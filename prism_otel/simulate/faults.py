@@ -285,7 +285,7 @@ class MembwContention(WorkerFault):
     name = "membw_contention"
     summary = ("memory-bandwidth and last-level-cache contention: streaming copies of arrays far larger than "
                "the LLC, one process per engine core")
-    defaults = {"per_core": 2, "mb": 96}
+    defaults = {"per_core": 1, "mb": 96}
 
     def specs(self):
         return [("stream", {"cpu": c, "mb": float(self.params["mb"])})
@@ -313,16 +313,17 @@ class CpuThrottle(WorkerFault):
 
 class IoStall(WorkerFault):
     name = "io_stall"
-    summary = ("a neighbour hammering the engine's disk (checkpoint dump, log flood): 1 MiB writes with an "
-               "fsync after each, on the engine's cores and filesystem (kernel copy, writeback and journal work)")
-    defaults = {"per_core": 2, "chunk_kb": 1024, "file_mb": 256}
+    summary = ("a neighbour hammering the engine's disk (checkpoint dump, log flood): large writes through the "
+               "page cache, synced and dropped every sync_mb, on the engine's cores and filesystem (kernel copies, "
+               "writeback, journal)")
+    defaults = {"per_core": 2, "chunk_kb": 4096, "file_mb": 256, "sync_mb": 64}
 
     def specs(self):
         out = []
         for i, c in enumerate(self.target.cpus() * int(self.params["per_core"])):
             path = os.path.join(os.path.abspath(self.target.scratch_dir), f".prism-sim-io-{os.getpid()}-{i}")
             out.append(("fsync", {"cpu": c, "path": path, "chunk_kb": int(self.params["chunk_kb"]),
-                                  "file_mb": float(self.params["file_mb"])}))
+                                  "file_mb": float(self.params["file_mb"]), "sync_mb": float(self.params["sync_mb"])}))
         return out
 
 
@@ -371,7 +372,7 @@ class GcStorm(InTargetFault):
     name = kind = "gc_storm"
     summary = ("garbage-collection storm: allocation churn of cyclic garbage (a leak, a chatty library) forces "
                "back-to-back collections inside the engine process, each holding the interpreter lock")
-    defaults = {"objects": 30000, "generation": 1, "gil_fraction": 0.7}
+    defaults = {"objects": 5000, "generation": 1, "gil_fraction": 0.8, "threads": 2}
 
 
 CPU_FAULTS = {c.name: c for c in (CpuContention, CpuThrottle, MembwContention, GcStorm, StageStall, IoStall)}

@@ -125,7 +125,7 @@ def online_verdicts(run_dir: str) -> Optional[List[int]]:
 def find_runs(root: str) -> List[str]:
     """Run directories under ``root`` (itself, or any folder below with steps.csv + labels.csv + meta.json)."""
     out = []
-    for d, _, files in os.walk(root):
+    for d, _, files in os.walk(root, followlinks=True):
         if {"steps.csv", "labels.csv", "meta.json"} <= set(files):
             out.append(d)
     return sorted(out)
