@@ -46,7 +46,21 @@ def any_value(v: AnyValue) -> Any:
 
 
 def attrs_of(kvs: Iterable) -> Dict[str, Any]:
-    return {kv.key: any_value(kv.value) for kv in kvs}
+    out = {}
+    for kv in kvs:
+        v = kv.value
+        kind = v.WhichOneof("value")
+        if kind == "int_value":
+            out[kv.key] = v.int_value
+        elif kind == "string_value":
+            out[kv.key] = v.string_value
+        elif kind == "double_value":
+            out[kv.key] = v.double_value
+        elif kind == "bool_value":
+            out[kv.key] = v.bool_value
+        else:
+            out[kv.key] = any_value(v)
+    return out
 
 
 def is_step(span) -> bool:
@@ -153,15 +167,17 @@ def _fill(target: AnyValue, value: Any) -> None:
         target.string_value = str(value)
 
 
-def set_attribute(span, key: str, value: Any) -> None:
-    for kv in span.attributes:
-        if kv.key == key:
-            kv.value.Clear()
-            _fill(kv.value, value)
-            return
+def set_attribute(span, key: str, value: Any, index: Optional[Dict[str, Any]] = None) -> None:
+    kv = index.get(key) if index is not None else next((k for k in span.attributes if k.key == key), None)
+    if kv is not None:
+        kv.value.Clear()
+        _fill(kv.value, value)
+        return
     kv = span.attributes.add()
     kv.key = key
     _fill(kv.value, value)
+    if index is not None:
+        index[key] = kv
 
 
 def remove_attribute(span, key: str) -> None:
@@ -173,15 +189,21 @@ def remove_attribute(span, key: str) -> None:
 
 def tag_step(span, before: StepRecord, after: StepRecord) -> bool:
     """Write ``after``'s verdict and new/changed extras onto ``span``. True if anything changed."""
+    verdict_changed = after.verdict != before.verdict
+    extras_changed = after.attributes is not before.attributes
+    if not verdict_changed and not extras_changed:
+        return False
+    index = {kv.key: kv for kv in span.attributes}
     changed = False
-    new = step_attributes(after)
-    if after.verdict != before.verdict:
+    if verdict_changed:
         changed = True
+        new = step_attributes(after)
         for key in VERDICT_KEYS:
             if key in new:
-                set_attribute(span, key, new[key])
-            else:
+                set_attribute(span, key, new[key], index)
+            elif key in index:
                 remove_attribute(span, key)
+                index = {kv.key: kv for kv in span.attributes}
         v = after.verdict
         if v is not None and v.alert and not any(e.name == sc.ALERT_EVENT for e in span.events):
             ev = span.events.add()
@@ -193,10 +215,11 @@ def tag_step(span, before: StepRecord, after: StepRecord) -> bool:
                 kv = ev.attributes.add()
                 kv.key = k
                 _fill(kv.value, val)
-    if after.attributes is not before.attributes:
+    if extras_changed:
+        old = before.attributes
         for key, val in after.attributes.items():
-            if before.attributes.get(key, _MISSING) != val:
-                set_attribute(span, key, val)
+            if old.get(key, _MISSING) != val:
+                set_attribute(span, key, val, index)
                 changed = True
     return changed
 

@@ -18,8 +18,10 @@ Runs on the collector's pipeline thread; per step it costs a dot product and, ev
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import statistics
 from collections import deque
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -44,7 +46,7 @@ class _Model:
     def __init__(self, size: int) -> None:
         self.xs: deque = deque(maxlen=size)
         self.ys: deque = deque(maxlen=size)
-        self.coef: Optional[np.ndarray] = None
+        self.coef: Optional[Tuple[float, ...]] = None
         self.since_fit = 0
         self.median = 0.0
 
@@ -58,11 +60,12 @@ class _Model:
             self.median = float(np.median(ys))
             if len(ys) >= 16:
                 coef, *_ = np.linalg.lstsq(np.asarray(self.xs, float), ys, rcond=None)
-                self.coef = coef
+                self.coef = tuple(float(c) for c in coef)
 
     def predict(self, x) -> Optional[float]:
-        if self.coef is not None:
-            p = float(np.dot(self.coef, x))
+        c = self.coef
+        if c is not None:
+            p = c[0] * x[0] + c[1] * x[1] + c[2] * x[2] + c[3] * x[3] + c[4] * x[4]
             if p > 0:
                 return max(p, 0.25 * self.median)
         return self.median or None
@@ -77,11 +80,22 @@ class _Instance:
         self.since = 0
 
 
+class _Group:
+    """Instances sharing a key; the peers' reference is recomputed every few steps, not every step."""
+
+    __slots__ = ("instances", "since", "ref")
+
+    def __init__(self) -> None:
+        self.instances: Dict[str, _Instance] = {}
+        self.since = 0
+        self.ref: Dict[str, Tuple[float, int]] = {}  # instance -> (median of its peers' medians, n peers)
+
+
 class FleetProcessor(StepProcessor):
     name = "fleet"
 
     def __init__(self, key_attributes: Sequence[str] = DEFAULT_KEY, threshold: float = 1.25, min_steps: int = 32,
-                 min_peers: int = 1, window: int = 256, model_window: int = 4096, refit_every: int = 128,
+                 min_peers: int = 1, window: int = 256, model_window: int = 4096, refit_every: int = 512,
                  flag_anomaly: bool = True, max_instances: int = 4096) -> None:
         self.key_attributes = tuple(key_attributes)
         self.threshold = threshold
@@ -95,7 +109,7 @@ class FleetProcessor(StepProcessor):
         self.max_instances = max_instances
         self._key_of: Dict[str, Tuple[str, ...]] = {}
         self._models: Dict[Tuple[Tuple[str, ...], str], _Model] = {}
-        self._groups: Dict[Tuple[str, ...], Dict[str, _Instance]] = {}
+        self._groups: Dict[Tuple[str, ...], _Group] = {}
 
     def observe_resource(self, instance: str, resource: Mapping[str, Any]) -> None:
         if len(self._key_of) < self.max_instances:
@@ -108,12 +122,14 @@ class FleetProcessor(StepProcessor):
         if step.phase == "idle" or step.end_ns <= step.start_ns:
             return step
         key = self._key_of.get(step.instance, ())
-        group = self._groups.setdefault(key, {})
-        inst = group.get(step.instance)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group()
+        inst = group.instances.get(step.instance)
         if inst is None:
-            if len(group) >= self.max_instances:
+            if len(group.instances) >= self.max_instances:
                 return step
-            inst = group[step.instance] = _Instance(self.window)
+            inst = group.instances[step.instance] = _Instance(self.window)
         model = self._models.get((key, step.phase))
         if model is None:
             model = self._models[(key, step.phase)] = _Model(self.model_window)
@@ -127,14 +143,25 @@ class FleetProcessor(StepProcessor):
         inst.since += 1
         if inst.since >= 16 or len(inst.logs) <= self.min_steps:
             inst.since = 0
-            inst.median = float(np.median(np.fromiter(inst.logs, float)))
+            inst.median = statistics.median(inst.logs)
         if len(inst.logs) < self.min_steps:
             return step
-        peers = [p.median for name, p in group.items() if name != step.instance and len(p.logs) >= self.min_steps]
-        if len(peers) < self.min_peers:
+        group.since += 1
+        if group.since >= 16 or step.instance not in group.ref:
+            group.since = 0
+            self._refresh(group)
+        ref = group.ref.get(step.instance)
+        if ref is None or ref[1] < self.min_peers:
             return step
-        diff = inst.median - float(np.median(peers))
-        return self._tag(step, key, diff, len(peers))
+        return self._tag(step, key, inst.median - ref[0], ref[1])
+
+    def _refresh(self, group: _Group) -> None:
+        ready = {n: i.median for n, i in group.instances.items() if len(i.logs) >= self.min_steps}
+        group.ref = {}
+        for name in ready:
+            peers = [m for n, m in ready.items() if n != name]
+            if peers:
+                group.ref[name] = (statistics.median(peers), len(peers))
 
     def _tag(self, step: StepRecord, key, diff: float, n_peers: int) -> StepRecord:
         slow = diff >= self.log_threshold
@@ -149,14 +176,16 @@ class FleetProcessor(StepProcessor):
             base = verdict or Verdict()
             verdict = dataclasses.replace(base, anomaly=True, root_cause=base.root_cause or ROOT_CAUSE,
                                           score=base.score if base.score is not None else round(math.exp(diff), 4))
-        return dataclasses.replace(step, attributes=attrs, verdict=verdict)
+        out = copy.copy(step)  # dataclasses.replace re-runs __init__: 5x the cost on this per-step path
+        object.__setattr__(out, "attributes", attrs)
+        object.__setattr__(out, "verdict", verdict)
+        return out
 
     def instances(self) -> Dict[str, float]:
         """Current ratio of each instance to its peers (for status and tests)."""
         out = {}
         for group in self._groups.values():
-            for name, inst in group.items():
-                peers = [p.median for n, p in group.items() if n != name and len(p.logs) >= self.min_steps]
-                if peers and len(inst.logs) >= self.min_steps:
-                    out[name] = math.exp(inst.median - float(np.median(peers)))
+            self._refresh(group)
+            for name, (ref, _) in group.ref.items():
+                out[name] = math.exp(group.instances[name].median - ref)
         return out
