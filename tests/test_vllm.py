@@ -79,6 +79,14 @@ def settle(sink: OTLPSink, pred, timeout=30.0):
     return sink.spans()
 
 
+def test_units_on_real_vllm_objects(vllm_python):
+    """tests/test_vllm_units.py needs vLLM importable: run it with .venv-vllm's python."""
+    p = subprocess.run([vllm_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_vllm_units.py"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    assert " passed" in p.stdout and "skipped" not in p.stdout.splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
 def baseline(vllm_python, model_dir, tmp_path_factory):
     """The same workload with prism-otel switched off (the plugin too)."""
