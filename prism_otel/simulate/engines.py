@@ -207,6 +207,7 @@ class _HTTPEngine(Engine):
     """A server with an OpenAI-compatible endpoint; the workload runs in this process."""
 
     served_name = "sim"
+    extra_body: Dict[str, object] = {}
 
     def argv(self, port: int) -> List[str]:
         raise NotImplementedError
@@ -221,7 +222,7 @@ class _HTTPEngine(Engine):
 
     def _post(self, prompt: str, max_tokens: int, timeout: float) -> dict:
         body = {"model": self.served_name, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": 0,
-                "ignore_eos": True}
+                **self.extra_body}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -313,6 +314,7 @@ def vllm_python(explicit: Optional[str] = None) -> str:
 class VLLMServer(_HTTPEngine):
     name = "vllm"
     stage_targets = VLLM_STAGES
+    extra_body = {"ignore_eos": True}  # fixed output lengths (transformers serve rejects the field)
 
     def argv(self, port: int) -> List[str]:
         py = vllm_python(self.options.get("python"))
