@@ -268,6 +268,8 @@ def test_openai_server_with_vllm_tracing(vllm_python, model_dir, tmp_path):
     chk.requests_link_steps(g["steps"], g["requests"], prompts, gens)
     chk.detokenize_joins(g["steps"], g["detok"])
     assert max(s.attributes[sc.BATCH_SIZE] for s in g["steps"]) > 1, "the burst never shared a step"
+    assert {r.attributes.get(sc.GEN_AI_REQUEST_MODEL) for r in g["requests"]} == {"tiny"}
+    assert {r.name for r in g["requests"]} == {f"{sc.GEN_AI_OPERATION_TEXT_COMPLETION} tiny"}
 
     # vLLM's own spans went through prism-otel's provider in the API server process.
     vllm_req = [s for s in spans if s.name == "llm_request"]

@@ -136,7 +136,7 @@ class VLLMInstrumentor(BaseInstrumentor):
         cls = type(self)
         cls._active = True
         cls._patched = list(self._patched)
-        _engine.ENGINE.on_first_schedule = _on_first_contact
+        _engine.ENGINE.on_first_contact = _on_first_contact
         _tracing.note_env_endpoint()
         for module in _MODULES:
             wrapt.register_post_import_hook(self._on_import, module)

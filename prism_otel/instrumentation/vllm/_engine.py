@@ -8,9 +8,9 @@ reused meanwhile), so ``step_with_batch_queue``, where batch N+1 is scheduled be
 updated, gives each batch its own step whose stages may overlap the neighbours'. Nothing is stored
 on vLLM's objects that travel to workers (``SchedulerOutput`` is pickled to them).
 
-Hot path: clock reads, one O(batch) pass over the scheduled requests for the step features, one
-tuple appended to the ring at the end of ``update_from_output``. Spans are built on the pipeline
-thread.
+Hot path: clock reads, the step features (C-level sums over vLLM's own lists for the decode bulk,
+see :func:`features`), one tuple appended to the ring at the end of ``update_from_output``. Spans
+are built on the pipeline thread.
 """
 
 from __future__ import annotations
@@ -47,14 +47,22 @@ class _Batch:
 
 
 class _Engine:
-    """What this process knows about the engine core living in it (set on the first schedule)."""
+    """What this process knows about the engine core living in it (set on first contact: the first
+    request added or batch scheduled)."""
 
     here = False
     last = None  # the batch most recently handed to execute_model (sample_tokens follows it)
-    on_first_schedule = None  # callback(scheduler) run once, off the per-step path
+    on_first_contact = None  # callback(scheduler) run once, off the per-step path
 
 
 ENGINE = _Engine()
+
+
+def _first_contact(scheduler) -> None:
+    ENGINE.here = True
+    cb = ENGINE.on_first_contact
+    if cb is not None:
+        cb(scheduler)
 
 
 class _Reqs(Sequence):
@@ -154,10 +162,7 @@ def wrap_schedule(g):
         t1 = clock_ns()
         try:
             if not ENGINE.here:
-                ENGINE.here = True
-                cb = ENGINE.on_first_schedule
-                if cb is not None:
-                    cb(instance)
+                _first_contact(instance)
             # Requests finished since the last schedule that no update reported (aborts while idle).
             fin = so.finished_req_ids
             if fin:
@@ -292,6 +297,8 @@ def wrap_add_request(g):
         if g.disabled:
             return r
         try:
+            if not ENGINE.here:
+                _first_contact(instance)
             req = args[0] if args else kwargs["request"]
             now = clock_ns()
             # vLLM stamps arrival in the front-end with time.time(); map it onto our clock.
