@@ -45,14 +45,14 @@ class Runtime:
         self.pid = os.getpid()
 
 
-def _instance_id() -> str:
-    return os.environ.get(sc.ENV_INSTANCE) or f"{socket.gethostname()}:{os.getpid()}"
+def _instance_id(pid: Optional[int] = None) -> str:
+    return os.environ.get(sc.ENV_INSTANCE) or f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
-def _resource(frameworks: dict):
+def _resource(frameworks: dict, pid: Optional[int] = None):
     from opentelemetry.sdk.resources import Resource
 
-    attrs = {"process.pid": os.getpid(), "service.instance.id": _instance_id()}
+    attrs = {"process.pid": pid or os.getpid(), "service.instance.id": _instance_id(pid)}
     if frameworks:
         name, ver = next(iter(frameworks.items()))
         attrs[sc.RES_FRAMEWORK] = name
@@ -117,26 +117,61 @@ def _count_export_drop() -> None:
         st.pipeline._drop("export_queue_full")
 
 
+def _frameworks() -> dict:
+    from prism_otel.instrumentation import installed_version
+
+    frameworks = {}
+    for name in ("vllm", "transformers"):
+        v = installed_version(name, name + "-cpu") if name == "vllm" else installed_version(name)
+        if v:
+            frameworks[name] = v
+    return frameworks
+
+
+def framework_name() -> str:
+    return next(iter(_frameworks()), "prism")
+
+
+def build_provider(pid: Optional[int] = None):
+    """Our own tracer provider, exporters from the environment. Returns (provider, embedded default)."""
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    from prism_otel.export import CountingBatchSpanProcessor, exporters_from_env
+
+    exporters, embedded = exporters_from_env(pid)
+    links = _env_int(sc.OTEL_SPAN_LINK_COUNT_LIMIT, 0) or max(128, _env_int(sc.ENV_MAX_STEP_LINKS, 128))
+    # shutdown_on_exit=False: our own atexit stop() drains the pipeline first, then shuts it down.
+    provider = TracerProvider(resource=_resource(_frameworks(), pid), span_limits=SpanLimits(max_links=links),
+                              shutdown_on_exit=False)
+    for e in exporters:
+        provider.add_span_processor(CountingBatchSpanProcessor(e, _count_export_drop))
+    return provider, embedded
+
+
+def pipeline_limits() -> dict:
+    return dict(max_step_links=_env_int(sc.ENV_MAX_STEP_LINKS, 128),
+                max_request_links=_env_int(sc.ENV_MAX_REQUEST_LINKS, 16),
+                max_open_requests=_env_int(sc.ENV_MAX_OPEN_REQUESTS, 10000))
+
+
 def start(tracer_provider=None, processors: Optional[Sequence] = None, instrument: bool = True,
           model_name: Optional[str] = None) -> Optional[Runtime]:
-    """Start prism-otel in this process. Returns the runtime, or None when disabled."""
+    """Start prism-otel in this process. Returns the runtime, or None when disabled.
+
+    With ``PRISM_OTEL_PIPELINE=companion`` (and no tracer provider given or configured globally),
+    the pipeline runs in a companion process (:mod:`prism_otel.companion`); otherwise on a thread here.
+    """
     global _state
-    if os.environ.get(sc.ENV_DISABLED, "") not in ("", "0"):
+    if os.environ.get(sc.ENV_DISABLED, "") not in ("", "0") or os.environ.get(sc.ENV_ROLE) == "companion":
         return None
     with _lock:
         if _state is not None and _state.pid == os.getpid():
             return _state
         from opentelemetry import trace
-        from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-        from prism_otel.export import CountingBatchSpanProcessor, exporters_from_env
-        from prism_otel.instrumentation import installed_version
+        from opentelemetry.sdk.trace import TracerProvider
+
         from prism_otel.pipeline import Pipeline
 
-        frameworks = {}
-        for name in ("vllm", "transformers"):
-            v = installed_version(name, name + "-cpu") if name == "vllm" else installed_version(name)
-            if v:
-                frameworks[name] = v
         own = False
         embedded = False
         provider = tracer_provider
@@ -144,22 +179,21 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
             glob = trace.get_tracer_provider()
             if isinstance(glob, TracerProvider):
                 provider = glob
-        if provider is None:
-            exporters, embedded = exporters_from_env()
-            links = _env_int(sc.OTEL_SPAN_LINK_COUNT_LIMIT, 0) or max(128, _env_int(sc.ENV_MAX_STEP_LINKS, 128))
-            # shutdown_on_exit=False: our own atexit stop() drains the pipeline first, then shuts it down.
-            provider = TracerProvider(resource=_resource(frameworks), span_limits=SpanLimits(max_links=links),
-                                      shutdown_on_exit=False)
-            for e in exporters:
-                provider.add_span_processor(CountingBatchSpanProcessor(e, _count_export_drop))
-            own = True
         RECORDER.drain(1 << 30)  # records a hook wrote after an earlier stop() belong to no pipeline
-        procs = default_processors() if processors is None else list(processors)
-        pipeline = Pipeline(RECORDER, provider, _instance_id(), procs,
-                            max_step_links=_env_int(sc.ENV_MAX_STEP_LINKS, 128),
-                            max_request_links=_env_int(sc.ENV_MAX_REQUEST_LINKS, 16),
-                            max_open_requests=_env_int(sc.ENV_MAX_OPEN_REQUESTS, 10000),
-                            model_name=model_name, provider_name=next(iter(frameworks), "prism"))
+        if provider is None and processors is None and os.environ.get(sc.ENV_PIPELINE, "") == "companion":
+            from prism_otel.companion import Forwarder
+
+            pipeline = Forwarder(RECORDER, _instance_id())
+            from prism_otel.device.deepdive import DEEPDIVE
+
+            DEEPDIVE.install_signal()
+        else:
+            if provider is None:
+                provider, embedded = build_provider()
+                own = True
+            procs = default_processors() if processors is None else list(processors)
+            pipeline = Pipeline(RECORDER, provider, _instance_id(), procs, **pipeline_limits(),
+                                model_name=model_name, provider_name=framework_name())
         pipeline.start()
         insts = []
         if instrument:
@@ -173,6 +207,15 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
                     logger.warning("prism-otel: instrumenting %s failed", name, exc_info=True)
         _state = Runtime(provider, own, embedded, pipeline, insts)
         return _state
+
+
+def print_summary(pipeline) -> None:
+    """The embedded default's per-stage summary, on stderr."""
+    if os.environ.get(sc.ENV_SUMMARY, "1") == "0" or not pipeline.steps_seen:
+        return
+    print(pipeline.stats.render(), file=sys.stderr)
+    out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
+    print(f"prism-otel: spans written under {out}", file=sys.stderr)
 
 
 def stop(timeout: float = 10.0) -> None:
@@ -189,16 +232,16 @@ def stop(timeout: float = 10.0) -> None:
             except Exception:  # noqa: BLE001
                 logger.debug("uninstrument failed", exc_info=True)
         st.pipeline.stop(timeout)
+        if st.provider is None:  # companion mode: the companion flushed, exported and summarised
+            return
         try:
             st.provider.force_flush(int(timeout * 1000))
             if st.own_provider:
                 st.provider.shutdown()
         except Exception:  # noqa: BLE001
             logger.debug("provider flush failed", exc_info=True)
-        if st.embedded_default and os.environ.get(sc.ENV_SUMMARY, "1") != "0" and st.pipeline.steps_seen:
-            print(st.pipeline.stats.render(), file=sys.stderr)
-            out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
-            print(f"prism-otel: spans written under {out}", file=sys.stderr)
+        if st.embedded_default:
+            print_summary(st.pipeline)
 
 
 def current() -> Optional[Runtime]:
@@ -211,11 +254,16 @@ def status() -> dict:
     from prism_otel.instrumentation._hooks import hook_errors
 
     st = _state
-    out = {"pid": os.getpid(), "python": sys.version.split()[0], "running": st is not None, "instrumentations": {k: list(v) for k, v in STATUS.items()},
+    out = {"pid": os.getpid(), "python": sys.version.split()[0], "running": st is not None,
+           "instrumentations": {k: list(v) for k, v in STATUS.items()},
            "hook_errors": hook_errors(), "ring_dropped": RECORDER.dropped}
     if st is not None:
         p = st.pipeline
-        out.update(steps=p.steps_seen, requests=p.requests_seen, dropped=dict(p.dropped),
+        dropped = dict(p.dropped)
+        for k, v in getattr(p, "remote", {}).get("dropped", {}).items():
+            dropped[k] = dropped.get(k, 0) + v
+        out.update(mode="companion" if st.provider is None else "inprocess", steps=p.steps_seen,
+                   requests=p.requests_seen, dropped=dropped,
                    processor_errors=p.processor_errors, patched=[t for i in st.instrumentors
                                                                  for t in getattr(i, "patched", [])])
     return out

@@ -87,15 +87,16 @@ def _named_exporter(name: str) -> Optional[SpanExporter]:
     raise ValueError(f"{sc.OTEL_TRACES_EXPORTER}: unknown exporter {name!r}")
 
 
-def exporters_from_env() -> Tuple[List[SpanExporter], bool]:
-    """The exporters the environment asks for, and whether that is the embedded default."""
+def exporters_from_env(pid: Optional[int] = None) -> Tuple[List[SpanExporter], bool]:
+    """The exporters the environment asks for, and whether that is the embedded default.
+    ``pid`` names the embedded default's file (the engine's, when a companion writes it)."""
     names = os.environ.get(sc.OTEL_TRACES_EXPORTER, "").strip()
     if not names and (os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT)
                       or os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)):
         names = "otlp"
     if not names:
         out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
-        return [OTLPJSONFileExporter(out)], True
+        return [OTLPJSONFileExporter(out, f"traces-{pid or os.getpid()}.jsonl")], True
     exporters = []
     for n in names.split(","):
         n = n.strip().lower()

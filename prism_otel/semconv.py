@@ -129,6 +129,8 @@ ENV_INSTANCE = "PRISM_OTEL_INSTANCE"  # instance id (default: host:pid)
 ENV_DETECT = "PRISM_OTEL_DETECT"  # "0": no anomaly detection in-process
 ENV_BASELINE_DIR = "PRISM_OTEL_BASELINE_DIR"  # where learned baselines persist
 ENV_MODEL_CACHE = "PRISM_OTEL_MODEL_CACHE"  # where tiny test/demo models are built
+ENV_PIPELINE = "PRISM_OTEL_PIPELINE"  # inprocess (default) | companion: spans, detection and export in a child process
+ENV_ROLE = "PRISM_OTEL_ROLE"  # set to "companion" in the companion process (it never starts prism-otel itself)
 
 # Standard OTel variables we read (spelled here so nothing else spells them).
 OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"

@@ -192,3 +192,14 @@ def test_forked_child_is_traced(tmp_path):
         report = json.loads(out.read_text())
         spans = sink.wait_for(lambda s: sum(x.name == sc.STEP_SPAN for x in s) > 0, timeout=10)
     check_trace_shape(report, spans)
+
+
+def test_companion_pipeline_exports_the_same_trace(tmp_path, baseline):
+    """PRISM_OTEL_PIPELINE=companion: spans, detection and export run in a child process."""
+    with OTLPSink() as sink:
+        report, _ = run_workload(tmp_path, "companion", prefix=(os.path.join(BIN, "prism-otel"), "run", "--"),
+                                 sink=sink, PRISM_OTEL_PIPELINE="companion")
+        spans = sink.wait_for(lambda s: sum(x.name == sc.STEP_SPAN for x in s) > 0, timeout=10)
+    steps = check_trace_shape(report, spans)
+    assert {s.resource.get("process.pid") for s in steps} == {report["pid"]}, "resource names the engine"
+    assert {r["id"]: r["generated"] for r in report["requests"]} == baseline

@@ -153,3 +153,21 @@ def test_exporter_down_or_slow(tmp_path, model_dir, baseline, monkeypatch, mode)
         assert time.perf_counter() - t < 30
         if server is not None:
             server.stop(grace=None)
+
+
+def test_companion_killed_mid_run_changes_nothing(tmp_path, model_dir, baseline, monkeypatch):
+    monkeypatch.setenv(sc.ENV_PIPELINE, "companion")
+    monkeypatch.setenv(sc.OTEL_TRACES_EXPORTER, "none")
+    st = prism_otel.start()
+    try:
+        assert prism_otel.status()["mode"] == "companion"
+        st.pipeline.proc.kill()
+        st.pipeline.proc.wait(10)
+        outputs, rep = run_engine(tmp_path, model_dir, n=16, name="killed")
+        assert outputs == baseline
+        st.pipeline.flush()
+        assert prism_otel.status()["dropped"].get("companion_down", 0) > 0
+    finally:
+        t = time.perf_counter()
+        prism_otel.stop(timeout=5)
+        assert time.perf_counter() - t < 10

@@ -1,0 +1,357 @@
+"""The companion process: the pipeline (StepRecords, detection, spans, export) out of the engine.
+
+The pipeline thread shares the interpreter lock with the engine; on a launch-bound GPU engine its
+CPU (span building, detection, OTLP encoding) comes straight out of the step. With
+``PRISM_OTEL_PIPELINE=companion`` the engine process keeps only the hot-path ring and one
+*forwarder* thread, which drains the ring, resolves device events (they belong to this process),
+and writes the raw records, pickled in batches, to a pipe. A companion process (``python -m
+prism_otel.companion``) reads them into a ring of its own and runs the very same
+:class:`~prism_otel.pipeline.Pipeline`, with the exporters the environment names. One data path,
+two processes.
+
+* Anomaly-triggered DeepDive bursts: the companion's device processor sends the request back over
+  a control pipe; the forwarder arms the engine's burst controller (its rate limit applies there).
+* ``prism_otel.status()`` in the engine shows the companion's counters (sent back every 0.5 s).
+* Bounded: the ring bounds what waits in the engine; a companion that died is reported once, its
+  records are counted as dropped (``companion_down``) and tracing falls back to nothing, never to
+  blocking the engine.
+* Used only when prism-otel builds its own tracer provider (``prism-otel run``, ``start()``
+  without one, attach): a provider the application configured lives in the application.
+* Multi-rank joining (``prism_otel.device.ranks``) needs torch.distributed in the engine process
+  and stays off in companion mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Optional
+
+from prism_otel import semconv as sc
+from prism_otel.record import REQUEST, STEP, Recorder
+
+logger = logging.getLogger(__name__)
+
+_HDR = struct.Struct("<I")
+_POLL_S = 0.002
+
+
+class ResolvedDevice:
+    """Device timing resolved in the engine process, shipped as plain data."""
+
+    __slots__ = ("ns", "timing", "groups", "extra")
+
+    def __init__(self, ns, timing, groups=None, extra=None) -> None:
+        self.ns, self.timing, self.groups, self.extra = ns, timing, groups, extra
+
+    def resolve(self):
+        return self.ns, self.timing
+
+    def details(self):
+        return self.groups or {}, self.extra or {}
+
+    def __reduce__(self):
+        return ResolvedDevice, (self.ns, self.timing, self.groups, self.extra)
+
+
+def _portable(rec: tuple) -> tuple:
+    """A raw record with what cannot cross a process boundary made into plain data."""
+    kind = rec[0]
+    if kind == STEP and rec[6] is not None:
+        dev = rec[6]
+        ns, timing = None, "unavailable"
+        for _ in range(50):
+            ns, timing = dev.resolve()
+            if timing != "pending":
+                break
+            time.sleep(0.001)
+        groups, extra = dev.details() if hasattr(dev, "details") else ({}, {})
+        return rec[:6] + (ResolvedDevice(ns, timing, groups, extra),) + rec[7:]
+    if kind == REQUEST and rec[4] and "parent" in rec[4]:
+        from opentelemetry import trace
+
+        info = dict(rec[4])
+        ctx = trace.get_current_span(info.pop("parent")).get_span_context()
+        if ctx.is_valid:
+            info["parent_ids"] = (ctx.trace_id, ctx.span_id, int(ctx.trace_flags))
+        return rec[:4] + (info,)
+    return rec
+
+
+def _read_exact(fd: int, n: int) -> Optional[bytes]:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _write_frame(fd: int, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HDR.pack(len(data)) + data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_frame(fd: int):
+    hdr = _read_exact(fd, _HDR.size)
+    if hdr is None:
+        return None
+    body = _read_exact(fd, _HDR.unpack(hdr)[0])
+    return None if body is None else pickle.loads(body)  # noqa: S301 - our own child, our own pipe
+
+
+# -- engine side ------------------------------------------------------------------------------
+class Forwarder:
+    """Engine-process end. Duck-types the parts of ``Pipeline`` the runtime and benches use."""
+
+    def __init__(self, recorder: Recorder, instance: str) -> None:
+        self.recorder = recorder
+        self.instance = instance
+        self.dropped = {}
+        self.remote = {}  # the companion's last counters
+        self.cpu_ns = 0
+        self.forwarded = 0
+        self._stop = threading.Event()
+        self._thread = None
+        self._ctl_thread = None
+        self._wfd = None
+        self.proc = None
+        self._ring_dropped_reported = 0
+
+    # Pipeline look-alike ------------------------------------------------------------------
+    @property
+    def steps_seen(self) -> int:
+        return int(self.remote.get("steps", 0))
+
+    @property
+    def requests_seen(self) -> int:
+        return int(self.remote.get("requests", 0))
+
+    @property
+    def processor_errors(self) -> int:
+        return int(self.remote.get("processor_errors", 0))
+
+    @property
+    def handoff_ns(self) -> list:
+        return list(self.remote.get("handoff_ns", ()))
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        rfd, wfd = os.pipe()
+        crfd, cwfd = os.pipe()
+        env = {k: v for k, v in os.environ.items()}
+        env[sc.ENV_ROLE] = "companion"
+        boot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != boot)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env["PYTHONPATH"]) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "prism_otel.companion", str(rfd), str(cwfd), self.instance, str(os.getpid())],
+            pass_fds=(rfd, cwfd), env=env, stdin=subprocess.DEVNULL, close_fds=True)
+        os.close(rfd)
+        os.close(cwfd)
+        self._wfd = wfd
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="prism-otel-forwarder", daemon=True)
+        self._thread.start()
+        self._ctl_thread = threading.Thread(target=self._control, args=(crfd,), name="prism-otel-control", daemon=True)
+        self._ctl_thread.start()
+
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+    def _send_pending(self) -> int:
+        batch = self.recorder.drain()
+        rd = self.recorder.dropped
+        if rd > self._ring_dropped_reported:
+            self._drop("ring_full", rd - self._ring_dropped_reported)
+            self._ring_dropped_reported = rd
+        if not batch:
+            return 0
+        if self._wfd is None:
+            self._drop("companion_down", len(batch))
+            return len(batch)
+        try:
+            _write_frame(self._wfd, [_portable(r) for r in batch])
+            self.forwarded += len(batch)
+        except OSError:
+            logger.warning("prism-otel: the companion process is gone; records are dropped from now on")
+            self._close_write()
+            self._drop("companion_down", len(batch))
+        except Exception:  # noqa: BLE001 - a record we cannot pickle is counted, the rest goes on
+            self._drop("bad_record", len(batch))
+        return len(batch)
+
+    def _run(self) -> None:
+        tt = time.thread_time_ns
+        from prism_otel.device.deepdive import DEEPDIVE
+
+        while not self._stop.is_set():
+            c0 = tt()
+            n = self._send_pending()
+            if DEEPDIVE.signal_flag:  # the on-demand signal reached the engine process
+                DEEPDIVE.signal_flag = False
+                DEEPDIVE.request("on_demand", force=True)
+            self.cpu_ns += tt() - c0
+            if not n:
+                self._stop.wait(_POLL_S)
+
+    def _control(self, fd: int) -> None:
+        from prism_otel.device.deepdive import DEEPDIVE
+
+        try:
+            while True:
+                msg = _read_frame(fd)
+                if msg is None:
+                    return
+                if msg[0] == "stats":
+                    self.remote = msg[1]
+                elif msg[0] == "deepdive":
+                    _, trigger, step_index, force = msg
+                    DEEPDIVE.request(trigger, step_index, force=force)
+        except Exception:  # noqa: BLE001
+            logger.debug("control channel closed", exc_info=True)
+        finally:
+            os.close(fd)
+
+    def _close_write(self) -> None:
+        if self._wfd is not None:
+            try:
+                os.close(self._wfd)
+            except OSError:
+                pass
+            self._wfd = None
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self.recorder) and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        return not len(self.recorder)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Send what is left, close the pipe; the companion drains, exports and exits."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+        self._thread = None
+        self._send_pending()
+        self._close_write()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+        if self._ctl_thread is not None:
+            self._ctl_thread.join(1.0)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child gets a companion of its own; the parent's pipe end is closed here."""
+        self._close_write()
+        self.proc = None
+        self.dropped = {}
+        self.remote = {}
+        self._thread = None
+        self.start()
+
+
+# -- companion side ---------------------------------------------------------------------------
+class _RemoteDeepDive:
+    """What the device processor sees in the companion: requests go to the engine's controller."""
+
+    def __init__(self, send) -> None:
+        from prism_otel.device.deepdive import DeepDive
+
+        local = DeepDive()
+        self.enabled, self.rate, self.steps = local.enabled, local.rate, local.steps
+        self.pending = 0
+        self.signal_flag = False
+        self._send = send
+
+    def request(self, trigger: str = "on_demand", step_index=None, steps=None, force=False, method=None) -> str:
+        if not self.enabled and not force:
+            return "disabled"
+        self._send(("deepdive", trigger, step_index, force))
+        return "sent"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rfd, cwfd, instance, engine_pid = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
+    from prism_otel import _runtime
+    from prism_otel.pipeline import Pipeline
+
+    lock = threading.Lock()
+
+    def send(msg) -> None:
+        with lock:
+            try:
+                _write_frame(cwfd, msg)
+            except OSError:
+                pass
+
+    provider, embedded = _runtime.build_provider(engine_pid)
+    procs = _runtime._detection_processors()
+    try:
+        from prism_otel.device.processor import DeviceProcessor
+
+        procs.append(DeviceProcessor(deepdive=_RemoteDeepDive(send)))
+    except Exception:  # noqa: BLE001
+        logger.debug("device processor unavailable in the companion", exc_info=True)
+    recorder = Recorder(_runtime._env_int(sc.ENV_RING_SIZE, 65536))
+    pipeline = Pipeline(recorder, provider, instance, procs, **_runtime.pipeline_limits(),
+                        provider_name=_runtime.framework_name())
+    pipeline.start()
+
+    def stats_loop() -> None:
+        while True:
+            time.sleep(0.5)
+            h = pipeline.handoff_ns[-2000:]
+            send(("stats", {"steps": pipeline.steps_seen, "requests": pipeline.requests_seen,
+                            "dropped": dict(pipeline.dropped), "processor_errors": pipeline.processor_errors,
+                            "cpu_ns": pipeline.cpu_ns, "handoff_ns": h}))
+
+    threading.Thread(target=stats_loop, name="prism-otel-stats", daemon=True).start()
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    while True:
+        try:
+            batch = _read_frame(rfd)
+        except Exception:  # noqa: BLE001 - a torn frame: the engine went away mid-write
+            batch = None
+        if batch is None:
+            break
+        for rec in batch:
+            if rec[0] == REQUEST and rec[4] and "parent_ids" in rec[4]:
+                info = dict(rec[4])
+                t, s, f = info.pop("parent_ids")
+                info["parent"] = trace.set_span_in_context(
+                    NonRecordingSpan(SpanContext(t, s, True, TraceFlags(f))))
+                rec = rec[:4] + (info,)
+            recorder.emit(rec)
+    pipeline.stop()
+    try:
+        provider.force_flush(10000)
+        provider.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    if embedded:
+        _runtime.print_summary(pipeline)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
