@@ -17,8 +17,9 @@ and ``--warmup`` fault-free seconds first (the detector's training steps, train.
 * online: the verdicts the in-process pipeline put on the spans during the run, when it ran one.
 
 Per-fault scores use the steps each episode owns (its window plus half of the gaps around it), as if
-each fault had had a run of its own (prism_otel/simulate/runscore.py). ``--runs DIR`` re-scores
-runs kept earlier (``--keep``) without running engines again.
+each fault had had a run of its own (prism_otel/simulate/runscore.py); the same episodes are also
+written one directory each under ``<keep>/by_fault/<fault>/`` for ``prism-otel eval --runs``.
+``--runs DIR`` re-scores runs kept earlier (``--keep``) without running engines again.
 
 Shares the machine's 2 cores with whatever else runs: the load average at the start and end of each
 run is printed; effects and false positives both depend on it.
@@ -121,6 +122,8 @@ def main() -> None:
     results = {}
     if a.runs:
         for d in runscore.find_runs(a.runs):
+            if "by_fault" in os.path.relpath(d, a.runs).split(os.sep):
+                continue
             with open(os.path.join(d, "meta.json")) as f:
                 meta = json.load(f)
             results[meta["scenario"]["engine"]["kind"]] = {"meta": meta, "scores": score(d)}
@@ -136,6 +139,9 @@ def main() -> None:
             print(f"# {engine}: done in {time.time() - t:.0f} s, load {os.getloadavg()[0]:.1f} -> {out}",
                   file=sys.stderr, flush=True)
             results[engine] = {"meta": meta, "scores": score(out)}
+            runscore.split_episodes(out, os.path.join(root, "by_fault"))
+        print(f"# per-fault episodes for `prism-otel eval --runs {root}/by_fault/<fault> --no-synthetic` "
+              f"under {root}/by_fault", file=sys.stderr)
     print(table(results))
     if a.json:
         with open(a.json, "w") as f:

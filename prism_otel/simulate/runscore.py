@@ -51,16 +51,49 @@ def run_detect(run_dir: str, out_name: str = "verdicts.csv", timeout: float = 90
         return [int(float(r["anomaly"] or 0)) for r in csv.DictReader(f)]
 
 
-def segments(labels: Sequence[dict], windows: Sequence[dict]) -> List[str]:
-    """Which fault's episode owns each step (see the module docstring)."""
+def episodes(labels: Sequence[dict], windows: Sequence[dict]) -> List[int]:
+    """Which episode (index into ``windows`` sorted by start) owns each step (see the module docstring)."""
     if not windows:
-        return ["" for _ in labels]
+        return [-1 for _ in labels]
     wins = sorted(windows, key=lambda w: w["t_start"])
     cuts = [(a["t_end"] + b["t_start"]) / 2 for a, b in zip(wins, wins[1:])]
+    return [sum(1 for c in cuts if lb["start_ns"] >= c) for lb in labels]
+
+
+def segments(labels: Sequence[dict], windows: Sequence[dict]) -> List[str]:
+    """Which fault's episode owns each step."""
+    wins = sorted(windows, key=lambda w: w["t_start"])
+    return [wins[i]["fault"] if i >= 0 else "" for i in episodes(labels, windows)]
+
+
+def split_episodes(run_dir: str, dest: str) -> List[str]:
+    """One run directory per episode, under ``dest/<fault>/<run>-<k>``: the steps it owns (contiguous
+    in time), their labels, the run's ``train.csv`` and a ``meta.json`` with that window, so
+    ``prism-otel eval --runs dest/<fault>`` scores one fault, each episode as a stream of its own."""
+    import shutil
+
+    with open(os.path.join(run_dir, "meta.json")) as f:
+        meta = json.load(f)
+    wins = sorted(meta["windows"], key=lambda w: w["t_start"])
+    with open(os.path.join(run_dir, "steps.csv"), newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        steps = list(reader)
+    labels = dataset.read_csv(os.path.join(run_dir, "labels.csv"))
+    own = episodes(_int_rows([dict(lb) for lb in labels]), wins)
+    name = os.path.basename(os.path.normpath(run_dir))
     out = []
-    for lb in labels:
-        i = sum(1 for c in cuts if lb["start_ns"] >= c)
-        out.append(wins[i]["fault"])
+    for k, w in enumerate(wins):
+        idx = [i for i, o in enumerate(own) if o == k]
+        d = os.path.join(dest, w["fault"], f"{name}-{k}")
+        os.makedirs(d, exist_ok=True)
+        dataset.write_csv(os.path.join(d, "steps.csv"), [steps[i] for i in idx], header)
+        dataset.write_csv(os.path.join(d, "labels.csv"), [labels[i] for i in idx], dataset.LABEL_COLUMNS)
+        shutil.copy(os.path.join(run_dir, "train.csv"), d)
+        with open(os.path.join(d, "meta.json"), "w") as f:
+            json.dump({"scenario": meta["scenario"], "windows": [w], "episode": k, "source": run_dir,
+                       "effects": {w["fault"]: meta["effects"].get(w["fault"])}}, f, indent=1)
+        out.append(d)
     return out
 
 
