@@ -9,11 +9,16 @@ OTel exporters' encoder. Rows, each measured in every round, interleaved, in CPU
 process doing the work (so "per core"):
 
 * floor: ``ParseFromString`` + ``SerializeToString`` of each request, nothing else;
+* in-process, no processors: decode → StepAssembler (steps rebuilt from spans) → encode;
 * in-process: decode → StepAssembler (prism_anomaly + prism_fleet, warmed up: models fitted) → tag →
   encode, on one thread (what the collector's pipeline thread does, without sockets);
 * collector: a ``prism-otel collector`` process, OTLP/gRPC receiver → the same processors →
   ``otlp_grpc`` exporter to a backend in another process; CPU of the collector process; and the
   same with ``sending_queue.storage`` (the on-disk queue).
+
+In-process rows count the CPU of the thread doing the work (the detector's model refits run on a
+thread of its own and are not in them); the collector rows count the whole collector process (gRPC,
+exporter threads and refits included).
 
 Reports spans/s per core per row and its ratio to the floor of the same round (median over rounds,
 min–max in brackets). The machine's 2 cores are shared with other jobs: absolute rates move, ratios
@@ -93,20 +98,21 @@ def payloads(n_requests: int, start: int = 0, seed: int = 0):
 
 # -- rows -------------------------------------------------------------------------------------------
 def floor_rate(reqs) -> float:
-    t0 = time.process_time()
+    t0 = time.thread_time()
     for raw in reqs:
         r = ExportTraceServiceRequest()
         r.ParseFromString(raw)
         r.SerializeToString()
-    return len(reqs) * SPANS_PER_REQUEST / (time.process_time() - t0)
+    return len(reqs) * SPANS_PER_REQUEST / (time.thread_time() - t0)
 
 
-def make_assembler():
+def make_assembler(detect: bool = True):
     from processors.anomaly import AnomalyProcessor
     from processors.assembler import StepAssembler
     from processors.fleet import FleetProcessor
 
-    return StepAssembler([AnomalyProcessor({"alert_log": False}), FleetProcessor()], wait_s=1.0)
+    procs = [AnomalyProcessor({"alert_log": False}), FleetProcessor()] if detect else []
+    return StepAssembler(procs, wait_s=1.0)
 
 
 def inprocess_rate(assembler, reqs) -> float:
@@ -230,6 +236,7 @@ def main() -> None:
     sink_port = port_q.get(timeout=60)
     tmp = tempfile.mkdtemp(prefix="prism-bench-")
     assembler = make_assembler()
+    bare = make_assembler(detect=False)
     cols = {"collector (memory queue)": Collector(tmp, sink_port, False),
             "collector (on-disk queue)": Collector(tmp, sink_port, True)}
     # Warm up: every detector sees >1000 steps per instance and fits its models (background threads).
@@ -240,11 +247,14 @@ def main() -> None:
     inprocess_rate(assembler, warm[1])
     for col in cols.values():
         collector_rate(col, counter, warm[1])
-    rows = {"floor: protobuf decode + encode": [], "in-process: decode, assemble, detect, tag, encode": []}
+    ASM = "in-process: decode, assemble, encode (no processors)"
+    rows = {"floor: protobuf decode + encode": [], ASM: [], "in-process: decode, assemble, detect, tag, encode": []}
     rows.update({k: [] for k in cols})
     for r, reqs in enumerate(rounds):
         fl = floor_rate(reqs)
         rows["floor: protobuf decode + encode"].append((fl, 1.0))
+        ba = inprocess_rate(bare, reqs)
+        rows[ASM].append((ba, ba / fl))
         ip = inprocess_rate(assembler, reqs)
         rows["in-process: decode, assemble, detect, tag, encode"].append((ip, ip / fl))
         for name, col in cols.items():
@@ -254,12 +264,13 @@ def main() -> None:
         col.stop()
     sink.terminate()
     print(f"| path ({a.rounds} rounds x {a.requests} requests x {SPANS_PER_REQUEST} spans) "
-          "| spans/s per core (median) | ratio to floor, median [min-max] |")
-    print("|---|---|---|")
+          "| spans/s per core (median) | CPU µs per step (4 spans) | ratio to floor, median [min-max] |")
+    print("|---|---|---|---|")
     for name, vals in rows.items():
         rates = [v for v, _ in vals]
         ratios = [q for _, q in vals]
-        print(f"| {name} | {statistics.median(rates):,.0f} | {statistics.median(ratios):.3f} "
+        med = statistics.median(rates)
+        print(f"| {name} | {med:,.0f} | {4e6 / med:.1f} | {statistics.median(ratios):.3f} "
               f"[{min(ratios):.3f}-{max(ratios):.3f}] |")
 
 
