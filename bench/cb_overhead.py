@@ -25,11 +25,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 
 
-def one_run(model_dir: str, n: int, on: bool, endpoint: str) -> dict:
+def one_run(model_dir: str, n: int, mode: str, endpoint: str) -> dict:
+    """mode: off | inprocess | companion"""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_"))}
     cmd = [sys.executable, os.path.join(HERE, "_cb_run.py"), model_dir, str(n), "7"]
-    if on:
-        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_INSECURE="true")
+    if mode != "off":
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_INSECURE="true",
+                   PRISM_OTEL_PIPELINE=mode)
         cmd = [os.path.join(BIN, "prism-otel"), "run", "--"] + cmd
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     for line in p.stdout.splitlines():
@@ -117,37 +119,44 @@ def main() -> None:
         while not os.path.exists(portfile) or not open(portfile).read():
             time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{open(portfile).read()}"
-        ratios, offs, ons = [], [], []
+        modes = ("off", "inprocess", "companion")
+        runs = {m: [] for m in modes}
+        ratios = {m: [] for m in modes[1:]}
         for i in range(a.pairs):
-            order = (False, True) if i % 2 == 0 else (True, False)
-            res = {on: one_run(model_dir, a.requests, on, endpoint) for on in order}
-            offs.append(res[False])
-            ons.append(res[True])
-            ratios.append(res[True]["tok_s"] / res[False]["tok_s"])
-            print(f"pair {i}: off {res[False]['tok_s']:.1f} tok/s  on {res[True]['tok_s']:.1f} tok/s  "
-                  f"ratio {ratios[-1]:.4f}", flush=True)
+            order = modes[i % 3:] + modes[:i % 3]  # rotate the order inside each group
+            res = {m: one_run(model_dir, a.requests, m, endpoint) for m in order}
+            for m in modes:
+                runs[m].append(res[m])
+            for m in modes[1:]:
+                ratios[m].append(res[m]["tok_s"] / res["off"]["tok_s"])
+            print(f"group {i}: " + "  ".join(f"{m} {res[m]['tok_s']:.1f}" for m in modes) + " tok/s", flush=True)
     finally:
         sink.terminate()
+    ons = runs["inprocess"]
     step_ms = statistics.median(r["step_ms_mean"] for r in ons)
-    pipe_us = statistics.median(r["pipeline_cpu_us_per_step"] for r in ons)
     hook_us = hook_cost_us(model_dir, 16)
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
-    h50 = statistics.median(r["handoff_us"][0] for r in ons)
-    h99 = statistics.median(r["handoff_us"][1] for r in ons)
-    med = statistics.median(ratios)
     print()
-    print(f"| measure (model {a.size}, {a.requests} requests, {a.pairs} pairs) | value |")
+    print(f"| measure (model {a.size}, {a.requests} requests, {a.pairs} groups of off/in-process/companion) | value |")
     print("|---|---|")
-    print(f"| throughput off, median tok/s | {statistics.median(r['tok_s'] for r in offs):.1f} |")
-    print(f"| throughput on (prism-otel run, OTLP gRPC), median tok/s | {statistics.median(r['tok_s'] for r in ons):.1f} |")
-    print(f"| paired ratio on/off: median [IQR] (min..max) | {med:.4f} [{q[0]:.4f}, {q[2]:.4f}] "
-          f"({min(ratios):.4f}..{max(ratios):.4f}) |")
-    print(f"| end-to-end overhead (1 - median ratio) | {100 * (1 - med):+.2f}% |")
+    print(f"| throughput off, median tok/s | {statistics.median(r['tok_s'] for r in runs['off']):.1f} |")
+    for m in ("inprocess", "companion"):
+        rs = ratios[m]
+        q = statistics.quantiles(rs, n=4) if len(rs) >= 4 else [min(rs), 0, max(rs)]
+        med = statistics.median(rs)
+        print(f"| {m}: median tok/s; paired ratio to off: median [IQR] (min..max); overhead | "
+              f"{statistics.median(r['tok_s'] for r in runs[m]):.1f}; {med:.4f} [{q[0]:.4f}, {q[2]:.4f}] "
+              f"({min(rs):.4f}..{max(rs):.4f}); {100 * (1 - med):+.2f}% |")
     print(f"| median step time | {step_ms:.2f} ms |")
     print(f"| added host time per step on the engine thread (hooks, batch of 16) | {hook_us:.1f} us = "
           f"{100 * hook_us / 1e3 / step_ms:.3f}% of a step |")
-    print(f"| pipeline thread CPU per step (shares the GIL) | {pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}% of a step |")
-    print(f"| step end -> span ended (handed to the exporter) p50 / p99 | {h50:.0f} us / {h99:.0f} us |")
+    for m, key in (("inprocess", "pipeline_cpu_us_per_step"), ("companion", "pipeline_cpu_us_per_step")):
+        us = statistics.median(r[key] for r in runs[m])
+        what = "pipeline thread" if m == "inprocess" else "forwarder thread (the pipeline is in the companion)"
+        print(f"| {m}: {what} CPU per step, in the engine process | {us:.1f} us = {100 * us / 1e3 / step_ms:.3f}% of a step |")
+    for m in ("inprocess", "companion"):
+        h50 = statistics.median(r["handoff_us"][0] for r in runs[m])
+        h99 = statistics.median(r["handoff_us"][1] for r in runs[m])
+        print(f"| {m}: step end -> span handed to the exporter, p50 / p99 | {h50:.0f} us / {h99:.0f} us |")
 
 
 if __name__ == "__main__":

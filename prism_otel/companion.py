@@ -39,7 +39,8 @@ from prism_otel.record import REQUEST, STEP, Recorder
 logger = logging.getLogger(__name__)
 
 _HDR = struct.Struct("<I")
-_POLL_S = 0.002
+_POLL_S = 0.005  # busy: a step is ~5-100 ms; each poll costs the engine's interpreter lock a little
+_IDLE_POLL_S = 0.05
 
 
 class ResolvedDevice:
@@ -197,6 +198,8 @@ class Forwarder:
         tt = time.thread_time_ns
         from prism_otel.device.deepdive import DEEPDIVE
 
+        wait = _IDLE_POLL_S
+        last = 0.0
         while not self._stop.is_set():
             c0 = tt()
             n = self._send_pending()
@@ -204,8 +207,12 @@ class Forwarder:
                 DEEPDIVE.signal_flag = False
                 DEEPDIVE.request("on_demand", force=True)
             self.cpu_ns += tt() - c0
-            if not n:
-                self._stop.wait(_POLL_S)
+            now = time.monotonic()
+            if n:
+                last = now
+            # serving: poll every 5 ms; after a second with nothing, back off to 50 ms
+            wait = _POLL_S if n or now - last < 1.0 else min(_IDLE_POLL_S, wait * 2)
+            self._stop.wait(wait)
 
     def _control(self, fd: int) -> None:
         from prism_otel.device.deepdive import DEEPDIVE
@@ -319,7 +326,9 @@ def main(argv=None) -> int:
         while True:
             time.sleep(0.5)
             h = pipeline.handoff_ns[-2000:]
-            send(("stats", {"steps": pipeline.steps_seen, "requests": pipeline.requests_seen,
+            ss = pipeline.stats.steps.values()
+            mean_ms = sum(x.total_ns for x in ss) / max(1, sum(x.n for x in ss)) / 1e6
+            send(("stats", {"step_ms_mean": mean_ms, "steps": pipeline.steps_seen, "requests": pipeline.requests_seen,
                             "dropped": dict(pipeline.dropped), "processor_errors": pipeline.processor_errors,
                             "cpu_ns": pipeline.cpu_ns, "handoff_ns": h}))
 

@@ -26,7 +26,7 @@ from prism_otel.stats import StageStats
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.05
-_BUSY_POLL_S = 0.002
+_BUSY_POLL_S = 0.005
 
 
 class _OpenRequest:
@@ -131,12 +131,17 @@ class Pipeline:
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
         wait = _IDLE_POLL_S
+        last = 0.0
         tt = time.thread_time_ns
         while not self._stop.is_set():
             c0 = tt()
             n = self.process_pending()
             self.cpu_ns += tt() - c0
-            wait = _BUSY_POLL_S if n else min(_IDLE_POLL_S, wait * 2)
+            now = time.monotonic()
+            if n:
+                last = now
+            # serving: poll every 5 ms (a step is 5-100 ms); after a second with nothing, back off to 50 ms
+            wait = _BUSY_POLL_S if n or now - last < 1.0 else min(_IDLE_POLL_S, wait * 2)
             self._wake.wait(wait)
             self._wake.clear()
 
