@@ -60,11 +60,10 @@ class AnomalyConfig:
     cusum_h: float = 5.0
     flag_k: float = 1.5
     min_rel: float = 0.03
-    min_shift: float = 0.05
+    min_shift: float = 0.08
     clear_steps: int = 3
     novelty_k: float = 2.0
     novelty_refit: int = 50
-    min_support: int = 10
     n_trees: int = 100
     tree_depth: int = 3
     root_cause: bool = True
@@ -171,6 +170,7 @@ class AnomalyProcessor(StepProcessor):
         self._cap_res = c.max_train // 4
         self._max_step_ns = int(c.max_step_s * 1e9)
         self._seeds: Dict[str, tuple] = {}  # phase -> (model, norms, rows): baseline for new keys
+        self._alarmed: Dict[str, set] = {}  # instance -> phases whose alarm is up
         self._latest: Dict[str, _Key] = {}
         self._dirty = False
         self.bad: Dict[str, int] = {}
@@ -246,26 +246,29 @@ class AnomalyProcessor(StepProcessor):
         out = None
         clean = True
         if m is not None:
-            pred = m.predict_one(x)
+            pred, ratio = m.expect(x)
             r = math.log(y_ms / pred)
-            novel = m.excess(x)
-            if r - m.center > self._vp.flag_k * m.scale and novel < 1.0:
-                # slower than usual: is this a workload the model has hardly seen? (only computed here)
-                sup = m.support(x)
-                if sup < self.cfg.min_support:
-                    novel = max(novel, 1.0 - sup / self.cfg.min_support)
-            score, anomalous, rising = k.verdict.judge(r, m, 1.0 + self.cfg.novelty_k * novel)
+            novel = m.excess(x)  # past the training envelope: an extrapolation
+            inflate = ratio * (1.0 + self.cfg.novelty_k * novel)
+            score, anomalous, rising = k.verdict.judge(r, m, inflate, novel > 0.1)
             expected = pred * math.exp(m.center)
             root = None
             if anomalous and stages and self.cfg.root_cause and k.norms is not None:
                 root = k.norms.hint(stages, expected, int(x[0]))
-            alert = rising and self._alert(k, phase, end_ns, index, y_ms, expected, score, root)
+            alert = False
+            alarmed = self._alarmed.setdefault(inst, set())
+            if k.verdict.alarm:
+                if rising and not alarmed:  # one alert per instance incident, whichever phase saw it first
+                    alert = self._alert(k, phase, end_ns, index, y_ms, expected, score, root)
+                alarmed.add(phase)
+            else:
+                alarmed.discard(phase)
             if novel > 0.02:
                 # new workload: learn it unless the step itself is clearly anomalous
-                clean = not anomalous or r - m.center < self.cfg.point_k * m.scale
+                clean = not anomalous
                 k.novel += clean
             else:
-                clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale
+                clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale * ratio
             out = (expected, score, anomalous, alert, root)
         if clean:
             k.add((x, y_ms, stages), self._cap_res, self._rng)
@@ -422,8 +425,6 @@ class AnomalyProcessor(StepProcessor):
                 s = d.get("sample") or {}
                 stage_rows = s.get("S") or [None] * len(s.get("y", []))
                 rows = [(tuple(x), float(y), st) for x, y, st in zip(s.get("X", []), s.get("y", []), stage_rows)]
-                if rows:
-                    model.set_support(np.asarray([r[0] for r in rows], dtype=np.float64))
             except (KeyError, TypeError, ValueError) as exc:
                 logger.warning("prism-otel: baseline phase %s unusable: %s", phase, exc)
                 continue

@@ -52,7 +52,7 @@ class LatencyModel:
     """A fitted model plus the residual statistics the verdict needs. Immutable once built."""
 
     def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, tail, win_mean, win_std, n_train,
-                 ranges=None, fit_s=0.0, lo=None) -> None:
+                 ranges=None, fit_s=0.0, lo=None, scale_trees=None, abs_norm=1.0) -> None:
         self.cols = tuple(int(c) for c in cols)
         self.coef = tuple(float(c) for c in coef)
         self.lo = tuple(float(v) for v in lo) if lo is not None else tuple(0.0 for _ in self.cols)
@@ -69,9 +69,13 @@ class LatencyModel:
         self.ranges = ranges
         self.fit_s = fit_s
         self._lin = tuple(zip(self.cols, self.coef, self.lo))
-        # upper edges of the training envelope of the physics columns, for novelty (see excess())
-        self._hi = tuple((c, float(ranges[c][1])) for c in LINEAR_COLUMNS if ranges and ranges[c][1] > 0)
-        self.support_pts: Optional[np.ndarray] = None  # (n, 2) log batch, log context per request
+        # upper edges of the training envelope of the physics columns and of the context per request,
+        # for novelty (see excess())
+        self._hi = tuple((c, float(ranges[c][1])) for c in LINEAR_COLUMNS + (AVG_CONTEXT,)
+                         if ranges and ranges[c][1] > 0)
+        # local residual scale: trees on |residual| (heteroscedastic noise, e.g. host-bound regions)
+        self.scale_trees = scale_trees
+        self.abs_norm = float(abs_norm)
         if trees is not None:
             self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
             self._value, self._roots = trees["value"], trees["roots"]
@@ -93,21 +97,6 @@ class LatencyModel:
                 e = v
         return e
 
-    def set_support(self, X: np.ndarray) -> "LatencyModel":
-        X = np.asarray(X, dtype=np.float64).reshape(-1, N_FEATURES)
-        self.support_pts = np.log1p(X[:, (0, AVG_CONTEXT)]).astype(np.float32)
-        return self
-
-    def support(self, x, radius: float = 0.1) -> int:
-        """Training steps within ``radius`` (relative) of this step in batch size and context per
-        request: how densely the model has seen this workload (the two axes are correlated in
-        traffic, so a combination can be unseen although each value alone is in range)."""
-        pts = self.support_pts
-        if pts is None:
-            return 1 << 30
-        q = np.log1p(np.asarray((x[0], x[AVG_CONTEXT]), dtype=np.float32))
-        return int(np.count_nonzero((np.abs(pts - q) < radius).all(axis=1)))
-
     def base_one(self, x) -> float:
         b = self.intercept
         for c, k, lo in self._lin:
@@ -127,6 +116,33 @@ class LatencyModel:
             node = child[2 * node + (xv[feat[node]] > thr[node])]
         return b * math.exp(self._init + float(self._value[node].sum()))
 
+    def expect(self, x) -> tuple:
+        """(expected ms, local scale ratio) of one step: the ratio (0.7..1.8) says how much noisier than
+        usual normal steps of this workload are; the residual scale there is ``scale * ratio``."""
+        b = self.base_one(x)
+        if self.trees is None:
+            return b, 1.0
+        xv = np.asarray(x, dtype=np.float32)
+        node = self._roots
+        feat, thr, child = self._feat, self._thr, self._child
+        for _ in range(self._depth):
+            node = child[2 * node + (xv[feat[node]] > thr[node])]
+        pred = b * math.exp(self._init + float(self._value[node].sum()))
+        st = self.scale_trees
+        if st is None:
+            return pred, 1.0
+        node = st["roots"]
+        feat, thr, child = st["feat"], st["thr"], st["child"]
+        for _ in range(st["depth"]):
+            node = child[2 * node + (xv[feat[node]] > thr[node])]
+        ratio = (st["init"] + float(st["value"][node].sum())) / self.abs_norm
+        return pred, (0.7 if ratio < 0.7 else (1.8 if ratio > 1.8 else ratio))
+
+    def scale_ratio_many(self, X: np.ndarray) -> np.ndarray:
+        if self.scale_trees is None:
+            return np.ones(len(X))
+        return np.clip(_tree_raw(self.scale_trees, X) / self.abs_norm, 0.7, 1.8)
+
     def predict_many(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
         b = np.full(len(X), self.intercept)
@@ -139,28 +155,37 @@ class LatencyModel:
 
     # -- persistence ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = {"cols": list(self.cols), "coef": list(self.coef), "lo": list(self.lo), "intercept": self.intercept,
-             "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "tail": self.tail,
-             "win_mean": self.win_mean, "win_std": self.win_std, "n_train": self.n_train, "ranges": self.ranges, "trees": None}
-        if self.trees is not None:
-            t = self.trees
-            d["trees"] = {"feat": t["feat"].tolist(), "thr": [float(v) for v in t["thr"]],
-                          "child": t["child"].tolist(), "value": t["value"].tolist(), "roots": t["roots"].tolist(),
-                          "depth": int(t["depth"]), "init": float(t["init"])}
-        return d
+        return {"cols": list(self.cols), "coef": list(self.coef), "lo": list(self.lo), "intercept": self.intercept,
+                "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "tail": self.tail,
+                "win_mean": self.win_mean, "win_std": self.win_std, "n_train": self.n_train, "ranges": self.ranges,
+                "trees": _trees_to_dict(self.trees), "scale_trees": _trees_to_dict(self.scale_trees),
+                "abs_norm": self.abs_norm}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyModel":
-        t = d.get("trees")
-        trees = None
-        if t is not None:
-            trees = {"feat": np.asarray(t["feat"], dtype=np.intp), "thr": np.asarray(t["thr"], dtype=np.float64),
-                     "child": np.asarray(t["child"], dtype=np.intp), "value": np.asarray(t["value"], dtype=np.float64),
-                     "roots": np.asarray(t["roots"], dtype=np.intp), "depth": int(t["depth"]), "init": float(t["init"])}
-            if not (len(trees["feat"]) == len(trees["thr"]) == len(trees["value"]) == len(trees["child"]) // 2):
-                raise ValueError("baseline trees are inconsistent")
-        return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], trees, d["center"], d["scale"], d["tail"],
-                   d["win_mean"], d["win_std"], d["n_train"], d.get("ranges"), lo=d.get("lo"))
+        return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], _trees_from_dict(d.get("trees")), d["center"],
+                   d["scale"], d["tail"], d["win_mean"], d["win_std"], d["n_train"], d.get("ranges"), lo=d.get("lo"),
+                   scale_trees=_trees_from_dict(d.get("scale_trees")), abs_norm=d.get("abs_norm", 1.0))
+
+
+def _trees_to_dict(t: Optional[dict]) -> Optional[dict]:
+    if t is None:
+        return None
+    return {"feat": t["feat"].tolist(), "thr": [float(v) for v in t["thr"]], "child": t["child"].tolist(),
+            "value": t["value"].tolist(), "roots": t["roots"].tolist(), "depth": int(t["depth"]), "init": float(t["init"])}
+
+
+def _trees_from_dict(t: Optional[dict]) -> Optional[dict]:
+    if t is None:
+        return None
+    trees = {"feat": np.asarray(t["feat"], dtype=np.intp), "thr": np.asarray(t["thr"], dtype=np.float64),
+             "child": np.asarray(t["child"], dtype=np.intp), "value": np.asarray(t["value"], dtype=np.float64),
+             "roots": np.asarray(t["roots"], dtype=np.intp), "depth": int(t["depth"]), "init": float(t["init"])}
+    n = len(trees["feat"])
+    if not (n == len(trees["thr"]) == len(trees["value"]) == len(trees["child"]) // 2) or \
+            (n and (trees["child"].max() >= n or trees["feat"].max() >= N_FEATURES or trees["roots"].max() >= n)):
+        raise ValueError("baseline trees are inconsistent")
+    return trees
 
 
 def _tree_raw(trees: dict, X: np.ndarray) -> np.ndarray:
@@ -313,9 +338,21 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyM
     center = float(np.median(r))
     dev = r - center
     scale = max(p.scale_floor, 1.4826 * float(np.median(np.abs(dev))))
-    tail = float(np.quantile(dev / scale, 0.999)) if n >= 200 else 6.0
+    # local scale: boosted stumps on |residual| (clipped), relative to its mean
+    absdev = np.minimum(np.abs(dev), 6.0 * scale)
+    abs_norm = float(absdev.mean()) or 1.0
+    scale_trees = None
+    ratio = np.ones(n)
+    if with_trees and n >= 200:
+        g = _gbr(FitParams(n_trees=40, depth=2, learning_rate=0.1, min_leaf=max(30, n // 50)), n)
+        if g is not None:
+            g.fit(X.astype(np.float32), absdev)
+            scale_trees = _compile(g, X, absdev)
+            ratio = np.clip(_tree_raw(scale_trees, X) / abs_norm, 0.7, 1.8)
+    zs = dev / (scale * ratio)
+    tail = float(np.quantile(zs, 0.999)) if n >= 200 else 6.0
     w = max(1, p.window)
-    e = np.clip(dev / scale, 0.0, max(tail, 5.0))  # one-sided, a stray outlier bounded
+    e = np.clip(zs, 0.0, max(tail, 5.0))  # one-sided, a stray outlier bounded
     if n >= 4 * w:
         wm = np.convolve(e, np.ones(w) / w, mode="valid")
         win_mean, win_std = float(wm.mean()), float(wm.std())
@@ -325,5 +362,6 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyM
     final = _fit_once(X, y, p, with_trees)
     ranges = [[float(a), float(b)] for a, b in zip(X.min(axis=0), X.max(axis=0))]
     model = LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
-                         max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo)
-    return model.set_support(X)
+                         max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo,
+                         scale_trees=scale_trees, abs_norm=abs_norm)
+    return model

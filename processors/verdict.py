@@ -13,12 +13,13 @@ the window mean). With ``u = r - center`` (about the relative excess over the ex
   allowance ``a = max(cusum_k * s, min_shift / 2)``, alarm at ``S > max(cusum_h * s, 2 * min_shift)``:
   slow drifts that stay under the other two limits;
 * novelty: where the step's workload lies beyond what the model was trained on, the caller widens
-  ``s`` (``inflate``) until a refit has learned the region;
+  ``s`` (``inflate``) and marks the step novel until a refit has learned the region: a novel step is
+  judged by the (widened) point test alone;
 * hysteresis: the *alarm* stays up until ``clear_steps`` steps in a row fire nothing, so alerts
   (rising edges) do not flap; a step is *anomalous* when the point test fires, or while a
   window/CUSUM alarm is up and the step itself is over ``flag_k * s`` and over ``min_rel``.
 
-``min_shift`` is the smallest sustained slowdown worth an alarm (default 5%): a model is never
+``min_shift`` is the smallest sustained slowdown worth an alarm (default 8%): a model is never
 perfect across every workload, and a bias of a few percent in a sparsely seen region must not read
 as an anomaly however long it lasts. Pure, a few float operations and one bounded deque per step.
 """
@@ -38,7 +39,7 @@ class VerdictParams:
     cusum_h: float = 5.0
     flag_k: float = 1.5
     min_rel: float = 0.03
-    min_shift: float = 0.05
+    min_shift: float = 0.08
     clear_steps: int = 3
 
 
@@ -57,9 +58,11 @@ class KeyVerdict:
         self.quiet = 0
         self.quiet_s = 0
 
-    def judge(self, r: float, model, inflate: float = 1.0) -> tuple:
+    def judge(self, r: float, model, inflate: float = 1.0, novel: bool = False) -> tuple:
         """(score, anomalous, rising_edge) for one step's log residual ``r`` under ``model``;
-        ``inflate`` widens the residual scale where the model extrapolates."""
+        ``inflate`` widens the residual scale where the model extrapolates; a ``novel`` step (a
+        workload the model has not learned yet) is judged by the point test alone and feeds neither
+        the window nor the CUSUM: a model's error where it extrapolates is not a sustained shift."""
         p = self.p
         s = model.scale * inflate
         u = r - model.center
@@ -67,7 +70,7 @@ class KeyVerdict:
         if point_thr < p.min_shift:
             point_thr = p.min_shift
         # window of one-sided residuals
-        e = u if u > 0.0 else 0.0
+        e = u if u > 0.0 and not novel else 0.0
         win = self.win
         if len(win) == win.maxlen:
             self.win_sum -= win[0]
@@ -84,7 +87,7 @@ class KeyVerdict:
         h = p.cusum_h * s
         if h < 2.0 * p.min_shift:
             h = 2.0 * p.min_shift
-        c = self.cusum + (u if u < point_thr else point_thr) - a
+        c = self.cusum + (0.0 if novel else (u if u < point_thr else point_thr)) - a
         c = 0.0 if c < 0.0 else (2.0 * h if c > 2.0 * h else c)
         if c > h and len(win) == win.maxlen and wm < 0.5 * win_thr:
             c = h  # the last window looks normal again: recover in a step, not 2h / a of them
