@@ -149,3 +149,58 @@ def test_vllm_tracer_setup_shares_our_provider(monkeypatch):
     finally:
         _tracing.uninstall()
         prism_otel.stop()
+
+
+def test_batch_queue_order_gives_each_batch_its_step():
+    """The call order of EngineCore.step_with_batch_queue (batch B scheduled and launched before A is
+    updated, futures completing later): each batch gets its own step, features and stages."""
+    from concurrent.futures import Future
+
+    from prism_otel import semconv as sc
+    from prism_otel._runtime import RECORDER
+    from prism_otel.record import STEP
+
+    RECORDER.drain(1 << 30)
+    _engine._INFLIGHT.clear()
+    g = HookGuard("test.bq")
+    sched_w, exec_w = _engine.wrap_schedule(g), _engine.wrap_execute_model(g)
+    samp_w, upd_w = _engine.wrap_sample_tokens(g), _engine.wrap_update_from_output(g)
+    ra, rb = _req("a", 12, 12), _req("b", 30, 30)
+    sched = _Scheduler([ra, rb])
+    so_a = _so([_new(ra, 0)], [], {"a": 12})
+    so_b = _so([_new(rb, 0)], [], {"b": 30})
+    futs = {}
+
+    def launch(name):
+        def fn(*a, **k):
+            futs[name] = Future()
+            return futs[name]
+        return fn
+
+    sched_w(lambda *a, **k: so_a, sched, (), {})
+    exec_w(launch("xa"), None, (so_a,), {"non_block": True})
+    samp_w(launch("sa"), None, (None,), {"non_block": True})
+    sched_w(lambda *a, **k: so_b, sched, (), {})  # queue not full yet: B goes in before A is done
+    exec_w(launch("xb"), None, (so_b,), {"non_block": True})
+    samp_w(launch("sb"), None, (None,), {"non_block": True})
+    for f in ("xa", "sa"):
+        futs[f].set_result(None)
+    upd_w(lambda *a, **k: {}, sched, (so_a, None), {})
+    for f in ("xb", "sb"):
+        futs[f].set_result(None)
+    upd_w(lambda *a, **k: {}, sched, (so_b, None), {})
+    steps = [r for r in RECORDER.drain(1 << 30) if r[0] == STEP]
+    assert [s[1] for s in steps] == [id(so_a), id(so_b)]
+    (a, b) = steps
+    assert a[4].prefill_tokens == 12 and b[4].prefill_tokens == 30
+    assert [r[0] for r in a[5]] == ["a"] and [r[0] for r in b[5]] == ["b"]
+    assert a[8][sc.STEP_OVERLAP] == 0 and b[8][sc.STEP_OVERLAP] == 1
+    for s in (a, b):
+        stages = {n: (t0, t1) for n, t0, t1 in s[7]}
+        assert list(stages) == [sc.STAGE_SCHEDULE, sc.STAGE_FORWARD, sc.STAGE_SAMPLE, sc.STAGE_UPDATE]
+        assert s[8][sc.STEP_TIMING_SOURCE] == "executor"
+        assert s[2] <= stages[sc.STAGE_SCHEDULE][0] and stages[sc.STAGE_UPDATE][1] == s[3]
+        assert stages[sc.STAGE_FORWARD][0] <= stages[sc.STAGE_FORWARD][1] <= stages[sc.STAGE_SAMPLE][1] \
+            <= stages[sc.STAGE_UPDATE][0]
+    assert b[2] < a[3], "B was scheduled before A finished: the two steps overlap"
+    assert not _engine._INFLIGHT and g.errors == 0
