@@ -42,6 +42,10 @@ from prism_otel.simulate import runscore, scenario  # noqa: E402
 CPU_FAULTS = ["cpu_contention", "cpu_throttle", "membw_contention", "gc_storm", "stage_stall", "io_stall"]
 
 
+RATES = {"transformers": 2.5, "vllm": 4.0}  # requests/s: well under capacity (at ~60% load, other jobs
+# on the 2 cores pushed transformers into an open-loop backlog it never left)
+
+
 def make_scenario(engine: str, rounds: int, episode: float, gap: float, warmup: float) -> scenario.Scenario:
     faults, t = [], gap
     for _ in range(rounds):
@@ -52,7 +56,7 @@ def make_scenario(engine: str, rounds: int, episode: float, gap: float, warmup: 
     eng = {"kind": engine, "model": "small", "threads": 1}
     return scenario.Scenario.from_dict({
         "name": f"bench-cpu-{engine}", "engine": eng,
-        "workload": {"arrival": "tidal", "rate": 4, "tide": 0.6, "period_s": 20},
+        "workload": {"arrival": "tidal", "rate": RATES.get(engine, 4.0), "tide": 0.6, "period_s": 20},
         "warmup_s": warmup, "duration_s": t, "faults": faults})
 
 

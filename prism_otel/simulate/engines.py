@@ -131,8 +131,12 @@ class Engine:
 
     def target(self) -> Target:
         pids = [self.proc.pid] + children(self.proc.pid)
-        return Target(pids=pids, step_pid=self.step_pid(pids), engine=self.name, scratch_dir=self.run_dir,
-                      stage_targets=dict(self.stage_targets))
+        step = self.step_pid(pids)
+        return Target(pids=pids, step_pid=step, engine=self.name, scratch_dir=self.run_dir,
+                      stage_targets=dict(self.stage_targets), compute_pids=self.compute_pids(pids, step))
+
+    def compute_pids(self, pids: List[int], step: int) -> List[int]:
+        return [step]
 
     def step_pid(self, pids: List[int]) -> int:
         return pids[0]
@@ -336,6 +340,9 @@ class VLLMServer(_HTTPEngine):
             if "EngineCore" in _cmdline(p):
                 return p
         return pids[-1] if len(pids) > 1 else pids[0]
+
+    def compute_pids(self, pids: List[int], step: int) -> List[int]:
+        return [step] + [p for p in pids if p != step and "Worker" in _cmdline(p)]
 
 
 ENGINES = {c.name: c for c in (TransformersCB, TransformersServe, VLLMServer)}

@@ -48,6 +48,10 @@ class Target:
     engine: str = "transformers"
     scratch_dir: str = "."  # where disk faults may write (the run's out dir: the engine's disk)
     stage_targets: Dict[str, str] = field(default_factory=dict)  # stage -> "module:Class.method" in step_pid
+    compute_pids: List[int] = field(default_factory=list)  # processes running the engine loop or the model
+
+    def compute(self) -> List[int]:
+        return list(self.compute_pids) or [self.step_pid]
 
     def cpus(self) -> List[int]:
         out = set()
@@ -328,30 +332,52 @@ class IoStall(WorkerFault):
 
 
 class InTargetFault(Fault):
-    """A fault that runs inside the engine process, delivered through live attach's mechanism."""
+    """A fault that runs inside engine processes, delivered through live attach's mechanism. The
+    window runs from the first process's start to the last one's end."""
 
     kind = ""
 
     def kwargs(self) -> dict:
         return dict(self.params)
 
+    def pids(self) -> List[int]:
+        return [self.target.step_pid]
+
     def prepare(self) -> None:
         install_safety()
 
     def start(self) -> int:
         _OPEN.add(self)
-        res = deliver.call(self.target.step_pid, "prism_otel.simulate.inproc:start",
-                           {"kind": self.kind, "params": self.kwargs(), "duration_s": self.max_s})
-        self.started = True
-        self.info.update(res)
-        return int(res["t_start_ns"])
+        self.active: List[int] = []
+        starts = []
+        for pid in self.pids():
+            res = deliver.call(pid, "prism_otel.simulate.inproc:start",
+                               {"kind": self.kind, "params": self.kwargs(), "duration_s": self.max_s})
+            self.active.append(pid)
+            self.started = True
+            starts.append(int(res.pop("t_start_ns")))
+            self.info.update(res)
+        self.info["processes"] = list(self.active)
+        return min(starts)
 
     def stop(self) -> int:
         self.started = False
         _OPEN.discard(self)
-        res = deliver.call(self.target.step_pid, "prism_otel.simulate.inproc:stop", {"kind": self.kind})
-        self.info.update({k: v for k, v in res.items() if k != "t_end_ns"})
-        return int(res["t_end_ns"])
+        ends = []
+        per = {}
+        for pid in getattr(self, "active", []):
+            res = deliver.call(pid, "prism_otel.simulate.inproc:stop", {"kind": self.kind})
+            ends.append(int(res.pop("t_end_ns")))
+            per[pid] = res
+        for res in per.values():  # what the processes report; counters are summed over them below
+            self.info.update(res)
+        for k in ("calls", "stalls", "rounds"):
+            vals = [r[k] for r in per.values() if k in r]
+            if vals:
+                self.info[k] = sum(vals)
+        self.info["per_process"] = per
+        self.active = []
+        return max(ends) if ends else time.time_ns()
 
 
 class StageStall(InTargetFault):
@@ -370,6 +396,10 @@ class StageStall(InTargetFault):
 
 class GcStorm(InTargetFault):
     name = kind = "gc_storm"
+
+    def pids(self) -> List[int]:
+        return self.target.compute()  # vLLM: the EngineCore and its model workers
+
     summary = ("garbage-collection storm: allocation churn of cyclic garbage (a leak, a chatty library) forces "
                "back-to-back collections inside the engine process, each holding the interpreter lock")
     defaults = {"objects": 5000, "generation": 1, "gil_fraction": 0.8, "threads": 2}

@@ -148,11 +148,12 @@ def score_run(run_dir: str, pred: Optional[Sequence[int]] = None) -> Dict[str, d
 
 
 def online_verdicts(run_dir: str) -> Optional[List[int]]:
-    """The in-process detector's verdicts recorded on the spans, if it ran."""
+    """The in-process detector's verdicts recorded on the spans, if it ran (steps it gave no verdict,
+    before it had learned enough, count as not flagged: what an operator watching it would see)."""
     rows = dataset.read_csv(os.path.join(run_dir, "steps.csv"))
-    if not rows or any(r.get("online_anomaly", "") == "" for r in rows):
+    if not rows or all(r.get("online_anomaly", "") == "" for r in rows):
         return None
-    return [int(r["online_anomaly"]) for r in rows]
+    return [int(r.get("online_anomaly") or 0) for r in rows]  # no verdict yet (still learning): not flagged
 
 
 def find_runs(root: str) -> List[str]:
