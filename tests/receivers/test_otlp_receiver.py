@@ -261,3 +261,41 @@ def test_loopback_by_default():
     assert parse_endpoint(defaults(GRPCServerConfig).endpoint) == ("127.0.0.1", 4317)
     assert parse_endpoint(defaults(HTTPServerConfig).endpoint) == ("127.0.0.1", 4318)
     assert os.environ.get("PRISM_TEST_NOTHING") is None
+
+
+def test_unavailable_when_the_pipeline_cannot_take_data(tmp_path):
+    """Shutting down / storage failing: UNAVAILABLE + RetryInfo (gRPC), 503 + Retry-After (HTTP)."""
+    from google.rpc.error_details_pb2 import RetryInfo
+
+    from prism_otel.collector.component import ComponentID, Host, Settings
+    from prism_otel.collector.decode import decode
+    from prism_otel.collector.errors import Refused
+    from prism_otel.collector.telemetry import Telemetry
+    from receivers.otlp import OTLPReceiverConfig, factory
+
+    class Closed:
+        def admit(self):
+            raise Refused("persistent queue cannot write: No space left on device", 2.0, overloaded=False)
+
+        def __call__(self, req, raw, n):  # pragma: no cover - admit refuses first
+            raise AssertionError("not reached")
+
+    cfg = decode(OTLPReceiverConfig, {"protocols": {"grpc": {"endpoint": "127.0.0.1:0"},
+                                                    "http": {"endpoint": "127.0.0.1:0"}}})
+    tel = Telemetry()
+    r = factory().create(Settings(ComponentID("otlp"), tel), cfg, Closed())
+    r.start(Host())
+    try:
+        good = _payload(1).SerializeToString()
+        with pytest.raises(grpc.RpcError) as ei:
+            _raw_grpc(r.grpc_port, good)
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+        info = RetryInfo.FromString(dict(ei.value.trailing_metadata())["google.rpc.retryinfo-bin"])
+        assert info.retry_delay.seconds == 2
+        resp = requests.post(f"http://127.0.0.1:{r.http_port}/v1/traces", data=good,
+                             headers={"Content-Type": "application/x-protobuf"}, timeout=10)
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "2"
+        assert tel.get(sc.COLLECTOR_REFUSED_REQUESTS) == 2
+    finally:
+        r.shutdown()
+        r.shutdown()

@@ -79,6 +79,8 @@ class OTLPHTTPExporter(QueuedExporter):
         self.queue = cfg.sending_queue
         self.retry = cfg.retry_on_failure
         self._local = threading.local()
+        self._sessions: list = []
+        self._sessions_lock = threading.Lock()
         self._headers = dict(cfg.headers)
         self._headers["Content-Type"] = "application/json" if cfg.encoding == "json" else "application/x-protobuf"
         if cfg.compression == "gzip":
@@ -97,7 +99,15 @@ class OTLPHTTPExporter(QueuedExporter):
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
+            with self._sessions_lock:
+                self._sessions.append(s)
         return s
+
+    def close(self) -> None:
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for s in sessions:
+            s.close()
 
     def send(self, item: OutItem) -> None:
         body = request_to_json(item.request).encode() if self.cfg.encoding == "json" else item.payload
