@@ -68,6 +68,7 @@ def test_exactly_once_across_backend_restart_and_collector_sigkill(tmp_path):
             _batch(g_tp, step, 40, "inst-grpc")
             _batch(h_tp, step, 40, "inst-http")
             step += 40
+        assert h_tp.force_flush(30_000)  # the OTel HTTP exporter does not ride out a dead collector
         burst_start = step
         send_steps(g_tp, [make_step(i, instance="inst-grpc") for i in range(step, step + 200)])
         g_tp.force_flush(30_000)  # acknowledged: on the collector's disk, maybe not yet delivered
