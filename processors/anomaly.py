@@ -50,7 +50,7 @@ class AnomalyConfig:
     """Keys and defaults are listed in processors/README.md."""
 
     min_train: int = 200
-    refit_every: int = 2000
+    refit_every: int = 1000
     max_train: int = 4000
     background: bool = True
     window: int = 8
@@ -64,6 +64,7 @@ class AnomalyConfig:
     clear_steps: int = 3
     novelty_k: float = 2.0
     novelty_refit: int = 50
+    novelty_weight: float = 4.0
     n_trees: int = 100
     tree_depth: int = 3
     root_cause: bool = True
@@ -109,7 +110,7 @@ class _Key:
     """Model, verdict state and training buffer of one (instance, phase)."""
 
     __slots__ = ("instance", "phase", "model", "norms", "verdict", "recent", "reservoir", "evicted", "clean",
-                 "novel", "fitting", "fits", "last_alert_ns")
+                 "novel", "drift", "fitting", "fits", "last_alert_ns")
 
     def __init__(self, instance: str, phase: str, cfg: AnomalyConfig, vp: VerdictParams) -> None:
         self.instance, self.phase = instance, phase
@@ -122,6 +123,7 @@ class _Key:
         self.evicted = 0
         self.clean = 0  # normal steps added since the last fit started
         self.novel = 0  # of which beyond the model's training envelope
+        self.drift = 0.0  # slow average of the residual of normal steps: a stale model drifts off zero
         self.fitting = False
         self.fits = 0
         self.last_alert_ns = -(1 << 62)
@@ -245,12 +247,13 @@ class AnomalyProcessor(StepProcessor):
         m = k.model
         out = None
         clean = True
+        novel_row = False
         if m is not None:
             pred, ratio = m.expect(x)
             r = math.log(y_ms / pred)
             novel = m.excess(x)  # past the training envelope: an extrapolation
             inflate = ratio * (1.0 + self.cfg.novelty_k * novel)
-            score, anomalous, rising = k.verdict.judge(r, m, inflate, novel > 0.1)
+            score, anomalous, rising = k.verdict.judge(r, m, inflate, novel > 0.05)
             expected = pred * math.exp(m.center)
             root = None
             if anomalous and stages and self.cfg.root_cause and k.norms is not None:
@@ -264,15 +267,19 @@ class AnomalyProcessor(StepProcessor):
             else:
                 alarmed.discard(phase)
             if novel > 0.02:
-                # new workload: learn it unless the step itself is clearly anomalous
-                clean = not anomalous
+                # new workload: learn it, unless the step is anomalous or an episode is going on
+                clean = not anomalous and not k.verdict.sustained
                 k.novel += clean
+                novel_row = True
             else:
                 clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale * ratio
+                if clean:
+                    k.drift += 0.02 * (r - m.center - k.drift)
             out = (expected, score, anomalous, alert, root)
         if clean:
-            k.add((x, y_ms, stages), self._cap_res, self._rng)
-            if not k.fitting and (k.clean >= self._refit_due(k) or k.novel >= self.cfg.novelty_refit):
+            k.add((x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0), self._cap_res, self._rng)
+            if not k.fitting and (k.clean >= self._refit_due(k) or k.novel >= self.cfg.novelty_refit or (
+                    k.clean >= self.cfg.min_train // 2 and m is not None and abs(k.drift) > max(0.5 * m.scale, 0.01))):
                 self._schedule(k)
         return out
 
@@ -330,6 +337,7 @@ class AnomalyProcessor(StepProcessor):
             k.model, k.norms = model, norms
             k.clean -= taken
             k.novel -= novel
+            k.drift = 0.0
             k.fits += 1
             self.fit_seconds.append(model.fit_s)
             with self._lock:
@@ -347,7 +355,8 @@ class AnomalyProcessor(StepProcessor):
     def _fit_rows(self, rows: list) -> tuple:
         X = np.asarray([r[0] for r in rows], dtype=np.float64)
         y = np.asarray([r[1] for r in rows], dtype=np.float64)
-        model = fit(X, y, self._fp)
+        w = np.asarray([r[3] if len(r) > 3 else 1.0 for r in rows], dtype=np.float64)
+        model = fit(X, y, self._fp, w if (w != 1.0).any() else None)
         norms = None
         if self.cfg.root_cause and any(r[2] for r in rows):
             expected = model.predict_many(X) * math.exp(model.center)

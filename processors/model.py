@@ -69,8 +69,8 @@ class LatencyModel:
         self.ranges = ranges
         self.fit_s = fit_s
         self._lin = tuple(zip(self.cols, self.coef, self.lo))
-        # upper edges of the training envelope of the physics columns and of the context per request,
-        # for novelty (see excess())
+        # upper edges (99th percentiles) of the training envelope of the physics columns and of the
+        # context per request, for novelty (see excess()); ranges: [min, p99, max] per feature
         self._hi = tuple((c, float(ranges[c][1])) for c in LINEAR_COLUMNS + (AVG_CONTEXT,)
                          if ranges and ranges[c][1] > 0)
         # local residual scale: trees on |residual| (heteroscedastic noise, e.g. host-bound regions)
@@ -287,7 +287,7 @@ def _fit_linear(X: np.ndarray, y: np.ndarray):
         knots = knots[:worst] + knots[worst + 1:]
 
 
-def _fit_once(X, y, p: FitParams, with_trees: bool):
+def _fit_once(X, y, p: FitParams, with_trees: bool, w=None):
     cols, coef, icpt, lo = _fit_linear(X, y)
     floor = 0.5 * float(np.percentile(y, 1))
     base = np.full(len(X), icpt)
@@ -302,7 +302,7 @@ def _fit_once(X, y, p: FitParams, with_trees: bool):
         z = np.clip(z, med - lim, med + lim)  # a stray slow step must not bend the trees
         gbr = _gbr(p, len(X))
         if gbr is not None:
-            gbr.fit(X.astype(np.float32), z)
+            gbr.fit(X.astype(np.float32), z, sample_weight=w)
             trees = _compile(gbr, X, z)
     return LatencyModel(cols, coef, icpt, floor, trees, 0.0, 1.0, 5.0, 0.4, 0.3, len(X), lo=lo)
 
@@ -317,13 +317,17 @@ def _gbr(p: FitParams, n: int):
                                      min_samples_leaf=max(p.min_leaf, n // 200), random_state=0)
 
 
-def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyModel:
-    """Fit on normal steps (rows of features in time order, latencies in ms) and calibrate."""
+def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=None) -> LatencyModel:
+    """Fit on normal steps (rows of features in time order, latencies in ms) and calibrate.
+    ``weights``: per-row weight of the tree correction (rows of a workload new to the model count more,
+    so one refit learns the region instead of averaging it away)."""
     p = p or FitParams()
     t0 = time.perf_counter()
     X = np.asarray(X, dtype=np.float64).reshape(-1, N_FEATURES)
     y = np.asarray(y, dtype=np.float64)
     n = len(y)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
     with_trees = n >= 4 * p.min_leaf
     # out-of-fold residuals: two folds of alternating time blocks
     blk = max(8, n // 16)
@@ -332,7 +336,7 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyM
     if fold.all() or not fold.any():
         fold = np.arange(n) % 2 == 0
     for f in (fold, ~fold):
-        m = _fit_once(X[~f], y[~f], p, with_trees)
+        m = _fit_once(X[~f], y[~f], p, with_trees, None if weights is None else weights[~f])
         oof[f] = m.predict_many(X[f])
     r = np.log(y / oof)
     center = float(np.median(r))
@@ -359,8 +363,10 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None) -> LatencyM
     else:
         win_mean, win_std = 0.4, 0.0
     win_std = max(win_std, 0.58 / math.sqrt(w))  # never tighter than iid normal residuals allow
-    final = _fit_once(X, y, p, with_trees)
-    ranges = [[float(a), float(b)] for a, b in zip(X.min(axis=0), X.max(axis=0))]
+    final = _fit_once(X, y, p, with_trees, weights)
+    # the envelope's edges are sparse: novelty starts past the 99th percentile, not the maximum
+    ranges = [[float(a), float(q), float(b)] for a, q, b in zip(X.min(axis=0), np.percentile(X, 99, axis=0),
+                                                               X.max(axis=0))]
     model = LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
                          max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo,
                          scale_trees=scale_trees, abs_norm=abs_norm)

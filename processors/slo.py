@@ -95,7 +95,9 @@ class _Window:
 class SLOProcessor(StepProcessor):
     name = "slo"
 
-    def __init__(self, config=None) -> None:
+    def __init__(self, config=None, meter_provider=None) -> None:
+        """``config``: an :class:`SLOConfig` or a dict of its keys; ``meter_provider``: where the gauges
+        and the counter go (default: the global one)."""
         if config is None or isinstance(config, dict):
             config = SLOConfig.from_dict(config or {})
         self.cfg: SLOConfig = config
@@ -105,7 +107,7 @@ class SLOProcessor(StepProcessor):
         self._lock = threading.Lock()
         self._m_viol = None
         if config.metrics:
-            self._register_metrics()
+            self._register_metrics(meter_provider)
 
     # -- records -----------------------------------------------------------------------------------
     def process(self, step: StepRecord) -> StepRecord:
@@ -157,11 +159,11 @@ class SLOProcessor(StepProcessor):
         if self._m_viol is not None:
             self._m_viol.add(1, {sc.SLO_TARGET: target})
 
-    def _register_metrics(self) -> None:
+    def _register_metrics(self, provider) -> None:
         from opentelemetry import metrics
         from opentelemetry.metrics import Observation
 
-        meter = metrics.get_meter(sc.SCOPE)
+        meter = (provider or metrics.get_meter_provider()).get_meter(sc.SCOPE)
 
         def _obs(fn):
             def cb(_options):

@@ -13,8 +13,8 @@ the window mean). With ``u = r - center`` (about the relative excess over the ex
   allowance ``a = max(cusum_k * s, min_shift / 2)``, alarm at ``S > max(cusum_h * s, 2 * min_shift)``:
   slow drifts that stay under the other two limits;
 * novelty: where the step's workload lies beyond what the model was trained on, the caller widens
-  ``s`` (``inflate``) and marks the step novel until a refit has learned the region: a novel step is
-  judged by the (widened) point test alone;
+  ``s`` (``inflate``) and marks the step novel until a refit has learned the region: a novel step
+  does not feed the window or the CUSUM (see :meth:`KeyVerdict.judge`);
 * hysteresis: the *alarm* stays up until ``clear_steps`` steps in a row fire nothing, so alerts
   (rising edges) do not flap; a step is *anomalous* when the point test fires, or while a
   window/CUSUM alarm is up and the step itself is over ``flag_k * s`` and over ``min_rel``.
@@ -46,7 +46,7 @@ class VerdictParams:
 class KeyVerdict:
     """Verdict state of one (instance, phase)."""
 
-    __slots__ = ("p", "win", "win_sum", "cusum", "alarm", "sustained", "quiet", "quiet_s")
+    __slots__ = ("p", "win", "win_sum", "cusum", "alarm", "sustained", "quiet", "quiet_s", "level")
 
     def __init__(self, params: VerdictParams) -> None:
         self.p = params
@@ -57,20 +57,27 @@ class KeyVerdict:
         self.sustained = False  # a window or CUSUM alarm is up
         self.quiet = 0
         self.quiet_s = 0
+        self.level = 0.0  # typical residual of the current sustained episode
 
     def judge(self, r: float, model, inflate: float = 1.0, novel: bool = False) -> tuple:
         """(score, anomalous, rising_edge) for one step's log residual ``r`` under ``model``;
-        ``inflate`` widens the residual scale where the model extrapolates; a ``novel`` step (a
-        workload the model has not learned yet) is judged by the point test alone and feeds neither
-        the window nor the CUSUM: a model's error where it extrapolates is not a sustained shift."""
+        ``inflate`` widens the residual scale where the model extrapolates. A ``novel`` step (a
+        workload the model has not learned yet) leaves the window and the CUSUM as they are: a model's
+        error where it extrapolates is no evidence of a shift. Outside an alarm it is judged by the
+        (widened) point test alone; inside one it holds the alarm while it stays near the episode's
+        level (an anomaly that pushed the workload somewhere new, e.g. a backlog) and counts towards
+        clearing it once it falls under half of that level (the episode ended)."""
         p = self.p
         s = model.scale * inflate
         u = r - model.center
         point_thr = model.point_limit(p.point_k) * s
         if point_thr < p.min_shift:
             point_thr = p.min_shift
+        point = u > point_thr
+        if novel:
+            return self._judge_novel(u, s, point, point_thr)
         # window of one-sided residuals
-        e = u if u > 0.0 and not novel else 0.0
+        e = u if u > 0.0 else 0.0
         win = self.win
         if len(win) == win.maxlen:
             self.win_sum -= win[0]
@@ -87,30 +94,25 @@ class KeyVerdict:
         h = p.cusum_h * s
         if h < 2.0 * p.min_shift:
             h = 2.0 * p.min_shift
-        c = self.cusum + (0.0 if novel else (u if u < point_thr else point_thr)) - a
+        c = self.cusum + (u if u < point_thr else point_thr) - a
         c = 0.0 if c < 0.0 else (2.0 * h if c > 2.0 * h else c)
         if c > h and len(win) == win.maxlen and wm < 0.5 * win_thr:
             c = h  # the last window looks normal again: recover in a step, not 2h / a of them
         self.cusum = c
-        point = u > point_thr
         sus_fire = wm > win_thr or c > h
         if sus_fire:
+            if not self.sustained:
+                self.level = wm if wm > u else u
             self.sustained = True
             self.quiet_s = 0
         elif self.sustained:
             self.quiet_s += 1
             if self.quiet_s >= p.clear_steps:
                 self.sustained = False
-        rising = False
-        if point or sus_fire:
-            rising = not self.alarm
-            self.alarm = True
-            self.quiet = 0
-        elif self.alarm:
-            self.quiet += 1
-            if self.quiet >= p.clear_steps:
-                self.alarm = False
+        rising = self._alarm(point or sus_fire)
         anomalous = point or (self.sustained and u > p.flag_k * s and u > p.min_rel)
+        if self.sustained and anomalous:
+            self.level += 0.1 * (u - self.level)
         score = u / point_thr
         s2 = wm / win_thr
         s3 = c / h
@@ -119,3 +121,31 @@ class KeyVerdict:
         if s3 > score:
             score = s3
         return score, anomalous, rising
+
+    def _judge_novel(self, u: float, s: float, point: bool, point_thr: float) -> tuple:
+        p = self.p
+        held = False
+        if self.sustained:
+            if u >= 0.5 * self.level:
+                held = True
+                self.quiet_s = 0
+            else:
+                self.quiet_s += 1
+                if self.quiet_s >= p.clear_steps:
+                    self.sustained = False
+        rising = self._alarm(point or held)
+        anomalous = point or (held and u > p.flag_k * s and u > p.min_rel)
+        return u / point_thr, anomalous, rising
+
+    def _alarm(self, fired: bool) -> bool:
+        """Update the alarm (hysteresis); True on its rising edge."""
+        if fired:
+            rising = not self.alarm
+            self.alarm = True
+            self.quiet = 0
+            return rising
+        if self.alarm:
+            self.quiet += 1
+            if self.quiet >= self.p.clear_steps:
+                self.alarm = False
+        return False
