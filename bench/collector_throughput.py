@@ -239,30 +239,32 @@ def main() -> None:
     bare = make_assembler(detect=False)
     cols = {"collector (memory queue)": Collector(tmp, sink_port, False),
             "collector (on-disk queue)": Collector(tmp, sink_port, True)}
-    # Warm up: every detector sees >1000 steps per instance and fits its models (background threads).
-    inprocess_rate(assembler, warm[0])
-    for col in cols.values():
-        collector_rate(col, counter, warm[0])
-    time.sleep(15.0)
-    inprocess_rate(assembler, warm[1])
-    for col in cols.values():
-        collector_rate(col, counter, warm[1])
-    ASM = "in-process: decode, assemble, encode (no processors)"
-    rows = {"floor: protobuf decode + encode": [], ASM: [], "in-process: decode, assemble, detect, tag, encode": []}
-    rows.update({k: [] for k in cols})
-    for r, reqs in enumerate(rounds):
-        fl = floor_rate(reqs)
-        rows["floor: protobuf decode + encode"].append((fl, 1.0))
-        ba = inprocess_rate(bare, reqs)
-        rows[ASM].append((ba, ba / fl))
-        ip = inprocess_rate(assembler, reqs)
-        rows["in-process: decode, assemble, detect, tag, encode"].append((ip, ip / fl))
-        for name, col in cols.items():
-            cr = collector_rate(col, counter, reqs)
-            rows[name].append((cr, cr / fl))
-    for col in cols.values():
-        col.stop()
-    sink.terminate()
+    try:
+        # Warm up: every detector sees >1000 steps per instance and fits its models (background threads).
+        inprocess_rate(assembler, warm[0])
+        for col in cols.values():
+            collector_rate(col, counter, warm[0])
+        time.sleep(15.0)
+        inprocess_rate(assembler, warm[1])
+        for col in cols.values():
+            collector_rate(col, counter, warm[1])
+        ASM = "in-process: decode, assemble, encode (no processors)"
+        rows = {"floor: protobuf decode + encode": [], ASM: [], "in-process: decode, assemble, detect, tag, encode": []}
+        rows.update({k: [] for k in cols})
+        for r, reqs in enumerate(rounds):
+            fl = floor_rate(reqs)
+            rows["floor: protobuf decode + encode"].append((fl, 1.0))
+            ba = inprocess_rate(bare, reqs)
+            rows[ASM].append((ba, ba / fl))
+            ip = inprocess_rate(assembler, reqs)
+            rows["in-process: decode, assemble, detect, tag, encode"].append((ip, ip / fl))
+            for name, col in cols.items():
+                cr = collector_rate(col, counter, reqs)
+                rows[name].append((cr, cr / fl))
+    finally:
+        for col in cols.values():
+            col.stop()
+        sink.terminate()
     print(f"| path ({a.rounds} rounds x {a.requests} requests x {SPANS_PER_REQUEST} spans) "
           "| spans/s per core (median) | CPU µs per step (4 spans) | ratio to floor, median [min-max] |")
     print("|---|---|---|---|")
