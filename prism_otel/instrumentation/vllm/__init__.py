@@ -102,8 +102,8 @@ def _on_first_contact(scheduler) -> None:
     st = _runtime.current()
     if st is None:
         return
-    mat = st.pipeline.materializer
-    if mat.model_name is None:
+    mat = getattr(st.pipeline, "materializer", None)  # none here in companion mode
+    if mat is not None and mat.model_name is None:
         try:
             name = scheduler.vllm_config.model_config.served_model_name
             mat.model_name = name[0] if isinstance(name, (list, tuple)) else name

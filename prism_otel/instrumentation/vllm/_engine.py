@@ -329,9 +329,12 @@ def wrap_engine_shutdown(g):
 
                 st = _runtime.current()
                 if st is not None:
-                    st.pipeline.flush(2.0)
-                    st.pipeline.process_pending()  # an empty pass closes the requests that finished
-                    st.provider.force_flush(2000)
+                    st.pipeline.flush(2.0)  # in companion mode: hands the ring to the companion
+                    pending = getattr(st.pipeline, "process_pending", None)
+                    if pending is not None:
+                        pending()  # an empty pass closes the requests that finished
+                    if st.provider is not None:
+                        st.provider.force_flush(2000)
             except Exception as exc:  # noqa: BLE001
                 g.failed(exc)
         return wrapped(*args, **kwargs)
