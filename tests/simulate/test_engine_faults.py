@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "run"
     sc = scenario.Scenario.from_dict({
         "name": "test-cpu-faults", "engine": {"kind": "transformers", "model": "small", "threads": 1},
-        "workload": {"arrival": "tidal", "rate": 4, "tide": 0.5, "period_s": 15},
+        "workload": {"arrival": "tidal", "rate": 2.5, "tide": 0.5, "period_s": 15},
         "warmup_s": 10, "duration_s": AT + len(FAULTS) * (FOR + GAP),
         "faults": [{"fault": f, "at_s": AT + i * (FOR + GAP), "for_s": FOR} for i, f in enumerate(FAULTS)]})
     meta = scenario.run(sc, str(out), log=lambda *a: None)

@@ -13,10 +13,10 @@ from prism_otel.simulate.engines import vllm_python
 from tests.simulate.helpers import alive, procs_matching
 
 
-def _run(tmp_path, engine, faults, duration=16.0, warmup=6.0):
+def _run(tmp_path, engine, faults, rate, duration=16.0, warmup=6.0):
     sc = scenario.Scenario.from_dict({
         "name": f"test-{engine}", "engine": {"kind": engine, "model": "small", "threads": 1},
-        "workload": {"arrival": "poisson", "rate": 4}, "warmup_s": warmup, "duration_s": duration, "drain_s": 30,
+        "workload": {"arrival": "poisson", "rate": rate}, "warmup_s": warmup, "duration_s": duration, "drain_s": 30,
         "faults": faults})
     out = tmp_path / "run"
     return out, scenario.run(sc, str(out), log=lambda *a: None)
@@ -36,7 +36,7 @@ def _check(out, meta, faults):
 def test_transformers_serve(tmp_path):
     faults = [{"fault": "cpu_throttle", "at_s": 2, "for_s": 4},
               {"fault": "stage_stall", "at_s": 9, "for_s": 4, "params": {"stage": "schedule"}}]
-    out, meta = _run(tmp_path, "transformers_serve", faults)
+    out, meta = _run(tmp_path, "transformers_serve", faults, rate=2.5)
     _check(out, meta, faults)
     assert meta["windows"][1]["info"]["stalls"] > 0
 
@@ -49,7 +49,7 @@ def test_vllm_server(tmp_path):
         pytest.skip(str(exc))
     faults = [{"fault": "stage_stall", "at_s": 2, "for_s": 4, "params": {"stage": "schedule"}},
               {"fault": "gc_storm", "at_s": 9, "for_s": 4}]
-    out, meta = _run(tmp_path, "vllm", faults)
+    out, meta = _run(tmp_path, "vllm", faults, rate=4.0)
     _check(out, meta, faults)
     assert meta["target"]["step_pid"] != meta["target"]["pids"][0]  # steps run in the EngineCore process
     assert meta["windows"][0]["info"]["target"].startswith("vllm.")
