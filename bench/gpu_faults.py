@@ -41,7 +41,8 @@ def smoke_scenario() -> scenario.Scenario:
     sc["engine"] = {"kind": "transformers", "model": "tiny", "threads": 1}
     sc["workload"] = {"arrival": "tidal", "rate": 6, "tide": 0.5, "period_s": 10}
     sc.update(warmup_s=8, duration_s=16, drain_s=20)
-    sc["faults"] = [{"fault": "cpu_throttle", "at_s": 3, "for_s": 4}, {"fault": "cpu_contention", "at_s": 10, "for_s": 4}]
+    sc["faults"] = [{"fault": "cpu_throttle", "at_s": 3, "for_s": 4},
+                    {"fault": "cpu_contention", "at_s": 10, "for_s": 4}]
     return scenario.Scenario.from_dict(sc)
 
 
@@ -78,7 +79,8 @@ def main() -> None:
         p = scores.get("prism", {}).get(fault)
         extra = f"   {p['precision']:.3f}/{p['recall']:.3f}/{p['fpr']:.4f}/{p['lag_batches']}" if p else ""
         if "ratio" in e:
-            lines.append(f"{fault:18s} {e['steps_in']:6d} {e['median_us_in'] / 1e3:9.2f} {e['median_us_out'] / 1e3:8.2f} "
+            lines.append(f"{fault:18s} {e['steps_in']:6d} {e['median_us_in'] / 1e3:9.2f} "
+                         f"{e['median_us_out'] / 1e3:8.2f} "
                          f"{e['ratio']:6.2f}x | {f1s}{extra}")
         else:
             lines.append(f"{fault:18s} {'':6s} {'':9s} {'':8s} {'':7s} | {f1s}{extra}")

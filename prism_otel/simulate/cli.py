@@ -61,12 +61,14 @@ def _parse_value(v: str):
 def _summary(meta: dict, out: str) -> str:
     lines = [f"simulate: {meta['scenario']['name']}: {meta['steps']['scored']} scored steps "
              f"({meta['steps']['anomalous']} in fault windows), {meta['steps']['train']} warm-up steps -> {out}"]
-    lines.append(f"  {'fault':18s} {'steps in':>8s} {'p50 in ms':>10s} {'p50 out ms':>10s} {'raw x':>7s} {'effect x':>8s}")
+    lines.append(f"  {'fault':18s} {'steps in':>8s} {'p50 in ms':>10s} {'p50 out ms':>10s} {'raw x':>7s} "
+                 f"{'effect x':>8s}")
     for name, e in meta["effects"].items():
         if "ratio" not in e:
             lines.append(f"  {name:18s} {e['steps_in']:8d}  (not enough steps to measure)")
             continue
-        lines.append(f"  {name:18s} {e['steps_in']:8d} {e['median_us_in'] / 1e3:10.2f} {e['median_us_out'] / 1e3:10.2f} "
+        lines.append(f"  {name:18s} {e['steps_in']:8d} {e['median_us_in'] / 1e3:10.2f} "
+                     f"{e['median_us_out'] / 1e3:10.2f} "
                      f"{e['raw_ratio']:7.2f} {e['ratio']:8.2f}")
     lines.append("  effect x: median step latency over what steps of the same shape cost outside the faults")
     return "\n".join(lines)

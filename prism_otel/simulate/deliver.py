@@ -32,7 +32,8 @@ class DeliveryFailed(RuntimeError):
 
 def call(pid: int, target: str, kwargs: Optional[dict] = None, timeout: Optional[float] = None):
     """Run ``target`` (``"prism_otel.<module>:<function>"``) with ``kwargs`` inside process ``pid``;
-    returns what it returned (a dict gets ``_delivery_ms`` added). Raises :class:`DeliveryFailed` (with the refusal or the target's error)."""
+    returns what it returned (a dict gets ``_delivery_ms`` added). Raises :class:`DeliveryFailed`
+    (with the refusal or the target's error)."""
     try:
         t = _attach.examine(pid)
     except _attach.Refused as exc:

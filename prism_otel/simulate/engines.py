@@ -295,7 +295,8 @@ class TransformersServe(_HTTPEngine):
         b = os.path.dirname(sys.executable)
         cb = self.options.get("cb", {})
         self.served_name = self.model
-        return [sys.executable, "-m", "prism_otel.cli", "run", "--", os.path.join(b, "transformers"), "serve", self.model,
+        return [sys.executable, "-m", "prism_otel.cli", "run", "--", os.path.join(b, "transformers"), "serve",
+                self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--continuous-batching",
                 "--cb-num-blocks", str(cb.get("num_blocks", 512)), "--cb-block-size", str(cb.get("page_size", 32)),
                 "--cb-max-batch-tokens", str(cb.get("max_batch_tokens", 256))]
@@ -322,7 +323,8 @@ class VLLMServer(_HTTPEngine):
 
     def argv(self, port: int) -> List[str]:
         py = vllm_python(self.options.get("python"))
-        return [py, "-m", "prism_otel.cli", "run", "--", py, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+        return [py, "-m", "prism_otel.cli", "run", "--", py, "-m", "vllm.entrypoints.openai.api_server",
+                "--model", self.model,
                 "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                 "--max-model-len", str(self.options.get("max_model_len", 2048)), "--enforce-eager",
                 "--max-num-seqs", str(self.options.get("max_num_seqs", 32)),

@@ -76,7 +76,8 @@ class Scenario:
         for i, f in enumerate(d.get("faults") or []):
             w = f"{where}.faults[{i}]"
             if not isinstance(f, dict) or f.get("fault") not in known:
-                raise ValueError(f"{w}.fault: one of {sorted(known)}, got {f.get('fault') if isinstance(f, dict) else f!r}")
+                got = f.get("fault") if isinstance(f, dict) else f
+                raise ValueError(f"{w}.fault: one of {sorted(known)}, got {got!r}")
             extra = set(f) - {"fault", "at_s", "for_s", "params"}
             if extra:
                 raise ValueError(f"{w}: unknown keys {sorted(extra)}")
@@ -95,7 +96,8 @@ class Scenario:
             wl = WorkloadSpec.from_dict(d.get("workload") or {})
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}.workload: {exc}") from exc
-        sc = cls(name=str(d.get("name", "scenario")), engine=eng, workload=wl, duration_s=float(d.get("duration_s", 60)),
+        sc = cls(name=str(d.get("name", "scenario")), engine=eng, workload=wl,
+                 duration_s=float(d.get("duration_s", 60)),
                  warmup_s=float(d.get("warmup_s", 30)), faults=eps, description=str(d.get("description", "")),
                  drain_s=float(d.get("drain_s", 60)))
         if eps and eps[-1].at_s + eps[-1].for_s > sc.duration_s:
@@ -106,7 +108,8 @@ class Scenario:
         return {"name": self.name, "description": self.description, "engine": self.engine,
                 "workload": self.workload.to_dict(), "warmup_s": self.warmup_s, "duration_s": self.duration_s,
                 "drain_s": self.drain_s,
-                "faults": [{"fault": e.fault, "at_s": e.at_s, "for_s": e.for_s, "params": e.params} for e in self.faults]}
+                "faults": [{"fault": e.fault, "at_s": e.at_s, "for_s": e.for_s, "params": e.params}
+                           for e in self.faults]}
 
 
 def load(path_or_name: str) -> Scenario:

@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture
 def sleeper():
-    p = subprocess.Popen([sys.executable, "-c", "import time\nprint('ready', flush=True)\nwhile True: time.sleep(0.01)"],
+    code = "import time\nprint('ready', flush=True)\nwhile True: time.sleep(0.01)"
+    p = subprocess.Popen([sys.executable, "-c", code],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"  # an interpreter still starting cannot take an injection
     yield p
