@@ -196,6 +196,8 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
                                 model_name=model_name, provider_name=framework_name())
         pipeline.start()
         insts = []
+        # set before instrumenting: an instrumentor's first contact may look at current()
+        _state = Runtime(provider, own, embedded, pipeline, insts)
         if instrument:
             for name, cls in _all_instrumentors():
                 try:
@@ -205,7 +207,6 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
                     insts.append(inst)
                 except Exception:  # noqa: BLE001
                     logger.warning("prism-otel: instrumenting %s failed", name, exc_info=True)
-        _state = Runtime(provider, own, embedded, pipeline, insts)
         return _state
 
 

@@ -71,6 +71,7 @@ class Pipeline:
         self.handoff_ns: List[int] = []  # step end -> span ended (handed to the exporter), bounded sample
         self._pending_stages: Dict[object, list] = {}
         self._open: "OrderedDict[str, _OpenRequest]" = OrderedDict()
+        self._closed: "OrderedDict[str, None]" = OrderedDict()  # recently closed ids: a late step must not reopen one
         self._finishing: List[str] = []
         self._step_index = 0
         self._thread: Optional[threading.Thread] = None
@@ -223,6 +224,9 @@ class Pipeline:
         r = self._open.pop(rid, None)
         if r is None:
             return
+        self._closed[rid] = None
+        if len(self._closed) > 4096:
+            self._closed.popitem(last=False)
         end = r.finish_ns or r.last_token or r.arrival_ns
         rec = RequestRecord(instance=self.instance, request_id=rid, arrival_ns=r.arrival_ns, end_ns=end,
                             first_scheduled_ns=r.first_sched, first_token_ns=r.first_token,
@@ -287,6 +291,8 @@ class Pipeline:
         for rid, _q, new_token in reqs:
             r = self._open.get(rid)
             if r is None:
+                if rid in self._closed:  # finished already (e.g. aborted while its batch was in flight)
+                    continue
                 r = self._ensure_request(rid, t0, None)  # arrival not seen (attached mid-flight)
             if r.first_sched is None:
                 r.first_sched = start
