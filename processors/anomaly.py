@@ -279,7 +279,7 @@ class AnomalyProcessor(StepProcessor):
         if clean:
             k.add((x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0), self._cap_res, self._rng)
             if not k.fitting and (k.clean >= self._refit_due(k) or k.novel >= self.cfg.novelty_refit or (
-                    k.clean >= self.cfg.min_train // 2 and m is not None and abs(k.drift) > max(0.5 * m.scale, 0.01))):
+                    k.clean >= self.cfg.min_train // 4 and m is not None and abs(k.drift) > max(0.5 * m.scale, 0.01))):
                 self._schedule(k)
         return out
 
