@@ -132,7 +132,10 @@ class KeyVerdict:
             else:
                 self.quiet_s += 1
                 if self.quiet_s >= p.clear_steps:
+                    # the episode ended while the workload was somewhere new: its evidence is stale
                     self.sustained = False
+                    self.cusum = self.win_sum = 0.0
+                    self.win.clear()
         rising = self._alarm(point or held)
         anomalous = point or (held and u > p.flag_k * s and u > p.min_rel)
         return u / point_thr, anomalous, rising
