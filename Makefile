@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q $(TORCH)
 	$(VPY) -m pip install -q -e ".[transformers,collector,dev]"
+	# `transformers serve` needs accelerate, which requires torch: it is in no extra (no extra may pull
+	# torch) and goes in here, after the pinned torch, so it installs nothing more.
+	$(VPY) -m pip install -q accelerate
 	touch $@
 
 demo: $(VENV)/.installed
