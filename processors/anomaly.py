@@ -61,6 +61,7 @@ class AnomalyConfig:
     flag_k: float = 1.5
     min_rel: float = 0.03
     min_shift: float = 0.08
+    point_cap: float = 0.5
     clear_steps: int = 3
     novelty_k: float = 2.0
     novelty_refit: int = 50
@@ -81,7 +82,8 @@ class AnomalyConfig:
     alert_min_interval_s: float = 0.0
 
     def validate(self, where: str = "") -> None:
-        positive(where, min_train=self.min_train, refit_every=self.refit_every, max_train=self.max_train,
+        positive(where, point_cap=self.point_cap, min_shift=self.min_shift, min_train=self.min_train,
+                 refit_every=self.refit_every, max_train=self.max_train,
                  window=self.window, point_k=self.point_k, window_k=self.window_k, cusum_h=self.cusum_h,
                  clear_steps=self.clear_steps, n_trees=self.n_trees, tree_depth=self.tree_depth,
                  alert_queue=self.alert_queue, alert_timeout_s=self.alert_timeout_s, max_step_s=self.max_step_s)
@@ -162,7 +164,7 @@ class AnomalyProcessor(StepProcessor):
         c = config
         self._vp = VerdictParams(point_k=c.point_k, window=c.window, window_k=c.window_k, cusum_k=c.cusum_k,
                                  cusum_h=c.cusum_h, flag_k=c.flag_k, min_rel=c.min_rel, min_shift=c.min_shift,
-                                 clear_steps=c.clear_steps)
+                                 point_cap=c.point_cap, clear_steps=c.clear_steps)
         self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, window=c.window)
         self._phases = c.phase_set()
         self._keys: Dict[Tuple[str, str], _Key] = {}

@@ -188,7 +188,8 @@ def _trees_to_dict(t: Optional[dict]) -> Optional[dict]:
     if t is None:
         return None
     return {"feat": t["feat"].tolist(), "thr": [float(v) for v in t["thr"]], "child": t["child"].tolist(),
-            "value": t["value"].tolist(), "roots": t["roots"].tolist(), "depth": int(t["depth"]), "init": float(t["init"])}
+            "value": t["value"].tolist(), "roots": t["roots"].tolist(), "depth": int(t["depth"]),
+            "init": float(t["init"])}
 
 
 def _trees_from_dict(t: Optional[dict]) -> Optional[dict]:
@@ -306,8 +307,9 @@ def _fit_linear(X: np.ndarray, y: np.ndarray):
 def _max_affine(X, y, cols, knots, beta1, iters: int = 12) -> Optional[list]:
     """A second affine piece so that the line becomes ``max(piece 1, piece 2)`` (a convex max-affine
     fit: restarts from splits on each column, then alternating assignment and least squares on relative
-    error), kept when it cuts the error by 15%. Overlapped engines cost ``max(device work, host work of the previous batch)``: two
-    planes whose crossing moves with the workload, which trees alone cannot extrapolate."""
+    error), kept when it cuts the error by 15%. Overlapped engines cost ``max(device work, host work
+    of the previous batch)``: two planes whose crossing moves with the workload, which trees alone
+    cannot extrapolate."""
     n = len(y)
     if n < 60 or not cols:
         return None

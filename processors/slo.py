@@ -177,7 +177,7 @@ class SLOProcessor(StepProcessor):
             return cb
 
         meter.create_observable_gauge(sc.METRIC_SLO_ATTAINMENT, callbacks=[_obs(self.attainment)], unit="1",
-                                      description="fraction of requests (or steps) within the SLO target, rolling window")
+                                      description="fraction within the SLO target over the rolling window")
         meter.create_observable_gauge(sc.METRIC_SLO_BURN_RATE, callbacks=[_obs(self.burn_rate)], unit="1",
                                       description="error-budget burn rate: (1 - attainment) / (1 - objective)")
         self._m_viol = meter.create_counter(sc.METRIC_SLO_VIOLATIONS, description="records over their SLO target")

@@ -4,8 +4,9 @@ Input per step: ``r = log(observed / predicted)`` and the model's residual stati
 of fold on normal steps (``center``, robust ``scale`` s, the 99.9% ``tail``, the mean and spread of
 the window mean). With ``u = r - center`` (about the relative excess over the expected latency):
 
-* point test: ``u > max(point_k * s, 1.25 * tail * s, min_shift)``: spikes and large slowdowns on
-  the step itself (lag 0);
+* point test: ``u > max(point_k * s, 1.25 * tail * s, min_shift)``, capped at ``point_cap`` (a step
+  1.65x its expected latency is anomalous however noisy or novel its workload): spikes and large
+  slowdowns on the step itself (lag 0);
 * window test: the one-sided residual ``max(0, u)`` averaged over the last ``window`` steps against
   the limit learned from normal residuals, ``max((win_mean + window_k * win_std) * s, min_shift)``:
   moderate sustained slowdowns within a few steps (LatencyPrism's smoothed control chart);
@@ -40,6 +41,7 @@ class VerdictParams:
     flag_k: float = 1.5
     min_rel: float = 0.03
     min_shift: float = 0.08
+    point_cap: float = 0.5
     clear_steps: int = 3
 
 
@@ -73,6 +75,8 @@ class KeyVerdict:
         point_thr = model.point_limit(p.point_k) * s
         if point_thr < p.min_shift:
             point_thr = p.min_shift
+        elif point_thr > p.point_cap:
+            point_thr = p.point_cap  # e^0.5 = 1.65x expected is anomalous however noisy or novel
         point = u > point_thr
         if novel:
             return self._judge_novel(u, s, point, point_thr)

@@ -288,8 +288,8 @@ def simulate(profile: EngineProfile, workload: Workload, n_steps: int, seed: int
         for s_name, a0, a1 in stages:
             st[s_name] = (start_ns + int(a0 * 1e6), min(end_ns, start_ns + int(a1 * 1e6)))
         steps.append(StepRecord(instance=instance, index=idx + 1, start_ns=start_ns, end_ns=end_ns, phase=phase,
-                                batch_size=B, prefill_tokens=P, decode_tokens=B_dec, context_tokens=ctx_dec + sum(pre_ctx),
-                                max_context_tokens=mx, stages=st))
+                                batch_size=B, prefill_tokens=P, decode_tokens=B_dec,
+                                context_tokens=ctx_dec + sum(pre_ctx), max_context_tokens=mx, stages=st))
         slow.append(injected if j >= 0 else 0.0)
         labels.append(0 if j < 0 or injected <= 1e-9 else (1 if injected >= MIN_LABEL - 1e-9 else -1))
         idx += 1
