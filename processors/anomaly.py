@@ -24,7 +24,6 @@ import random
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -34,78 +33,15 @@ from prism_otel.record import StepRecord, Verdict
 from processors import baseline as bl
 from processors.alerts import AlertSink
 from processors.base import StepProcessor
-from processors.config import build, positive
+from processors.anomaly_config import AnomalyConfig
+from processors.baseline_store import SAMPLE_ROWS, PersistentBaselines
 from processors.features import PrevTracker, step_features
-from processors.model import FitParams, LatencyModel, fit
+from processors.model import FitParams, fit
 from processors.rootcause import StageNorms
 from processors.verdict import KeyVerdict, VerdictParams
 
 logger = logging.getLogger(__name__)
 
-_SAMPLE_ROWS = 2000  # normal steps stored with a baseline
-
-
-@dataclass
-class AnomalyConfig:
-    """Keys and defaults are listed in processors/README.md."""
-
-    min_train: int = 200
-    refit_every: int = 1000
-    max_train: int = 4000
-    background: bool = True
-    window: int = 8
-    point_k: float = 5.0
-    window_k: float = 4.0
-    cusum_k: float = 1.5
-    cusum_h: float = 5.0
-    flag_k: float = 1.5
-    min_rel: float = 0.03
-    min_shift: float = 0.08
-    point_cap: float = 0.5
-    clear_steps: int = 3
-    novelty_k: float = 2.0
-    novelty_refit: int = 50
-    novelty_weight: float = 4.0
-    n_trees: int = 100
-    tree_depth: int = 3
-    root_cause: bool = True
-    root_cause_min_z: float = 4.0
-    phases: str = "prefill,decode,mixed"
-    max_step_s: float = 600.0
-    baseline_dir: str = ""
-    baseline_key: Dict[str, str] = field(default_factory=dict)
-    alert_log: bool = True
-    alert_file: str = "stderr"
-    alert_webhook: str = ""
-    alert_queue: int = 64
-    alert_timeout_s: float = 2.0
-    alert_min_interval_s: float = 0.0
-
-    def validate(self, where: str = "") -> None:
-        positive(where, point_cap=self.point_cap, min_shift=self.min_shift, min_train=self.min_train,
-                 refit_every=self.refit_every, max_train=self.max_train,
-                 window=self.window, point_k=self.point_k, window_k=self.window_k, cusum_h=self.cusum_h,
-                 clear_steps=self.clear_steps, n_trees=self.n_trees, tree_depth=self.tree_depth,
-                 alert_queue=self.alert_queue, alert_timeout_s=self.alert_timeout_s, max_step_s=self.max_step_s)
-        pre = where + "." if where else ""
-        if self.max_train < self.min_train:
-            raise ValueError(f"{pre}max_train: must be >= min_train ({self.min_train}), got {self.max_train}")
-        bad = [p for p in self.phase_set() if p not in sc.PHASES]
-        if bad:
-            raise ValueError(f"{pre}phases: unknown phase {bad[0]!r} (known: {', '.join(sc.PHASES)})")
-        if self.alert_webhook and not self.alert_webhook.startswith(("http://", "https://")):
-            raise ValueError(f"{pre}alert_webhook: must be an http:// or https:// URL, got {self.alert_webhook!r}")
-        try:
-            bl.normalize_key(self.baseline_key)
-        except ValueError as exc:
-            raise ValueError(f"{pre}{exc}") from None
-
-    def phase_set(self) -> frozenset:
-        return frozenset(p.strip() for p in self.phases.split(",") if p.strip())
-
-    @classmethod
-    def from_dict(cls, d, where: str = "") -> "AnomalyConfig":
-        return build(cls, d, where)
 
 
 class _Key:
@@ -148,7 +84,7 @@ class _Key:
         return list(self.reservoir) + list(self.recent)
 
 
-class AnomalyProcessor(StepProcessor):
+class AnomalyProcessor(PersistentBaselines, StepProcessor):
     """Sets ``expected_ms``, ``score``, ``anomaly``, ``root_cause`` and ``alert`` on every judged step."""
 
     name = "anomaly"
@@ -390,7 +326,7 @@ class AnomalyProcessor(StepProcessor):
                 continue
             rs = rs[-self.cfg.max_train:]
             model, norms = self._fit_rows(rs)
-            self._seeds[phase] = (model, norms, rs[-_SAMPLE_ROWS:])
+            self._seeds[phase] = (model, norms, rs[-SAMPLE_ROWS:])
             for (_, ph), k in self._keys.items():
                 if ph == phase:
                     k.model, k.norms = model, norms
@@ -405,70 +341,6 @@ class AnomalyProcessor(StepProcessor):
                 return True
             time.sleep(0.005)
         return False
-
-    # -- baselines ---------------------------------------------------------------------------------
-    def _resolve_key(self) -> None:
-        self._resolve_tries += 1
-        try:
-            key = self._resolver()
-        except Exception:  # noqa: BLE001 - an unknown key is not fatal: keep the configured one
-            key = None
-        if key is None and self._resolve_tries < 64:
-            return
-        self._resolver = None
-        if key is not None:
-            self.baseline_key = bl.normalize_key(key)
-        if self.cfg.baseline_dir:
-            self._load_baseline()
-            for (_, phase), k in self._keys.items():  # keys seen while the key was being resolved
-                seed = self._seeds.get(phase)
-                if seed is not None and k.model is None:
-                    k.model, k.norms = seed[0], seed[1]
-
-    def _load_baseline(self) -> None:
-        doc = bl.load(self.cfg.baseline_dir, self.baseline_key)
-        if doc is None:
-            return
-        for phase, d in doc.get("phases", {}).items():
-            try:
-                model = LatencyModel.from_dict(d["model"])
-                norms = StageNorms.from_dict(d["stages"]) if d.get("stages") else None
-                s = d.get("sample") or {}
-                stage_rows = s.get("S") or [None] * len(s.get("y", []))
-                rows = [(tuple(x), float(y), st) for x, y, st in zip(s.get("X", []), s.get("y", []), stage_rows)]
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("prism-otel: baseline phase %s unusable: %s", phase, exc)
-                continue
-            self._seeds[phase] = (model, norms, rows)
-        self.baseline_loaded = bool(self._seeds)
-
-    def save_baseline(self) -> Optional[str]:
-        """Write the latest model of each phase (and a sample of its normal steps) under the key."""
-        if not self.cfg.baseline_dir:
-            return None
-        with self._lock:
-            latest = dict(self._latest)
-            self._dirty = False
-        phases = {}
-        for phase, k in latest.items():
-            if k.model is None:
-                continue
-            rows = k.rows()[-_SAMPLE_ROWS:]
-            phases[phase] = {"model": k.model.to_dict(), "stages": k.norms.to_dict() if k.norms else None,
-                             "sample": {"X": [list(r[0]) for r in rows], "y": [r[1] for r in rows],
-                                        "S": [r[2] for r in rows]}}
-        for phase, (model, norms, rows) in self._seeds.items():
-            if phase not in phases:  # keep what was loaded for phases not refitted here
-                phases[phase] = {"model": model.to_dict(), "stages": norms.to_dict() if norms else None,
-                                 "sample": {"X": [list(r[0]) for r in rows], "y": [r[1] for r in rows],
-                                            "S": [r[2] for r in rows]}}
-        if not phases:
-            return None
-        try:
-            return bl.save(self.cfg.baseline_dir, self.baseline_key, phases)
-        except OSError as exc:
-            logger.warning("prism-otel: could not save baseline in %s: %s", self.cfg.baseline_dir, exc)
-            return None
 
     # -- lifecycle and introspection ---------------------------------------------------------------
     def shutdown(self) -> None:

@@ -1,0 +1,149 @@
+"""The detector on generated streams: workload shifts pass, every anomaly shape is caught, bad steps
+are counted and skipped, fits run off the calling thread."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from processors.anomaly import AnomalyConfig, AnomalyProcessor
+from prism_otel.simulate import baselines
+from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
+from tests.processors.streams import EPISODES, QUIET, run, shapes_stream, shift_stream
+
+
+@pytest.fixture(scope="module")
+def shapes_run():
+    s = shapes_stream()
+    proc = AnomalyProcessor(dict(QUIET))
+    trained = proc.train(s.train)
+    flags, verdicts = run(proc, s.steps)
+    return s, proc, trained, flags, verdicts
+
+
+def test_workload_shifts_are_not_flagged():
+    s = shift_stream()
+    dur = np.array([x.duration_ms for x in s.steps])
+    batch = np.array([x.batch_size for x in s.steps])
+    # the stream really varies with its workload: 1..200+ requests, a >20x latency range...
+    assert batch.min() <= 2 and batch.max() >= 150
+    assert dur.max() / dur.min() > 20
+    # ...enough that the thresholds a user would reach for fire on normal steps
+    assert baselines.static_threshold(s.train, s.steps).mean() > 0.03
+    assert baselines.zscore(s.train, s.steps).mean() > 0.01
+    proc = AnomalyProcessor(dict(QUIET))
+    proc.train(s.train)
+    flags, verdicts = run(proc, s.steps)
+    assert sum(v is not None for v in verdicts) == len(s.steps)  # every step judged from the first
+    assert flags.mean() <= 0.002
+    assert proc.alerts <= 1
+
+
+def test_every_anomaly_shape_is_caught_within_a_few_steps(shapes_run):
+    s, proc, trained, flags, verdicts = shapes_run
+    assert set(trained) >= {"decode", "prefill"}
+    lab = np.array(s.labels)
+    for a in EPISODES:
+        seg = slice(a.start, a.start + a.length)
+        l, f = lab[seg], flags[seg]
+        first = int(np.flatnonzero(l == 1)[0])
+        hit = np.flatnonzero(f[first:])
+        assert len(hit), f"{a.kind} {a.magnitude} not caught"
+        assert hit[0] <= 3, f"{a.kind} {a.magnitude}: first flag {hit[0]} steps late"
+        assert f[l == 1].mean() >= 0.9, f"{a.kind} {a.magnitude}: recall {f[l == 1].mean():.3f}"
+        # one alert per episode, on its rising edge
+        alerts = [i for i in range(a.start, a.start + a.length) if verdicts[i] is not None and verdicts[i].alert]
+        assert len(alerts) == 1, f"{a.kind}: alerts at {alerts}"
+    normal = lab == 0
+    assert flags[normal].mean() < 0.003
+
+
+def test_stage_stall_names_the_stage(shapes_run):
+    s, _, _, flags, verdicts = shapes_run
+    a = next(e for e in EPISODES if e.kind == "stall")
+    causes = [verdicts[i].root_cause for i in range(a.start, a.start + a.length) if flags[i]]
+    assert causes and causes.count("stage:" + a.stage) / len(causes) >= 0.9
+
+
+def test_verdict_fields(shapes_run):
+    s, _, _, flags, verdicts = shapes_run
+    v = verdicts[EPISODES[2].start + 5]  # inside the +100% slowdown
+    assert v.anomaly and v.score >= 1.0 and v.expected_ms > 0
+    assert s.steps[EPISODES[2].start + 5].duration_ms / v.expected_ms > 1.7
+    quiet = verdicts[200]
+    assert not quiet.anomaly and quiet.score < 1.0 and not quiet.alert
+
+
+def test_missing_kv_features_degrade_gracefully():
+    s = simulate(PROFILES["gpu8b"], WORKLOADS["chat"], 900, seed=21, instance="t-nokv", n_train=800,
+                 anomalies=[Anomaly("slowdown", 500, 100, 0.5)])
+    strip = lambda xs: [dataclasses.replace(x, context_tokens=0, max_context_tokens=0) for x in xs]  # noqa: E731
+    proc = AnomalyProcessor(dict(QUIET))
+    assert proc.train(strip(s.train))
+    flags, _ = run(proc, strip(s.steps))
+    lab = np.array(s.labels)
+    assert flags[lab == 1].mean() > 0.95
+    assert flags[lab == 0].mean() < 0.01
+
+
+def test_bad_steps_are_counted_and_skipped():
+    s = shapes_stream()
+    good = s.train[:400]
+    proc = AnomalyProcessor(dict(QUIET))
+    proc.train(s.train)
+    base = good[200]
+    bad = [
+        dataclasses.replace(base, context_tokens=float("nan")),
+        dataclasses.replace(base, end_ns=base.start_ns - 5),  # negative duration
+        dataclasses.replace(base, batch_size=-3),
+        dataclasses.replace(base, end_ns=base.start_ns + 3600 * 10**9),  # an hour: a clock jump
+    ]
+    out = [proc.process(x) for x in good[:200] + bad]
+    backwards = dataclasses.replace(good[100], index=999)  # starts before the last judged step
+    out.append(proc.process(backwards))
+    out += [proc.process(x) for x in good[201:260]]
+    assert proc.bad == {"non_finite": 1, "negative": 2, "clock_jump": 1, "clock_backwards": 1}
+    assert all(o.verdict is None for o in out[200:205])
+    assert all(o.verdict is not None for o in out[205:])  # judging goes on after them
+
+
+def test_refits_run_on_a_thread_of_their_own():
+    seen = []
+
+    class Recording(AnomalyProcessor):
+        def _fit_rows(self, rows):
+            seen.append(threading.current_thread().name)
+            return super()._fit_rows(rows)
+
+    s = shift_stream()
+    proc = Recording({"alert_file": "none", "alert_log": False, "min_train": 150})
+    for x in s.train[:600]:
+        proc.process(x)
+    assert proc.wait_idle(60)
+    assert seen and set(seen) == {"prism-otel-fit"}
+    assert proc.stats()["models"] >= 1
+    proc.shutdown()
+    assert proc._thread is None
+
+
+@pytest.mark.parametrize("bad, key", [
+    ({"point_kk": 3}, "point_kk"),
+    ({"point_k": -1}, "point_k"),
+    ({"window": "eight"}, "window"),
+    ({"phases": "decode,warmup"}, "phases"),
+    ({"alert_webhook": "file:///etc/passwd"}, "alert_webhook"),
+    ({"baseline_key": {"gpu": "x"}}, "baseline_key.gpu"),
+    ({"max_train": 100, "min_train": 200}, "max_train"),
+])
+def test_config_errors_name_the_key(bad, key):
+    with pytest.raises(ValueError) as e:
+        AnomalyProcessor(bad)
+    assert str(e.value).startswith(key + ":")
+
+
+def test_config_coerces_strings():
+    c = AnomalyConfig.from_dict({"point_k": "6", "background": "false", "window": "10"})
+    assert (c.point_k, c.background, c.window) == (6.0, False, 10)
