@@ -25,9 +25,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 
 
+EXTRA_ENV: dict = {}
+
+
 def one_run(model_dir: str, n: int, mode: str, endpoint: str) -> dict:
     """mode: off | inprocess | companion"""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_"))}
+    if mode != "off":
+        env.update(EXTRA_ENV)
     cmd = [sys.executable, os.path.join(HERE, "_cb_run.py"), model_dir, str(n), "7"]
     if mode != "off":
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_INSECURE="true",
@@ -107,7 +112,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--size", default="small")
+    ap.add_argument("--detect", default="1", help="0: in-process/companion runs without anomaly detection")
     a = ap.parse_args()
+    EXTRA_ENV["PRISM_OTEL_DETECT"] = a.detect
     sys.path.insert(0, os.path.dirname(HERE))
     from prism_otel import tiny_models
 
