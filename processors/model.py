@@ -80,9 +80,18 @@ class LatencyModel:
         self.scale_trees = scale_trees
         self.abs_norm = float(abs_norm)
         if trees is not None:
-            self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
-            self._value, self._roots = trees["value"], trees["roots"]
-            self._depth, self._init = int(trees["depth"]), float(trees["init"])
+            self._init = float(trees["init"])
+            # both ensembles in one set of flat arrays: one vectorised pass judges every split of every
+            # tree, then one walk down (depth steps) over all the roots
+            parts = [trees] + ([scale_trees] if scale_trees is not None else [])
+            offs = np.cumsum([0] + [len(t["feat"]) for t in parts])[:-1]
+            self._feat = np.concatenate([t["feat"] for t in parts])
+            self._thr = np.concatenate([t["thr"] for t in parts])
+            self._child = np.concatenate([t["child"] + o for t, o in zip(parts, offs)])
+            self._value = np.concatenate([t["value"] for t in parts])
+            self._roots = np.concatenate([t["roots"] + o for t, o in zip(parts, offs)])
+            self._n_main = len(trees["roots"])
+            self._depth = max(int(t["depth"]) for t in parts)
 
     # -- scoring ----------------------------------------------------------------------------------
     def point_limit(self, k: float) -> float:
@@ -116,15 +125,7 @@ class LatencyModel:
 
     def predict_one(self, x) -> float:
         """Expected latency (ms) of one step's feature tuple."""
-        b = self.base_one(x)
-        if self.trees is None:
-            return b
-        xv = np.asarray(x, dtype=np.float32)  # sklearn compares float32 features with its thresholds
-        node = self._roots
-        feat, thr, child = self._feat, self._thr, self._child
-        for _ in range(self._depth):
-            node = child[2 * node + (xv[feat[node]] > thr[node])]
-        return b * math.exp(self._init + float(self._value[node].sum()))
+        return self.expect(x)[0]
 
     def expect(self, x) -> tuple:
         """(expected ms, local scale ratio) of one step: the ratio (0.7..1.8) says how much noisier than
@@ -132,20 +133,19 @@ class LatencyModel:
         b = self.base_one(x)
         if self.trees is None:
             return b, 1.0
-        xv = np.asarray(x, dtype=np.float32)
+        # every split at once (sklearn compares float32 features with its thresholds)
+        right = np.asarray(x, dtype=np.float32)[self._feat] > self._thr
         node = self._roots
-        feat, thr, child = self._feat, self._thr, self._child
+        child = self._child
         for _ in range(self._depth):
-            node = child[2 * node + (xv[feat[node]] > thr[node])]
-        pred = b * math.exp(self._init + float(self._value[node].sum()))
+            node = child[2 * node + right[node]]
+        leaf = self._value[node]
+        nm = self._n_main
+        pred = b * math.exp(self._init + float(leaf[:nm].sum()))
         st = self.scale_trees
         if st is None:
             return pred, 1.0
-        node = st["roots"]
-        feat, thr, child = st["feat"], st["thr"], st["child"]
-        for _ in range(st["depth"]):
-            node = child[2 * node + (xv[feat[node]] > thr[node])]
-        ratio = (st["init"] + float(st["value"][node].sum())) / self.abs_norm
+        ratio = (st["init"] + float(leaf[nm:].sum())) / self.abs_norm
         return pred, (0.7 if ratio < 0.7 else (1.8 if ratio > 1.8 else ratio))
 
     def scale_ratio_many(self, X: np.ndarray) -> np.ndarray:

@@ -49,7 +49,7 @@ def test_restarted_process_judges_its_first_steps(tmp_path):
     code = f"""
 import json, sys
 from processors.anomaly import AnomalyProcessor
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, simulate
+from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 s = simulate(PROFILES["gpu8b"], WORKLOADS["bursty"], 40, seed=99, instance="restarted",
              anomalies=[Anomaly("slowdown", 3, 20, 0.5)])
 p = AnomalyProcessor({{"alert_file": "none", "alert_log": False, "baseline_dir": {str(tmp_path)!r},
