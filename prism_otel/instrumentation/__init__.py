@@ -9,6 +9,7 @@ reported once and skipped, never patched.
 from __future__ import annotations
 
 import logging
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Dict, Optional, Tuple
 
@@ -43,3 +44,16 @@ def check_version(name: str, dists: Tuple[str, ...], supported: str) -> Optional
         STATUS[name] = ("skipped", msg)
         return None
     return v
+
+
+def unwrap_all(patched: list) -> None:
+    """Undo the wrapt patches recorded as ``(module name, "Class.method")`` pairs, then forget them."""
+    from opentelemetry.instrumentation.utils import unwrap
+
+    for mod_name, target in patched:
+        module = sys.modules.get(mod_name)
+        if module is None:
+            continue
+        cls_name, meth = target.split(".")
+        unwrap(getattr(module, cls_name), meth)
+    patched.clear()

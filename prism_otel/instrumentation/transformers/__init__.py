@@ -23,14 +23,12 @@ steps are then keyed by the batch that ``update_batch`` completes, and marked ``
 
 from __future__ import annotations
 
-import sys
 from typing import Collection
 
 import wrapt
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import unwrap
 
-from prism_otel.instrumentation import STATUS, check_version
+from prism_otel.instrumentation import STATUS, check_version, unwrap_all
 from prism_otel.instrumentation._hooks import guard
 from prism_otel.instrumentation.transformers import _cb, _generate
 
@@ -90,13 +88,7 @@ class TransformersInstrumentor(BaseInstrumentor):
 
     def _uninstrument(self, **kwargs) -> None:
         type(self)._active = False
-        for mod_name, target in self._patched:
-            module = sys.modules.get(mod_name)
-            if module is None:
-                continue
-            cls_name, meth = target.split(".")
-            unwrap(getattr(module, cls_name), meth)
-        self._patched.clear()
+        unwrap_all(self._patched)
         STATUS["transformers"] = ("uninstrumented", "")
 
     @property

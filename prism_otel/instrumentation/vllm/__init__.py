@@ -41,14 +41,12 @@ Outside the supported range (``SUPPORTED``), the instrumentation reports and pat
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Collection
 
 import wrapt
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-from opentelemetry.instrumentation.utils import unwrap
 
-from prism_otel.instrumentation import STATUS, check_version
+from prism_otel.instrumentation import STATUS, check_version, unwrap_all
 from prism_otel.instrumentation._hooks import guard
 from prism_otel.instrumentation.vllm import _engine, _frontend, _runner, _tracing
 
@@ -170,13 +168,7 @@ class VLLMInstrumentor(BaseInstrumentor):
 
     def _uninstrument(self, **kwargs) -> None:
         type(self)._active = False
-        for mod_name, target in self._patched:
-            module = sys.modules.get(mod_name)
-            if module is None:
-                continue
-            cls_name, meth = target.split(".")
-            unwrap(getattr(module, cls_name), meth)
-        self._patched.clear()
+        unwrap_all(self._patched)
         if self._tracing:
             _tracing.uninstall()
             type(self)._tracing = False
