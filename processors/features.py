@@ -26,6 +26,7 @@ FEATURE_NAMES = ("batch", "new_tokens", "decode_tokens", "context", "quad_hi", "
                  "prev_tokens", "avg_context")
 N_FEATURES = len(FEATURE_NAMES)
 AVG_CONTEXT = FEATURE_NAMES.index("avg_context")
+NEW_TOKENS = FEATURE_NAMES.index("new_tokens")
 
 # Physics columns the interpretable linear baseline uses (indices into FEATURE_NAMES); the trees see all.
 LINEAR_COLUMNS = (0, 1, 2, 3, 4, 6)

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_FEATURES
+from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_FEATURES, NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,8 @@ class LatencyModel:
     """A fitted model plus the residual statistics the verdict needs. Immutable once built."""
 
     def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, tail, win_mean, win_std, n_train,
-                 ranges=None, fit_s=0.0, lo=None, scale_trees=None, abs_norm=1.0, piece2=None) -> None:
+                 ranges=None, fit_s=0.0, lo=None, scale_trees=None, abs_norm=1.0, piece2=None,
+                 cond_hi=None) -> None:
         self.cols = tuple(int(c) for c in cols)
         self.coef = tuple(float(c) for c in coef)
         self.lo = tuple(float(v) for v in lo) if lo is not None else tuple(0.0 for _ in self.cols)
@@ -76,6 +77,10 @@ class LatencyModel:
         # context per request, for novelty (see excess()); ranges: [min, p99, max] per feature
         self._hi = tuple((c, float(ranges[c][1])) for c in LINEAR_COLUMNS + (AVG_CONTEXT,)
                          if ranges and ranges[c][1] > 0)
+        # and per batch-size bin (quarter octaves): the largest context per request and new tokens seen
+        # at about that batch size. Batch and context move together in traffic, so a combination can
+        # be new while each value alone is well inside the envelope (long contexts at mid batches)
+        self.cond_hi = {int(k): (float(a), float(b)) for k, (a, b) in (cond_hi or {}).items()}
         # local residual scale: trees on |residual| (heteroscedastic noise, e.g. host-bound regions)
         self.scale_trees = scale_trees
         self.abs_norm = float(abs_norm)
@@ -107,6 +112,14 @@ class LatencyModel:
             v = x[c] / hi - 1.0
             if v > e:
                 e = v
+        if self.cond_hi:
+            hi = self.cond_hi.get(_batch_bin(x[0]))
+            if hi is not None:
+                for v, h in ((x[AVG_CONTEXT], hi[0]), (x[NEW_TOKENS], hi[1])):
+                    if h > 0:
+                        v = v / h - 1.0
+                        if v > e:
+                            e = v
         return e
 
     def base_one(self, x) -> float:
@@ -174,14 +187,15 @@ class LatencyModel:
                 "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "tail": self.tail,
                 "win_mean": self.win_mean, "win_std": self.win_std, "n_train": self.n_train, "ranges": self.ranges,
                 "trees": _trees_to_dict(self.trees), "scale_trees": _trees_to_dict(self.scale_trees),
-                "abs_norm": self.abs_norm, "piece2": self.piece2}
+                "abs_norm": self.abs_norm, "piece2": self.piece2,
+                "cond_hi": {str(k): list(v) for k, v in self.cond_hi.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyModel":
         return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], _trees_from_dict(d.get("trees")), d["center"],
                    d["scale"], d["tail"], d["win_mean"], d["win_std"], d["n_train"], d.get("ranges"), lo=d.get("lo"),
                    scale_trees=_trees_from_dict(d.get("scale_trees")), abs_norm=d.get("abs_norm", 1.0),
-                   piece2=d.get("piece2"))
+                   piece2=d.get("piece2"), cond_hi=d.get("cond_hi"))
 
 
 def _trees_to_dict(t: Optional[dict]) -> Optional[dict]:
@@ -435,7 +449,16 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=Non
     # the envelope's edges are sparse: novelty starts past the 99th percentile, not the maximum
     ranges = [[float(a), float(q), float(b)] for a, q, b in zip(X.min(axis=0), np.percentile(X, 99, axis=0),
                                                                X.max(axis=0))]
+    bins = np.array([_batch_bin(b) for b in X[:, 0]])
+    cond = {}
+    for b in np.unique(bins):
+        near = np.abs(bins - b) <= 1
+        cond[int(b)] = (float(X[near, AVG_CONTEXT].max()), float(X[near, NEW_TOKENS].max()))
     model = LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
                          max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo,
-                         scale_trees=scale_trees, abs_norm=abs_norm, piece2=final.piece2)
+                         scale_trees=scale_trees, abs_norm=abs_norm, piece2=final.piece2, cond_hi=cond)
     return model
+
+
+def _batch_bin(b: float) -> int:
+    return int(4.0 * math.log2(b)) if b >= 1.0 else -1
