@@ -11,6 +11,8 @@ import time
 
 def main() -> None:
     model_dir, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    # closed loop: at most `conc` requests in flight, the next one sent when one finishes (0: all at once)
+    conc = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     import torch
     from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 
@@ -30,16 +32,20 @@ def main() -> None:
         if r is not None and r.is_finished():
             break
     t0 = time.perf_counter()
-    rids = [mgr.add_request(p, max_new_tokens=m) for p, m in work]
-    tokens = 0
-    done = 0
-    while done < len(rids):
+    first = len(work) if conc <= 0 else min(conc, len(work))
+    for p, m in work[:first]:
+        mgr.add_request(p, max_new_tokens=m)
+    sent, tokens, done = first, 0, 0
+    while done < len(work):
         r = mgr.get_result(timeout=120)
         if r is None:
             break
         if r.is_finished():
             done += 1
             tokens += len(r.generated_tokens)
+            if sent < len(work):
+                mgr.add_request(work[sent][0], max_new_tokens=work[sent][1])
+                sent += 1
     dt = time.perf_counter() - t0
     mgr.stop(block=True, timeout=60)
     out = {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
@@ -55,6 +61,9 @@ def main() -> None:
             out["steps"] = st.pipeline.steps_seen
             out["pipeline_cpu_us_per_step"] = st.pipeline.cpu_ns / 1e3 / max(1, st.pipeline.steps_seen)
             out["dropped"] = st.pipeline.dropped
+            from _threads import our_threads_cpu_ns
+
+            out["threads_cpu_us_per_step"] = our_threads_cpu_ns() / 1e3 / max(1, st.pipeline.steps_seen)
             if hasattr(st.pipeline, "stats"):
                 s = st.pipeline.stats.steps
                 out["step_ms_mean"] = sum(x.total_ns for x in s.values()) / max(1, sum(x.n for x in s.values())) / 1e6

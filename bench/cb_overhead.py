@@ -26,6 +26,7 @@ BIN = os.path.dirname(sys.executable)
 
 
 EXTRA_ENV: dict = {}
+CONCURRENCY = [16]
 
 
 def one_run(model_dir: str, n: int, mode: str, endpoint: str) -> dict:
@@ -33,11 +34,13 @@ def one_run(model_dir: str, n: int, mode: str, endpoint: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_"))}
     if mode != "off":
         env.update(EXTRA_ENV)
-    cmd = [sys.executable, os.path.join(HERE, "_cb_run.py"), model_dir, str(n), "7"]
+    cmd = [sys.executable, os.path.join(HERE, "_cb_run.py"), model_dir, str(n), "7", str(CONCURRENCY[0])]
     if mode != "off":
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_INSECURE="true",
                    PRISM_OTEL_PIPELINE=mode)
-        cmd = [os.path.join(BIN, "prism-otel"), "run", "--"] + cmd
+        script = os.path.join(BIN, "prism-otel")  # else (a --target install) the module form
+        launcher = [script] if os.path.exists(script) else [sys.executable, "-m", "prism_otel"]
+        cmd = launcher + ["run", "--"] + cmd
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -109,12 +112,14 @@ def hook_cost_us(model_dir: str, batch: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight (closed loop); 0: all at once")
     ap.add_argument("--size", default="small")
     ap.add_argument("--detect", default="1", help="0: in-process/companion runs without anomaly detection")
     a = ap.parse_args()
     EXTRA_ENV["PRISM_OTEL_DETECT"] = a.detect
+    CONCURRENCY[0] = a.concurrency
     sys.path.insert(0, os.path.dirname(HERE))
     from prism_otel import tiny_models
 
@@ -143,7 +148,8 @@ def main() -> None:
     step_ms = statistics.median(r["step_ms_mean"] for r in ons)
     hook_us = hook_cost_us(model_dir, 16)
     print()
-    print(f"| measure (model {a.size}, {a.requests} requests, {a.pairs} groups of off/in-process/companion) | value |")
+    print(f"| measure (model {a.size}, {a.requests} requests, {a.concurrency} in flight, {a.pairs} groups of "
+          f"off/in-process/companion, detection {'on' if a.detect != '0' else 'off'}, {os.cpu_count()} CPUs) | value |")
     print("|---|---|")
     print(f"| throughput off, median tok/s | {statistics.median(r['tok_s'] for r in runs['off']):.1f} |")
     for m in ("inprocess", "companion"):
@@ -156,10 +162,13 @@ def main() -> None:
     print(f"| median step time | {step_ms:.2f} ms |")
     print(f"| added host time per step on the engine thread (hooks, batch of 16) | {hook_us:.1f} us = "
           f"{100 * hook_us / 1e3 / step_ms:.3f}% of a step |")
-    for m, key in (("inprocess", "pipeline_cpu_us_per_step"), ("companion", "pipeline_cpu_us_per_step")):
-        us = statistics.median(r[key] for r in runs[m])
+    for m in ("inprocess", "companion"):
+        us = statistics.median(r["pipeline_cpu_us_per_step"] for r in runs[m])
+        th = statistics.median(r["threads_cpu_us_per_step"] for r in runs[m])
         what = "pipeline thread" if m == "inprocess" else "forwarder thread (the pipeline is in the companion)"
         print(f"| {m}: {what} CPU per step, in the engine process | {us:.1f} us = {100 * us / 1e3 / step_ms:.3f}% of a step |")
+        print(f"| {m}: all prism-otel + exporter threads' CPU per step, in the engine process (shares the GIL) | "
+              f"{th:.1f} us = {100 * th / 1e3 / step_ms:.3f}% of a step |")
     for m in ("inprocess", "companion"):
         h50 = statistics.median(r["handoff_us"][0] for r in runs[m])
         h99 = statistics.median(r["handoff_us"][1] for r in runs[m])

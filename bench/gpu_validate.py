@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from _threads import our_threads_cpu_ns  # noqa: E402 - bench/ is on sys.path when run as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -142,21 +143,6 @@ def _set_instrumented(on: bool) -> None:
         g.disabled = not on
 
 
-def _our_threads_cpu_ns() -> int:
-    """CPU time of prism-otel's own threads and the span exporter's (they share the GIL with the engine)."""
-    total = 0
-    for t in threading.enumerate():
-        if t is threading.main_thread() or t.ident is None:
-            continue
-        n = t.name.lower()
-        if "prism" in n or "otel" in n or "span" in n or "export" in n:
-            try:
-                total += time.clock_gettime_ns(time.pthread_getcpuclockid(t.ident))
-            except (OSError, AttributeError):
-                pass
-    return total
-
-
 def _paired(run_a, run_b, pairs: int):
     """ABBA-ordered pairs; returns (ratios b/a, a times, b times)."""
     ratios, ta, tb = [], [], []
@@ -188,7 +174,7 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int):
     rt = start_prism()
     E.generate(ids, new)  # warm-up, instrumented (starts the health sampler, the exporter)
     rt.pipeline.flush()
-    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, _our_threads_cpu_ns()
+    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns()
 
     def off():
         _set_instrumented(False)
@@ -203,7 +189,7 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int):
     rt.pipeline.flush()
     steps = rt.pipeline.steps_seen - s0
     pipe_us = (rt.pipeline.cpu_ns - c0) / 1e3 / max(1, steps)
-    threads_us = (_our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
+    threads_us = (our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
     stop_prism()
     # Our engine-thread code, timed in place (pre/post hooks of one generate call).
     spent = [0]
@@ -305,7 +291,7 @@ def sentinel_cb(E: Env, pairs: int, n: int) -> None:
     rt = start_prism()
     srv.run(work)  # warm-up, instrumented
     rt.pipeline.flush()
-    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, _our_threads_cpu_ns()
+    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns()
 
     def off():
         _set_instrumented(False)
@@ -320,7 +306,7 @@ def sentinel_cb(E: Env, pairs: int, n: int) -> None:
     rt.pipeline.flush()
     steps = rt.pipeline.steps_seen - s0
     pipe_us = (rt.pipeline.cpu_ns - c0) / 1e3 / max(1, steps)
-    threads_us = (_our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
+    threads_us = (our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
     stop_prism()
     srv.stop()
     per_run = steps / pairs

@@ -162,7 +162,7 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
     the pipeline runs in a companion process (:mod:`prism_otel.companion`); otherwise on a thread here.
     """
     global _state
-    if os.environ.get(sc.ENV_DISABLED, "") not in ("", "0") or os.environ.get(sc.ENV_ROLE) == "companion":
+    if os.environ.get(sc.ENV_DISABLED, "") not in ("", "0") or os.environ.get(sc.ENV_ROLE):  # our own helper processes
         return None
     with _lock:
         if _state is not None and _state.pid == os.getpid():

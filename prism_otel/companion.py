@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import struct
 import subprocess
 import sys
 import threading
@@ -34,13 +32,11 @@ import time
 from typing import Optional
 
 from prism_otel import semconv as sc
-from prism_otel.record import REQUEST, STEP, Recorder
+from prism_otel._child import child_env, lower_priority, read_frame as _read_frame, write_frame as _write_frame
+from prism_otel.record import REQUEST, STEP, Pacer, Recorder
 
 logger = logging.getLogger(__name__)
 
-_HDR = struct.Struct("<I")
-_POLL_S = 0.005  # busy: a step is ~5-100 ms; each poll costs the engine's interpreter lock a little
-_IDLE_POLL_S = 0.05
 
 
 class ResolvedDevice:
@@ -85,32 +81,6 @@ def _portable(rec: tuple) -> tuple:
     return rec
 
 
-def _read_exact(fd: int, n: int) -> Optional[bytes]:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def _write_frame(fd: int, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HDR.pack(len(data)) + data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _read_frame(fd: int):
-    hdr = _read_exact(fd, _HDR.size)
-    if hdr is None:
-        return None
-    body = _read_exact(fd, _HDR.unpack(hdr)[0])
-    return None if body is None else pickle.loads(body)  # noqa: S301 - our own child, our own pipe
-
-
 # -- engine side ------------------------------------------------------------------------------
 class Forwarder:
     """Engine-process end. Duck-types the parts of ``Pipeline`` the runtime and benches use."""
@@ -128,6 +98,7 @@ class Forwarder:
         self._wfd = None
         self.proc = None
         self._ring_dropped_reported = 0
+        self.pacer = Pacer()
 
     # Pipeline look-alike ------------------------------------------------------------------
     @property
@@ -151,12 +122,7 @@ class Forwarder:
             return
         rfd, wfd = os.pipe()
         crfd, cwfd = os.pipe()
-        env = {k: v for k, v in os.environ.items()}
-        env[sc.ENV_ROLE] = "companion"
-        boot = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != boot)
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env["PYTHONPATH"]) if p)
+        env = child_env(sc.ROLE_COMPANION)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prism_otel.companion", str(rfd), str(cwfd), self.instance, str(os.getpid())],
             pass_fds=(rfd, cwfd), env=env, stdin=subprocess.DEVNULL, close_fds=True)
@@ -183,6 +149,10 @@ class Forwarder:
         if self._wfd is None:
             self._drop("companion_down", len(batch))
             return len(batch)
+        saw = self.pacer.saw_step
+        for r in batch:
+            if r[0] == STEP:
+                saw(r[3])
         try:
             _write_frame(self._wfd, [_portable(r) for r in batch])
             self.forwarded += len(batch)
@@ -198,8 +168,7 @@ class Forwarder:
         tt = time.thread_time_ns
         from prism_otel.device.deepdive import DEEPDIVE
 
-        wait = _IDLE_POLL_S
-        last = 0.0
+        pacer = self.pacer
         while not self._stop.is_set():
             c0 = tt()
             n = self._send_pending()
@@ -207,12 +176,7 @@ class Forwarder:
                 DEEPDIVE.signal_flag = False
                 DEEPDIVE.request("on_demand", force=True)
             self.cpu_ns += tt() - c0
-            now = time.monotonic()
-            if n:
-                last = now
-            # serving: poll every 5 ms; after a second with nothing, back off to 50 ms
-            wait = _POLL_S if n or now - last < 1.0 else min(_IDLE_POLL_S, wait * 2)
-            self._stop.wait(wait)
+            self._stop.wait(pacer.wait_s(n, time.monotonic()))
 
     def _control(self, fd: int) -> None:
         from prism_otel.device.deepdive import DEEPDIVE
@@ -243,7 +207,7 @@ class Forwarder:
     def flush(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while len(self.recorder) and time.monotonic() < deadline:
-            time.sleep(_POLL_S)
+            time.sleep(0.005)
         return not len(self.recorder)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -297,6 +261,7 @@ class _RemoteDeepDive:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rfd, cwfd, instance, engine_pid = int(argv[0]), int(argv[1]), argv[2], int(argv[3])
+    lower_priority()  # the engine wins the CPU where both want it
     from prism_otel import _runtime
     from prism_otel.pipeline import Pipeline
 
@@ -351,6 +316,7 @@ def main(argv=None) -> int:
                     NonRecordingSpan(SpanContext(t, s, True, TraceFlags(f))))
                 rec = rec[:4] + (info,)
             recorder.emit(rec)
+        pipeline.wake()  # no engine shares this interpreter: process the batch now, not at the next poll
     pipeline.stop()
     try:
         provider.force_flush(10000)

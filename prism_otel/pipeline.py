@@ -19,14 +19,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 from opentelemetry import metrics
 
 from prism_otel import semconv as sc
-from prism_otel.record import REQUEST, SPAN, STAGE, STEP, Recorder, RequestRecord, StepRecord, to_epoch_ns
+from prism_otel.record import REQUEST, SPAN, STAGE, STEP, Pacer, Recorder, RequestRecord, StepRecord, to_epoch_ns
 from prism_otel.spans import SpanMaterializer
 from prism_otel.stats import StageStats
 
 logger = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 0.05
-_BUSY_POLL_S = 0.005
 
 
 class _OpenRequest:
@@ -77,6 +75,7 @@ class Pipeline:
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.pacer = Pacer()
         self._lock = threading.Lock()  # serialises processing between the thread and flush()
         self._ring_dropped_reported = 0
         meter = metrics.get_meter(sc.SCOPE)
@@ -123,6 +122,10 @@ class Pipeline:
         self._finishing.clear()
         self.start()
 
+    def wake(self) -> None:
+        """Process what is on the ring now instead of at the next poll."""
+        self._wake.set()
+
     def flush(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
         while len(self.recorder) and time.monotonic() < deadline:
@@ -131,19 +134,13 @@ class Pipeline:
 
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
-        wait = _IDLE_POLL_S
-        last = 0.0
         tt = time.thread_time_ns
+        pacer = self.pacer
         while not self._stop.is_set():
             c0 = tt()
             n = self.process_pending()
             self.cpu_ns += tt() - c0
-            now = time.monotonic()
-            if n:
-                last = now
-            # serving: poll every 5 ms (a step is 5-100 ms); after a second with nothing, back off to 50 ms
-            wait = _BUSY_POLL_S if n or now - last < 1.0 else min(_IDLE_POLL_S, wait * 2)
-            self._wake.wait(wait)
+            self._wake.wait(pacer.wait_s(n, time.monotonic()))
             self._wake.clear()
 
     def process_pending(self) -> int:
@@ -257,6 +254,7 @@ class Pipeline:
     # -- steps --------------------------------------------------------------------------------
     def _handle_step(self, rec: tuple) -> None:
         _, key, t0, t1, feat, reqs, device, stages = rec[:8]
+        self.pacer.saw_step(t1)
         stage_map = {}
         for name, s0, s1 in stages or ():
             stage_map[name] = (to_epoch_ns(s0), to_epoch_ns(s1))

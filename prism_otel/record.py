@@ -160,6 +160,38 @@ class Recorder:
         return len(self._ring)
 
 
+class Pacer:
+    """How long a ring drainer (the pipeline thread, the companion's forwarder) sleeps between polls.
+
+    Every wake-up takes the interpreter lock from the engine for a moment, so while steps come the
+    drainer wakes about once per step, whatever the step time: it sleeps the running mean gap between
+    step ends, kept within ``[busy_min_s, busy_max_s]`` (step end -> span stays within about one step).
+    After ``idle_after_s`` with nothing drained it backs off to ``idle_s``.
+    """
+
+    __slots__ = ("busy_min_s", "busy_max_s", "idle_s", "idle_after_s", "gap_s", "_last_end", "_last_busy")
+
+    def __init__(self, busy_min_s: float = 0.005, busy_max_s: float = 0.02, idle_s: float = 0.05,
+                 idle_after_s: float = 1.0) -> None:
+        self.busy_min_s, self.busy_max_s, self.idle_s, self.idle_after_s = busy_min_s, busy_max_s, idle_s, idle_after_s
+        self.gap_s = busy_min_s
+        self._last_end = None
+        self._last_busy = float("-inf")
+
+    def saw_step(self, end_ns: int) -> None:
+        last = self._last_end
+        if last is not None and end_ns > last:
+            self.gap_s += 0.2 * ((end_ns - last) / 1e9 - self.gap_s)
+        self._last_end = end_ns
+
+    def wait_s(self, drained: int, now: float) -> float:
+        if drained:
+            self._last_busy = now
+        if now - self._last_busy >= self.idle_after_s:
+            return self.idle_s
+        return min(max(self.gap_s, self.busy_min_s), self.busy_max_s)
+
+
 @dataclass(frozen=True)
 class RequestRecord:
     """One request's lifecycle as the engine saw it (built on the pipeline thread)."""

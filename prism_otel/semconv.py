@@ -130,7 +130,9 @@ ENV_DETECT = "PRISM_OTEL_DETECT"  # "0": no anomaly detection in-process
 ENV_BASELINE_DIR = "PRISM_OTEL_BASELINE_DIR"  # where learned baselines persist
 ENV_MODEL_CACHE = "PRISM_OTEL_MODEL_CACHE"  # where tiny test/demo models are built
 ENV_PIPELINE = "PRISM_OTEL_PIPELINE"  # inprocess (default) | companion: spans, detection and export in a child process
-ENV_ROLE = "PRISM_OTEL_ROLE"  # set to "companion" in the companion process (it never starts prism-otel itself)
+ENV_ROLE = "PRISM_OTEL_ROLE"  # "companion" or "fit-worker" in our helper processes (prism-otel never starts itself there)
+ROLE_COMPANION = "companion"
+ROLE_FIT_WORKER = "fit-worker"
 
 # Standard OTel variables we read (spelled here so nothing else spells them).
 OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"

@@ -36,7 +36,8 @@ from processors.base import StepProcessor
 from processors.anomaly_config import AnomalyConfig
 from processors.baseline_store import SAMPLE_ROWS, PersistentBaselines
 from processors.features import PrevTracker, step_features
-from processors.model import FitParams, fit
+from processors.fit_worker import FitWorker, fit_model
+from processors.model import FitParams
 from processors.rootcause import StageNorms
 from processors.verdict import KeyVerdict, VerdictParams
 
@@ -123,6 +124,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         self._q: "queue.Queue" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._worker = FitWorker() if c.fit_process and c.background else None
         self._resolver = key_resolver
         self._resolve_tries = 0
         if c.baseline_dir and key_resolver is None:
@@ -294,12 +296,11 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         X = np.asarray([r[0] for r in rows], dtype=np.float64)
         y = np.asarray([r[1] for r in rows], dtype=np.float64)
         w = np.asarray([r[3] if len(r) > 3 else 1.0 for r in rows], dtype=np.float64)
-        model = fit(X, y, self._fp, w if (w != 1.0).any() else None)
-        norms = None
-        if self.cfg.root_cause and any(r[2] for r in rows):
-            expected = model.predict_many(X) * math.exp(model.center)
-            norms = StageNorms.fit([r[2] for r in rows], expected, X[:, 0], self.cfg.root_cause_min_z)
-        return model, norms
+        stage_rows = [r[2] for r in rows] if self.cfg.root_cause and any(r[2] for r in rows) else None
+        args = (X, y, self._fp, w if (w != 1.0).any() else None, stage_rows, self.cfg.root_cause_min_z)
+        if self._worker is not None:
+            return self._worker.fit(*args)
+        return fit_model(*args)
 
     def train(self, steps: Iterable[StepRecord]) -> Dict[str, int]:
         """Fit a baseline per phase on known-normal steps now (offline ``--train``); returns rows per phase.
@@ -349,6 +350,8 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             self._q.put(None)
             t.join(5.0)
             self._thread = None
+        if self._worker is not None:
+            self._worker.close()
         if self.cfg.baseline_dir and self._dirty:
             self.save_baseline()
         self.sink.close()
@@ -356,5 +359,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
     def stats(self) -> dict:
         return {"keys": len(self._keys), "models": sum(1 for k in self._keys.values() if k.model is not None),
                 "fits": sum(k.fits for k in self._keys.values()), "fit_errors": self.fit_errors,
-                "alerts": self.alerts, "bad": dict(self.bad), "baseline_loaded": self.baseline_loaded,
+                "alerts": self.alerts, "bad": dict(self.bad),
+                "fit_worker_fits": self._worker.remote_fits if self._worker else 0,
+                "fit_worker_failures": self._worker.failures if self._worker else 0, "baseline_loaded": self.baseline_loaded,
                 "alert_webhook_dropped": self.sink.dropped, "alert_failed": self.sink.failed}

@@ -18,6 +18,7 @@ class AnomalyConfig:
     refit_every: int = 1000
     max_train: int = 4000
     background: bool = True
+    fit_process: bool = False
     window: int = 8
     point_k: float = 5.0
     window_k: float = 4.0

@@ -37,6 +37,9 @@ def _pairs(var: str) -> Dict[str, str]:
     return out
 
 
+_HW: Dict[str, str] = {}
+
+
 def _hardware() -> str:
     torch = sys.modules.get("torch")
     try:
@@ -44,11 +47,14 @@ def _hardware() -> str:
             return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
     except Exception:  # noqa: BLE001
         pass
+    if "cpu" in _HW:  # /proc/cpuinfo is read once
+        return _HW["cpu"]
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
+                    _HW["cpu"] = line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
+                    return _HW["cpu"]
     except OSError:
         pass
     return f"{platform.machine()} {platform.processor()} x{os.cpu_count()}".strip()
@@ -105,7 +111,9 @@ def in_process_processors() -> list:
     from processors.slo import SLOConfig, SLOProcessor
 
     try:
-        acfg = AnomalyConfig.from_dict(anomaly_config_from_env())
+        # in an engine process fits go to a worker process (a companion has no engine to protect)
+        acfg = AnomalyConfig.from_dict({"fit_process": os.environ.get(sc.ENV_ROLE) != sc.ROLE_COMPANION,
+                                        **anomaly_config_from_env()})
     except ValueError as exc:
         raise ValueError(f"{sc.ENV_DETECT_CONFIG} (or {sc.ENV_BASELINE_DIR}, {sc.ENV_ALERT_FILE}, "
                          f"{sc.ENV_ALERT_WEBHOOK}): {exc}") from None
@@ -118,12 +126,13 @@ def in_process_processors() -> list:
         raise ValueError(f"{sc.ENV_BASELINE_KEY}: {exc}") from None
 
     def resolve() -> Optional[dict]:
+        name = override.get("model") or _model_name()
+        if not name:
+            return None  # asked again on the next step (the engine names its model late)
         key = detected_key()
         key.update(override)
-        if not key.get("model"):
-            name = _model_name()
-            if not name:
-                return None  # asked again on the next step (the engine names its model late)
+        key.setdefault("model", name)
+        if not key["model"]:
             key["model"] = name
         return key
 

@@ -102,3 +102,27 @@ def test_otlp_json_ids_are_hex_both_ways():
     with pytest.raises(OTLPJSONError):
         request_from_json(b"\xff not json")
     p.stop()
+
+
+def test_pacer_wakes_about_once_per_step_within_bounds_and_backs_off_when_idle():
+    from prism_otel.record import Pacer
+
+    p = Pacer(busy_min_s=0.005, busy_max_s=0.02, idle_s=0.05, idle_after_s=1.0)
+    assert p.wait_s(0, 100.0) == 0.05  # nothing seen yet: idle
+    t = 0
+    for _ in range(60):  # steps ending every 12 ms
+        t += 12_000_000
+        p.saw_step(t)
+    assert abs(p.wait_s(3, 200.0) - 0.012) < 1e-4
+    for _ in range(60):  # 2 ms steps: never below the floor
+        t += 2_000_000
+        p.saw_step(t)
+    assert p.wait_s(1, 200.1) == 0.005
+    for _ in range(60):  # 90 ms steps: never above the ceiling
+        t += 90_000_000
+        p.saw_step(t)
+    assert p.wait_s(1, 200.2) == 0.02
+    assert p.wait_s(0, 200.9) == 0.02  # still busy within a second of the last record
+    assert p.wait_s(0, 201.3) == 0.05  # then idle
+    p.saw_step(t - 5)  # an earlier end (another engine thread's key) does not move the mean
+    assert p.wait_s(1, 202.0) == 0.02

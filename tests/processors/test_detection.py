@@ -147,3 +147,51 @@ def test_config_errors_name_the_key(bad, key):
 def test_config_coerces_strings():
     c = AnomalyConfig.from_dict({"point_k": "6", "background": "false", "window": "10"})
     assert (c.point_k, c.background, c.window) == (6.0, False, 10)
+
+
+def test_fits_in_a_worker_process_match_fits_here_and_fall_back_when_it_cannot_start(monkeypatch):
+    """fit_process: the worker (a real child process, niced) returns the same model a fit on this
+    thread gives; when the worker cannot be started the fit happens here, counted, and judging goes on."""
+    import os
+    import sys
+
+    from processors.fit_worker import FitWorker
+
+    s = shift_stream()
+    cfg = {"alert_file": "none", "alert_log": False, "min_train": 150, "fit_process": True}
+    proc = AnomalyProcessor(cfg)
+    for x in s.train[:600]:
+        proc.process(x)
+    assert proc.wait_idle(120)
+    st = proc.stats()
+    assert st["fit_worker_fits"] >= 1 and st["fit_worker_failures"] == 0 and st["models"] >= 1
+    worker = proc._worker.proc
+    assert worker is not None and worker.poll() is None and worker.pid != os.getpid()
+    with open(f"/proc/{worker.pid}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[16]) == 19  # its nice value
+    judged = [proc.process(x).verdict for x in s.train[600:700]]
+    assert all(v is not None for v in judged)
+    proc.shutdown()
+    assert proc._worker.proc is None and worker.poll() is not None  # the worker exits with its processor
+
+    # the same rows fitted in the worker and here give the same predictions
+    k = next(iter(proc._keys.values()))
+    rows = k.rows()
+    X = np.asarray([r[0] for r in rows], dtype=np.float64)
+    y = np.asarray([r[1] for r in rows], dtype=np.float64)
+    w = FitWorker()
+    there, _ = w.fit(X, y, proc._fp, None, None, 4.0)
+    w.close()
+    from processors.fit_worker import fit_model
+
+    here, _ = fit_model(X, y, proc._fp, None, None, 4.0)
+    assert w.remote_fits == 1
+    np.testing.assert_allclose(there.predict_many(X), here.predict_many(X), rtol=1e-9)
+
+    # a worker that cannot start: fits happen on the calling thread, counted; never more than 3 tries
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    broken = FitWorker()
+    for _ in range(5):
+        m, _ = broken.fit(X, y, proc._fp, None, None, 4.0)
+        np.testing.assert_allclose(m.predict_many(X[:50]), here.predict_many(X[:50]), rtol=1e-9)
+    assert broken.failures == 3 and broken.remote_fits == 0 and not broken.usable
