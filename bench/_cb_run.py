@@ -14,12 +14,14 @@ def main() -> None:
     # closed loop: at most `conc` requests in flight, the next one sent when one finishes (0: all at once)
     conc = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     import torch
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from prism_otel.tiny_models import cb_config
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2)
-    cbc = ContinuousBatchingConfig(num_blocks=256, page_size=32, max_batch_tokens=512)
+    cbc = cb_config(num_blocks=256, page_size=32, max_batch_tokens=512)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
     mgr.start()
     rng = random.Random(seed)

@@ -51,10 +51,11 @@ def one_run(model_dir: str, n: int, mode: str, endpoint: str) -> dict:
 def hook_cost_us(model_dir: str, batch: int) -> float:
     """Added host time per CB step: our three wrappers + feature extraction on a real batch."""
     import torch
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.generation.continuous_batching import continuous_api as ca
 
     import prism_otel
+    from prism_otel import tiny_models
     from opentelemetry.sdk.trace import TracerProvider
 
     torch.set_num_threads(1)
@@ -71,7 +72,7 @@ def hook_cost_us(model_dir: str, batch: int) -> float:
     ca.ContinuousBatchProcessor._generation_step = grab
     mgr = model.init_continuous_batching(
         generation_config=GenerationConfig(max_new_tokens=16, do_sample=False, eos_token_id=-1, pad_token_id=2),
-        continuous_batching_config=ContinuousBatchingConfig(num_blocks=256, page_size=32, max_batch_tokens=512))
+        continuous_batching_config=tiny_models.cb_config(num_blocks=256, page_size=32, max_batch_tokens=512))
     mgr.start()
     ids = [mgr.add_request([1] + [5] * 20, max_new_tokens=16) for _ in range(batch)]
     for _ in ids:

@@ -63,3 +63,15 @@ def default_dir(size: str = "tiny") -> str:
 
     base = os.environ.get(ENV_MODEL_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "prism-otel")
     return os.path.join(base, f"llama-{size}")
+
+
+def cb_config(num_blocks: int = 256, page_size: int = 32, max_batch_tokens: int = 512, **extra):
+    """A transformers ``ContinuousBatchingConfig`` across the versions we run on (5.17-5.19 call the
+    page size ``block_size``)."""
+    import inspect
+
+    from transformers import ContinuousBatchingConfig
+
+    key = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
+    return ContinuousBatchingConfig(num_blocks=num_blocks, max_batch_tokens=max_batch_tokens, **{key: page_size},
+                                    **extra)

@@ -25,7 +25,7 @@ def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     import torch
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from prism_otel.simulate.workload import prompt_ids
 
@@ -34,12 +34,10 @@ def main(spec_path: str) -> int:
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype).to(spec.get("device") or "cpu").eval()
     cb = spec.get("cb", {})
     gen = GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2)
-    import inspect
+    from prism_otel.tiny_models import cb_config
 
-    # transformers 5.17-5.19 call the page size `block_size` (the device machine's image has 5.17)
-    page_key = "page_size" if "page_size" in inspect.signature(ContinuousBatchingConfig).parameters else "block_size"
-    cbc = ContinuousBatchingConfig(num_blocks=int(cb.get("num_blocks", 512)), max_batch_tokens=int(cb.get("max_batch_tokens", 256)),
-                                   **{page_key: int(cb.get("page_size", 32))})
+    cbc = cb_config(num_blocks=int(cb.get("num_blocks", 512)), max_batch_tokens=int(cb.get("max_batch_tokens", 256)),
+                    page_size=int(cb.get("page_size", 32)))
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
     mgr.start()
     warm = [mgr.add_request(prompt_ids(24, i), max_new_tokens=8, request_id=f"warmup-{i}") for i in range(4)]
