@@ -180,21 +180,17 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
             if isinstance(glob, TracerProvider):
                 provider = glob
         RECORDER.drain(1 << 30)  # records a hook wrote after an earlier stop() belong to no pipeline
-        if provider is None and processors is None and os.environ.get(sc.ENV_PIPELINE, "") == "companion":
-            from prism_otel.companion import Forwarder
-
-            pipeline = Forwarder(RECORDER, _instance_id())
-            from prism_otel.device.deepdive import DEEPDIVE
-
-            DEEPDIVE.install_signal()
-        else:
+        pipeline = None
+        if provider is None and processors is None and pipeline_mode() == "companion":
+            pipeline = _start_companion(model_name)
+        if pipeline is None:
             if provider is None:
                 provider, embedded = build_provider()
                 own = True
             procs = default_processors() if processors is None else list(processors)
             pipeline = Pipeline(RECORDER, provider, _instance_id(), procs, **pipeline_limits(),
                                 model_name=model_name, provider_name=framework_name())
-        pipeline.start()
+            pipeline.start()
         insts = []
         # set before instrumenting: an instrumentor's first contact may look at current()
         _state = Runtime(provider, own, embedded, pipeline, insts)
@@ -208,6 +204,39 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
                 except Exception:  # noqa: BLE001
                     logger.warning("prism-otel: instrumenting %s failed", name, exc_info=True)
         return _state
+
+
+def pipeline_mode() -> str:
+    """Where span building, detection and export run when prism-otel builds the tracer provider itself:
+    ``companion`` (the default: a companion process, so the engine's interpreter keeps only the hooks
+    and a forwarder) or ``inprocess`` (a thread here). Multi-rank runs stay in-process: joining the
+    ranks' records needs torch.distributed in the engine process."""
+    v = os.environ.get(sc.ENV_PIPELINE, "").strip().lower()
+    if v in ("inprocess", "companion"):
+        return v
+    if v:
+        logger.warning("prism-otel: %s=%r is not inprocess or companion; using companion", sc.ENV_PIPELINE, v)
+    if _env_int("WORLD_SIZE", 1) > 1:
+        return "inprocess"
+    return "companion"
+
+
+def _start_companion(model_name: Optional[str]):
+    """The forwarder and its companion; None (in-process then) when the companion cannot be started."""
+    from prism_otel.companion import Forwarder
+
+    fw = Forwarder(RECORDER, _instance_id())
+    fw.materializer.model_name = model_name
+    try:
+        fw.start()
+    except Exception:  # noqa: BLE001 - e.g. an embedded interpreter whose sys.executable is no Python
+        logger.warning("prism-otel: the companion process could not start; the pipeline runs in-process",
+                       exc_info=True)
+        return None
+    from prism_otel.device.deepdive import DEEPDIVE
+
+    DEEPDIVE.install_signal()
+    return fw
 
 
 def print_summary(pipeline) -> None:

@@ -81,7 +81,31 @@ def _portable(rec: tuple) -> tuple:
     return rec
 
 
+_LAUNCHER = (  # argv: data fd, control fd, pid fd, then the companion's command
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[4:], pass_fds=(int(sys.argv[1]), int(sys.argv[2])), close_fds=True,\n"
+    "                     start_new_session=True, stdin=subprocess.DEVNULL)\n"
+    "os.write(int(sys.argv[3]), str(p.pid).encode())\n"
+)
+
+
 # -- engine side ------------------------------------------------------------------------------
+_META = "meta"  # a record kind of the pipe alone: names the engine learnt late (the served model)
+
+
+class _Names:
+    """What instrumentations set on ``pipeline.materializer`` in the engine, shipped to the companion's."""
+
+    def __init__(self) -> None:
+        self.model_name = None
+        self.sent = None
+
+    def pending(self) -> Optional[tuple]:
+        if self.model_name != self.sent:
+            self.sent = self.model_name
+            return (_META, {"model_name": self.model_name})
+        return None
+
 class Forwarder:
     """Engine-process end. Duck-types the parts of ``Pipeline`` the runtime and benches use."""
 
@@ -96,9 +120,10 @@ class Forwarder:
         self._thread = None
         self._ctl_thread = None
         self._wfd = None
-        self.proc = None
+        self.pid: Optional[int] = None
         self._ring_dropped_reported = 0
         self.pacer = Pacer()
+        self.materializer = _Names()
 
     # Pipeline look-alike ------------------------------------------------------------------
     @property
@@ -123,11 +148,22 @@ class Forwarder:
         rfd, wfd = os.pipe()
         crfd, cwfd = os.pipe()
         env = child_env(sc.ROLE_COMPANION)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prism_otel.companion", str(rfd), str(cwfd), self.instance, str(os.getpid())],
-            pass_fds=(rfd, cwfd), env=env, stdin=subprocess.DEVNULL, close_fds=True)
-        os.close(rfd)
-        os.close(cwfd)
+        # Started through a launcher that exits at once, in a session of its own: the companion is no
+        # descendant of the engine, so an engine that kills its process tree on shutdown (vLLM) or a
+        # Ctrl-C to the terminal's process group does not kill it before it has exported the last
+        # spans. It exits when the engine's end of the pipe closes (the engine stopped or died).
+        argv = [sys.executable, "-m", "prism_otel.companion", str(rfd), str(cwfd), self.instance, str(os.getpid())]
+        pid_r, pid_w = os.pipe()
+        try:
+            subprocess.run([sys.executable, "-c", _LAUNCHER, str(rfd), str(cwfd), str(pid_w)] + argv,
+                           pass_fds=(rfd, cwfd, pid_w), env=env, stdin=subprocess.DEVNULL, close_fds=True, timeout=60)
+            os.close(pid_w)
+            pid_w = None
+            self.pid = int(os.read(pid_r, 64).decode().strip() or 0) or None
+        finally:
+            for fd in (rfd, cwfd, pid_r, pid_w):
+                if fd is not None:
+                    os.close(fd)
         self._wfd = wfd
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="prism-otel-forwarder", daemon=True)
@@ -146,6 +182,9 @@ class Forwarder:
             self._ring_dropped_reported = rd
         if not batch:
             return 0
+        meta = self.materializer.pending()
+        if meta is not None:
+            batch.insert(0, meta)
         if self._wfd is None:
             self._drop("companion_down", len(batch))
             return len(batch)
@@ -219,19 +258,21 @@ class Forwarder:
         self._thread = None
         self._send_pending()
         self._close_write()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
-        if self._ctl_thread is not None:
-            self._ctl_thread.join(1.0)
+        ctl = self._ctl_thread
+        if ctl is not None:  # its pipe closes when the companion has exported and exited
+            ctl.join(timeout)
+            if ctl.is_alive() and self.pid:
+                try:
+                    os.kill(self.pid, 9)
+                except OSError:
+                    pass
+                ctl.join(1.0)
+        self.pid = None
 
     def after_fork_in_child(self) -> None:
         """A forked child gets a companion of its own; the parent's pipe end is closed here."""
         self._close_write()
-        self.proc = None
+        self.pid = None
         self.dropped = {}
         self.remote = {}
         self._thread = None
@@ -309,6 +350,9 @@ def main(argv=None) -> int:
         if batch is None:
             break
         for rec in batch:
+            if rec[0] == _META:
+                pipeline.materializer.model_name = rec[1].get("model_name") or pipeline.materializer.model_name
+                continue
             if rec[0] == REQUEST and rec[4] and "parent_ids" in rec[4]:
                 info = dict(rec[4])
                 t, s, f = info.pop("parent_ids")

@@ -4,6 +4,8 @@ gating, and a down or slow exporter (the engine finishes, memory stays bounded, 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from concurrent import futures
@@ -161,8 +163,21 @@ def test_companion_killed_mid_run_changes_nothing(tmp_path, model_dir, baseline,
     st = prism_otel.start()
     try:
         assert prism_otel.status()["mode"] == "companion"
-        st.pipeline.proc.kill()
-        st.pipeline.proc.wait(10)
+        pid = st.pipeline.pid
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # not our child and in a session of its own: an engine killing its process tree spares it
+        assert int(fields[1]) != os.getpid() and int(fields[3]) != os.getsid(0)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # gone, or a zombie its new parent has not reaped yet
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            time.sleep(0.05)
         outputs, rep = run_engine(tmp_path, model_dir, n=16, name="killed")
         assert outputs == baseline
         st.pipeline.flush()
@@ -171,3 +186,38 @@ def test_companion_killed_mid_run_changes_nothing(tmp_path, model_dir, baseline,
         t = time.perf_counter()
         prism_otel.stop(timeout=5)
         assert time.perf_counter() - t < 10
+
+
+def test_pipeline_mode_companion_by_default_in_process_where_it_must_be(monkeypatch, caplog):
+    """Where prism-otel builds the provider the pipeline runs in a companion process; a provider of the
+    application's, a multi-rank run, an explicit inprocess or a companion that cannot start keep it here."""
+    import sys
+
+    monkeypatch.delenv(sc.ENV_PIPELINE, raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv(sc.OTEL_TRACES_EXPORTER, "none")
+
+    def mode(**kw):
+        prism_otel.start(instrument=False, **kw)
+        try:
+            return prism_otel.status()["mode"]
+        finally:
+            prism_otel.stop(timeout=5)
+
+    assert mode() == "companion"
+    assert mode(model_name="tiny") == "companion"
+    assert mode(tracer_provider=TracerProvider()) == "inprocess"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert mode() == "inprocess"
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv(sc.ENV_PIPELINE, "inprocess")
+    assert mode() == "inprocess"
+    monkeypatch.setenv(sc.ENV_PIPELINE, "sideways")
+    with caplog.at_level("WARNING", logger="prism_otel._runtime"):
+        assert mode() == "companion"
+    assert "sideways" in caplog.text
+    monkeypatch.setenv(sc.ENV_PIPELINE, "companion")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    with caplog.at_level("WARNING", logger="prism_otel._runtime"):
+        assert mode() == "inprocess"
+    assert "could not start" in caplog.text

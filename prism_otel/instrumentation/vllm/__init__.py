@@ -100,7 +100,7 @@ def _on_first_contact(scheduler) -> None:
     st = _runtime.current()
     if st is None:
         return
-    mat = getattr(st.pipeline, "materializer", None)  # none here in companion mode
+    mat = getattr(st.pipeline, "materializer", None)  # companion mode: the forwarder ships the name over
     if mat is not None and mat.model_name is None:
         try:
             name = scheduler.vllm_config.model_config.served_model_name
