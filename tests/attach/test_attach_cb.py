@@ -52,9 +52,14 @@ def test_attach_exports_steps_then_detach_stops_them(server_factory, sink):
     stage_names = {s.name for s in spans if s.name.startswith(sc.STAGE_SPAN_PREFIX)}
     assert sc.stage_span_name("forward") in stage_names
 
-    p = prism("status", srv.pid, "--json")
-    assert p.returncode == 0, p.stderr
-    st = json.loads(p.stdout)
+    deadline = time.monotonic() + 10
+    while True:  # the companion sends its counters to the engine every 0.5 s
+        p = prism("status", srv.pid, "--json")
+        assert p.returncode == 0, p.stderr
+        st = json.loads(p.stdout)
+        if st["steps"] > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     assert st["running"] and st["steps"] > 0
     p = prism("status", "--json")  # no PID: this process, and the processes we attached to
     listed = json.loads(p.stdout)
