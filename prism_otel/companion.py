@@ -160,6 +160,10 @@ class Forwarder:
             os.close(pid_w)
             pid_w = None
             self.pid = int(os.read(pid_r, 64).decode().strip() or 0) or None
+        except BaseException:
+            os.close(wfd)  # the engine's ends too: nothing will read or write them
+            os.close(crfd)
+            raise
         finally:
             for fd in (rfd, cwfd, pid_r, pid_w):
                 if fd is not None:

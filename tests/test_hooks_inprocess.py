@@ -218,6 +218,8 @@ def test_pipeline_mode_companion_by_default_in_process_where_it_must_be(monkeypa
     assert "sideways" in caplog.text
     monkeypatch.setenv(sc.ENV_PIPELINE, "companion")
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    fds = len(os.listdir("/proc/self/fd"))
     with caplog.at_level("WARNING", logger="prism_otel._runtime"):
         assert mode() == "inprocess"
     assert "could not start" in caplog.text
+    assert len(os.listdir("/proc/self/fd")) == fds, "the pipes of a companion that never started are closed"
