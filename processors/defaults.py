@@ -129,10 +129,8 @@ def in_process_processors() -> list:
         name = override.get("model") or _model_name()
         if not name:
             return None  # asked again on the next step (the engine names its model late)
-        key = detected_key()
-        key.update(override)
-        key.setdefault("model", name)
-        if not key["model"]:
+        key = {**detected_key(), **override}
+        if not key.get("model"):
             key["model"] = name
         return key
 
