@@ -19,11 +19,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 from opentelemetry import metrics
 
 from prism_otel import semconv as sc
-from prism_otel.record import REQUEST, SPAN, STAGE, STEP, Pacer, Recorder, RequestRecord, StepRecord, to_epoch_ns
+from prism_otel.record import (REQUEST, SPAN, STAGE, STEP, Pacer, Recorder, RequestRecord, StepRecord, clock_ns,
+                               to_epoch_ns)
 from prism_otel.spans import SpanMaterializer
 from prism_otel.stats import StageStats
 
 logger = logging.getLogger(__name__)
+
+FINISH_GRACE_NS = 1_000_000_000  # a finish no step covers (an abort while idle) closes its span after this
 
 
 
@@ -70,7 +73,12 @@ class Pipeline:
         self._pending_stages: Dict[object, list] = {}
         self._open: "OrderedDict[str, _OpenRequest]" = OrderedDict()
         self._closed: "OrderedDict[str, None]" = OrderedDict()  # recently closed ids: a late step must not reopen one
-        self._finishing: List[str] = []
+        # rid -> finish time (perf ns). A finish can reach the ring before the step that produced the
+        # request's last token (transformers finishes requests inside the step's update stage), so a
+        # finishing request is closed once a step ending at or after its finish has been handled, or
+        # after FINISH_GRACE_NS with no such step (an abort while idle).
+        self._finishing: Dict[str, int] = {}
+        self._last_step_t1 = 0
         self._step_index = 0
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -104,7 +112,7 @@ class Pipeline:
         self._thread = None
         self.process_pending()
         with self._lock:
-            self._finalize_finishing()
+            self._finalize_finishing(force=True)
             for rid in list(self._open):
                 self._close_request(rid, status="shutdown")
         for p in self.processors:
@@ -158,7 +166,7 @@ class Pipeline:
                         self._drop("bad_record")
                         logger.debug("failed to process record %r", rec[:3], exc_info=True)
             if not total:
-                self._finalize_finishing()
+                self._finalize_finishing(now=clock_ns())
             rd = self.recorder.dropped
             if rd > self._ring_dropped_reported:
                 self._drop("ring_full", rd - self._ring_dropped_reported)
@@ -198,7 +206,7 @@ class Pipeline:
                 r.finish_ns = to_epoch_ns(t)
                 if info and info.get("status"):
                     r.status = info["status"]
-                self._finishing.append(rid)
+                self._finishing[rid] = t
 
     def _ensure_request(self, rid: str, t_perf: int, info: Optional[dict]) -> _OpenRequest:
         r = self._open.get(rid)
@@ -245,16 +253,22 @@ class Pipeline:
         if rec.tpot_ms is not None:
             self._m_tpot.record(rec.tpot_ms / 1e3, attrs)
 
-    def _finalize_finishing(self) -> None:
-        if self._finishing:
-            for rid in self._finishing:
-                self._close_request(rid)
-            self._finishing.clear()
+    def _finalize_finishing(self, now: Optional[int] = None, force: bool = False) -> None:
+        if not self._finishing:
+            return
+        seen = self._last_step_t1
+        late = now - FINISH_GRACE_NS if now is not None else -1
+        done = [rid for rid, t in self._finishing.items() if force or t <= seen or t <= late]
+        for rid in done:
+            del self._finishing[rid]
+            self._close_request(rid)
 
     # -- steps --------------------------------------------------------------------------------
     def _handle_step(self, rec: tuple) -> None:
         _, key, t0, t1, feat, reqs, device, stages = rec[:8]
         self.pacer.saw_step(t1)
+        if t1 > self._last_step_t1:
+            self._last_step_t1 = t1
         stage_map = {}
         for name, s0, s1 in stages or ():
             stage_map[name] = (to_epoch_ns(s0), to_epoch_ns(s1))
@@ -316,7 +330,6 @@ class Pipeline:
         if step.verdict is not None and step.verdict.alert:
             self._m_anomaly.add(1, {sc.STEP_PHASE: step.phase})
         if len(self.handoff_ns) < 100000:
-            from prism_otel.record import clock_ns
             self.handoff_ns.append(clock_ns() - t1)
         if self.on_step is not None:
             try:

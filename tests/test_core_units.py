@@ -75,6 +75,36 @@ def test_request_links_are_bounded_first_and_last():
     assert req.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
 
 
+def test_finish_before_its_last_step_keeps_the_last_token():
+    """transformers finishes a request inside the step's update stage, so the finish reaches the ring
+    just before that step; a poll in between must not close the span one token short. A finish that
+    no step covers (an abort while idle) still closes, after the grace period."""
+    import prism_otel.pipeline as pl
+    rec, p, exp = make_pipeline()
+    t = clock_ns() - 100_000_000  # steps in the past: the later finish of r2 is after all of them
+    rec.request("r1", "arrive", t, {"prompt_tokens": 3})
+    rec.request("r2", "arrive", t, {"prompt_tokens": 3})
+    step(rec, 1, (("r1", 3, True), ("r2", 3, True)), t)
+    rec.request("r1", "finish", t + 3_000_000, None)  # inside step 2, which ends at t + 4 ms
+    p.process_pending()
+    p.process_pending()  # an empty poll between the finish and its step
+    step(rec, 2, (("r1", 1, True), ("r2", 1, True)), t + 2_000_000)
+    p.process_pending()
+    req = {s.attributes[sc.REQUEST_ID]: s for s in exp.get_finished_spans() if s.attributes.get(sc.REQUEST_ID)}
+    assert req["r1"].attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == 2
+    rec.request("r2", "finish", clock_ns(), None)  # no step follows
+    p.process_pending()
+    p.process_pending()
+    assert "r2" in p._open, "closed before the grace period"
+    old, pl.FINISH_GRACE_NS = pl.FINISH_GRACE_NS, 0
+    try:
+        p.process_pending()
+    finally:
+        pl.FINISH_GRACE_NS = old
+    assert "r2" not in p._open
+    p.stop()
+
+
 def test_open_requests_are_bounded():
     rec, p, exp = make_pipeline(max_open_requests=5)
     for i in range(12):
