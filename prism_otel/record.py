@@ -166,14 +166,17 @@ class Pacer:
     Every wake-up takes the interpreter lock from the engine for a moment, so while steps come the
     drainer wakes about once per step, whatever the step time: it sleeps the running mean gap between
     step ends, kept within ``[busy_min_s, busy_max_s]`` (step end -> span stays within about one step).
-    After ``idle_after_s`` with nothing drained it backs off to ``idle_s``.
+    After ``idle_after_s`` with nothing drained it backs off to ``idle_s``. ``steps_per_wake`` > 1
+    sleeps that many mean gaps instead (the companion's forwarder: fewer, larger batches).
     """
 
-    __slots__ = ("busy_min_s", "busy_max_s", "idle_s", "idle_after_s", "gap_s", "_last_end", "_last_busy")
+    __slots__ = ("busy_min_s", "busy_max_s", "idle_s", "idle_after_s", "steps_per_wake", "gap_s", "_last_end",
+                 "_last_busy")
 
     def __init__(self, busy_min_s: float = 0.005, busy_max_s: float = 0.02, idle_s: float = 0.05,
-                 idle_after_s: float = 1.0) -> None:
+                 idle_after_s: float = 1.0, steps_per_wake: float = 1.0) -> None:
         self.busy_min_s, self.busy_max_s, self.idle_s, self.idle_after_s = busy_min_s, busy_max_s, idle_s, idle_after_s
+        self.steps_per_wake = steps_per_wake
         self.gap_s = busy_min_s
         self._last_end = None
         self._last_busy = float("-inf")
@@ -189,7 +192,7 @@ class Pacer:
             self._last_busy = now
         if now - self._last_busy >= self.idle_after_s:
             return self.idle_s
-        return min(max(self.gap_s, self.busy_min_s), self.busy_max_s)
+        return min(max(self.gap_s * self.steps_per_wake, self.busy_min_s), self.busy_max_s)
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,7 @@ ENV_DETECT = "PRISM_OTEL_DETECT"  # "0": no anomaly detection in-process
 ENV_BASELINE_DIR = "PRISM_OTEL_BASELINE_DIR"  # where learned baselines persist
 ENV_MODEL_CACHE = "PRISM_OTEL_MODEL_CACHE"  # where tiny test/demo models are built
 ENV_PIPELINE = "PRISM_OTEL_PIPELINE"  # companion (default where prism-otel builds the provider) | inprocess
+ENV_FORWARD_MS = "PRISM_OTEL_FORWARD_MS"  # companion mode: the forwarder's longest sleep while steps come (50)
 ENV_ROLE = "PRISM_OTEL_ROLE"  # "companion" or "fit-worker" in our helper processes (prism-otel never starts itself there)
 ROLE_COMPANION = "companion"
 ROLE_FIT_WORKER = "fit-worker"

@@ -156,3 +156,13 @@ def test_pacer_wakes_about_once_per_step_within_bounds_and_backs_off_when_idle()
     assert p.wait_s(0, 201.3) == 0.05  # then idle
     p.saw_step(t - 5)  # an earlier end (another engine thread's key) does not move the mean
     assert p.wait_s(1, 202.0) == 0.02
+    f = Pacer(busy_min_s=0.02, busy_max_s=0.05, idle_s=0.25, steps_per_wake=2.0)  # the forwarder's
+    t = 0
+    for _ in range(60):
+        t += 12_000_000
+        f.saw_step(t)
+    assert abs(f.wait_s(3, 300.0) - 0.024) < 1e-4  # two steps per wake-up
+    for _ in range(60):
+        t += 40_000_000
+        f.saw_step(t)
+    assert f.wait_s(1, 300.1) == 0.05
