@@ -15,9 +15,12 @@ _HDR = struct.Struct("<I")
 
 def child_env(role: str) -> dict:
     """The environment for a helper process: marked with its role (so prism-otel never starts itself
-    in it), without our sitecustomize bootstrap, and able to import this package."""
+    in it), without our sitecustomize bootstrap, able to import this package, and with one thread per
+    math library (our fits are small; the cores belong to the engine)."""
     env = dict(os.environ)
     env[sc.ENV_ROLE] = role
+    for name in sc.HELPER_THREAD_POOL_ENV:
+        env[name] = "1"
     pkg_dir = os.path.dirname(os.path.abspath(__file__))
     boot = os.path.join(pkg_dir, "bootstrap")
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != boot]

@@ -131,6 +131,10 @@ ENV_BASELINE_DIR = "PRISM_OTEL_BASELINE_DIR"  # where learned baselines persist
 ENV_MODEL_CACHE = "PRISM_OTEL_MODEL_CACHE"  # where tiny test/demo models are built
 ENV_PIPELINE = "PRISM_OTEL_PIPELINE"  # companion (default where prism-otel builds the provider) | inprocess
 ENV_FORWARD_MS = "PRISM_OTEL_FORWARD_MS"  # companion mode: the forwarder's longest sleep while steps come (50)
+# math-library thread pools, set to 1 in our helper processes: a fit must not spin up a thread per
+# core of a serving host (OpenBLAS busy-waits; on a 16-core host a companion took a third of a core)
+HELPER_THREAD_POOL_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                          "NUMEXPR_NUM_THREADS")
 ENV_ROLE = "PRISM_OTEL_ROLE"  # "companion" or "fit-worker" in our helper processes (prism-otel never starts itself there)
 ROLE_COMPANION = "companion"
 ROLE_FIT_WORKER = "fit-worker"

@@ -168,6 +168,9 @@ def test_companion_killed_mid_run_changes_nothing(tmp_path, model_dir, baseline,
             fields = f.read().rsplit(")", 1)[1].split()
         # not our child and in a session of its own: an engine killing its process tree spares it
         assert int(fields[1]) != os.getpid() and int(fields[3]) != os.getsid(0)
+        with open(f"/proc/{pid}/environ", "rb") as f:  # one math-library thread: cores are the engine's
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        assert all(env.get(name.encode()) == b"1" for name in sc.HELPER_THREAD_POOL_ENV)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # gone, or a zombie its new parent has not reaped yet
