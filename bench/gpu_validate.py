@@ -111,11 +111,22 @@ class Env:
         return time.perf_counter() - t0
 
 
-def start_prism(procs=None, on_step=None):
+def start_prism(procs=None, on_step=None, mode="inprocess"):
+    """mode "companion": the default deployment (no processors given: the companion process runs the
+    defaults; sampled DeepDive bursts off through the environment, as in the in-process arm)."""
     import prism_otel
     from prism_otel._runtime import default_processors
     from prism_otel.device.processor import DeviceProcessor
 
+    if mode == "companion":
+        os.environ["PRISM_OTEL_PIPELINE"] = "companion"
+        os.environ["PRISM_OTEL_DEEPDIVE_RATE"] = "0"
+        try:
+            rt = prism_otel.start()
+        finally:
+            del os.environ["PRISM_OTEL_PIPELINE"], os.environ["PRISM_OTEL_DEEPDIVE_RATE"]
+        assert rt.provider is None, "the companion did not start"
+        return rt
     if procs is None:
         procs = [p for p in default_processors() if not isinstance(p, DeviceProcessor)] + [DeviceProcessor(rate=0.0)]
     rt = prism_otel.start(processors=procs)
@@ -166,15 +177,44 @@ def _overhead_rows(sec: str, ratios, ta, steps_per_run: float) -> None:
         f"{100 * (med - 1):+.2f}% [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]; {slower}/{len(ratios)}")
 
 
-def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int):
+def _settle(rt) -> None:
+    rt.pipeline.flush()
+    if rt.provider is None:
+        time.sleep(1.2)  # companion mode: its counters arrive every 0.5 s
+
+
+def _companion_cpu_s(rt) -> float:
+    pid = getattr(rt.pipeline, "pid", None) if rt.provider is None else None
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _mode_rows(sec: str, rt, mode: str, pipe_us: float, threads_us: float, step_ms: float, comp_s: float,
+               wall_s: float) -> None:
+    if mode == "companion":
+        row(sec, "forwarder-thread CPU per step (engine process)", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
+        row(sec, "all prism-otel threads' CPU per step, engine process (share the GIL)",
+            f"{threads_us:.1f} us = {100 * threads_us / 1e3 / step_ms:.3f}%")
+        row(sec, "companion process CPU over the paired runs' wall time (another process, niced)",
+            f"{comp_s:.2f} s of {wall_s:.1f} s = {100 * comp_s / max(1e-9, wall_s):.1f}% of a core")
+    else:
+        row(sec, "pipeline-thread CPU per step", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
+        row(sec, "all prism-otel + exporter threads' CPU per step (shares the GIL)",
+            f"{threads_us:.1f} us = {100 * threads_us / 1e3 / step_ms:.3f}%")
+
+
+def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int, mode: str = "inprocess"):
     from prism_otel.instrumentation.transformers import _generate
 
     ids = E.prompts(b, p)
     E.generate(ids, 4)
-    rt = start_prism()
+    rt = start_prism(mode=mode)
     E.generate(ids, new)  # warm-up, instrumented (starts the health sampler, the exporter)
-    rt.pipeline.flush()
-    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns()
+    _settle(rt)
+    s0, c0, th0, p0, w0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns(), _companion_cpu_s(rt), time.perf_counter()
 
     def off():
         _set_instrumented(False)
@@ -186,11 +226,21 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int):
 
     ratios, ta, tb = _paired(off, on, pairs)
     _set_instrumented(True)
-    rt.pipeline.flush()
+    wall, comp = time.perf_counter() - w0, _companion_cpu_s(rt) - p0
+    th1, c1 = our_threads_cpu_ns(), rt.pipeline.cpu_ns
+    _settle(rt)
     steps = rt.pipeline.steps_seen - s0
-    pipe_us = (rt.pipeline.cpu_ns - c0) / 1e3 / max(1, steps)
-    threads_us = (our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
+    pipe_us = (c1 - c0) / 1e3 / max(1, steps)
+    threads_us = (th1 - th0) / 1e3 / max(1, steps)
     stop_prism()
+    if mode == "companion":  # the hooks are the same code in both modes: timed in place once
+        step_ms = statistics.median(ta) * 1e3 / new
+        sec = f"A generate b{b} p{p} n{new}, companion"
+        RAW["sentinel_generate_companion"] = dict(ratios=ratios, off_s=ta, on_s=tb, pipe_us=pipe_us,
+                                                  threads_us=threads_us, step_ms=step_ms, companion_s=comp, wall_s=wall)
+        _overhead_rows(sec, ratios, ta, new)
+        _mode_rows(sec, rt, mode, pipe_us, threads_us, step_ms, comp, wall)
+        return ids
     # Our engine-thread code, timed in place (pre/post hooks of one generate call).
     spent = [0]
     opre, opost = _generate._GenerateCall.pre, _generate._GenerateCall.post
@@ -223,9 +273,7 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int):
     sec = f"A generate b{b} p{p} n{new}"
     _overhead_rows(sec, ratios, ta, new)
     row(sec, "engine-thread hook time per step (direct)", f"{hook_us:.1f} us = {100 * hook_us / 1e3 / step_ms:.3f}% of a {step_ms:.2f} ms step")
-    row(sec, "pipeline-thread CPU per step", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
-    row(sec, "all prism-otel + exporter threads' CPU per step (shares the GIL)",
-        f"{threads_us:.1f} us = {100 * threads_us / 1e3 / step_ms:.3f}%")
+    _mode_rows(sec, rt, mode, pipe_us, threads_us, step_ms, 0.0, 0.0)
     return ids
 
 
@@ -284,14 +332,14 @@ def cb_work(E: Env, n: int, seed: int, plen=(128, 256), new=(48, 64)):
     return [([1] + [rng.randrange(3, E.vocab) for _ in range(rng.randint(*plen))], rng.randint(*new)) for _ in range(n)]
 
 
-def sentinel_cb(E: Env, pairs: int, n: int) -> None:
+def sentinel_cb(E: Env, pairs: int, n: int, mode: str = "inprocess") -> None:
     srv = CBServer(E)
     work = cb_work(E, n, 1, new=(24, 32))
     srv.run(work[:4])
-    rt = start_prism()
+    rt = start_prism(mode=mode)
     srv.run(work)  # warm-up, instrumented
-    rt.pipeline.flush()
-    s0, c0, th0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns()
+    _settle(rt)
+    s0, c0, th0, p0, w0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns(), _companion_cpu_s(rt), time.perf_counter()
 
     def off():
         _set_instrumented(False)
@@ -303,20 +351,22 @@ def sentinel_cb(E: Env, pairs: int, n: int) -> None:
 
     ratios, ta, tb = _paired(off, on, pairs)
     _set_instrumented(True)
-    rt.pipeline.flush()
+    wall, comp = time.perf_counter() - w0, _companion_cpu_s(rt) - p0
+    th1, c1 = our_threads_cpu_ns(), rt.pipeline.cpu_ns
+    _settle(rt)
     steps = rt.pipeline.steps_seen - s0
-    pipe_us = (rt.pipeline.cpu_ns - c0) / 1e3 / max(1, steps)
-    threads_us = (our_threads_cpu_ns() - th0) / 1e3 / max(1, steps)
+    pipe_us = (c1 - c0) / 1e3 / max(1, steps)
+    threads_us = (th1 - th0) / 1e3 / max(1, steps)
     stop_prism()
     srv.stop()
     per_run = steps / pairs
     step_ms = statistics.median(ta) * 1e3 / max(1, per_run)
-    RAW["sentinel_cb"] = dict(ratios=ratios, off_s=ta, on_s=tb, steps=steps, pipe_us=pipe_us, threads_us=threads_us)
-    sec = f"A CB {n} requests"
+    RAW["sentinel_cb" + ("_companion" if mode == "companion" else "")] = dict(
+        ratios=ratios, off_s=ta, on_s=tb, steps=steps, pipe_us=pipe_us, threads_us=threads_us, companion_s=comp, wall_s=wall)
+    sec = f"A CB {n} requests" + (", companion" if mode == "companion" else "")
     _overhead_rows(sec, ratios, ta, per_run)
     row(sec, "steps per run, mean step", f"{per_run:.0f}, {step_ms:.2f} ms")
-    row(sec, "pipeline-thread CPU per step", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
-    row(sec, "all prism-otel + exporter threads' CPU per step", f"{threads_us:.1f} us = {100 * threads_us / 1e3 / step_ms:.3f}%")
+    _mode_rows(sec, rt, mode, pipe_us, threads_us, step_ms, comp, wall)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,7 +760,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few runs: checks the code paths only")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--only", default="", help="comma list of sections to run (A,B,C,D,E)")
+    ap.add_argument("--modes", default="inprocess,companion",
+                    help="pipeline modes of section A's Sentinel runs (inprocess: a thread; companion: the default)")
     a = ap.parse_args()
+    modes = a.modes.split(",")
     only = set(a.only.split(",")) if a.only else set("ABCDE")
     os.environ.setdefault("PRISM_OTEL_SUMMARY", "0")
     tmp = tempfile.mkdtemp()
@@ -727,15 +780,15 @@ def main() -> None:
         b, p, new = (2, 16, 8) if small else (32, 256, 64)
         pairs = 2 if small else a.pairs
         sections = [
-            ("A", lambda: sentinel_generate(E, 4 if small else 40, b, p, 4 if small else 16)),
+            *[("A", lambda m=m: sentinel_generate(E, 4 if small else 40, b, p, 4 if small else 16, m)) for m in modes],
             ("A", lambda: profiler_always_on(E, E.prompts(b, p), 1 if small else 4, 4 if small else 16)),
-            ("A", lambda: sentinel_cb(E, 4 if small else 24, 8 if small else 48)),
+            *[("A", lambda m=m: sentinel_cb(E, 4 if small else 24, 8 if small else 48, m)) for m in modes],
             ("B", lambda: deepdive_cost(E, E.prompts(b, p), 2 if small else 12, 4 if small else 16)),
             ("C", lambda: kernel_groups_vs_trace(E, b, p, 4 if small else 16)),
             ("D", lambda: gpu_fault(E, *((4, 3, 2) if small else (40, 12, 8)))),
             ("E", lambda: graphs(E) if E.dev == "cuda" else row("E device graphs", "skipped", "no CUDA")),
         ]
-        if "A" not in only:
+        if "A" not in only or "inprocess" not in modes:
             RAW["sentinel_generate"] = {"step_ms": 20.0}
         for name, fn in sections:
             if name not in only:
