@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--modes", default="companion,inprocess")
     ap.add_argument("--size", default="small")
+    ap.add_argument("--detect", default="1", help="0: anomaly detection off (to see what it costs)")
     ap.add_argument("--engine", nargs=2, metavar=("MODEL_DIR", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     sys.path.insert(0, os.path.dirname(HERE))
@@ -167,7 +168,7 @@ def main() -> None:
         for mode in a.modes.split(","):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_"))}
             env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_INSECURE="true",
-                       PRISM_OTEL_PIPELINE=mode)
+                       PRISM_OTEL_PIPELINE=mode, PRISM_OTEL_DETECT=a.detect)
             cmd = [sys.executable, os.path.abspath(__file__), "--pairs", str(a.pairs), "--block", str(a.block),
                    "--concurrency", str(a.concurrency), "--engine", model_dir, mode]
             p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
