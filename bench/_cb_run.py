@@ -4,7 +4,6 @@ When prism-otel is loaded (under `prism-otel run`) it also reports the step-end 
 hand-off latencies and the pipeline's counters."""
 
 import json
-import random
 import sys
 import time
 
@@ -16,6 +15,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from _cb_load import serve, workload
     from prism_otel.tiny_models import cb_config
 
     torch.set_num_threads(1)
@@ -24,31 +24,14 @@ def main() -> None:
     cbc = cb_config(num_blocks=256, page_size=32, max_batch_tokens=512)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
     mgr.start()
-    rng = random.Random(seed)
-    work = [([1] + [rng.randrange(3, 259) for _ in range(rng.randint(16, 128))], rng.randint(32, 64))
-            for _ in range(n)]
+    work = workload(seed, n)
     # warm-up (not timed)
     rid = mgr.add_request(work[0][0], max_new_tokens=8)
     while True:
         r = mgr.get_result(rid, timeout=60)
         if r is not None and r.is_finished():
             break
-    t0 = time.perf_counter()
-    first = len(work) if conc <= 0 else min(conc, len(work))
-    for p, m in work[:first]:
-        mgr.add_request(p, max_new_tokens=m)
-    sent, tokens, done = first, 0, 0
-    while done < len(work):
-        r = mgr.get_result(timeout=120)
-        if r is None:
-            break
-        if r.is_finished():
-            done += 1
-            tokens += len(r.generated_tokens)
-            if sent < len(work):
-                mgr.add_request(work[sent][0], max_new_tokens=work[sent][1])
-                sent += 1
-    dt = time.perf_counter() - t0
+    tokens, dt = serve(mgr, work, conc)
     mgr.stop(block=True, timeout=60)
     out = {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
     try:

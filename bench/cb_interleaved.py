@@ -34,32 +34,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _workload(seed: int, n: int) -> list:
-    rng = random.Random(seed)
-    return [([1] + [rng.randrange(3, 259) for _ in range(rng.randint(16, 128))], rng.randint(32, 64))
-            for _ in range(n)]
-
-
-def _serve(mgr, work: list, conc: int) -> tuple:
-    """Closed loop: returns (generated tokens, seconds) for the block."""
-    t0 = time.perf_counter()
-    first = min(conc, len(work))
-    for p, m in work[:first]:
-        mgr.add_request(p, max_new_tokens=m)
-    sent, tokens, done = first, 0, 0
-    while done < len(work):
-        r = mgr.get_result(timeout=120)
-        if r is None:
-            raise RuntimeError("the engine stopped answering")
-        if r.is_finished():
-            done += 1
-            tokens += len(r.generated_tokens)
-            if sent < len(work):
-                mgr.add_request(work[sent][0], max_new_tokens=work[sent][1])
-                sent += 1
-    return tokens, time.perf_counter() - t0
-
-
 def _proc_cpu_ns(pid: int) -> int:
     """utime + stime of a process (and its reaped children: none here), from /proc."""
     try:
@@ -79,6 +53,7 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
     from prism_otel.tiny_models import cb_config
 
     sys.path.insert(0, HERE)
+    from _cb_load import serve as _serve, workload as _workload
     from _threads import our_threads_cpu_ns
 
     torch.set_num_threads(1)
@@ -212,7 +187,7 @@ def main() -> None:
 
     def ratio_cell(b, s):
         rs = ratios(b)
-        q = statistics.quantiles(rs, n=4)
+        q = statistics.quantiles(rs, n=4) if len(rs) >= 2 else [rs[0], rs[0], rs[0]]
         lo, hi = _bootstrap_median_ci(rs)
         med = statistics.median(rs)
         return (f"{med:.4f} [{q[0]:.4f}, {q[2]:.4f}] ({min(rs):.4f}..{max(rs):.4f}); 95% CI of the median "
