@@ -57,17 +57,23 @@ class ResolvedDevice:
         return ResolvedDevice, (self.ns, self.timing, self.groups, self.extra)
 
 
-def _portable(rec: tuple) -> tuple:
-    """A raw record with what cannot cross a process boundary made into plain data."""
+def _portable(rec: tuple, wait: bool = True) -> Optional[tuple]:
+    """A raw record with what cannot cross a process boundary made into plain data. A step whose
+    device events have not completed yet: None when not ``wait``, else polled for up to ~50 ms."""
     kind = rec[0]
     if kind == STEP and rec[6] is not None:
         dev = rec[6]
-        ns, timing = None, "unavailable"
-        for _ in range(50):
-            ns, timing = dev.resolve()
-            if timing != "pending":
-                break
-            time.sleep(0.001)
+        ns, timing = dev.resolve()
+        if timing == "pending":
+            if not wait:
+                return None
+            for _ in range(50):
+                time.sleep(0.001)
+                ns, timing = dev.resolve()
+                if timing != "pending":
+                    break
+            else:
+                ns, timing = None, "unavailable"
         groups, extra = dev.details() if hasattr(dev, "details") else ({}, {})
         return rec[:6] + (ResolvedDevice(ns, timing, groups, extra),) + rec[7:]
     if kind == REQUEST and rec[4] and "parent" in rec[4]:
@@ -90,6 +96,7 @@ _LAUNCHER = (  # argv: data fd, control fd, pid fd, then the companion's command
 
 
 # -- engine side ------------------------------------------------------------------------------
+HOLD_PENDING_S = 0.25  # a step whose device events are still running waits at most this long, then is polled
 _META = "meta"  # a record kind of the pipe alone: names the engine learnt late (the served model)
 
 
@@ -130,6 +137,10 @@ class Forwarder:
         longest = max(0.005, _env_int(sc.ENV_FORWARD_MS, 50) / 1e3)
         self.pacer = Pacer(busy_min_s=min(0.02, longest), busy_max_s=longest, idle_s=max(0.25, longest),
                            steps_per_wake=2.0)
+        # Records from the first step whose device events are still running (an async engine), held
+        # for the next wake-up instead of polling for them here: order kept, no sleeps in the loop.
+        self._carry: list = []
+        self._held_since = 0.0
         self.materializer = _Names()
 
     # Pipeline look-alike ------------------------------------------------------------------
@@ -185,34 +196,56 @@ class Forwarder:
     def _drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
-    def _send_pending(self) -> int:
-        batch = self.recorder.drain()
+    def _send_pending(self, final: bool = False) -> int:
+        fresh = self.recorder.drain()
         rd = self.recorder.dropped
         if rd > self._ring_dropped_reported:
             self._drop("ring_full", rd - self._ring_dropped_reported)
             self._ring_dropped_reported = rd
+        batch = self._carry + fresh if self._carry else fresh
         if not batch:
             return 0
+        if self._wfd is None:
+            self._carry = []
+            self._drop("companion_down", len(batch))
+            return len(fresh)
+        now = time.monotonic()
+        wait = final or (self._carry and now - self._held_since > HOLD_PENDING_S)
+        out = []
+        try:
+            for i, r in enumerate(batch):
+                p = _portable(r, wait)
+                if p is None:
+                    if not (self._carry and self._carry[0] is r):
+                        self._held_since = now
+                    self._carry = batch[i:]
+                    break
+                out.append(p)
+            else:
+                self._carry = []
+        except Exception:  # noqa: BLE001 - a record we cannot convert is counted, the rest goes on
+            self._carry = []
+            self._drop("bad_record", len(batch))
+            return len(fresh)
+        if not out:
+            return len(fresh)
         meta = self.materializer.pending()
         if meta is not None:
-            batch.insert(0, meta)
-        if self._wfd is None:
-            self._drop("companion_down", len(batch))
-            return len(batch)
+            out.insert(0, meta)
         saw = self.pacer.saw_step
-        for r in batch:
+        for r in out:
             if r[0] == STEP:
                 saw(r[3])
         try:
-            _write_frame(self._wfd, [_portable(r) for r in batch])
-            self.forwarded += len(batch)
+            _write_frame(self._wfd, out)
+            self.forwarded += len(out)
         except OSError:
             logger.warning("prism-otel: the companion process is gone; records are dropped from now on")
             self._close_write()
-            self._drop("companion_down", len(batch))
+            self._drop("companion_down", len(out))
         except Exception:  # noqa: BLE001 - a record we cannot pickle is counted, the rest goes on
-            self._drop("bad_record", len(batch))
-        return len(batch)
+            self._drop("bad_record", len(out))
+        return len(fresh)
 
     def _run(self) -> None:
         tt = time.thread_time_ns
@@ -256,9 +289,9 @@ class Forwarder:
 
     def flush(self, timeout: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout
-        while len(self.recorder) and time.monotonic() < deadline:
+        while (len(self.recorder) or self._carry) and time.monotonic() < deadline:
             time.sleep(0.005)
-        return not len(self.recorder)
+        return not (len(self.recorder) or self._carry)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Send what is left, close the pipe; the companion drains, exports and exits."""
@@ -267,7 +300,7 @@ class Forwarder:
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
         self._thread = None
-        self._send_pending()
+        self._send_pending(final=True)
         self._close_write()
         ctl = self._ctl_thread
         if ctl is not None:  # its pipe closes when the companion has exported and exited
@@ -284,6 +317,7 @@ class Forwarder:
         """A forked child gets a companion of its own; the parent's pipe end is closed here."""
         self._close_write()
         self.pid = None
+        self._carry = []
         self.dropped = {}
         self.remote = {}
         self._thread = None

@@ -166,3 +166,54 @@ def test_pacer_wakes_about_once_per_step_within_bounds_and_backs_off_when_idle()
         t += 40_000_000
         f.saw_step(t)
     assert f.wait_s(1, 300.1) == 0.05
+
+
+def test_forwarder_holds_steps_whose_device_events_still_run_and_keeps_order(monkeypatch):
+    """An async engine's newest step may still be on the device when the forwarder wakes: it and
+    what follows wait for the next wake-up (no polling sleeps), in order; after the hold limit, or
+    at stop, the step is resolved (or marked unavailable) and sent."""
+    import os
+    import time
+
+    from prism_otel import companion
+    from prism_otel._child import read_frame
+
+    class Dev:
+        def __init__(self, pending):
+            self.pending = pending
+
+        def resolve(self):
+            if self.pending > 0:
+                self.pending -= 1
+                return None, "pending"
+            return 1234, "event"
+
+    rec = Recorder(64)
+    fw = companion.Forwarder(rec, "test")
+    r, w = os.pipe()
+    fw._wfd = w
+    try:
+        t = clock_ns()
+        feat = StepFeatures("decode", 1, 0, 1, 10, 10)
+        rec.emit((STEP, 1, t, t + 10, feat, (("a", 1, True),), Dev(0), ()))
+        rec.emit((STEP, 2, t + 10, t + 20, feat, (("a", 1, True),), Dev(1), ()))
+        rec.request("a", "finish", t + 25, None)
+        assert fw._send_pending() == 3
+        first = read_frame(r)
+        assert [x[1] for x in first] == [1] and first[0][6].ns == 1234
+        assert len(fw._carry) == 2 and not fw.flush(timeout=0.01)
+        rec.emit((STEP, 3, t + 20, t + 30, feat, (), Dev(0), ()))
+        assert fw._send_pending() == 1  # step 2 is done now: 2, the finish, then 3, in order
+        second = read_frame(r)
+        assert [x[1] for x in second] == [2, "a", 3] and second[0][6].ns == 1234 and not fw._carry
+        rec.emit((STEP, 4, t + 30, t + 40, feat, (), Dev(10**6), ()))  # never completes
+        fw._send_pending()
+        assert fw._carry
+        monkeypatch.setattr(companion, "HOLD_PENDING_S", 0.0)
+        time.sleep(0.01)
+        fw._send_pending()
+        third = read_frame(r)
+        assert third[0][1] == 4 and third[0][6].timing == "unavailable" and not fw._carry
+    finally:
+        os.close(r)
+        os.close(w)
