@@ -210,7 +210,7 @@ class Forwarder:
             self._drop("companion_down", len(batch))
             return len(fresh)
         now = time.monotonic()
-        wait = final or (self._carry and now - self._held_since > HOLD_PENDING_S)
+        wait = final or (bool(self._carry) and now - self._held_since > HOLD_PENDING_S)
         out = []
         try:
             for i, r in enumerate(batch):
