@@ -46,14 +46,10 @@ def main() -> None:
             out["steps"] = st.pipeline.steps_seen
             out["pipeline_cpu_us_per_step"] = st.pipeline.cpu_ns / 1e3 / max(1, st.pipeline.steps_seen)
             out["dropped"] = st.pipeline.dropped
-            from _threads import our_threads_cpu_ns
+            from _threads import mean_step_ms, our_threads_cpu_ns
 
             out["threads_cpu_us_per_step"] = our_threads_cpu_ns() / 1e3 / max(1, st.pipeline.steps_seen)
-            if hasattr(st.pipeline, "stats"):
-                s = st.pipeline.stats.steps
-                out["step_ms_mean"] = sum(x.total_ns for x in s.values()) / max(1, sum(x.n for x in s.values())) / 1e6
-            else:  # companion mode
-                out["step_ms_mean"] = st.pipeline.remote.get("step_ms_mean", 0.0)
+            out["step_ms_mean"] = mean_step_ms(st.pipeline)
     except ImportError:
         pass
     print("RESULT " + json.dumps(out), flush=True)

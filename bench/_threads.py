@@ -1,6 +1,7 @@
 """CPU time of prism-otel's own threads and the span exporter's in this process (they share the
 interpreter lock with the engine): the direct measure of what tracing costs the engine process."""
 
+import os
 import threading
 import time
 
@@ -17,3 +18,24 @@ def our_threads_cpu_ns() -> int:
             except (OSError, AttributeError):
                 pass
     return total
+
+
+def companion_cpu_s(rt) -> float:
+    """CPU seconds (user + system) the runtime's companion process has used; 0 in-process."""
+    pid = getattr(rt.pipeline, "pid", None) if rt.provider is None else None
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def mean_step_ms(pipeline) -> float:
+    """Mean step time the pipeline saw: its own stage stats in-process, the companion's counters else."""
+    if hasattr(pipeline, "stats"):
+        s = pipeline.stats.steps.values()
+        return sum(x.total_ns for x in s) / max(1, sum(x.n for x in s)) / 1e6
+    return pipeline.remote.get("step_ms_mean", 0.0)

@@ -34,16 +34,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _proc_cpu_ns(pid: int) -> int:
-    """utime + stime of a process (and its reaped children: none here), from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None:
     """The child: one engine, blocks alternating hooks on/off; one JSON line per block."""
     import torch
@@ -54,12 +44,12 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
 
     sys.path.insert(0, HERE)
     from _cb_load import serve as _serve, workload as _workload
-    from _threads import our_threads_cpu_ns
+    from _threads import companion_cpu_s, mean_step_ms, our_threads_cpu_ns
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     st = prism_otel.start()
-    comp_pid = getattr(st.pipeline, "pid", None) if st.provider is None else None
+    companion = st.provider is None
     mgr = model.init_continuous_batching(
         generation_config=GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2),
         continuous_batching_config=cb_config(num_blocks=256, page_size=32, max_batch_tokens=512))
@@ -86,12 +76,12 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
                 set_hooks(on)
                 hooks_on = on
             time.sleep(0.5)  # let the pipeline finish the last block's steps before timing
-            c0, p0 = our_threads_cpu_ns(), _proc_cpu_ns(comp_pid) if comp_pid else 0
+            c0, p0 = our_threads_cpu_ns(), companion_cpu_s(st)
             e0 = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID)
             tokens, dt = _serve(mgr, work, conc)
             row = {"pair": i, "on": on, "tokens": tokens, "seconds": dt, "tok_s": tokens / dt,
                    "ours_cpu_s": (our_threads_cpu_ns() - c0) / 1e9,
-                   "companion_cpu_s": ((_proc_cpu_ns(comp_pid) - p0) / 1e9) if comp_pid else None,
+                   "companion_cpu_s": (companion_cpu_s(st) - p0) if companion else None,
                    "client_cpu_s": (time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID) - e0) / 1e9}
             print("BLOCK " + json.dumps(row), flush=True)
     set_hooks(True)
@@ -99,12 +89,10 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
     st.pipeline.flush()
     time.sleep(0.6)
     p = st.pipeline
-    s = {"steps": p.steps_seen, "dropped": p.dropped, "processor_errors": p.processor_errors}
-    if hasattr(p, "remote"):
-        s.update(remote_steps=p.remote.get("steps"), step_ms_mean=p.remote.get("step_ms_mean"))
-    else:
-        st_ = p.stats.steps
-        s["step_ms_mean"] = sum(x.total_ns for x in st_.values()) / max(1, sum(x.n for x in st_.values())) / 1e6
+    s = {"steps": p.steps_seen, "dropped": p.dropped, "processor_errors": p.processor_errors,
+         "step_ms_mean": mean_step_ms(p)}
+    if companion:
+        s["remote_steps"] = p.remote.get("steps")
     print("SUMMARY " + json.dumps(s), flush=True)
     prism_otel.stop()
 

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from _threads import our_threads_cpu_ns  # noqa: E402 - bench/ is on sys.path when run as a script
+from _threads import companion_cpu_s, our_threads_cpu_ns  # noqa: E402 - bench/ is on sys.path when run as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -183,16 +183,7 @@ def _settle(rt) -> None:
         time.sleep(1.2)  # companion mode: its counters arrive every 0.5 s
 
 
-def _companion_cpu_s(rt) -> float:
-    pid = getattr(rt.pipeline, "pid", None) if rt.provider is None else None
-    if not pid:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _mode_rows(sec: str, rt, mode: str, pipe_us: float, threads_us: float, step_ms: float, comp_s: float,
+def _mode_rows(sec: str, mode: str, pipe_us: float, threads_us: float, step_ms: float, comp_s: float,
                wall_s: float) -> None:
     if mode == "companion":
         row(sec, "forwarder-thread CPU per step (engine process)", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
@@ -214,7 +205,7 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int, mode: str = 
     rt = start_prism(mode=mode)
     E.generate(ids, new)  # warm-up, instrumented (starts the health sampler, the exporter)
     _settle(rt)
-    s0, c0, th0, p0, w0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns(), _companion_cpu_s(rt), time.perf_counter()
+    s0, c0, th0, p0, w0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns(), companion_cpu_s(rt), time.perf_counter()
 
     def off():
         _set_instrumented(False)
@@ -226,7 +217,7 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int, mode: str = 
 
     ratios, ta, tb = _paired(off, on, pairs)
     _set_instrumented(True)
-    wall, comp = time.perf_counter() - w0, _companion_cpu_s(rt) - p0
+    wall, comp = time.perf_counter() - w0, companion_cpu_s(rt) - p0
     th1, c1 = our_threads_cpu_ns(), rt.pipeline.cpu_ns
     _settle(rt)
     steps = rt.pipeline.steps_seen - s0
@@ -239,7 +230,7 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int, mode: str = 
         RAW["sentinel_generate_companion"] = dict(ratios=ratios, off_s=ta, on_s=tb, pipe_us=pipe_us,
                                                   threads_us=threads_us, step_ms=step_ms, companion_s=comp, wall_s=wall)
         _overhead_rows(sec, ratios, ta, new)
-        _mode_rows(sec, rt, mode, pipe_us, threads_us, step_ms, comp, wall)
+        _mode_rows(sec, mode, pipe_us, threads_us, step_ms, comp, wall)
         return ids
     # Our engine-thread code, timed in place (pre/post hooks of one generate call).
     spent = [0]
@@ -273,7 +264,7 @@ def sentinel_generate(E: Env, pairs: int, b: int, p: int, new: int, mode: str = 
     sec = f"A generate b{b} p{p} n{new}"
     _overhead_rows(sec, ratios, ta, new)
     row(sec, "engine-thread hook time per step (direct)", f"{hook_us:.1f} us = {100 * hook_us / 1e3 / step_ms:.3f}% of a {step_ms:.2f} ms step")
-    _mode_rows(sec, rt, mode, pipe_us, threads_us, step_ms, 0.0, 0.0)
+    _mode_rows(sec, mode, pipe_us, threads_us, step_ms, 0.0, 0.0)
     return ids
 
 
@@ -339,7 +330,7 @@ def sentinel_cb(E: Env, pairs: int, n: int, mode: str = "inprocess") -> None:
     rt = start_prism(mode=mode)
     srv.run(work)  # warm-up, instrumented
     _settle(rt)
-    s0, c0, th0, p0, w0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns(), _companion_cpu_s(rt), time.perf_counter()
+    s0, c0, th0, p0, w0 = rt.pipeline.steps_seen, rt.pipeline.cpu_ns, our_threads_cpu_ns(), companion_cpu_s(rt), time.perf_counter()
 
     def off():
         _set_instrumented(False)
@@ -351,7 +342,7 @@ def sentinel_cb(E: Env, pairs: int, n: int, mode: str = "inprocess") -> None:
 
     ratios, ta, tb = _paired(off, on, pairs)
     _set_instrumented(True)
-    wall, comp = time.perf_counter() - w0, _companion_cpu_s(rt) - p0
+    wall, comp = time.perf_counter() - w0, companion_cpu_s(rt) - p0
     th1, c1 = our_threads_cpu_ns(), rt.pipeline.cpu_ns
     _settle(rt)
     steps = rt.pipeline.steps_seen - s0
@@ -366,7 +357,7 @@ def sentinel_cb(E: Env, pairs: int, n: int, mode: str = "inprocess") -> None:
     sec = f"A CB {n} requests" + (", companion" if mode == "companion" else "")
     _overhead_rows(sec, ratios, ta, per_run)
     row(sec, "steps per run, mean step", f"{per_run:.0f}, {step_ms:.2f} ms")
-    _mode_rows(sec, rt, mode, pipe_us, threads_us, step_ms, comp, wall)
+    _mode_rows(sec, mode, pipe_us, threads_us, step_ms, comp, wall)
 
 
 # ---------------------------------------------------------------------------------------------
