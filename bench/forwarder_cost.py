@@ -1,6 +1,7 @@
 """Where the companion forwarder's CPU goes per wake-up (issues 2 and 8): its functions timed in place.
 
     .venv/bin/python bench/forwarder_cost.py --smoke     # CPU, the tiny model (what docs/benchmarks.md quotes)
+    .venv/bin/python bench/forwarder_cost.py --pacing    # the forwarder's CPU by pacing, and a timed wait's cost
 
 Runs gpu_validate's engines (continuous batching, then generate) under the companion pipeline with
 the forwarder's record conversion, pickling and pipe write wrapped in per-thread CPU clocks, and
@@ -52,10 +53,86 @@ def _install() -> None:
     companion._portable, companion._write_frame, companion.Forwarder._send_pending = portable, write_frame, send
 
 
+def wait_cost() -> None:
+    """CPU of one timed wake-up of a thread, by how it sleeps (the floor under any polling thread)."""
+    import threading
+
+    print("| a thread sleeping in a loop | CPU per wake-up |")
+    print("|---|---|")
+    for label, fn in (("threading.Event().wait(0.05)", lambda ev: ev.wait(0.05)),
+                      ("threading.Event().wait(0.02)", lambda ev: ev.wait(0.02)),
+                      ("threading.Event().wait(0.005)", lambda ev: ev.wait(0.005)),
+                      ("time.sleep(0.02)", lambda ev: time.sleep(0.02))):
+        out = []
+
+        def run():
+            ev = threading.Event()
+            c = tt()
+            for _ in range(100):
+                fn(ev)
+            out.append((tt() - c) / 100 / 1e3)
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        print(f"| {label} | {out[0]:.1f} µs |")
+
+
+def pacing() -> None:
+    """The 19 M-parameter CB engine of bench/cb_interleaved.py under the companion: the forwarder
+    thread's CPU over wall time for each pacing (busy min-max s), then 5 s idle at the old and new idle
+    sleeps."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    import prism_otel
+    from _cb_load import serve, workload
+    from prism_otel import tiny_models
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.build(tiny_models.default_dir("small"), "small")).eval()
+    os.environ["PRISM_OTEL_PIPELINE"] = "companion"
+    st = prism_otel.start()
+    mgr = model.init_continuous_batching(
+        generation_config=GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2),
+        continuous_batching_config=tiny_models.cb_config(num_blocks=256, page_size=32, max_batch_tokens=512))
+    mgr.start()
+    fw = st.pipeline
+    p = fw.pacer
+
+    def cpu():
+        return time.clock_gettime_ns(time.pthread_getcpuclockid(fw._thread.ident))
+
+    serve(mgr, workload(1, 64), 16)
+    print("| forwarder pacing | wall | forwarder thread CPU / wall |")
+    print("|---|---|---|")
+    for lo, hi, per in ((0.005, 0.02, 1.0), (0.02, 0.02, 1.0), (0.02, 0.05, 2.0), (0.1, 0.1, 1.0)):
+        p.busy_min_s, p.busy_max_s, p.steps_per_wake = lo, hi, per
+        c0 = cpu()
+        _, dt = serve(mgr, workload(2, 64), 16)
+        print(f"| {lo * 1e3:.0f}-{hi * 1e3:.0f} ms, {per:.0f} step(s) per wake-up | {dt:.2f} s | "
+              f"{100 * (cpu() - c0) / 1e9 / dt:.2f}% |", flush=True)
+    for idle in (0.05, 0.25):
+        p.idle_s = idle
+        time.sleep(1.5)
+        c0 = cpu()
+        time.sleep(5)
+        print(f"| idle, sleeping {idle * 1e3:.0f} ms | 5 s | {(cpu() - c0) / 1e6:.1f} ms of CPU |", flush=True)
+    mgr.stop(block=True, timeout=60)
+    prism_otel.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--pacing", action="store_true")
     a = ap.parse_args()
+    if a.pacing:
+        os.environ.setdefault("PRISM_OTEL_SUMMARY", "0")
+        os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
+        wait_cost()
+        pacing()
+        return
     os.environ.setdefault("PRISM_OTEL_SUMMARY", "0")
     os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
     _install()
