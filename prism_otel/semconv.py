@@ -125,6 +125,7 @@ ENV_MAX_OPEN_REQUESTS = "PRISM_OTEL_MAX_OPEN_REQUESTS"  # request spans held ope
 ENV_INSTRUMENTATIONS = "PRISM_OTEL_INSTRUMENTATIONS"  # comma list; default: every one whose engine is importable
 ENV_BOOTSTRAP_ACTIVE = "PRISM_OTEL_BOOTSTRAP"  # set by `prism-otel run` for child processes
 ENV_HOOK_MAX_ERRORS = "PRISM_OTEL_HOOK_MAX_ERRORS"  # failures before a hook disables itself
+ENV_ALLOW_UNSUPPORTED = "PRISM_OTEL_ALLOW_UNSUPPORTED"  # "1": instrument an engine outside its supported range too (each hook point checked)
 ENV_INSTANCE = "PRISM_OTEL_INSTANCE"  # instance id (default: host:pid)
 ENV_DETECT = "PRISM_OTEL_DETECT"  # "0": no anomaly detection in-process
 ENV_BASELINE_DIR = "PRISM_OTEL_BASELINE_DIR"  # where learned baselines persist

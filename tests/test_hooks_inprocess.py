@@ -69,10 +69,13 @@ def test_raising_hook_changes_nothing_and_disables_itself(tmp_path, model_dir, b
     prism_otel.start(tracer_provider=tp, processors=[])
     outputs, _ = run_engine(tmp_path, model_dir)
     assert outputs == baseline
-    g = GUARDS["transformers.ContinuousBatchProcessor._generation_step"]
+    name = "transformers.ContinuousBatchProcessor.prepare_next_batch"  # the hook that reads the features
+    g = GUARDS[name]
     assert g.disabled and g.errors == g.max_errors
     assert calls["n"] == g.max_errors, "a disabled hook must stop calling our code"
-    assert prism_otel.status()["hook_errors"]["transformers.ContinuousBatchProcessor._generation_step"] == g.max_errors
+    st = prism_otel.status()
+    assert st["hook_errors"][name] == g.max_errors
+    assert st["instrumentations"][name][0] == "disabled" and "feature extraction broke" in st["instrumentations"][name][1]
 
 
 def test_uninstrument_restores_original_methods(model_dir, memory_provider):

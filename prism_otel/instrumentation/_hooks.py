@@ -48,7 +48,10 @@ class HookGuard:
         if self.errors == 1:
             logger.warning("prism-otel: hook %s failed: %r (counted; the engine is unaffected)", self.name, exc)
         if self.errors >= self.max_errors and not self.disabled:
+            from prism_otel.instrumentation import STATUS
+
             self.disabled = True
+            STATUS[self.name] = ("disabled", f"after {self.errors} failures; the first: {exc!r}")
             logger.warning("prism-otel: hook %s disabled itself after %d failures", self.name, self.errors)
 
     def reset(self) -> None:

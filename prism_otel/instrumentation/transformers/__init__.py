@@ -28,25 +28,28 @@ from typing import Collection
 import wrapt
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from prism_otel.instrumentation import STATUS, check_version, unwrap_all
-from prism_otel.instrumentation._hooks import guard
+from prism_otel.instrumentation import STATUS, UNTESTED, check_version, unwrap_all
+from prism_otel.instrumentation._patch import HookPoint, patch
 from prism_otel.instrumentation.transformers import _cb, _generate
 
+# Attempted: any 5.x from the first with the continuous-batching API we read. Tested (the suite runs
+# on both ends: .venv-tf-oldest and .venv): below the upper bound of the `transformers` extra.
 SUPPORTED = ">=5.10,<6"
+TESTED = ">=5.10,<5.26"
 _instruments = ("transformers >= 5.10, < 6",)
 
 CB_MODULE = "transformers.generation.continuous_batching.continuous_api"
 SCHED_MODULE = "transformers.generation.continuous_batching.scheduler"
 GEN_MODULE = "transformers.generation.utils"
 
-# (module, "Class.method", wrapper factory)
-_TARGETS = (
-    (CB_MODULE, "ContinuousBatchProcessor.prepare_next_batch", _cb.wrap_prepare),
-    (CB_MODULE, "ContinuousBatchProcessor._generation_step", _cb.wrap_generation_step),
-    (CB_MODULE, "ContinuousBatchProcessor.update_batch", _cb.wrap_update),
-    (CB_MODULE, "ContinuousBatchingManager.add_request", _cb.wrap_add_request),
-    (SCHED_MODULE, "Scheduler.finish_request", _cb.wrap_finish_request),
-    (GEN_MODULE, "GenerationMixin.generate", _generate.wrap_generate),
+HOOK_POINTS = (
+    HookPoint(CB_MODULE, "ContinuousBatchProcessor.prepare_next_batch", _cb.wrap_prepare),
+    HookPoint(CB_MODULE, "ContinuousBatchProcessor._generation_step", _cb.wrap_generation_step, ("model",)),
+    HookPoint(CB_MODULE, "ContinuousBatchProcessor.update_batch", _cb.wrap_update),
+    HookPoint(CB_MODULE, "ContinuousBatchingManager.add_request", _cb.wrap_add_request,
+              ("input_ids", "request_id", "max_new_tokens")),
+    HookPoint(SCHED_MODULE, "Scheduler.finish_request", _cb.wrap_finish_request, ("request_id",)),
+    HookPoint(GEN_MODULE, "GenerationMixin.generate", _generate.wrap_generate),
 )
 
 
@@ -62,29 +65,20 @@ class TransformersInstrumentor(BaseInstrumentor):
         return _instruments
 
     def _instrument(self, **kwargs) -> None:
-        if check_version("transformers", ("transformers",), kwargs.get("supported", SUPPORTED)) is None:
+        if check_version("transformers", ("transformers",), kwargs.get("supported", SUPPORTED), TESTED) is None:
             return
         type(self)._active = True
         type(self)._patched = list(self._patched)
-        for module in {t[0] for t in _TARGETS}:
+        for module in {hp.module for hp in HOOK_POINTS}:
             wrapt.register_post_import_hook(self._on_import, module)
-        STATUS["transformers"] = ("instrumented", "hooks installed on import")
+        STATUS["transformers"] = ("instrumented", UNTESTED.get("transformers", "hooks installed on import"))
 
     def _on_import(self, module) -> None:
         if not self._active:
             return
-        for mod_name, target, factory in _TARGETS:
-            if mod_name != module.__name__ or (mod_name, target) in self._patched:
-                continue
-            try:
-                cls_name, meth = target.split(".")
-                if not hasattr(getattr(module, cls_name, None), meth):
-                    STATUS["transformers." + target] = ("error", "method not found in this version")
-                    continue
-                wrapt.wrap_function_wrapper(module, target, factory(guard("transformers." + target)))
-                self._patched.append((mod_name, target))
-            except Exception as exc:  # noqa: BLE001 - a missing hook point is reported, not raised
-                STATUS["transformers." + target] = ("error", repr(exc))
+        for hp in HOOK_POINTS:
+            if hp.module == module.__name__:
+                patch(module, hp, self._patched, "transformers." + hp.target)
 
     def _uninstrument(self, **kwargs) -> None:
         type(self)._active = False
@@ -94,4 +88,3 @@ class TransformersInstrumentor(BaseInstrumentor):
     @property
     def patched(self):
         return list(self._patched)
-

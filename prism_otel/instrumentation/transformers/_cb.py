@@ -47,12 +47,21 @@ def step_features(bp) -> tuple:
 
 
 def wrap_prepare(g):
+    """Stage ``schedule``, and the features of the batch it prepared (read here, so that a step is
+    still recorded where the forward hook point changed and was skipped)."""
+
     def _prepare(wrapped, instance, args, kwargs):
         if g.disabled:
             return wrapped(*args, **kwargs)
         t0 = clock_ns()
         ok = wrapped(*args, **kwargs)
-        instance._prism_prep = (t0, clock_ns()) if ok else None
+        t1 = clock_ns()
+        instance._prism_prep = None
+        if ok:
+            try:
+                instance._prism_prep = (t0, t1, step_features(instance))
+            except Exception as exc:  # noqa: BLE001
+                g.failed(exc)
         return ok
 
     return _prepare
@@ -63,7 +72,6 @@ def wrap_generation_step(g):
         if g.disabled:
             return wrapped(*args, **kwargs)
         try:
-            feat = step_features(instance)
             dev = getattr(instance, "_prism_dev", False)
             model = args[0] if args else kwargs.get("model")
             if dev is False:
@@ -79,7 +87,7 @@ def wrap_generation_step(g):
         t1 = clock_ns()
         try:
             timing.end(pair)
-            instance._prism_fwd = (t0, t1, feat, pair)
+            instance._prism_fwd = (t0, t1, pair)
         except Exception as exc:  # noqa: BLE001
             g.failed(exc)
         return r
@@ -95,14 +103,19 @@ def wrap_update(g):
         r = wrapped(*args, **kwargs)
         t1 = clock_ns()
         try:
+            prep = getattr(instance, "_prism_prep", None)
             fwd = getattr(instance, "_prism_fwd", None)
-            if fwd is not None:
-                instance._prism_fwd = None
-                prep = instance._prism_prep or (fwd[0], fwd[0])
-                feat, reqs = fwd[2]
-                stages = ((sc.STAGE_SCHEDULE, prep[0], prep[1]), (sc.STAGE_FORWARD, fwd[0], fwd[1]),
-                          (sc.STAGE_UPDATE, t0, t1))
-                _emit((STEP, next(_keys), prep[0], t1, feat, reqs, fwd[3], stages))
+            instance._prism_prep = instance._prism_fwd = None
+            if prep is not None:
+                feat, reqs = prep[2]
+                if fwd is None:  # the forward hook point is skipped (changed in this version)
+                    stages = ((sc.STAGE_SCHEDULE, prep[0], prep[1]), (sc.STAGE_UPDATE, t0, t1))
+                    pair = None
+                else:
+                    stages = ((sc.STAGE_SCHEDULE, prep[0], prep[1]), (sc.STAGE_FORWARD, fwd[0], fwd[1]),
+                              (sc.STAGE_UPDATE, t0, t1))
+                    pair = fwd[2]
+                _emit((STEP, next(_keys), prep[0], t1, feat, reqs, pair, stages))
         except Exception as exc:  # noqa: BLE001
             g.failed(exc)
         return r

