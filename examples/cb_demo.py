@@ -17,7 +17,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from prism_otel import tiny_models
 
@@ -26,7 +26,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     rng = random.Random(args.seed)
     gen = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=-1, pad_token_id=2)
-    cbc = ContinuousBatchingConfig(num_blocks=128, page_size=32, max_batch_tokens=256)
+    cbc = tiny_models.cb_config(num_blocks=128, page_size=32, max_batch_tokens=256)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
     mgr.start()
     t0 = time.perf_counter()

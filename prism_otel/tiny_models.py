@@ -66,7 +66,7 @@ def default_dir(size: str = "tiny") -> str:
 
 
 def cb_config(num_blocks: int = 256, page_size: int = 32, max_batch_tokens: int = 512, **extra):
-    """A transformers ``ContinuousBatchingConfig`` across the versions we run on (5.17-5.19 call the
+    """A transformers ``ContinuousBatchingConfig`` across the versions we run on (5.10-5.19 call the
     page size ``block_size``)."""
     import inspect
 

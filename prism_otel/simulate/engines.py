@@ -301,6 +301,15 @@ class TransformersServe(_HTTPEngine):
                 "--cb-num-blocks", str(cb.get("num_blocks", 512)), "--cb-block-size", str(cb.get("page_size", 32)),
                 "--cb-max-batch-tokens", str(cb.get("max_batch_tokens", 256))]
 
+    def step_pid(self, pids: List[int]) -> int:
+        """transformers >= 5.25 runs the model in a process of its own, which the server spawns
+        (multiprocessing ``spawn``); before, the server process runs it."""
+        for p in pids[1:]:
+            cmd = _cmdline(p)
+            if "spawn_main" in cmd and not any(h in cmd for h in ("resource_tracker", "forkserver")):
+                return p
+        return pids[0]
+
     def env(self) -> Dict[str, str]:
         hub = os.path.join(self.run_dir, "hub")
         os.makedirs(hub, exist_ok=True)

@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     import torch
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.generation.continuous_batching import continuous_api
 
     from prism_otel import tiny_models
@@ -55,7 +55,7 @@ def main() -> None:
     continuous_api.ContinuousBatchProcessor.prepare_next_batch = prepare_next_batch
 
     gen = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=-1, pad_token_id=2)
-    cbc = ContinuousBatchingConfig(num_blocks=128, page_size=32, max_batch_tokens=256)
+    cbc = tiny_models.cb_config(num_blocks=128, page_size=32, max_batch_tokens=256)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
     mgr.start()
     work = prompts()

@@ -26,12 +26,14 @@ def workload(n: int, seed: int):
 
 def run_cb(out: str, n: int, seed: int, model_dir: str, gap_s: float) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from prism_otel import tiny_models
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     gen = GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=-1, pad_token_id=2)
-    cbc = ContinuousBatchingConfig(num_blocks=128, page_size=32, max_batch_tokens=256)
+    cbc = tiny_models.cb_config(num_blocks=128, page_size=32, max_batch_tokens=256)
     mgr = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cbc)
     mgr.start()
     prompts, max_new = workload(n, seed)
@@ -53,6 +55,8 @@ def run_cb(out: str, n: int, seed: int, model_dir: str, gap_s: float) -> None:
     report = {"pid": os.getpid(), "elapsed_s": elapsed, "requests": [
         {"id": rid, "prompt_tokens": len(p), "max_new": m, "generated": results.get(rid)}
         for rid, p, m in zip(rids, prompts, max_new)]}
+    if "prism_otel" in sys.modules:  # loaded by `prism-otel run`: what it says of itself
+        report["prism_status"] = sys.modules["prism_otel"].status()
     with open(out, "w") as f:
         json.dump(report, f)
 
