@@ -51,6 +51,7 @@ class Target:
     engine: Optional[str] = None
     probe: Dict[str, object] = field(default_factory=dict)
     venvs: List[str] = field(default_factory=list)  # venv roots (pyvenv.cfg) of site-packages it mapped
+    gid: Optional[int] = None  # effective gid (the probe runs as the target's user and group)
 
     @property
     def version_str(self) -> str:
@@ -148,7 +149,9 @@ def examine(pid: int) -> Target:
         env_raw = _read(f"/proc/{pid}/environ", "rb").split(b"\0")
         cwd = os.readlink(f"/proc/{pid}/cwd")
         t0 = start_time(pid)
-        uid = int(_status_fields(pid)["Uid"].split()[1])
+        fields = _status_fields(pid)
+        uid = int(fields["Uid"].split()[1])
+        gid = int(fields["Gid"].split()[1])
     except PermissionError as exc:
         raise Refused(f"permission denied reading /proc/{pid} ({exc.strerror}): run as the process's user or root")
     except (FileNotFoundError, ProcessLookupError):
@@ -192,7 +195,7 @@ def examine(pid: int) -> Target:
         root = m.group(1)
         if root not in venvs and os.path.isfile(os.path.join(root, "pyvenv.cfg")):
             venvs.append(root)
-    return Target(pid, uid, exe, version, argv, environ, cwd, t0, libpython, engine, venvs=venvs)
+    return Target(pid, uid, exe, version, argv, environ, cwd, t0, libpython, engine, venvs=venvs, gid=gid)
 
 
 def _interpreter_path(t: Target) -> str:
@@ -262,10 +265,25 @@ print(json.dumps(out))
 """
 
 
+def _as_target_user(t: Target):
+    """A ``preexec_fn`` that becomes the target's user and group, when we are root and it is not:
+    what the target can read is what matters (a checkout in root's 0700 home is not readable by it)."""
+    if os.geteuid() != 0 or t.uid == 0:
+        return None
+    gid = t.gid if t.gid is not None else t.uid
+
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(t.uid)
+
+    return drop
+
+
 def probe_imports(t: Target, paths: Sequence[str], modules: Sequence[str] = REQUIRED_MODULES) -> Dict[str, object]:
     """Can the target import what the bootstrap needs? Runs the target's interpreter (same venv, env
-    and cwd) with ``paths`` prepended. Returns the probe's report; ``{"skipped": why}`` if it
-    could not run (the handshake still reports an import failure in that case)."""
+    and cwd), as the target's user, with ``paths`` prepended. Returns the probe's report;
+    ``{"skipped": why}`` if it could not run (the handshake still reports an import failure then)."""
     exe = _interpreter_path(t)
     extra = list(paths)
     sd = _script_dir(t)
@@ -274,7 +292,7 @@ def probe_imports(t: Target, paths: Sequence[str], modules: Sequence[str] = REQU
     env = dict(t.environ)
     try:
         p = subprocess.run([exe, "-c", _PROBE, json.dumps([extra, list(modules)])], env=env, cwd=t.cwd,
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, preexec_fn=_as_target_user(t))
         rep = json.loads(p.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
         return {"skipped": f"could not run {exe}: {exc!r}"}

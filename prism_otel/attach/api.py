@@ -158,7 +158,9 @@ def _check_import(t: Target, paths: Sequence[str]) -> None:
             f"process {t.pid} (Python {rep.get('python', t.version_str)}, {rep.get('interpreter', t.exe)}) "
             f"cannot import {', '.join(sorted(missing))}: pass --path DIR with a site-packages directory, a wheel "
             f"or a directory of wheels built for that Python (e.g. `pip install --target DIR prism-otel` with "
-            f"that interpreter; this prism-otel lives in {here})")
+            f"that interpreter; this prism-otel lives in {here})"
+            + (f". The probe ran as the target's user (uid {t.uid}): the directories must be readable by it"
+               if t.uid != os.geteuid() else ""))
 
 
 def attach(pid: int, env: Optional[Dict[str, str]] = None, paths: Sequence[str] = (),

@@ -3,14 +3,18 @@ the ``prism-otel`` command run as a separate process (the way a user runs it).""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
+from importlib.metadata import PackageNotFoundError, distribution
 
 import pytest
 
@@ -20,6 +24,7 @@ from tests.otlp_sink import OTLPSink
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER = os.path.join(ROOT, "tests", "attach", "cb_server.py")
 PRISM = os.path.join(os.path.dirname(sys.executable), "prism-otel")
+SYSTEM_PY = "/usr/bin/python3"  # the same minor version as the venv's (3.11): its wheels load there
 
 
 def clean_env(**extra) -> dict:
@@ -36,12 +41,70 @@ def sink_env(sink: OTLPSink, **extra) -> dict:
                         "OTEL_BSP_SCHEDULE_DELAY": "100", sc.ENV_DETECT: "0"}, **extra)
 
 
+def _runtime_dists(root: str = "prism-otel") -> list:
+    """prism-otel and every distribution it needs at run time (no extras), from this environment."""
+    from packaging.requirements import Requirement
+
+    seen, out, todo = set(), [], [root]
+    while todo:
+        try:
+            d = distribution(todo.pop())
+        except PackageNotFoundError:
+            continue
+        name = d.metadata["Name"].lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        out.append(d)
+        for r in d.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return out
+
+
+_SITE = None
+
+
+def readable_site() -> str:
+    """A directory every user can read that holds prism-otel and what it needs, copied from this venv
+    (what `pip install --target DIR prism-otel` gives an operator): a checkout in root's 0700 home is
+    not readable by another user's process, nor by an attacher that runs as another user."""
+    global _SITE
+    if _SITE is not None:
+        return _SITE
+    d = tempfile.mkdtemp(prefix="prism-readable-site-")
+    atexit.register(shutil.rmtree, d, True)
+    for dist in _runtime_dists():
+        for f in dist.files or ():
+            src = str(dist.locate_file(f))
+            if ".." in str(f) or not os.path.isfile(src) or "__pycache__" in str(f):
+                continue  # an editable install's files live in the checkout (copied below)
+            dst = os.path.join(d, str(f))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(src, dst)
+    for pkg in ("prism_otel", "receivers", "processors"):
+        shutil.copytree(os.path.join(ROOT, pkg), os.path.join(d, pkg), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for base, dirs, files in os.walk(d):
+        os.chmod(base, 0o755)
+        for f in files:
+            os.chmod(os.path.join(base, f), 0o644)
+    os.chmod(d, 0o755)
+    _SITE = d
+    return d
+
+
 def prism(*args, env=None, timeout=120, user=None) -> subprocess.CompletedProcess:
+    """`prism-otel ARGS` as its own process; as ``user`` (another uid, no capabilities) it runs the system
+    Python on :func:`readable_site`, since that user cannot read this checkout or its venv."""
+    env = dict(env if env is not None else clean_env())
     cmd = [PRISM, *map(str, args)]
     if user is not None:
-        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--inh-caps=-all", *cmd]
-    return subprocess.run(cmd, env=env if env is not None else clean_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd="/tmp")
+        env["PYTHONPATH"] = readable_site()
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--inh-caps=-all", SYSTEM_PY,
+               "-m", "prism_otel.cli", *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd="/tmp")
 
 
 class Server:

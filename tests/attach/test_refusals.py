@@ -16,10 +16,9 @@ import time
 import pytest
 
 from prism_otel import semconv as sc
-from tests.attach.conftest import ROOT, clean_env, prism, sink_env
+from tests.attach.conftest import ROOT, SYSTEM_PY, clean_env, prism, readable_site, sink_env
 
 PYENV = os.path.expanduser("~/.pyenv/versions")
-SYSTEM_PY = "/usr/bin/python3"
 VENV_SITE = os.path.join(os.path.dirname(os.path.dirname(sys.executable)), "lib",
                          f"python{sys.version_info[0]}.{sys.version_info[1]}", "site-packages")
 NOBODY = pwd.getpwnam("nobody").pw_uid if "nobody" in {e.pw_name for e in pwd.getpwall()} else 65534
@@ -130,7 +129,8 @@ def test_path_makes_a_bare_interpreter_attachable_and_detach_removes_it(procs, s
 
 
 def test_root_attaches_to_another_users_process(procs, sink, monkeypatch):
-    """We may trace it (root): the request and handshake files are handed to the target's user."""
+    """We may trace it (root): the request and handshake files are handed to the target's user. The
+    import probe runs as that user: a directory it cannot read is refused before anything is injected."""
     if os.geteuid() != 0 or not os.path.exists(SYSTEM_PY) or shutil.which("setpriv") is None:
         pytest.skip("needs root, setpriv and a system python3")
     d = tempfile.mkdtemp(prefix="prism-attach-test-")  # under /tmp: the target's user must reach it
@@ -140,7 +140,17 @@ def test_root_attaches_to_another_users_process(procs, sink, monkeypatch):
         procs.append(p)
         env = sink_env(sink)
         env[sc.ENV_ATTACH_DIR] = d
-        r = prism("attach", p.pid, "--path", VENV_SITE, "--path", ROOT, "--json", env=env)
+        unreadable = tempfile.mkdtemp(prefix="prism-attach-private-")  # mode 0700: only root reads it
+        try:
+            private = os.path.join(unreadable, "site")  # everything it needs, but behind a 0700 directory
+            shutil.copytree(readable_site(), private)
+            r = prism("attach", p.pid, "--path", private, env=env)
+        finally:
+            shutil.rmtree(unreadable, ignore_errors=True)
+        assert r.returncode == 2, r.stderr
+        assert "cannot import" in r.stderr and f"uid {NOBODY}" in r.stderr, r.stderr
+        assert untouched(p.pid)
+        r = prism("attach", p.pid, "--path", readable_site(), "--json", env=env)
         assert r.returncode == 0, r.stderr
         doc = json.loads(r.stdout)[0]
         assert doc["running"] and doc["pid"] == p.pid
