@@ -5,7 +5,7 @@ parallelism and versions (a dict of strings; missing fields are empty). One JSON
 the baseline directory, named by a hash of the key, holds per phase the fitted model (plain
 numbers: :meth:`LatencyModel.to_dict`), the stage norms and a bounded sample of the normal steps it
 was fitted on (so later refits still cover workloads the new process has not seen yet). No
-pickle: a baseline file is data, safe to share, and readable without sklearn. Writes are atomic
+pickle: a baseline file is data, safe to share, and readable with numpy alone. Writes are atomic
 (temporary file then rename), so a reader never sees half a file.
 """
 

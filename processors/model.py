@@ -3,21 +3,22 @@
 ``expected_ms = base(x) * exp(trees(x))``
 
 * ``base`` is an interpretable linear model on the physics columns (ms per request, per new token,
-  per context token, per sum L^2, ...), fitted robustly (statsmodels RLM, Huber) on *relative*
+  per context token, per sum L^2, ...), fitted robustly (Huber IRLS, :mod:`processors.gbm`) on *relative*
   error (each row divided by its latency, so a 5 ms and a 200 ms step weigh the same); columns whose
   coefficient comes out negative are dropped (no physical cost is negative). Because it is linear it
   extrapolates sensibly to batches bigger than any seen so far. Each column enters as a roofline
   ``max(x, knot)``: below the knot (at least the smallest value seen in training, picked from the low
   quantiles) fixed costs such as weight streaming dominate and the cost is flat, so the line never
   extrapolates down through the origin.
-* ``trees`` (sklearn gradient boosting, shallow, on a winsorised target) model the log-ratio the line misses:
+* ``trees`` (gradient boosting, shallow, on a winsorised target; numpy, :mod:`processors.gbm`) model the
+  log-ratio the line misses:
   roofline knees, CUDA-graph padding steps, the ``max(device, host)`` inflection of overlapped engines.
   Outside the range they were trained on they stay at their edge value, so the line carries the trend.
 
-The fitted trees are compiled into flat arrays and evaluated here (a few vectorised numpy ops per
-tree level), so scoring one step takes microseconds and a model needs neither sklearn nor pickle to
-be used or loaded: :meth:`LatencyModel.to_dict` is plain JSON. Without statsmodels the line is fitted
-with numpy least squares; without sklearn there is no tree correction (the line alone).
+The fitted trees are flat arrays evaluated here (a few vectorised numpy ops per tree level), so scoring
+one step takes microseconds, and a model is plain JSON (:meth:`LatencyModel.to_dict`, no pickle).
+Fitting and scoring need numpy alone, which installs with prism-otel: the detector is the same in
+every install.
 
 Calibration: residuals ``log(y / expected)`` are taken out of fold (two-fold cross-fit over time
 blocks) so the limits reflect the error on unseen steps, not the training fit.
@@ -34,6 +35,7 @@ from typing import Optional
 import numpy as np
 
 from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_FEATURES, NEW_TOKENS
+from processors.gbm import fit_trees, huber_line
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +148,7 @@ class LatencyModel:
         b = self.base_one(x)
         if self.trees is None:
             return b, 1.0
-        # every split at once (sklearn compares float32 features with its thresholds)
+        # every split at once (features compared in float32, as the thresholds were cut)
         right = np.asarray(x, dtype=np.float32)[self._feat] > self._thr
         node = self._roots
         child = self._child
@@ -230,34 +232,6 @@ def _tree_raw(trees: dict, X: np.ndarray) -> np.ndarray:
     return trees["init"] + trees["value"][node].sum(axis=1)
 
 
-def _compile(gbr, X: np.ndarray, z: np.ndarray) -> dict:
-    """Flatten a fitted GradientBoostingRegressor into arrays; leaves loop onto themselves."""
-    feats, thrs, childs, vals, roots = [], [], [], [], []
-    off = 0
-    depth = 0
-    lr = gbr.learning_rate
-    for est in gbr.estimators_[:, 0]:
-        t = est.tree_
-        n = t.node_count
-        left, right = t.children_left.astype(np.intp), t.children_right.astype(np.intp)
-        leaf = left < 0
-        ids = np.arange(n, dtype=np.intp)
-        child = np.empty(2 * n, dtype=np.intp)
-        child[0::2] = np.where(leaf, ids, left) + off
-        child[1::2] = np.where(leaf, ids, right) + off
-        feats.append(np.where(leaf, 0, t.feature).astype(np.intp))
-        thrs.append(np.where(leaf, np.inf, t.threshold))
-        vals.append(np.where(leaf, t.value[:, 0, 0] * lr, 0.0))
-        childs.append(child)
-        roots.append(off)
-        off += n
-        depth = max(depth, int(t.max_depth))
-    trees = {"feat": np.concatenate(feats), "thr": np.concatenate(thrs), "child": np.concatenate(childs),
-             "value": np.concatenate(vals), "roots": np.asarray(roots, dtype=np.intp), "depth": depth, "init": 0.0}
-    trees["init"] = float(np.median(gbr.predict(X) - _tree_raw(trees, X)))
-    return trees
-
-
 def _design(X, y, cols, knots):
     A = np.column_stack([np.ones(len(X))] + [np.maximum(X[:, c], k) for c, k in zip(cols, knots)]) / y[:, None]
     scale = np.maximum(np.abs(A).max(axis=0), 1e-12)
@@ -295,20 +269,10 @@ def _fit_linear(X: np.ndarray, y: np.ndarray):
                 e = _lsq_err(X, y, cols, trial)
                 if e < best * 0.98:
                     best, knots = e, trial
-    try:
-        import statsmodels.api as sm
-    except ImportError:  # the line alone, by least squares
-        sm = None
     ones = np.ones(len(X))
     while True:
         A, scale = _design(X, y, cols, knots)
-        if sm is not None:
-            try:
-                beta = sm.RLM(ones, A, M=sm.robust.norms.HuberT()).fit(maxiter=30).params
-            except Exception:  # noqa: BLE001 - degenerate design: fall back to least squares
-                beta = np.linalg.lstsq(A, ones, rcond=None)[0]
-        else:
-            beta = np.linalg.lstsq(A, ones, rcond=None)[0]
+        beta = huber_line(A, ones)
         beta = np.asarray(beta) / scale
         neg = [i for i, c in enumerate(cols) if beta[i + 1] < 0]
         if not neg:
@@ -382,21 +346,8 @@ def _fit_once(X, y, p: FitParams, with_trees: bool, w=None):
         med = np.median(z)
         lim = 6 * 1.4826 * max(np.median(np.abs(z - med)), 1e-4)
         z = np.clip(z, med - lim, med + lim)  # a stray slow step must not bend the trees
-        gbr = _gbr(p, len(X))
-        if gbr is not None:
-            gbr.fit(X.astype(np.float32), z, sample_weight=w)
-            trees = _compile(gbr, X, z)
+        trees = fit_trees(X, z, p.n_trees, p.depth, p.learning_rate, max(p.min_leaf, len(X) // 200), 0.8, w)
     return LatencyModel(cols, coef, icpt, floor, trees, 0.0, 1.0, 5.0, 0.4, 0.3, len(X), lo=lo, piece2=piece2)
-
-
-def _gbr(p: FitParams, n: int):
-    try:
-        from sklearn.ensemble import GradientBoostingRegressor
-    except ImportError:
-        return None
-    return GradientBoostingRegressor(loss="squared_error", n_estimators=p.n_trees, max_depth=p.depth,
-                                     learning_rate=p.learning_rate, subsample=0.8,
-                                     min_samples_leaf=max(p.min_leaf, n // 200), random_state=0)
 
 
 def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=None) -> LatencyModel:
@@ -430,11 +381,8 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=Non
     scale_trees = None
     ratio = np.ones(n)
     if with_trees and n >= 200:
-        g = _gbr(FitParams(n_trees=40, depth=2, learning_rate=0.1, min_leaf=max(30, n // 50)), n)
-        if g is not None:
-            g.fit(X.astype(np.float32), absdev)
-            scale_trees = _compile(g, X, absdev)
-            ratio = np.clip(_tree_raw(scale_trees, X) / abs_norm, 0.7, 1.8)
+        scale_trees = fit_trees(X, absdev, 40, 2, 0.1, max(30, n // 50), 0.8)
+        ratio = np.clip(_tree_raw(scale_trees, X) / abs_norm, 0.7, 1.8)
     zs = dev / (scale * ratio)
     tail = float(np.quantile(zs, 0.999)) if n >= 200 else 6.0
     w = max(1, p.window)

@@ -9,7 +9,10 @@ judged with knowledge of later steps):
   2601.09258 section 4.2.3 and its artifact's settings): a GBDT (200 trees, depth 4, rate 0.1) per
   phase on batch size and B x L (summed context), the one-sided relative error
   ``E = max(0, (y - y_hat) / (y + eps))``, smoothed over a window of 10 steps, against
-  ``UCL = min(mu + 3 sigma, 0.5)`` of the same windowed statistic on the training set.
+  ``UCL = min(mu + 3 sigma, 0.5)`` of the same windowed statistic on the training set;
+* ``gbdt_median3``: what a data scientist fits offline: a GBDT per phase on batch size, new tokens and
+  summed context, the ratio observed / predicted smoothed by a 3-step median, flagged over its 99.5th
+  percentile on the training set (at least 1.1).
 """
 
 from __future__ import annotations
@@ -58,10 +61,27 @@ def _lp_features(steps: Sequence[StepRecord]) -> np.ndarray:
                      for s in steps], dtype=np.float64).reshape(-1, 2)
 
 
+class _GBDT:
+    """A plain GBDT regressor (squared error, no subsampling), fitted with :mod:`processors.gbm`, so the
+    baselines run in the install users get (numpy alone)."""
+
+    def __init__(self, n_estimators: int, learning_rate: float, max_depth: int) -> None:
+        self.kw = dict(n_trees=n_estimators, lr=learning_rate, depth=max_depth, min_leaf=1, subsample=1.0)
+
+    def fit(self, X, y) -> "_GBDT":
+        from processors.gbm import fit_trees
+
+        self.trees = fit_trees(X, y, **self.kw)
+        return self
+
+    def predict(self, X) -> np.ndarray:
+        from processors.model import _tree_raw
+
+        return _tree_raw(self.trees, np.asarray(X, dtype=np.float64))
+
+
 def latencyprism_rule(train: Sequence[StepRecord], steps: Sequence[StepRecord], window: int = 10,
                       k: float = 3.0, max_ucl: float = 0.5, eps: float = 1e-6) -> np.ndarray:
-    from sklearn.ensemble import GradientBoostingRegressor
-
     out = np.zeros(len(steps), dtype=bool)
     tr_phase = _by_phase(train)
     for phase, idx in _by_phase(steps).items():
@@ -70,8 +90,7 @@ def latencyprism_rule(train: Sequence[StepRecord], steps: Sequence[StepRecord], 
             continue
         tr = [train[i] for i in tidx]
         Xtr, ytr = _lp_features(tr), np.array([s.duration_ms for s in tr])
-        gbr = GradientBoostingRegressor(n_estimators=200, learning_rate=0.1, max_depth=4, random_state=42)
-        gbr.fit(Xtr, ytr)
+        gbr = _GBDT(n_estimators=200, learning_rate=0.1, max_depth=4).fit(Xtr, ytr)
         e_tr = np.maximum(0.0, (ytr - gbr.predict(Xtr)) / (ytr + eps))
         w_tr = np.convolve(e_tr, np.ones(window) / window, mode="valid") if len(e_tr) >= window else e_tr
         ucl = min(float(w_tr.mean() + k * w_tr.std()), max_ucl)
@@ -85,4 +104,30 @@ def latencyprism_rule(train: Sequence[StepRecord], steps: Sequence[StepRecord], 
     return out
 
 
-BASELINES = {"static_threshold": static_threshold, "zscore": zscore, "latencyprism_rule": latencyprism_rule}
+def gbdt_median3(train: Sequence[StepRecord], steps: Sequence[StepRecord], q: float = 99.5) -> np.ndarray:
+    def feats(ss):
+        return np.array([[s.batch_size, s.prefill_tokens, s.decode_tokens, s.context_tokens] for s in ss],
+                        dtype=np.float64).reshape(-1, 4)
+
+    def med3(r):
+        p = np.concatenate([r[:1], r[:1], r])
+        return np.median(np.stack([p[:-2], p[1:-1], p[2:]]), axis=0)
+
+    out = np.zeros(len(steps), dtype=bool)
+    tr_phase = _by_phase(train)
+    for phase, idx in _by_phase(steps).items():
+        tidx = tr_phase.get(phase, [])
+        if len(tidx) < 20:
+            continue
+        tr = [train[i] for i in tidx]
+        ytr = np.array([s.duration_ms for s in tr])
+        gbr = _GBDT(n_estimators=200, learning_rate=0.1, max_depth=4).fit(feats(tr), np.log(ytr))
+        lim = max(1.1, float(np.percentile(med3(ytr / np.exp(gbr.predict(feats(tr)))), q)))
+        st = [steps[i] for i in idx]
+        y = np.array([s.duration_ms for s in st])
+        out[np.asarray(idx)] = med3(y / np.exp(gbr.predict(feats(st)))) > lim
+    return out
+
+
+BASELINES = {"static_threshold": static_threshold, "zscore": zscore, "latencyprism_rule": latencyprism_rule,
+             "gbdt_median3": gbdt_median3}

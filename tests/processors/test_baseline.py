@@ -86,7 +86,7 @@ def test_unreadable_baseline_is_ignored(tmp_path, caplog):
     assert "unreadable baseline" in caplog.text
 
 
-def test_model_round_trip_and_compiled_trees_match_sklearn():
+def test_model_round_trip_and_numpy_trees_as_good_as_sklearn():
     s = simulate(PROFILES["gpu1b_overlap"], WORKLOADS["chat"], 10, seed=5, n_train=1200)
     from processors.features import PrevTracker, step_features
 
@@ -103,19 +103,26 @@ def test_model_round_trip_and_compiled_trees_match_sklearn():
     assert np.allclose(m2.predict_many(X), many, rtol=1e-12)
     one = np.array([m.expect(tuple(x))[0] for x in X[:300]])
     assert np.allclose(one, many[:300], rtol=1e-9)
-    # the compiled trees are the sklearn ensemble: refit the same correction and compare
-    from processors.model import FitParams, _fit_once, _gbr
+    # the numpy trees fit the correction as well as scikit-learn's GBR does, on rows neither saw
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    from processors.gbm import fit_trees
+    from processors.model import FitParams, _fit_once, _tree_raw
 
     base = _fit_once(X, y, FitParams(), with_trees=False)
     z = np.log(y / base.predict_many(X))
     med = np.median(z)
     lim = 6 * 1.4826 * max(np.median(np.abs(z - med)), 1e-4)
     z = np.clip(z, med - lim, med + lim)
-    g = _gbr(FitParams(), len(X))
-    g.fit(X.astype(np.float32), z)
-    from processors.model import _compile, _tree_raw
+    tr, te = slice(0, 900), slice(900, None)
+    ours = _tree_raw(fit_trees(X[tr], z[tr]), X[te])
+    g = GradientBoostingRegressor(n_estimators=100, max_depth=3, learning_rate=0.1, subsample=0.8, min_samples_leaf=15,
+                                  random_state=0).fit(X[tr].astype(np.float32), z[tr])
 
-    assert np.allclose(_tree_raw(_compile(g, X, z), X), g.predict(X.astype(np.float32)), atol=1e-9)
+    def rmse(pred):
+        return float(np.sqrt(np.mean((pred - z[te]) ** 2)))
+
+    assert rmse(ours) <= 1.15 * rmse(g.predict(X[te].astype(np.float32))) + 1e-4, (rmse(ours), rmse(g.predict(X[te].astype(np.float32))))
     # the median error of the expected latency on these (training) steps is small
     assert np.median(np.abs(many / y - 1)) < 0.03
 
