@@ -10,6 +10,7 @@ _MODULES = (
     "prism_otel.collector.cli",  # collector
     "prism_otel.attach.cli",  # attach, detach, status
     "prism_otel.simulate.cli",  # simulate
+    "prism_otel.simulate.corpus_cli",  # corpus
 )
 
 

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 
 
 def main(spec_path: str) -> int:
@@ -44,6 +45,8 @@ def main(spec_path: str) -> int:
     for _ in warm:
         mgr.get_result(timeout=120)
 
+    if spec.get("segments"):
+        return _run_segments(mgr, spec)
     arrivals = spec["arrivals"]
     done = {}
     lock = threading.Lock()
@@ -98,6 +101,51 @@ def main(spec_path: str) -> int:
         missing = len(arrivals) - len([k for k in done if k.startswith("sim-")])
     if missing:
         print(f"prism-otel simulate: {missing} requests unfinished at exit", file=sys.stderr)
+    return 0
+
+
+def _run_segments(mgr, spec: dict) -> int:
+    """The corpus mode: workload segments in a row (:mod:`prism_otel.simulate.segments`), each request
+    sent by a client that waits for it (closed loop) or at its arrival time (tidal)."""
+    from prism_otel.simulate import segments as sg
+    from prism_otel.simulate.workload import prompt_ids
+
+    waiting = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def collect():
+        while not stop.is_set():
+            r = mgr.get_result(timeout=0.5)
+            if r is None or not r.is_finished():
+                continue
+            with lock:
+                w = waiting.pop(r.request_id, None)
+            if w is not None:
+                w[1] = len(r.generated_tokens)
+                w[0].set()
+
+    def submit(rid: str, p: int, o: int) -> int:
+        w = [threading.Event(), 0]
+        with lock:
+            waiting[rid] = w
+        mgr.add_request(prompt_ids(p, zlib.crc32(rid.encode())), max_new_tokens=int(o), request_id=rid)
+        if not w[0].wait(float(spec.get("request_timeout_s", 300))):
+            raise TimeoutError(f"{rid} unfinished")
+        return w[1]
+
+    th = threading.Thread(target=collect, name="sim-collect", daemon=True)
+    th.start()
+    segs = [sg.Segment.from_dict(d) for d in spec["segments"]]
+    tmp = spec["ready"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"pid": os.getpid(), "t0_ns": time.time_ns()}, f)
+    os.replace(tmp, spec["ready"])
+    with open(spec["segments_log"], "w", buffering=1) as log:
+        sg.run(segs, submit, on_segment=lambda rec: log.write(json.dumps(rec) + "\n"))
+    stop.set()
+    th.join(5)
+    mgr.stop(block=True, timeout=30)
     return 0
 
 

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from typing import Dict, List, Optional
 
 from prism_otel import semconv as sc
@@ -174,8 +175,9 @@ class TransformersCB(Engine):
     name = "transformers"
     stage_targets = TRANSFORMERS_STAGES
 
-    def start(self, arrivals: List[Arrival], lead_s: float, drain_s: float) -> None:
+    def start(self, arrivals: List[Arrival], lead_s: float, drain_s: float, segments: Optional[List[dict]] = None) -> None:
         spec = {"model": self.model, "arrivals": [list(a) for a in arrivals], "lead_s": lead_s, "drain_s": drain_s,
+                "segments": segments or [], "segments_log": os.path.join(self.run_dir, "segments.jsonl"),
                 "threads": int(self.options.get("threads", 1)), "cb": self.options.get("cb", {}),
                 "device": self.options.get("device", "cpu"), "dtype": self.options.get("dtype", "float32"),
                 "ready": os.path.join(self.run_dir, "ready.json"),
@@ -187,6 +189,11 @@ class TransformersCB(Engine):
                      "prism_otel.simulate._cb_driver", path],
                     run_env(os.path.join(self.run_dir, "otlp")))
         self.ready_path = spec["ready"]
+
+    def start_segments(self, segments: List[dict]) -> None:
+        """The corpus mode: workload segments in a row, in the engine's own process
+        (:mod:`prism_otel.simulate.segments`); their bounds go to ``segments.jsonl``."""
+        self.start([], lead_s=0.0, drain_s=0.0, segments=segments)
 
     def wait_ready(self, timeout: float = 600.0) -> int:
         deadline = time.monotonic() + timeout
@@ -219,10 +226,18 @@ class _HTTPEngine(Engine):
     def env(self) -> Dict[str, str]:
         return run_env(os.path.join(self.run_dir, "otlp"))
 
+    segments: Optional[List[dict]] = None
+
     def start(self, arrivals: List[Arrival], lead_s: float, drain_s: float) -> None:
         self.port = _free_port()
         self.arrivals, self.lead_s, self.drain_s = arrivals, lead_s, drain_s
         self._spawn(self.argv(self.port), self.env())
+
+    def start_segments(self, segments: List[dict]) -> None:
+        """The corpus mode: workload segments in a row, fed from this process over HTTP
+        (:mod:`prism_otel.simulate.segments`); their bounds go to ``segments.jsonl``."""
+        self.segments = segments
+        self.start([], lead_s=0.0, drain_s=0.0)
 
     def _post(self, prompt: str, max_tokens: int, timeout: float) -> dict:
         body = {"model": self.served_name, "prompt": prompt, "max_tokens": int(max_tokens), "temperature": 0,
@@ -249,7 +264,8 @@ class _HTTPEngine(Engine):
         self.log_path = os.path.join(self.run_dir, "requests.jsonl")
         self.done = 0
         self.lock = threading.Lock()
-        self.feeder = threading.Thread(target=self._feed, name="sim-feeder", daemon=True)
+        target = self._feed_segments if self.segments else self._feed
+        self.feeder = threading.Thread(target=target, name="sim-feeder", daemon=True)
         self.feeder.start()
         return self.t0_ns
 
@@ -281,6 +297,16 @@ class _HTTPEngine(Engine):
         for th in threads:
             th.join(self.drain_s + 300)
         log.close()
+
+    def _feed_segments(self) -> None:
+        from prism_otel.simulate import segments as sg
+
+        def submit(rid: str, p: int, o: int) -> int:
+            return self._post(prompt_text(p, zlib.crc32(rid.encode())), o, timeout=300)["usage"]["completion_tokens"]
+
+        segs = [sg.Segment.from_dict(d) for d in self.segments]
+        with open(os.path.join(self.run_dir, "segments.jsonl"), "w", buffering=1) as log:
+            sg.run(segs, submit, on_segment=lambda rec: log.write(json.dumps(rec) + "\n"))
 
     def finish(self, timeout: float) -> None:
         self.feeder.join(timeout)
