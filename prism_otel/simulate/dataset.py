@@ -12,6 +12,11 @@ of the ``label`` column, :mod:`prism_otel.simulate.stepcsv`) when its ``[start, 
 injection window ``[t_start, t_end]`` (wall-clock ns, as recorded by the injector: from the moment
 the fault acted to the moment it was fully undone). Windows are closed intervals, so a step that
 ends exactly when a fault starts counts as overlapping.
+
+After a fault the engine is not always itself at once (a queue to drain, caches to refill). The steps
+from a window's end until the engine is back within 5% of its baseline (:func:`recovery_periods`) are
+neither anomalous nor normal: ``scored=0`` in labels.csv, left out of scoring and reported apart.
+At most 20% of a run's steps are set aside this way.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from prism_otel.otlp_json import request_from_json, request_to_dict
 
 STEP_COLUMNS = ("instance", "start_ns", "duration_us", "phase", "batch_size", "prefill_tokens", "decode_tokens",
                 "context_tokens", "max_context_tokens")
-LABEL_COLUMNS = ("index", "start_ns", "end_ns", "anomaly", "fault", "label")
+LABEL_COLUMNS = ("index", "start_ns", "end_ns", "anomaly", "fault", "label", "scored")
 _FEATURES = {sc.BATCH_SIZE: "batch_size", sc.BATCH_PREFILL_TOKENS: "prefill_tokens",
              sc.BATCH_DECODE_TOKENS: "decode_tokens", sc.BATCH_CONTEXT_TOKENS: "context_tokens",
              sc.BATCH_MAX_CONTEXT_TOKENS: "max_context_tokens"}
@@ -116,7 +121,7 @@ def label(rows: Sequence[dict], windows: Sequence[dict]) -> List[dict]:
                 fault = w["fault"]
                 break
         out.append({"index": i, "start_ns": r["start_ns"], "end_ns": r["end_ns"], "anomaly": int(bool(fault)),
-                    "fault": fault, "label": int(bool(fault))})
+                    "fault": fault, "label": int(bool(fault)), "scored": 1})
     return out
 
 
@@ -230,3 +235,53 @@ def recovery(rows: Sequence[dict], labels: Sequence[dict], window: dict, after_s
     if rel_a and rel_o:
         res["ratio"] = round(_median(rel_a) / _median(rel_o), 3)
     return res
+
+
+def recovery_periods(rows: Sequence[dict], labels: List[dict], windows: Sequence[dict], baseline: Sequence[dict],
+                     within: float = 0.05, span: int = 20, max_frac: float = 0.2) -> List[dict]:
+    """When the engine is back after each window: the first step from which the median latency of the
+    next ``span`` steps, relative to what steps of their shape cost in ``baseline`` (:class:`Yardstick`),
+    is within ``within`` of the baseline's own. The steps between the window's end and that one get
+    ``scored = 0`` in ``labels`` (in place); every other label gets ``scored = 1``. Returns per window:
+    seconds to recover, whether it did before the next window, steps set aside. If more than
+    ``max_frac`` of the steps would be set aside, each period is cut back in proportion (``capped``)."""
+    for lb in labels:
+        lb["scored"] = 1
+    ys = Yardstick(baseline)
+    ref = _median(ys.relative(baseline))
+    out: List[dict] = []
+    spans: List[tuple] = []
+    ws = sorted(windows, key=lambda w: w["t_start"])
+    for k, w in enumerate(ws):
+        nxt = ws[k + 1]["t_start"] if k + 1 < len(ws) else None
+        idx = [i for i, r in enumerate(rows) if r["start_ns"] > w["t_end"] and (nxt is None or r["start_ns"] < nxt)
+               and not labels[i]["anomaly"]]
+        rec = {"fault": w["fault"], "t_end": w["t_end"], "recovered": False, "recovery_s": None, "steps_set_aside": 0}
+        if ref is None or not idx:
+            out.append(rec)
+            spans.append(())
+            continue
+        rel = []
+        for i in idx:
+            v = ys.relative([rows[i]])
+            rel.append(v[0] if v else None)
+        stop = len(idx)
+        for j in range(len(idx)):
+            win = [v for v in rel[j:j + span] if v is not None]
+            if len(win) >= min(span, len(idx) - j) and win and _median(win) <= ref * (1.0 + within):
+                stop = j
+                rec["recovered"] = True
+                rec["recovery_s"] = round((rows[idx[j]]["start_ns"] - w["t_end"]) / 1e9, 3)
+                break
+        spans.append(tuple(idx[:stop]))
+        out.append(rec)
+    total = sum(len(sp) for sp in spans)
+    budget = int(max_frac * len(rows))
+    keep = 1.0 if total <= budget else budget / total
+    for rec, sp in zip(out, spans):
+        n = int(len(sp) * keep)
+        rec["steps_set_aside"] = n
+        rec["capped"] = keep < 1.0
+        for i in sp[:n]:
+            labels[i]["scored"] = 0
+    return out

@@ -250,6 +250,9 @@ def write_dataset(out_dir: str, meta: dict) -> dict:
     train = [r for r in rows if r["start_ns"] < lo]
     scored = [r for r in rows if r["start_ns"] >= lo]
     labels = dataset.label(scored, meta["windows"])
+    first = min((w["t_start"] for w in meta["windows"]), default=None)
+    baseline = train + [r for r in scored if first is None or r["end_ns"] < first]
+    settled = dataset.recovery_periods(scored, labels, meta["windows"], baseline)
     dataset.write_csv(os.path.join(out_dir, "steps.csv"), scored, dataset.STEP_COLUMNS)
     dataset.write_csv(os.path.join(out_dir, "train.csv"), train, dataset.STEP_COLUMNS)
     dataset.write_csv(os.path.join(out_dir, "labels.csv"), labels, dataset.LABEL_COLUMNS)
@@ -258,8 +261,9 @@ def write_dataset(out_dir: str, meta: dict) -> dict:
         effects[name] = dataset.effect(scored, labels, name)
     recovery = [dataset.recovery(scored, labels, w) for w in meta["windows"]]
     return {"steps": {"train": len(train), "scored": len(scored), "anomalous": sum(lb["anomaly"] for lb in labels),
-                      "after_scored": sum(1 for r in scored if r["start_ns"] >= hi)},
-            "effects": effects, "recovery": recovery}
+                      "after_scored": sum(1 for r in scored if r["start_ns"] >= hi),
+                      "set_aside": sum(1 for lb in labels if not lb["scored"])},
+            "effects": effects, "recovery": recovery, "settled": settled}
 
 
 def copy_library(dest: str) -> List[str]:

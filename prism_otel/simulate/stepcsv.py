@@ -103,7 +103,8 @@ def write(path: str, steps: Sequence[StepRecord], extra: Optional[Dict[str, Sequ
 
 def read_labels(path: str) -> List[int]:
     """labels.csv: a ``label`` (or ``anomaly``, as ``prism-otel simulate`` writes) column, one row per
-    step: 1 anomalous, 0 normal, -1 not scored."""
+    step: 1 anomalous, 0 normal, -1 not scored. A ``scored`` column of 0 (a step of the engine's
+    recovery after a fault) makes that step -1 too."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         names = reader.fieldnames or []
@@ -118,5 +119,7 @@ def read_labels(path: str) -> List[int]:
                 raise ValueError(f"{path}: row {i + 2}: {col} {row[col]!r} is not -1, 0 or 1") from None
             if v not in (-1, 0, 1):
                 raise ValueError(f"{path}: row {i + 2}: label {v} is not -1, 0 or 1")
+            if row.get("scored", "1").strip() in ("0", "0.0"):
+                v = -1
             out.append(v)
     return out

@@ -155,6 +155,8 @@ class Score:
     by_shape: Dict[str, List[int]] = field(default_factory=dict)  # shape -> [tp, fn, fp]
     rc_hits: int = 0
     rc_total: int = 0
+    aside: int = 0  # steps not scored (label -1: a real run's recovery after a fault, a ramp's first steps)
+    aside_flagged: int = 0
 
     def add(self, stream: Stream, flags: np.ndarray, root: Optional[List[Optional[str]]] = None) -> None:
         lab = np.asarray(stream.labels)
@@ -162,6 +164,8 @@ class Score:
         tp, fp = int(np.sum(f & (lab == 1))), int(np.sum(f & (lab == 0)))
         fn, tn = int(np.sum(~f & (lab == 1))), int(np.sum(~f & (lab == 0)))
         self.tp, self.fp, self.fn, self.tn = self.tp + tp, self.fp + fp, self.fn + fn, self.tn + tn
+        self.aside += int(np.sum(lab == -1))
+        self.aside_flagged += int(np.sum(f & (lab == -1)))
         b = self.by_shape.setdefault(stream.meta.get("shape", "?"), [0, 0, 0])
         b[0], b[1], b[2] = b[0] + tp, b[1] + fn, b[2] + fp
         for first, end, a in _episode_ranges(stream):
@@ -232,7 +236,8 @@ def run(streams: Sequence[Stream], detectors: Optional[Sequence[str]] = None,
                           "seconds": round(secs[n], 2),
                           "recall_by_shape": {k: round(v[0] / (v[0] + v[1]), 4) if v[0] + v[1] else None
                                               for k, v in scores[n].by_shape.items()},
-                          "false_positives_by_shape": {k: v[2] for k, v in scores[n].by_shape.items()}}
+                          "false_positives_by_shape": {k: v[2] for k, v in scores[n].by_shape.items()},
+                          "not_scored": scores[n].aside, "not_scored_flagged": scores[n].aside_flagged}
                       for n in names}
     if "prism" in scores and scores["prism"].rc_total:
         out["details"]["prism"]["root_cause_accuracy"] = round(scores["prism"].rc_hits / scores["prism"].rc_total, 4)

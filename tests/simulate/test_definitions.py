@@ -74,6 +74,39 @@ def test_effect_and_yardstick():
     assert math.isclose(rec["ratio"], 1.0, rel_tol=0.01)
 
 
+def test_recovery_period_is_set_aside_until_the_engine_is_back_within_5_percent(tmp_path):
+    rows = [_row(i, i * 10, 8) for i in range(400)]
+    for r in rows[100:150]:  # the fault: 3x
+        r["duration_us"] *= 3
+    for k, r in enumerate(rows[150:210]):  # after it: 1.3x easing to 1.0x over 60 steps
+        r["duration_us"] *= 1.3 - 0.3 * k / 60
+    w = [{"fault": "f", "t_start": rows[100]["start_ns"], "t_end": rows[149]["end_ns"]}]
+    lab = dataset.label(rows, w)
+    res = dataset.recovery_periods(rows, lab, w, rows[:100])
+    aside = [i for i, x in enumerate(lab) if not x["scored"]]
+    # back within 5% once the median of the next 20 steps is under 1.05x: about 3/4 of the way down the ramp
+    assert res[0]["recovered"] and aside[0] == 150 and 185 <= aside[-1] + 1 <= 205, (aside[0], aside[-1])
+    assert res[0]["steps_set_aside"] == len(aside) and not res[0]["capped"]
+    assert all(x["scored"] for x in lab[100:150]) and all(x["anomaly"] for x in lab[100:150])
+    # the labels file a detector reads: those steps are not scored (-1)
+    dataset.write_csv(str(tmp_path / "labels.csv"), lab, dataset.LABEL_COLUMNS)
+    from prism_otel.simulate import stepcsv
+
+    read = stepcsv.read_labels(str(tmp_path / "labels.csv"))
+    assert [i for i, v in enumerate(read) if v == -1] == aside and sum(v == 1 for v in read) == 50
+
+
+def test_recovery_that_never_comes_is_capped_at_a_fifth_of_the_steps():
+    rows = [_row(i, i * 10, 8) for i in range(300)]
+    for r in rows[50:]:
+        r["duration_us"] *= 1.5  # never back
+    w = [{"fault": "f", "t_start": rows[50]["start_ns"], "t_end": rows[59]["end_ns"]}]
+    lab = dataset.label(rows, w)
+    res = dataset.recovery_periods(rows, lab, w, rows[:50])
+    assert not res[0]["recovered"] and res[0]["capped"]
+    assert sum(not x["scored"] for x in lab) == 60  # 20% of 300
+
+
 def test_library_scenarios_load():
     names = scenario.library()
     assert {"cpu-faults-transformers", "cpu-faults-vllm", "gpu-faults-1b", "no-fault-tidal"} <= set(names)
