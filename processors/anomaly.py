@@ -125,6 +125,8 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._worker = FitWorker() if c.fit_process and c.background else None
+        if self._worker is not None:
+            self._worker.warm()
         self._resolver = key_resolver
         self._resolve_tries = 0
         if c.baseline_dir and key_resolver is None:
@@ -218,6 +220,12 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             out = (expected, score, anomalous, alert, root)
         if clean:
             k.add((x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0), self._cap_res, self._rng)
+            if m is None and not k.fitting and k.clean >= self.cfg.min_train:
+                # no blind start: the first model is fitted now, on this thread (a few hundred rows: tens
+                # of milliseconds), so that every later step of the key is judged however fast steps come
+                k.fitting = True
+                self._fit_key(k)
+                return out
             if not k.fitting and (k.clean >= self._refit_due(k) or k.novel >= self.cfg.novelty_refit or (
                     k.clean >= self.cfg.min_train // 4 and m is not None and abs(k.drift) > max(0.5 * m.scale, 0.01))):
                 self._schedule(k)

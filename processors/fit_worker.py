@@ -1,9 +1,10 @@
 """Model fits in a separate, low-priority process (``python -m processors.fit_worker``).
 
-A fit (statsmodels, scikit-learn, numpy: about half a second on 1,000 steps, and two seconds of
-imports the first time) holds the interpreter lock for much of its run. On a thread of the engine
+A fit (numpy: a few hundred milliseconds on thousands of steps) holds the interpreter lock for much of
+its run. On a thread of the engine
 process that time comes out of the engine's steps. :class:`FitWorker` sends the rows to a worker
-process started on the first fit (niced, so the engine also wins the CPU) and waits for the fitted
+process started with the processor (niced, so the engine also wins the CPU; it imports the model code
+before the first fit is due) and waits for the fitted
 model on the fitting thread, which holds no lock while it waits. Any failure of the worker falls
 back to fitting on the calling thread, counted in ``failures``; after three the worker is not
 started again.
@@ -54,6 +55,16 @@ class FitWorker:
     @property
     def usable(self) -> bool:
         return self.failures < MAX_FAILURES
+
+    def warm(self) -> None:
+        """Start the worker now (it imports the model code while the engine warms up), not at the first fit."""
+        if self.usable:
+            with self._lock:
+                if self.proc is None:
+                    try:
+                        self._start()
+                    except OSError:
+                        self.failures += 1
 
     def _start(self) -> None:
         req_r, req_w = os.pipe()
@@ -118,6 +129,9 @@ def main(argv=None) -> int:
     rfd, wfd = int(argv[0]), int(argv[1])
     lower_priority(19)
     import numpy  # noqa: F401 - imported before the first request arrives
+
+    import processors.model  # noqa: F401
+    import processors.rootcause  # noqa: F401
 
     while True:
         req = read_frame(rfd)

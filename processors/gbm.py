@@ -36,74 +36,67 @@ def _bins(X: np.ndarray, max_bins: int):
     return Xb, edges
 
 
-def _tree(Xb, edges, g, w, depth: int, min_leaf: int, lr: float):
+def _tree(Xb, nedge, g, w, depth: int, min_leaf: int, lr: float):
     """One tree on residuals ``g`` (rows weighted ``w``; 0 = out of the subsample); returns
-    (feat, thr, left, right, value) per node in creation order and each row's leaf."""
+    (feat, split bin, left, right, value) per node in creation order and each row's leaf. ``nedge``:
+    edges per feature. Every node of a level is split at once, from one histogram per statistic."""
     n, f = Xb.shape
-    nb = max(len(e) for e in edges) + 1 if edges else 1
+    nb = int(nedge.max()) + 1 if f else 1
     node = np.zeros(n, dtype=np.int64)
-    feats, thrs, lefts, rights, vals = [0], [np.inf], [-1], [-1], [0.0]
+    feats, bins, lefts, rights = [0], [0], [-1], [-1]
     frontier = [0]
-    wg, cw = w * g, w.copy()
+    wg = w * g
+    act = w > 0
+    Xa, wga, wa = Xb[act], wg[act], w[act]
+    col = (np.arange(f) * nb)[None, :]
+    valid = np.arange(nb)[None, :] < nedge[:, None]  # (f, nb): a split after bin b exists for b < edges
     for _ in range(depth):
         if not frontier:
             break
-        ids = {nd: i for i, nd in enumerate(frontier)}
         m = len(frontier)
         loc = np.full(len(feats), -1, dtype=np.int64)
         loc[frontier] = np.arange(m)
-        li = loc[node]
-        act = (li >= 0) & (cw > 0)
-        best_gain = np.zeros(m)
-        best_f = np.full(m, -1)
-        best_b = np.zeros(m, dtype=np.int64)
-        tot_g = np.bincount(li[act], weights=wg[act], minlength=m)
-        tot_w = np.bincount(li[act], weights=cw[act], minlength=m)
-        tot_c = np.bincount(li[act], minlength=m)
-        base = np.where(tot_w > 0, tot_g * tot_g / np.maximum(tot_w, 1e-12), 0.0)
-        for j in range(f):
-            k = len(edges[j])
-            if k == 0:
-                continue
-            idx = li[act] * nb + Xb[act, j]
-            hg = np.bincount(idx, weights=wg[act], minlength=m * nb).reshape(m, nb)[:, :k + 1]
-            hw = np.bincount(idx, weights=cw[act], minlength=m * nb).reshape(m, nb)[:, :k + 1]
-            hc = np.bincount(idx, minlength=m * nb).reshape(m, nb)[:, :k + 1]
-            GL, WL, CL = np.cumsum(hg, 1)[:, :k], np.cumsum(hw, 1)[:, :k], np.cumsum(hc, 1)[:, :k]
-            GR, WR, CR = tot_g[:, None] - GL, tot_w[:, None] - WL, tot_c[:, None] - CL
-            ok = (CL >= min_leaf) & (CR >= min_leaf) & (WL > 0) & (WR > 0)
-            gain = np.where(ok, GL * GL / np.where(ok, WL, 1.0) + GR * GR / np.where(ok, WR, 1.0), -np.inf) - base[:, None]
-            b = np.argmax(gain, axis=1)
-            gb = gain[np.arange(m), b]
-            better = gb > np.maximum(best_gain, 1e-12)
-            best_gain = np.where(better, gb, best_gain)
-            best_f = np.where(better, j, best_f)
-            best_b = np.where(better, b, best_b)
+        li = loc[node[act]]
+        on = li >= 0
+        if not on.any():
+            break
+        lio, Xo, wgo, wo = li[on], Xa[on], wga[on], wa[on]
+        idx = ((lio[:, None] * (f * nb)) + col + Xo).ravel()
+        size = m * f * nb
+        hg = np.bincount(idx, weights=np.repeat(wgo, f), minlength=size).reshape(m, f, nb)
+        hw = np.bincount(idx, weights=np.repeat(wo, f), minlength=size).reshape(m, f, nb)
+        hc = np.bincount(idx, minlength=size).reshape(m, f, nb)
+        GL, WL, CL = np.cumsum(hg, 2), np.cumsum(hw, 2), np.cumsum(hc, 2)
+        G, W, C = GL[:, :, -1:], WL[:, :, -1:], CL[:, :, -1:]
+        GR, WR, CR = G - GL, W - WL, C - CL
+        ok = (CL >= min_leaf) & (CR >= min_leaf) & (WL > 0) & (WR > 0) & valid[None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = np.where(ok, GL * GL / WL + GR * GR / WR - G * G / W, -np.inf)
+        flat = gain.reshape(m, -1)
+        best = np.argmax(flat, axis=1)
+        best_gain = flat[np.arange(m), best]
         nxt = []
-        for nd, i in ids.items():
-            if best_f[i] < 0:
+        for i, nd in enumerate(frontier):
+            if not best_gain[i] > 1e-12:
                 continue
-            j, b = int(best_f[i]), int(best_b[i])
-            feats[nd], thrs[nd] = j, float(edges[j][b])
+            j, b = divmod(int(best[i]), nb)
+            feats[nd], bins[nd] = j, b
             lid, rid = len(feats), len(feats) + 1
-            for _ in range(2):
-                feats.append(0)
-                thrs.append(np.inf)
-                lefts.append(-1)
-                rights.append(-1)
-                vals.append(0.0)
+            feats += [0, 0]
+            bins += [0, 0]
+            lefts += [-1, -1]
+            rights += [-1, -1]
             lefts[nd], rights[nd] = lid, rid
             here = node == nd
-            go = here & (Xb[:, j] > b)
-            node[here] = lid
-            node[go] = rid
+            node[here] = np.where(Xb[here, j] > b, rid, lid)
             nxt += [lid, rid]
         frontier = nxt
+    k = len(feats)
+    lg = np.bincount(node, weights=wg, minlength=k)
+    lw = np.bincount(node, weights=w, minlength=k)
     leaves = np.asarray(lefts) < 0
-    lg = np.bincount(node, weights=wg, minlength=len(feats))
-    lw = np.bincount(node, weights=cw, minlength=len(feats))
     v = np.where(leaves & (lw > 0), lg / np.maximum(lw, 1e-12), 0.0) * lr
-    return (np.asarray(feats, dtype=np.intp), np.asarray(thrs, dtype=np.float64), np.asarray(lefts, dtype=np.intp),
+    return (np.asarray(feats, dtype=np.intp), np.asarray(bins, dtype=np.intp), np.asarray(lefts, dtype=np.intp),
             np.asarray(rights, dtype=np.intp), v, node)
 
 
@@ -117,6 +110,7 @@ def fit_trees(X: np.ndarray, z: np.ndarray, n_trees: int = 100, depth: int = 3, 
     w0 = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     init = float(np.average(z, weights=w0)) if n else 0.0
     Xb, edges = _bins(X.astype(np.float32).astype(np.float64), max_bins)
+    nedge = np.asarray([len(e) for e in edges], dtype=np.int64)
     rng = np.random.default_rng(seed)
     F = np.full(n, init)
     feats, thrs, childs, vals, roots = [], [], [], [], []
@@ -124,9 +118,10 @@ def fit_trees(X: np.ndarray, z: np.ndarray, n_trees: int = 100, depth: int = 3, 
     d_max = 0
     for _ in range(n_trees):
         w = w0 * (rng.random(n) < subsample) if subsample < 1.0 else w0
-        f, t, lft, rgt, v, node = _tree(Xb, edges, z - F, w, depth, min_leaf, lr)
+        f, bn, lft, rgt, v, node = _tree(Xb, nedge, z - F, w, depth, min_leaf, lr)
         F += v[node]
         m = len(f)
+        t = np.array([float(edges[j][b]) if lft[i] >= 0 else np.inf for i, (j, b) in enumerate(zip(f, bn))])
         ids = np.arange(m, dtype=np.intp)
         leaf = lft < 0
         child = np.empty(2 * m, dtype=np.intp)

@@ -110,7 +110,7 @@ def test_bad_steps_are_counted_and_skipped():
     assert all(o.verdict is not None for o in out[205:])  # judging goes on after them
 
 
-def test_refits_run_on_a_thread_of_their_own():
+def test_refits_run_on_a_thread_of_their_own_the_first_fit_inline():
     seen = []
 
     class Recording(AnomalyProcessor):
@@ -123,7 +123,10 @@ def test_refits_run_on_a_thread_of_their_own():
     for x in s.train[:600]:
         proc.process(x)
     assert proc.wait_idle(60)
-    assert seen and set(seen) == {"prism-otel-fit"}
+    # the first model of each key is fitted inline (no blind start), every refit on the fit thread
+    inline = [t for t in seen if t != "prism-otel-fit"]
+    assert inline and set(inline) == {threading.current_thread().name}
+    assert len(inline) == proc.stats()["keys"] and "prism-otel-fit" in seen
     assert proc.stats()["models"] >= 1
     proc.shutdown()
     assert proc._thread is None
@@ -195,3 +198,17 @@ def test_fits_in_a_worker_process_match_fits_here_and_fall_back_when_it_cannot_s
         m, _ = broken.fit(X, y, proc._fp, None, None, 4.0)
         np.testing.assert_allclose(m.predict_many(X[:50]), here.predict_many(X[:50]), rtol=1e-9)
     assert broken.failures == 3 and broken.remote_fits == 0 and not broken.usable
+
+
+def test_no_blind_start_every_step_after_min_train_is_judged_however_fast_they_come():
+    """Steps arrive back to back (a collector fed a burst): the first model is fitted when the key has
+    min_train steps, before the next step is judged, even with background fits."""
+    s = simulate(PROFILES["gpu8b"], WORKLOADS["chat"], 700, seed=11, n_train=0)
+    steps = [x for x in s.steps if x.phase == "decode"][:700]
+    proc = AnomalyProcessor({**QUIET, "background": True, "min_train": 200})
+    try:
+        judged = [proc.process(x).verdict is not None for x in steps]
+    finally:
+        proc.shutdown()
+    assert not any(judged[:199]) and all(judged[200:]), judged.index(True) if True in judged else None
+    assert proc.fit_seconds and proc.fit_seconds[0] < 1.0, proc.fit_seconds
