@@ -4,7 +4,8 @@
 online as it would run live (each step judged before the next is seen; refits happen at the same
 points of the stream, inline so results are reproducible). ``--train`` first fits a baseline on
 known-normal steps, so the first rows are judged. The output repeats every input row, in order,
-and adds ``expected_us,score,anomaly``; rows that cannot be judged (unreadable, NaN, negative, a
+and adds ``expected_us,score,anomaly,test`` (``test``: on an anomalous row, the test that flagged it:
+``point``, ``window`` or ``shift``); rows that cannot be judged (unreadable, NaN, negative, a
 clock that went backwards, warm-up before a model exists) get empty ``expected_us``/``score`` and
 ``anomaly`` 0, and are counted on stderr.
 
@@ -22,7 +23,7 @@ import json
 import sys
 from typing import List, Optional
 
-OUT_COLUMNS = ("expected_us", "score", "anomaly")
+OUT_COLUMNS = ("expected_us", "score", "anomaly", "test")
 
 
 def register(sub) -> None:
@@ -91,7 +92,7 @@ def detect(input_path: str, output_path: str, train_path: Optional[str] = None, 
         w = csv.writer(f)
         w.writerow(cols)
         for row, step in zip(raw, steps):
-            exp = score = ""
+            exp = score = test = ""
             anom = 0
             if step is not None:
                 v = proc.process(step).verdict
@@ -100,9 +101,10 @@ def detect(input_path: str, output_path: str, train_path: Optional[str] = None, 
                     exp = f"{v.expected_ms * 1000.0:.3f}"
                     score = f"{v.score:.4f}"
                     anom = int(v.anomaly)
+                    test = v.test or ""
                     flagged += anom
             out = dict(row)
-            out.update(expected_us=exp, score=score, anomaly=anom)
+            out.update(expected_us=exp, score=score, anomaly=anom, test=test)
             w.writerow([out.get(c, "") for c in cols])
     proc.shutdown()
     for reason, n in proc.bad.items():

@@ -74,6 +74,7 @@ class Verdict:
     root_cause: Optional[str] = None
     alert: bool = False  # True on the step that raised the alert (rising edge)
     slo_violations: Tuple[str, ...] = ()
+    test: Optional[str] = None  # on an anomalous step: the test that flagged it (semconv.ANOMALY_TESTS)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,8 @@ def step_attributes(step: StepRecord) -> dict:
             attrs[sc.LATENCY_EXPECTED_MS] = float(v.expected_ms)
         if v.root_cause:
             attrs[sc.ANOMALY_ROOT_CAUSE] = v.root_cause
+        if v.anomaly and v.test:
+            attrs[sc.ANOMALY_TEST] = v.test
         if v.slo_violations:
             attrs[sc.SLO_VIOLATED] = list(v.slo_violations)
     return attrs

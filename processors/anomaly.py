@@ -155,13 +155,13 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         out = self.judge(inst, phase, x, (step.end_ns - step.start_ns) / 1e6, stages, step.end_ns, step.index)
         if out is None:
             return step
-        expected, score, anomalous, alert, root = out
+        expected, score, anomalous, alert, root, test = out
         v = step.verdict
         if v is None:
-            v = Verdict(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert)
+            v = Verdict(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert, test=test)
         else:
             v = dataclasses.replace(v, expected_ms=expected, score=score, anomaly=anomalous, root_cause=root,
-                                    alert=alert or v.alert)
+                                    alert=alert or v.alert, test=test)
         return dataclasses.replace(step, verdict=v)
 
     def _check(self, inst, start_ns, end_ns, *counts) -> Optional[str]:
@@ -182,7 +182,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         return None
 
     def judge(self, inst: str, phase: str, x: tuple, y_ms: float, stages, end_ns: int = 0, index: int = 0):
-        """Judge one (validated) step; returns (expected_ms, score, anomalous, alert, root_cause) or None."""
+        """Judge one (validated) step; returns (expected_ms, score, anomalous, alert, root_cause, test) or None."""
         k = self._keys.get((inst, phase))
         if k is None:
             k = self._new_key(inst, phase)
@@ -195,7 +195,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             r = math.log(y_ms / pred)
             novel = m.excess(x)  # past the training envelope: an extrapolation
             inflate = ratio * (1.0 + self.cfg.novelty_k * novel)
-            score, anomalous, rising = k.verdict.judge(r, m, inflate, novel > 0.05)
+            score, anomalous, rising, test = k.verdict.judge(r, m, inflate, novel > 0.05)
             expected = pred * math.exp(m.center)
             root = None
             if anomalous and stages and self.cfg.root_cause and k.norms is not None:
@@ -217,7 +217,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale * ratio
                 if clean:
                     k.drift += 0.02 * (r - m.center - k.drift)
-            out = (expected, score, anomalous, alert, root)
+            out = (expected, score, anomalous, alert, root, test)
         if clean:
             k.add((x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0), self._cap_res, self._rng)
             if m is None and not k.fitting and k.clean >= self.cfg.min_train:

@@ -48,7 +48,7 @@ class VerdictParams:
 class KeyVerdict:
     """Verdict state of one (instance, phase)."""
 
-    __slots__ = ("p", "win", "win_sum", "cusum", "alarm", "sustained", "quiet", "quiet_s", "level")
+    __slots__ = ("p", "win", "win_sum", "cusum", "alarm", "sustained", "quiet", "quiet_s", "level", "held_by")
 
     def __init__(self, params: VerdictParams) -> None:
         self.p = params
@@ -60,9 +60,11 @@ class KeyVerdict:
         self.quiet = 0
         self.quiet_s = 0
         self.level = 0.0  # typical residual of the current sustained episode
+        self.held_by = "window"  # the test that raised the current sustained alarm
 
     def judge(self, r: float, model, inflate: float = 1.0, novel: bool = False) -> tuple:
-        """(score, anomalous, rising_edge) for one step's log residual ``r`` under ``model``;
+        """(score, anomalous, rising_edge, test) for one step's log residual ``r`` under ``model``
+        (``test``: on an anomalous step, ``point``, ``window`` or ``shift``, the test that flagged it);
         ``inflate`` widens the residual scale where the model extrapolates. A ``novel`` step (a
         workload the model has not learned yet) leaves the window and the CUSUM as they are: a model's
         error where it extrapolates is no evidence of a shift. Outside an alarm it is judged by the
@@ -103,10 +105,12 @@ class KeyVerdict:
         if c > h and len(win) == win.maxlen and wm < 0.5 * win_thr:
             c = h  # the last window looks normal again: recover in a step, not 2h / a of them
         self.cusum = c
-        sus_fire = wm > win_thr or c > h
+        win_fire, shift_fire = wm > win_thr, c > h
+        sus_fire = win_fire or shift_fire
         if sus_fire:
             if not self.sustained:
                 self.level = wm if wm > u else u
+                self.held_by = "window" if win_fire else "shift"
             self.sustained = True
             self.quiet_s = 0
         elif self.sustained:
@@ -124,7 +128,10 @@ class KeyVerdict:
             score = s2
         if s3 > score:
             score = s3
-        return score, anomalous, rising
+        test = None
+        if anomalous:
+            test = "point" if point else ("window" if win_fire else ("shift" if shift_fire else self.held_by))
+        return score, anomalous, rising, test
 
     def _judge_novel(self, u: float, s: float, point: bool, point_thr: float) -> tuple:
         p = self.p
@@ -142,7 +149,8 @@ class KeyVerdict:
                     self.win.clear()
         rising = self._alarm(point or held)
         anomalous = point or (held and u > p.flag_k * s and u > p.min_rel)
-        return u / point_thr, anomalous, rising
+        test = ("point" if point else self.held_by) if anomalous else None
+        return u / point_thr, anomalous, rising, test
 
     def _alarm(self, fired: bool) -> bool:
         """Update the alarm (hysteresis); True on its rising edge."""

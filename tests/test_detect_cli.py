@@ -45,13 +45,16 @@ def test_detect_round_trip(stream):
     assert len(rows_out) == len(rows_in)
     with open(d / "v.csv") as f:
         header = f.readline().strip().split(",")
-    assert header[-3:] == ["expected_us", "score", "anomaly"] and "note" in header and "label" in header
+    assert header[-4:] == ["expected_us", "score", "anomaly", "test"] and "note" in header and "label" in header
     for a, b in zip(rows_in, rows_out):
         assert all(a[k] == b[k] for k in a)  # input repeated unchanged, in order
     assert all(row["expected_us"] != "" for row in rows_out)  # --train: judged from the first row
     lab = np.array([int(x["label"]) for x in rows_out])
     flag = np.array([int(x["anomaly"]) for x in rows_out])
     assert flag[lab == 1].mean() > 0.95 and flag[lab == 0].mean() < 0.005
+    tests = {x["test"] for x in rows_out if x["anomaly"] == "1"}  # each flag says which test fired
+    assert tests and tests <= {"point", "window", "shift"} and all(x["test"] == "" for x in rows_out
+                                                                   if x["anomaly"] == "0")
     assert "1500 rows, 1500 judged" in r.stderr
 
 
