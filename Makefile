@@ -18,7 +18,7 @@ lock_for = $(if $(RELOCK),,-c $(LOCKS)/$(1).txt)
 TF_OLDEST := 5.10.4
 TF_CHANGED := 5.5.0
 
-.PHONY: demo test test-fast lock clean
+.PHONY: demo test test-fast lock corpus clean
 
 $(VENV)/.installed: pyproject.toml $(LOCKS)/main.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -103,6 +103,11 @@ lock:
 	  > $(LOCKS)/$(word 1,$(subst :, ,$(e))).txt;)
 	cat $(VLLM_VENV)/removed.txt >> $(LOCKS)/vllm.txt
 	@echo "lock files rewritten under $(LOCKS)/: run make test, then commit them"
+
+# Re-record the real-data corpus the detector is judged on (about an hour on 2 cores; docs/detection.md).
+corpus: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(VENV)/bin/prism-otel corpus build all
+	$(VENV)/bin/prism-otel corpus build faults
 
 clean:
 	rm -rf $(VENV) .venv-* prism-out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -121,7 +122,7 @@ def detect(input_path: str, output_path: str, train_path: Optional[str] = None, 
 
 
 def eval_command(args) -> int:
-    from prism_otel.simulate import corpus, holdout, suite
+    from prism_otel.simulate import corpus, faultruns, holdout, suite
 
     dets = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
     headline = None
@@ -135,6 +136,9 @@ def eval_command(args) -> int:
                 raise ValueError(f"no recorded corpus under {args.corpus or corpus.DATA_DIR} "
                                  "(`prism-otel corpus build NAME` records one; --no-corpus skips it)")
             headline = holdout.evaluate(found, dets)
+            runs = faultruns.available(os.path.join(args.corpus, "faults") if args.corpus else None)
+            if runs and not args.only_corpus:
+                headline["faults"] = faultruns.evaluate(runs, dets)
         except (OSError, ValueError) as exc:
             print(f"prism-otel eval: {exc}", file=sys.stderr)
             return 2
@@ -158,7 +162,7 @@ def eval_command(args) -> int:
 
 
 def _emit(args, doc: dict) -> None:
-    from prism_otel.simulate import holdout, suite
+    from prism_otel.simulate import faultruns, holdout, suite
 
     if args.json:
         json.dump({k: v for k, v in doc.items() if v is not None}, sys.stdout, indent=2)
@@ -166,6 +170,9 @@ def _emit(args, doc: dict) -> None:
         return
     if doc.get("corpus") is not None:
         print(holdout.render(doc["corpus"]))
+        if doc["corpus"].get("faults"):
+            print()
+            print(faultruns.render(doc["corpus"]["faults"]))
     if doc.get("suite") is not None:
         if doc.get("corpus") is not None:
             print()

@@ -3,6 +3,7 @@
     prism-otel corpus list                          # the corpora, and which are recorded
     prism-otel corpus build NAME [--out DIR] [--segment-s S]
     prism-otel corpus build all                     # every one, into the shipped location (make corpus)
+    prism-otel corpus build faults[:ENGINE[:FAULT]]  # the real-fault runs (prism_otel.simulate.faultruns)
 """
 
 from __future__ import annotations
@@ -26,12 +27,19 @@ def dispatch(args):
     if getattr(args, "cmd", None) != "corpus":
         return None
     from prism_otel.simulate import corpus as cp
+    from prism_otel.simulate import faultruns as fr
 
     if args.action == "list":
         have = cp.available()
         for name, (kind, size, _) in cp.CORPORA.items():
             print(f"{name:28s} {kind:20s} {size:6s} {'recorded' if name in have else '-'}")
+        have = fr.available()
+        for e in fr.ENGINES:
+            for f in fr.FAULTS:
+                print(f"faults:{e}:{f:20s} {'recorded' if f'{e}-{f}' in have else '-'}")
         return 0
+    if args.name and args.name.startswith("faults"):
+        return _faults(args.name, fr)
     names = list(cp.CORPORA) if args.name == "all" else [args.name]
     if not args.name or any(n not in cp.CORPORA for n in names):
         print(f"prism-otel corpus: give a name ({', '.join(cp.CORPORA)}) or all", file=sys.stderr)
@@ -53,4 +61,25 @@ def dispatch(args):
             shutil.copy(os.path.join(work, f), os.path.join(final, f))
         shutil.rmtree(work, ignore_errors=True)
         print(f"corpus {name}: {meta['steps']} steps in {meta['segments']} configurations -> {final}")
+    return 0
+
+
+def _faults(spec: str, fr) -> int:
+    parts = spec.split(":")
+    engines = [parts[1]] if len(parts) > 1 else list(fr.ENGINES)
+    faults = [parts[2]] if len(parts) > 2 else list(fr.FAULTS)
+    if any(e not in fr.ENGINES for e in engines) or any(f not in fr.FAULTS for f in faults):
+        print(f"prism-otel corpus: faults[:ENGINE[:FAULT]] with ENGINE in {fr.ENGINES}, FAULT in {fr.FAULTS}",
+              file=sys.stderr)
+        return 2
+    for e in engines:
+        for f in faults:
+            out = os.path.join(fr.FAULT_DIR, f"{e}-{f}")
+            try:
+                meta = fr.record(e, f, out, log=lambda m: print(m, file=sys.stderr, flush=True))
+            except Exception as exc:  # noqa: BLE001 - one failed run does not stop the others
+                print(f"prism-otel corpus: faults {e} {f}: {exc!r}", file=sys.stderr)
+                continue
+            eff = meta["effects"].get(f, {}).get("ratio")
+            print(f"faults {e} {f}: effect {eff}x, {meta['steps']['scored']} steps -> {out}")
     return 0
