@@ -229,3 +229,15 @@ def test_pipeline_mode_companion_by_default_in_process_where_it_must_be(monkeypa
         assert mode() == "inprocess"
     assert "could not start" in caplog.text
     assert len(os.listdir("/proc/self/fd")) == fds, "the pipes of a companion that never started are closed"
+
+
+def test_every_hook_point_matches_the_installed_transformers():
+    """On the tested releases (newest in .venv, oldest in .venv-tf-oldest) no hook point is skipped."""
+    import importlib
+
+    from prism_otel.instrumentation._patch import signature_change
+    from prism_otel.instrumentation.transformers import HOOK_POINTS
+
+    for hp in HOOK_POINTS:
+        cls = getattr(importlib.import_module(hp.module), hp.cls_name)
+        assert signature_change(getattr(cls, hp.method), hp.params) is None, hp.target

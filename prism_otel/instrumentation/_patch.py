@@ -1,9 +1,9 @@
 """Hook points: one engine method we wrap, and the check that it is still the method we know.
 
 Engines rename, remove and re-sign methods between releases. Each :class:`HookPoint` names the
-parameters its wrapper reads by position; before wrapping, :func:`patch` checks that the method
-exists and that those parameters are still first, in order, with no new required parameter after
-them. A hook point that fails the check is reported once (log and ``prism_otel.status()``) and
+parameters it knows, in order: every required one, and the optional ones its wrapper reads by
+position. Before wrapping, :func:`patch` checks that the method exists, that those parameters are
+still first, in that order, and that it has no required parameter beyond them. A hook point that fails the check is reported once (log and ``prism_otel.status()``) and
 skipped; the other hook points of the engine are patched as usual.
 """
 
@@ -28,14 +28,14 @@ _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 class HookPoint:
     """``module``'s ``Class.method`` wrapped by ``factory(guard)``.
 
-    ``reads``: the parameters after ``self`` that the wrapper reads from ``args`` by position, in
-    order. ``own``: patch only where the class itself defines the method (a subclass that merely
+    ``params``: the parameters after ``self`` as this hook point knows them, in order: every required
+    one, and the optional ones the wrapper reads from ``args`` by position. ``own``: patch only where the class itself defines the method (a subclass that merely
     inherits it is patched through its base), and say nothing when it does not."""
 
     module: str
     target: str
     factory: Callable
-    reads: Tuple[str, ...] = ()
+    params: Tuple[str, ...] = ()
     own: bool = False
 
     @property
@@ -47,19 +47,18 @@ class HookPoint:
         return self.target.split(".")[1]
 
 
-def signature_change(func: Callable, reads: Tuple[str, ...]) -> Optional[str]:
-    """Why ``func`` is not the method a wrapper reading ``reads`` expects, or None if it is."""
+def signature_change(func: Callable, known: Tuple[str, ...]) -> Optional[str]:
+    """Why ``func`` is not the method a hook point knowing ``known`` expects, or None if it is."""
     try:
         params = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):
         return None  # a builtin or C method: nothing to compare, the guard catches what goes wrong
     params = params[1:] if params and params[0].name in ("self", "cls") else params
     shown = "(" + ", ".join(p.name for p in params) + ")"
-    for i, name in enumerate(reads):
+    for i, name in enumerate(known):
         if i >= len(params) or params[i].name != name or params[i].kind in _VARIADIC:
-            return f"signature changed: {shown}, prism-otel reads ({', '.join(reads)})"
-    extra = [p.name for p in params[len(reads):] if p.default is inspect.Parameter.empty and p.kind not in _VARIADIC
-             and p.kind is not inspect.Parameter.KEYWORD_ONLY]
+            return f"signature changed: {shown}, prism-otel knows ({', '.join(known)})"
+    extra = [p.name for p in params[len(known):] if p.default is inspect.Parameter.empty and p.kind not in _VARIADIC]
     if extra:
         return f"signature changed: {shown} has new required parameters {extra}"
     return None
@@ -84,7 +83,7 @@ def patch(module, hp: HookPoint, patched: List[Tuple[str, str]], key: str) -> bo
                 where = "class" if cls is None else "method"
                 _skip(key, f"{where} not found in this version (removed or renamed)")
             return False
-        why = signature_change(func, hp.reads)
+        why = signature_change(func, hp.params)
         if why:
             _skip(key, why)
             return False

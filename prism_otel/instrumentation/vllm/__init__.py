@@ -73,24 +73,25 @@ CORE = "vllm.v1.engine.core"
 TRACING = "vllm.tracing"
 
 _SO = ("scheduler_output",)
+_GO = ("grammar_output",)
 HOOK_POINTS = (
     HookPoint(SCHED, "Scheduler.schedule", _engine.wrap_schedule),
     HookPoint(SCHED, "Scheduler.update_from_output", _engine.wrap_update_from_output,
               ("scheduler_output", "model_runner_output")),
     HookPoint(SCHED, "Scheduler.add_request", _engine.wrap_add_request, ("request",)),
     HookPoint(EXEC, "Executor.execute_model", _engine.wrap_execute_model, _SO),
-    HookPoint(EXEC, "Executor.sample_tokens", _engine.wrap_sample_tokens),
+    HookPoint(EXEC, "Executor.sample_tokens", _engine.wrap_sample_tokens, _GO),
     HookPoint(EXEC_MP, "MultiprocExecutor.execute_model", _engine.wrap_execute_model, _SO, own=True),
-    HookPoint(EXEC_MP, "MultiprocExecutor.sample_tokens", _engine.wrap_sample_tokens, own=True),
+    HookPoint(EXEC_MP, "MultiprocExecutor.sample_tokens", _engine.wrap_sample_tokens, _GO, own=True),
     HookPoint(EXEC_UNI, "UniProcExecutor.execute_model", _engine.wrap_execute_model, _SO, own=True),
-    HookPoint(EXEC_UNI, "UniProcExecutor.sample_tokens", _engine.wrap_sample_tokens, own=True),
+    HookPoint(EXEC_UNI, "UniProcExecutor.sample_tokens", _engine.wrap_sample_tokens, _GO, own=True),
     HookPoint(EXEC_RAY, "RayDistributedExecutor.execute_model", _engine.wrap_execute_model, _SO, own=True),
-    HookPoint(EXEC_RAY, "RayDistributedExecutor.sample_tokens", _engine.wrap_sample_tokens, own=True),
+    HookPoint(EXEC_RAY, "RayDistributedExecutor.sample_tokens", _engine.wrap_sample_tokens, _GO, own=True),
     HookPoint(RUNNER_V1, "GPUModelRunner.execute_model", _runner.wrap_execute_model, _SO),
     HookPoint(RUNNER_V1, "GPUModelRunner._model_forward", _runner.wrap_model_forward),
-    HookPoint(RUNNER_V1, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens),
+    HookPoint(RUNNER_V1, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens, _GO),
     HookPoint(RUNNER_V2, "GPUModelRunner.execute_model", _runner.wrap_execute_model, _SO),
-    HookPoint(RUNNER_V2, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens),
+    HookPoint(RUNNER_V2, "GPUModelRunner.sample_tokens", _runner.wrap_sample_tokens, _GO),
     HookPoint(OUTPUT, "OutputProcessor.process_outputs", _frontend.wrap_process_outputs,
               ("engine_core_outputs", "engine_core_timestamp")),
     HookPoint(CORE, "EngineCore.shutdown", _engine.wrap_engine_shutdown),
