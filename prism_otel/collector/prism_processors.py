@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from prism_otel.collector.component import PROCESSOR, Factory
+from prism_otel.collector.confmap import typed
 from prism_otel.collector.decode import Duration, check, decode
 from prism_otel.collector.errors import ConfigError, join_path
 from processors.fleet import DEFAULT_KEY, FleetProcessor
@@ -94,6 +95,7 @@ class _Wrapped:
             raise ConfigError(path, f"expected a mapping, got {type(body).__name__}")
         body = dict(body)
         assembly = decode(AssemblyConfig, body.pop("assembly", None), join_path(path, "assembly"))
+        body = typed(body)  # the processors' own config readers take plain YAML values
         mod = cls.locate(path)
         cfg_cls = next((getattr(mod, n) for n in cls.names[1:] if hasattr(mod, n)), None)
         if cfg_cls is not None and hasattr(cfg_cls, "from_dict"):
