@@ -14,6 +14,10 @@ Children and their step may arrive in different requests, in either order:
   released with what has arrived when the wait ends;
 * a child that arrives after its step was released is still forwarded unchanged, and counted.
 
+A span the chain cannot take (its prism attributes have the wrong types, or converting or tagging it
+failed) is forwarded as received and counted in ``prism.collector.processor_errors{processor=assembly}``:
+one span's problem never costs its neighbours.
+
 Everything held is bounded (``max_pending_steps`` steps, ``max_pending_children`` parents); the
 oldest is released (steps) or forgotten (children) first, and counted. Not thread-safe: one
 pipeline thread owns an assembler.
@@ -80,7 +84,22 @@ class StepAssembler:
         self.steps = 0
 
     # -- the processor chain ----------------------------------------------------------------------
+    def _unjudged(self, span, exc: Exception) -> None:
+        """A span the chain cannot take: it is forwarded as received, and counted."""
+        reason = "bad_attribute" if isinstance(exc, asm.BadSpan) else "error"
+        self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor="assembly", reason=reason)
+        if reason == "error":
+            logger.warning("assembly: span %r forwarded unprocessed: %r", span.name, exc, exc_info=True)
+        else:
+            logger.debug("assembly: span %r forwarded unprocessed: %s", span.name, exc)
+
     def _run_step(self, span, res_attrs, kids) -> None:
+        try:
+            self._run_step_chain(span, res_attrs, kids)
+        except Exception as exc:  # noqa: BLE001 - one span's problem stays that span's
+            self._unjudged(span, exc)
+
+    def _run_step_chain(self, span, res_attrs, kids) -> None:
         before = asm.step_from_span(span, res_attrs, kids or ())
         if self._resource_hooks and before.instance not in self._seen_instances:
             self._seen_instances[before.instance] = None
@@ -101,6 +120,12 @@ class StepAssembler:
         asm.tag_step(span, before, step)
 
     def _run_request(self, span, res_attrs) -> None:
+        try:
+            self._run_request_chain(span, res_attrs)
+        except Exception as exc:  # noqa: BLE001
+            self._unjudged(span, exc)
+
+    def _run_request_chain(self, span, res_attrs) -> None:
         before = asm.request_from_span(span, res_attrs)
         rec = before
         for p in self.processors:
