@@ -75,7 +75,7 @@ class Pipeline:
         for exp, persistent in exporters:
             ids = None
             if persistent and storage_dir is not None:
-                ids = DeliveredIDs(os.path.join(storage_dir, f"delivered-{exp.id.replace('/', '_')}.ids"))
+                ids = DeliveredIDs(os.path.join(storage_dir, f"delivered-{exp.id.replace('/', '_')}.keys"))
             self.targets.append((exp, ids))
         self.n_persistent = sum(1 for _, ids in self.targets if ids is not None)
         self._stop = threading.Event()

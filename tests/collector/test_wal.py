@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from prism_otel.collector.delivery import DeliveredIDs, Ledger
+from prism_otel.collector.delivery import DeliveredIDs, Ledger, span_key
 from prism_otel.collector.wal import WAL
 
 
@@ -64,18 +64,36 @@ def test_ledger_commits_only_fully_delivered_prefix():
     assert led.committable() == 13
 
 
+def _k(i: int) -> bytes:
+    return i.to_bytes(24, "big")
+
+
 def test_delivered_ids_journal_survives_reopen_and_is_bounded(tmp_path):
-    p = str(tmp_path / "d.ids")
+    p = str(tmp_path / "d.keys")
     d = DeliveredIDs(p, capacity=100)
-    assert d.reserve([1, 2, 3]) == [False, False, False]
-    assert d.reserve([3, 4]) == [True, False]  # 3 in flight
-    d.delivered([1, 2])
-    d.release([3, 4])  # a failed send: may come again
-    assert d.reserve([3]) == [False]
+    assert d.reserve([_k(1), _k(2), _k(3)]) == [False, False, False]
+    assert d.reserve([_k(3), _k(4)]) == [True, False]  # 3 in flight
+    d.delivered([_k(1), _k(2)])
+    d.release([_k(3), _k(4)])  # a failed send: may come again
+    assert d.reserve([_k(3)]) == [False]
     d.close()
+    with open(p, "ab") as fh:
+        fh.write(b"torn")  # a crash in the middle of a journal write
     d2 = DeliveredIDs(p, capacity=100)
-    assert 1 in d2 and 2 in d2 and 3 not in d2
-    d2.delivered(list(range(1000, 1500)))
-    assert len(d2) <= 100 and 1499 in d2 and 1000 not in d2
+    assert _k(1) in d2 and _k(2) in d2 and _k(3) not in d2
+    d2.delivered([_k(i) for i in range(1000, 1500)])
+    assert len(d2) <= 100 and _k(1499) in d2 and _k(1000) not in d2
     d2.close()
-    assert os.path.getsize(p) <= 8 * (4 * 100 + 100)
+    assert os.path.getsize(p) <= 24 * (4 * 100 + 100)
+    assert os.stat(p).st_mode & 0o777 == 0o600
+
+
+def test_span_keys_are_exact_ids():
+    """B3-style ids (64-bit trace id zero-padded, span id = its low half) all hashed to one key before."""
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+    keys = set()
+    for i in range(1, 1001):
+        low = (i * 0x9E3779B97F4A7C15 % (1 << 64)).to_bytes(8, "big")
+        keys.add(span_key(Span(trace_id=b"\0" * 8 + low, span_id=low)))
+    assert len(keys) == 1000
