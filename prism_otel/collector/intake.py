@@ -7,19 +7,24 @@
   (:mod:`prism_otel.collector.wal`) *before* the sender is answered, so what was acknowledged
   survives a crash. Bounded by records not yet delivered (``queue_size``). The pipeline normally
   gets the already-decoded request handed over in memory; when it lags, it reads the log.
-  Records found on disk at start are handed out first, marked ``replay``.
+  Records found on disk at start are handed out first, marked ``replay``. A record that cannot be
+  read back (:class:`~prism_otel.collector.errors.CorruptRecord`, or bytes that do not decode) is
+  handed out as ``(seq, None, 0, replay)``: counted, then settled by the pipeline.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from prism_otel.collector.errors import Refused
-from prism_otel.collector.wal import WAL
+from prism_otel.collector.errors import CorruptRecord, Refused
+
+logger = logging.getLogger(__name__)
 
 Item = Tuple[Optional[int], ExportTraceServiceRequest, int, bool]  # (seq, request, spans, replay)
 
@@ -71,8 +76,10 @@ class MemoryIntake:
 
 
 class DiskIntake:
-    def __init__(self, wal: WAL, max_records: int = 1000, retry_after: float = 1.0, handoff: int = 64) -> None:
+    def __init__(self, wal, max_records: int = 1000, retry_after: float = 1.0, handoff: int = 64,
+                 on_corrupt: Callable[[int, str], None] = lambda seq, why: None) -> None:
         self.wal = wal
+        self.on_corrupt = on_corrupt
         self.max_records = max_records
         self.retry_after = retry_after
         self._handoff: deque = deque()
@@ -117,10 +124,17 @@ class DiskIntake:
             if handoff and handoff[0][0] == seq:
                 _, req, n = handoff.popleft()
                 return (seq, req, n, False)
+        replay = seq < self.wal.recovered_end
         req = ExportTraceServiceRequest()
-        req.ParseFromString(self.wal.read(seq))
+        try:
+            req.ParseFromString(self.wal.read(seq))
+        except (CorruptRecord, DecodeError) as exc:
+            why = exc.why if isinstance(exc, CorruptRecord) else f"does not decode ({exc})"
+            logger.warning("persistent queue %s: record %d %s; counted and skipped", self.wal.directory, seq, why)
+            self.on_corrupt(seq, why)
+            return (seq, None, 0, replay)
         n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
-        return (seq, req, n, seq < self.wal.recovered_end)
+        return (seq, req, n, replay)
 
     def __len__(self) -> int:
         return self.wal.next_seq - self._next

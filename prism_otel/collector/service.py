@@ -9,6 +9,7 @@ log), exporters deliver what they hold within the timeout, extensions close.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Dict, List
@@ -146,7 +147,7 @@ class Service:
             self._quietly(p.close, f"pipeline {p.name}")
         for eid, e in self.extensions.items():
             self._quietly(e.shutdown, f"extension {eid}")
-        logger.info("prism collector stopped; counters: %s", self.telemetry.snapshot())
+        logger.info("prism collector stopped; counters: %s", json.dumps(self.telemetry.snapshot(), sort_keys=True))
 
     @staticmethod
     def _quietly(fn, what: str) -> None:

@@ -108,3 +108,58 @@ def test_persistent_pipeline_settles_the_record_and_keeps_serving_across_restart
     finally:
         col.stop()
         sink.stop()
+
+
+def test_a_request_the_processors_fail_on_is_settled_not_replayed(tmp_path):
+    """Defence in depth: should a request still make the processors raise as a whole (a bug), the
+    persistent pipeline counts its spans as dropped and settles the record; it is not replayed at the
+    next start, and the next request goes through."""
+    import time
+
+    from prism_otel.collector.component import ComponentID, Settings
+    from prism_otel.collector.exporters.base import QueuedExporter, SendingQueueConfig
+    from prism_otel.collector.pipeline import Pipeline
+    from prism_otel.collector.telemetry import Telemetry
+    from processors.assembler import StepAssembler
+
+    class Exploding(StepAssembler):
+        def process(self, req, source=None):
+            if any(s.name == "boom" for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans):
+                raise RuntimeError("a bug")
+            return super().process(req, source)
+
+    class Collect(QueuedExporter):
+        queue = SendingQueueConfig(num_consumers=1)
+
+        def __init__(self, settings):
+            super().__init__(settings)
+            self.got = []
+
+        def send(self, item):
+            self.got.extend(ids_of(item.request))
+
+    def run(reqs):
+        tel = Telemetry()
+        exp = Collect(Settings(ComponentID("collect"), tel))
+        exp.start(None)
+        p = Pipeline("traces", Exploding(), [(exp, True)], tel, storage_dir=str(tmp_path / "q"))
+        p.start()
+        for req in reqs:
+            p.consume(req, req.SerializeToString(), len(ids_of(req)))
+        deadline = time.monotonic() + 20
+        while p.wal.pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pending = p.wal.pending
+        p.stop()
+        exp.shutdown(drain=False)
+        p.close()
+        return tel, exp.got, pending
+
+    bad = good_request(0)
+    bad.resource_spans[0].scope_spans[0].spans[0].name = "boom"
+    good = good_request(1)
+    tel, got, pending = run([bad, good])
+    assert pending == 0 and got == ids_of(good)
+    assert tel.get(sc.METRIC_DROPPED, reason="pipeline_error") == len(ids_of(bad))
+    tel, got, pending = run([])
+    assert got == [] and tel.get(sc.COLLECTOR_REPLAYED_RECORDS) == 0
