@@ -18,6 +18,7 @@ from prism_otel.collector import registry
 from prism_otel.collector.component import Host, Settings
 from prism_otel.collector.config import CollectorConfig
 from prism_otel.collector.errors import ConfigError
+from prism_otel.collector.memory import Budget
 from prism_otel.collector.pipeline import Pipeline
 from prism_otel.collector.telemetry import Telemetry
 from processors.assembler import StepAssembler
@@ -58,12 +59,16 @@ class Service:
         self.exporters: Dict[str, object] = {}
         self.pipelines: Dict[str, Pipeline] = {}
         self.receivers: Dict[str, object] = {}
+        pipes = config.pipelines.values()
+        self.budget = Budget(config.memory, n_pipelines=len(config.pipelines),
+                             n_exporters=len({e for p in pipes for e in p.exporters}),
+                             n_assemblers=sum(1 for p in pipes if p.processors) or 1)
         self._started = False
         self._stopped = threading.Event()
         self._lock = threading.Lock()
 
     def _settings(self, comp, pipeline: str = None) -> Settings:
-        return Settings(comp.id, self.telemetry, pipeline)
+        return Settings(comp.id, self.telemetry, pipeline, self.budget)
 
     def start(self) -> None:
         with self._lock:
