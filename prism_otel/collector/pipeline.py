@@ -64,7 +64,8 @@ class Pipeline:
     store_class = WAL  # the persistent queue's store (docs/collector.md says why this one, not SQLite)
 
     def __init__(self, name: str, assembler: StepAssembler, exporters: List[Tuple[object, bool]], telemetry,
-                 storage_dir: Optional[str] = None, fsync: bool = False, max_records: int = 1000) -> None:
+                 storage_dir: Optional[str] = None, fsync: bool = False, max_records: int = 1000,
+                 intake_bytes: int = 256 << 20) -> None:
         self.name = name
         self.assembler = assembler
         self.telemetry = telemetry
@@ -74,11 +75,12 @@ class Pipeline:
         if storage_dir is not None:
             self.wal = self.store_class(storage_dir, fsync=fsync)
             self.ledger = Ledger(self.wal.cursor)
-            self.intake = DiskIntake(self.wal, max_records=max_records, on_corrupt=self._corrupt)
+            self.intake = DiskIntake(self.wal, max_records=max_records, on_corrupt=self._corrupt,
+                                     max_bytes=intake_bytes)
             if self.wal.pending:
                 logger.info("pipeline %s: %d records to replay from %s", name, self.wal.pending, storage_dir)
         else:
-            self.intake = MemoryIntake()
+            self.intake = MemoryIntake(max_bytes=intake_bytes)
         for exp, persistent in exporters:
             ids = None
             if persistent and storage_dir is not None:
@@ -93,8 +95,8 @@ class Pipeline:
     def consume(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
         self.intake.put(req, raw, n_spans)
 
-    def admit(self) -> None:
-        self.intake.admit()
+    def admit(self, wire_bytes: int = 0) -> None:
+        self.intake.admit(wire_bytes)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:

@@ -20,6 +20,7 @@ from prism_otel.collector.config import CollectorConfig
 from prism_otel.collector.errors import ConfigError
 from prism_otel.collector.memory import Budget
 from prism_otel.collector.pipeline import Pipeline
+from prism_otel.collector.prism_processors import instances_for
 from prism_otel.collector.telemetry import Telemetry
 from processors.assembler import StepAssembler
 
@@ -32,9 +33,9 @@ class _FanOut:
     def __init__(self, pipelines: List[Pipeline]) -> None:
         self.pipelines = pipelines
 
-    def admit(self) -> None:
+    def admit(self, wire_bytes: int = 0) -> None:
         for p in self.pipelines:
-            p.admit()
+            p.admit(wire_bytes)
 
     def __call__(self, req, raw, n_spans) -> None:
         if len(self.pipelines) == 1:
@@ -120,9 +121,10 @@ class Service:
         procs = [c.processors[x] for x in p.processors]
         step_procs = [comp.factory.create(self._settings(comp, pid), comp.config) for comp in procs]
         a = registry.assembly_for(procs)
+        count = lambda name, n=1, **lab: self.telemetry.add(name, n, pipeline=pid, **lab)  # noqa: E731
         assembler = StepAssembler(step_procs, wait_s=a.wait, max_pending_steps=a.max_pending_steps,
-                                  max_pending_children=a.max_pending_children,
-                                  count=lambda name, n=1, **lab: self.telemetry.add(name, n, pipeline=pid, **lab))
+                                  max_pending_children=a.max_pending_children, max_pending_bytes=self.budget.held_bytes,
+                                  count=count, instances=instances_for(step_procs, self.budget, count))
         exporters, storage, queue_sizes = [], None, []
         for xid in p.exporters:
             q = getattr(c.exporters[xid].config, "sending_queue", None)
@@ -133,7 +135,8 @@ class Service:
             exporters.append((self.exporters[xid], persistent))
         storage_dir = storage.path_for("pipeline_" + pid) if storage is not None else None
         return Pipeline(pid, assembler, exporters, self.telemetry, storage_dir=storage_dir,
-                        fsync=bool(storage and storage.fsync), max_records=min(queue_sizes) if queue_sizes else 1000)
+                        fsync=bool(storage and storage.fsync), max_records=min(queue_sizes) if queue_sizes else 1000,
+                        intake_bytes=self.budget.intake_bytes)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Idempotent; safe before or after a failed start."""

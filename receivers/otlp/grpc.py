@@ -77,11 +77,15 @@ class GRPCFrontEnd:
         try:
             return await self._serve(request_iterator, context)
         except _Abort as a:
-            if a.retry_after is not None:
-                context.set_trailing_metadata(((RETRY_INFO_KEY, retry_info(a.retry_after)),))
-            await context.abort(a.code, a.details)
+            abort = a
         finally:
             self._open -= 1
+        # Answer outside the except block, the traceback dropped: its frames hold the request's bytes,
+        # and a chained exception kept alive by grpc would keep them until the cyclic GC runs.
+        abort.__traceback__ = None
+        if abort.retry_after is not None:
+            context.set_trailing_metadata(((RETRY_INFO_KEY, retry_info(abort.retry_after)),))
+        await context.abort(abort.code, abort.details)
 
     async def _serve(self, request_iterator, context):
         r = self.receiver
@@ -117,18 +121,21 @@ class GRPCFrontEnd:
             return await self._loop.work(self._accept, raw)
         finally:
             r.budget.give(charge)
+            raw = None  # not kept alive by a traceback  # noqa: F841
 
     def _accept(self, raw: bytes) -> ExportTraceServiceResponse:
         r = self.receiver
         try:
+            r.admit("grpc", len(raw))  # again, with the size: the intake may have filled while it arrived
             req = decode_protobuf(raw)
+            return r.accept(req, raw, "grpc")
         except Malformed as exc:
             r.malformed("grpc", "decode")
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        try:
-            return r.accept(req, raw, "grpc")
+            abort = _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Refused as exc:
-            raise _Abort.refused(exc) from None
+            abort = _Abort.refused(exc)
+        req = raw = None  # noqa: F841 - the traceback of what follows must not hold the request
+        raise abort
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:

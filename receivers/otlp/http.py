@@ -217,7 +217,7 @@ class HTTPFrontEnd:
             raise _Reply(413, f"request body over {cfg.max_request_body_size} bytes")
         charge = max(n, 1 << 16) * (1 + DECODED_FACTOR + (JSON_FACTOR if ctype == JSON else 0))
         try:
-            r.admit("http")
+            r.admit("http", n)
             r.reserve(charge, "http")
         except Refused as exc:
             raise _Reply.refused(exc) from None
@@ -275,7 +275,7 @@ class HTTPFrontEnd:
     def _handle(self, body: bytes, enc: str, as_json: bool, charge: int):
         """Worker thread: inflate, decode, hand on. Returns (status, encoded response)."""
         r, limit = self.receiver, self.cfg.max_request_body_size
-        extra = 0
+        extra, reply, req = 0, None, None
         try:
             if enc and enc != "identity":
                 body = _inflate(body, enc, limit)
@@ -287,19 +287,23 @@ class HTTPFrontEnd:
                 req = decode_json(body) if as_json else decode_protobuf(body)
             except Malformed as exc:
                 r.malformed("http", "decode")
-                raise _Reply(400, str(exc), keep=True) from None
-            resp = r.accept(req, None if as_json else body, "http")
+                reply = _Reply(400, str(exc), keep=True)
+            if reply is None:
+                resp = r.accept(req, None if as_json else body, "http")
         except _TooLarge:
             r.malformed("http", "too_large")
-            raise _Reply(413, f"request body over {limit} bytes after decompression") from None
+            reply = _Reply(413, f"request body over {limit} bytes after decompression")
         except Malformed as exc:
             r.malformed("http", "decode")
-            raise _Reply(400, str(exc)) from None
+            reply = _Reply(400, str(exc))
         except Refused as exc:
-            raise _Reply.refused(exc) from None
+            reply = _Reply.refused(exc)
         finally:
             if extra:
                 r.budget.give(extra)
+        if reply is not None:
+            body = req = None  # noqa: F841 - the traceback of what follows must not hold the request
+            raise reply
         if as_json:
             return 200, json.dumps(json_format.MessageToDict(resp)).encode()
         return 200, resp.SerializeToString()

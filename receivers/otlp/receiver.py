@@ -176,13 +176,14 @@ class OTLPReceiver:
         if not self.budget.try_take(n):
             raise self._memory_refused(transport)
 
-    def admit(self, transport: str) -> None:
-        """Refuse before decoding when the pipelines are full: overload then costs little CPU."""
+    def admit(self, transport: str, wire_bytes: int = 0) -> None:
+        """Refuse before decoding when the pipelines are full (or could not take ``wire_bytes`` more):
+        overload then costs little CPU."""
         admit = getattr(self.consumer, "admit", None)
         if admit is None:
             return
         try:
-            admit()
+            admit(wire_bytes) if wire_bytes else admit()
         except Refused as exc:
             self.refused(transport, exc)
             raise

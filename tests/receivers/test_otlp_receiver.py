@@ -276,7 +276,7 @@ def test_unavailable_when_the_pipeline_cannot_take_data(tmp_path):
     from receivers.otlp import OTLPReceiverConfig, factory
 
     class Closed:
-        def admit(self):
+        def admit(self, wire_bytes=0):
             raise Refused("persistent queue cannot write: No space left on device", 2.0, overloaded=False)
 
         def __call__(self, req, raw, n):  # pragma: no cover - admit refuses first

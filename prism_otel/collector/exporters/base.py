@@ -2,7 +2,8 @@
 
 An exporter implements ``send(item)`` (one attempt; raise :class:`Retryable` or
 :class:`~prism_otel.collector.errors.PermanentError`); :class:`QueuedExporter` runs it behind a
-bounded queue with ``num_consumers`` threads, retrying with jittered exponential backoff (the
+queue bounded in requests (``queue_size``) and in bytes (its share of the memory budget, queued and in
+flight together: :mod:`prism_otel.collector.memory`) with ``num_consumers`` threads, retrying with jittered exponential backoff (the
 server's RetryInfo / Retry-After wins when longer) until ``max_elapsed_time``.
 
 Keys and defaults are the Collector's exporterhelper ones. ``sending_queue.storage`` names a
@@ -24,6 +25,7 @@ from typing import Callable, Dict, List, Literal, Optional
 from prism_otel import semconv as sc
 from prism_otel.collector.decode import Duration, check
 from prism_otel.collector.errors import PermanentError
+from prism_otel.collector.memory import outgoing_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +72,15 @@ class Retryable(Exception):
 class OutItem:
     """One request on its way out: the tagged protobuf, its encoding, and where its spans came from."""
 
-    __slots__ = ("request", "payload", "n_spans", "sources", "keys")
+    __slots__ = ("request", "payload", "n_spans", "sources", "keys", "size")
 
-    def __init__(self, request, payload: bytes, n_spans: int, sources: Dict, keys: Optional[List[int]] = None):
+    def __init__(self, request, payload: bytes, n_spans: int, sources: Dict, keys: Optional[List[bytes]] = None):
         self.request = request
         self.payload = payload
         self.n_spans = n_spans
         self.sources = sources
         self.keys = keys
+        self.size = outgoing_bytes(len(payload))  # what it holds in memory (prism_otel/collector/memory.py)
 
 
 class QueuedExporter:
@@ -94,6 +97,8 @@ class QueuedExporter:
         self._stopping = threading.Event()
         self._threads: List[threading.Thread] = []
         self._inflight = 0
+        self.max_bytes = settings.budget.exporter_bytes  # queued and in flight, this exporter's share
+        self._bytes = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, host) -> None:
@@ -131,7 +136,7 @@ class QueuedExporter:
             return
         block = block or self.queue.block_on_overflow
         with self._cv:
-            while len(self._q) >= self.queue.queue_size:
+            while len(self._q) >= self.queue.queue_size or (self._bytes and self._bytes + item.size > self.max_bytes):
                 if block and self._stopping.is_set():
                     return  # abandoned at shutdown: a persistent pipeline still has it in its log
                 if not block:
@@ -140,6 +145,7 @@ class QueuedExporter:
                     return
                 self._cv.wait(0.1)
             self._q.append((item, done))
+            self._bytes += item.size
             self._cv.notify()
 
     def __len__(self) -> int:
@@ -160,6 +166,8 @@ class QueuedExporter:
             finally:
                 with self._cv:
                     self._inflight -= 1
+                    self._bytes -= item.size
+                    self._cv.notify_all()
             if ok is not None:
                 try:
                     done(ok)
