@@ -73,6 +73,14 @@ class MemoryIntake:
     def __len__(self) -> int:
         return len(self._q)
 
+    def drain_spans(self) -> int:
+        """Empty the queue (after close); returns how many spans it held."""
+        with self._cv:
+            n = sum(item[2] for item in self._q)
+            self._q.clear()
+            self._bytes = 0
+            return n
+
     def close(self) -> None:
         with self._cv:
             self._closed = True

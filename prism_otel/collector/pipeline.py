@@ -108,9 +108,18 @@ class Pipeline:
         (persistent), release held steps, and hand everything to the exporters."""
         self.intake.close()
         self._stop.set()
+        finished = True
         if self._thread is not None:
             self._thread.join(timeout)
+            finished = not self._thread.is_alive()
             self._thread = None
+        if self.wal is None:  # in memory, nothing else holds what is left: lost, and counted
+            # (held steps only once the thread is done: until then it may still flush them)
+            left = self.intake.drain_spans() + (self.assembler.held if finished else 0)
+            if left:
+                self.telemetry.add(sc.METRIC_DROPPED, left, pipeline=self.name, reason="shutdown")
+                logger.warning("pipeline %s: %d spans not processed by the shutdown deadline are lost (counted)",
+                               self.name, left)
 
     def close(self) -> None:
         """After the exporters have stopped: persist the log cursor and close files."""
