@@ -233,7 +233,7 @@ def main() -> None:
 
     print(f"payloads: {len(small[0]) / 1024:.1f} KiB ({SPANS} spans) and {len(big[0]) / 2**20:.2f} MiB; "
           f"{a.rounds} rounds, {a.kills} kills, {a.flips} flipped bits per store")
-    print("| store | spans/s (17 KiB requests) | append p50 / p99 µs | spans/s (1 MiB requests) | append p50 / p99 µs "
+    print("| store | spans/s (small requests) | append p50 / p99 µs | spans/s (1 MiB requests) | append p50 / p99 µs "
           "| SIGKILL: acked lost / open ms | flipped bit: records lost mean / max of 200 | trials losing > 1 record "
           "| silent corruption |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -41,6 +41,7 @@ from tests.collector.spans_util import make_step, render, to_request  # noqa: E4
 EXAMPLES = int(os.environ.get("PRISM_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+pytestmark = pytest.mark.timeout(max(900, EXAMPLES // 4))  # a long run takes ~0.1 s per assembler example
 
 KEYS = [sc.STEP_INDEX, sc.STEP_PHASE, sc.STEP_INSTANCE, sc.STEP_CHILDREN, sc.BATCH_SIZE, sc.BATCH_PREFILL_TOKENS,
         sc.BATCH_DECODE_TOKENS, sc.BATCH_CONTEXT_TOKENS, sc.BATCH_MAX_CONTEXT_TOKENS, sc.BATCH_REQUEST_IDS,
@@ -56,29 +57,21 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=12)
 
 
+_SETTER = {bool: "bool_value", int: "int_value", float: "double_value", str: "string_value", bytes: "bytes_value"}
+
+
 def fill(target: AnyValue, v) -> None:
-    if v is None:
-        return
-    if isinstance(v, bool):
-        target.bool_value = v
-    elif isinstance(v, int):
-        target.int_value = v
-    elif isinstance(v, float):
-        target.double_value = v
-    elif isinstance(v, str):
-        target.string_value = v
-    elif isinstance(v, bytes):
-        target.bytes_value = v
-    elif isinstance(v, list):
-        arr = target.array_value
+    """Any generated value into an OTLP AnyValue (arrays and kvlists recursively)."""
+    if isinstance(v, list):
         for x in v:
-            fill(arr.values.add(), x)
-    else:
-        kvl = target.kvlist_value
+            fill(target.array_value.values.add(), x)
+    elif isinstance(v, dict):
         for k, x in v.items():
-            kv = kvl.values.add()
+            kv = target.kvlist_value.values.add()
             kv.key = k
             fill(kv.value, x)
+    elif v is not None:
+        setattr(target, _SETTER[type(v)], v)
 
 
 @st.composite
