@@ -264,3 +264,8 @@ ENV_SLO_TPOT_MS = "PRISM_OTEL_SLO_TPOT_MS"  # time-per-output-token target (ms)
 ENV_SLO_STEP_MS = "PRISM_OTEL_SLO_STEP_MS"  # step-latency target (ms), decode and mixed steps
 ENV_SLO_OBJECTIVE = "PRISM_OTEL_SLO_OBJECTIVE"  # fraction within target the SLO promises (default 0.99)
 ENV_SLO_WINDOW_S = "PRISM_OTEL_SLO_WINDOW_S"  # rolling window of attainment and burn rate (default 300)
+
+# --- collector hardening (issue 16) --------------------------------------------------------------
+COLLECTOR_CORRUPT_RECORDS = "prism.collector.queue.corrupt_records"  # persistent-queue records unreadable: settled
+COLLECTOR_INSTANCES_EVICTED = "prism.collector.instances_evicted"  # per-instance detector state forgotten (reason)
+COLLECTOR_EXPORT_UNCERTAIN = "prism.collector.export_uncertain_spans"  # sends that timed out: the backend may have them

@@ -14,8 +14,19 @@ Children and their step may arrive in different requests, in either order:
   released with what has arrived when the wait ends;
 * a child that arrives after its step was released is still forwarded unchanged, and counted.
 
-Everything held is bounded (``max_pending_steps`` steps, ``max_pending_children`` parents); the
-oldest is released (steps) or forgotten (children) first, and counted. Not thread-safe: one
+A span the chain cannot take (its prism attributes have the wrong types, or converting or tagging it
+failed) is forwarded as received and counted in ``prism.collector.processor_errors{processor=assembly}``:
+one span's problem never costs its neighbours.
+
+Per-instance state is bounded too: :class:`Instances` keeps the instances the processors have
+state for, least recently seen first, with an estimate of that state's bytes; an instance idle for
+``idle_s`` is forgotten (every processor's ``forget`` hook), and so is the least recently seen one
+whenever the estimate would pass ``budget_bytes``. Both are counted. The collector's wiring
+(prism_otel/collector/prism_processors.py) supplies the estimate and the hooks.
+
+Everything held is bounded (``max_pending_steps`` steps and ``max_pending_bytes`` of them,
+``max_pending_children`` parents); the oldest is released (steps) or forgotten (children) first, and
+counted. Not thread-safe: one
 pipeline thread owns an assembler.
 """
 
@@ -42,9 +53,9 @@ _PRISM = "prism."
 
 class _Held:
     __slots__ = ("span", "resource", "res_attrs", "scope", "rs_schema", "ss_schema", "source", "deadline",
-                 "expected")
+                 "expected", "size")
 
-    def __init__(self, span, resource, res_attrs, scope, rs_schema, ss_schema, source, deadline, expected):
+    def __init__(self, span, resource, res_attrs, scope, rs_schema, ss_schema, source, deadline, expected, size=0):
         self.span = span
         self.resource = resource
         self.res_attrs = res_attrs
@@ -54,6 +65,62 @@ class _Held:
         self.source = source
         self.deadline = deadline
         self.expected = expected
+        self.size = size
+
+
+class Instances:
+    """LRU of engine instances with per-instance state, bounded in (estimated) bytes and idle time."""
+
+    def __init__(self, budget_bytes: float = float("inf"), idle_s: float = float("inf"),
+                 cost: Callable[[int], int] = lambda steps: 0, forget: Callable[[str], None] = lambda inst: None,
+                 count: Callable[..., None] = lambda *a, **k: None, clock: Callable[[], float] = time.monotonic):
+        self.budget_bytes = budget_bytes
+        self.idle_s = idle_s
+        self._cost = cost
+        self._forget = forget
+        self._count = count
+        self._clock = clock
+        self._lru: "OrderedDict[str, List]" = OrderedDict()  # instance -> [last seen, steps, estimated bytes]
+        self.bytes = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def seen(self, instance: str) -> bool:
+        """A step of ``instance`` is about to be processed; True if it is new (or back after eviction)."""
+        e = self._lru.get(instance)
+        new = e is None
+        if new:
+            e = self._lru[instance] = [0.0, 0, 0]
+        else:
+            self._lru.move_to_end(instance)
+        e[0] = self._clock()
+        e[1] += 1
+        size = self._cost(e[1])
+        self.bytes += size - e[2]
+        e[2] = size
+        while self.bytes > self.budget_bytes and len(self._lru) > 1:
+            self._evict(next(iter(self._lru)), "budget")
+        return new
+
+    def expire(self) -> None:
+        limit = self._clock() - self.idle_s
+        while self._lru:
+            inst, e = next(iter(self._lru.items()))
+            if e[0] > limit:
+                return
+            self._evict(inst, "idle")
+
+    def _evict(self, instance: str, reason: str) -> None:
+        e = self._lru.pop(instance)
+        self.bytes -= e[2]
+        self.evicted += 1
+        self._count(sc.COLLECTOR_INSTANCES_EVICTED, reason=reason)
+        try:
+            self._forget(instance)
+        except Exception:  # noqa: BLE001 - forgetting must not stop the stream
+            logger.warning("forgetting instance %r failed", instance, exc_info=True)
 
 
 def _overrides(p: Any, name: str) -> bool:
@@ -63,12 +130,15 @@ def _overrides(p: Any, name: str) -> bool:
 class StepAssembler:
     def __init__(self, processors: Sequence[Any] = (), wait_s: float = 1.0, max_pending_steps: int = 10000,
                  max_pending_children: int = 100000, count: Optional[Callable[..., None]] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_pending_bytes: int = 64 << 20,
+                 instances: Optional[Instances] = None) -> None:
         self.processors = list(processors)
         self.wait_s = wait_s
         self.child_ttl_s = max(2 * wait_s, 1.0)
         self.max_pending_steps = max_pending_steps
         self.max_pending_children = max_pending_children
+        self.max_pending_bytes = max_pending_bytes
+        self._held_bytes = 0
         self._count = count or (lambda *a, **k: None)
         self._clock = clock
         self._children: "OrderedDict[bytes, List]" = OrderedDict()  # trace+parent id -> [t_first, [ChildInfo]]
@@ -76,14 +146,28 @@ class StepAssembler:
         self._released: "OrderedDict[bytes, None]" = OrderedDict()  # recent step keys, to count late children
         self._want_requests = any(_overrides(p, "process_request") for p in self.processors)
         self._resource_hooks = [p for p in self.processors if hasattr(p, "observe_resource")]
-        self._seen_instances: Dict[str, None] = {}
+        self.instances = instances if instances is not None else Instances(count=self._count, clock=clock)
         self.steps = 0
 
     # -- the processor chain ----------------------------------------------------------------------
+    def _unjudged(self, span, exc: Exception) -> None:
+        """A span the chain cannot take: it is forwarded as received, and counted."""
+        reason = "bad_attribute" if isinstance(exc, asm.BadSpan) else "error"
+        self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor="assembly", reason=reason)
+        if reason == "error":
+            logger.warning("assembly: span %r forwarded unprocessed: %r", span.name, exc, exc_info=True)
+        else:
+            logger.debug("assembly: span %r forwarded unprocessed: %s", span.name, exc)
+
     def _run_step(self, span, res_attrs, kids) -> None:
+        try:
+            self._run_step_chain(span, res_attrs, kids)
+        except Exception as exc:  # noqa: BLE001 - one span's problem stays that span's
+            self._unjudged(span, exc)
+
+    def _run_step_chain(self, span, res_attrs, kids) -> None:
         before = asm.step_from_span(span, res_attrs, kids or ())
-        if self._resource_hooks and before.instance not in self._seen_instances:
-            self._seen_instances[before.instance] = None
+        if self.instances.seen(before.instance):
             for p in self._resource_hooks:
                 p.observe_resource(before.instance, res_attrs)
         step = before
@@ -101,6 +185,12 @@ class StepAssembler:
         asm.tag_step(span, before, step)
 
     def _run_request(self, span, res_attrs) -> None:
+        try:
+            self._run_request_chain(span, res_attrs)
+        except Exception as exc:  # noqa: BLE001
+            self._unjudged(span, exc)
+
+    def _run_request_chain(self, span, res_attrs) -> None:
         before = asm.request_from_span(span, res_attrs)
         rec = before
         for p in self.processors:
@@ -182,6 +272,13 @@ class StepAssembler:
         ready = [k for k in dict.fromkeys(touched) if k in self._held
                  and self._complete(self._children.get(k, (0, None))[1], self._held[k].expected)]
         excess = len(self._held) - self.max_pending_steps
+        over = self._held_bytes - self.max_pending_bytes
+        if over > 0:  # bytes too: the oldest held steps until what stays fits
+            for n, h in enumerate(self._held.values(), 1):
+                over -= h.size
+                if over <= 0:
+                    excess = max(excess, n)
+                    break
         if excess > 0:  # released early (without all children), not lost
             self._count(sc.METRIC_DROPPED, excess, reason="assembler_wait_cut_short")
             ready.extend(list(self._held)[:excess])
@@ -192,8 +289,10 @@ class StepAssembler:
     def _hold(self, key, span, rs, res_attrs, ss, source, now, expected) -> None:
         copy = Span()
         copy.CopyFrom(span)
+        size = copy.ByteSize() * 4  # decoded, as held (prism_otel/collector/memory.py)
         self._held[key] = _Held(copy, rs.resource, res_attrs, ss.scope, rs.schema_url, ss.schema_url, source,
-                                now + self.wait_s, expected)
+                                now + self.wait_s, expected, size)
+        self._held_bytes += size
 
     def _mark_released(self, key: bytes) -> None:
         released = self._released
@@ -211,6 +310,7 @@ class StepAssembler:
             h = self._held.pop(key, None)
             if h is None:
                 continue
+            self._held_bytes -= h.size
             entry = self._children.pop(key, None)
             self._mark_released(key)
             self._run_step(h.span, h.res_attrs, entry[1] if entry else None)
@@ -231,8 +331,10 @@ class StepAssembler:
         return [(req, sources)] if sources else []
 
     def expire(self) -> List[Output]:
-        """Release held steps whose wait is over; forget children nobody claimed. Call often."""
+        """Release held steps whose wait is over; forget children nobody claimed and idle instances.
+        Call often."""
         now = self._clock()
+        self.instances.expire()
         due = []
         for key, h in self._held.items():
             if h.deadline > now:

@@ -7,11 +7,17 @@ After the processors ran, :func:`tag_step` / :func:`tag_request` write what they
 onto the original protobuf span (verdict attributes, new extras, the alert event), so the spans the
 collector forwards are the ones it received plus the verdict.
 
+The attribute types are not trusted: OTLP lets any sender put any value under any key. A known
+prism attribute with a value of the wrong type (``prism.kv_cache.usage = "abc"``, a bool for a count,
+a non-finite number) makes :func:`step_from_span` / :func:`request_from_span` raise :class:`BadSpan`;
+the assembler then leaves that one span out of the processors, counts it and forwards it as received.
+
 Pure functions; the stateful part (waiting for children) is :mod:`processors.assembler`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -86,9 +92,43 @@ def expected_children(span) -> Optional[int]:
     return None
 
 
-def _int(a: Mapping[str, Any], key: str) -> int:
+class BadSpan(ValueError):
+    """A known prism attribute has a value of the wrong type; ``key`` names it."""
+
+    def __init__(self, key: str, value: Any) -> None:
+        super().__init__(f"attribute {key}: unexpected value {value!r:.80}")
+        self.key = key
+
+
+def _num(a: Mapping[str, Any], key: str) -> Optional[float]:
+    """A finite number, or None when absent."""
     v = a.get(key)
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise BadSpan(key, v)
+    return v
+
+
+def _int(a: Mapping[str, Any], key: str) -> int:
+    v = _num(a, key)
+    return 0 if v is None else int(v)
+
+
+def _str(a: Mapping[str, Any], key: str) -> Optional[str]:
+    v = a.get(key)
+    if v is not None and not isinstance(v, str):
+        raise BadSpan(key, v)
+    return v
+
+
+def _strs(a: Mapping[str, Any], key: str) -> Tuple[str, ...]:
+    v = a.get(key)
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in v):
+        raise BadSpan(key, v)
+    return tuple(str(x) for x in v)
 
 
 def step_from_span(span, resource: Mapping[str, Any], children: Iterable[ChildInfo] = ()) -> StepRecord:
@@ -102,22 +142,25 @@ def step_from_span(span, resource: Mapping[str, Any], children: Iterable[ChildIn
             kernels[name] = t1 - t0
     verdict = None
     if sc.ANOMALY in a:
-        verdict = Verdict(expected_ms=a.get(sc.LATENCY_EXPECTED_MS), score=a.get(sc.ANOMALY_SCORE),
-                          anomaly=bool(a[sc.ANOMALY]), root_cause=a.get(sc.ANOMALY_ROOT_CAUSE),
+        flag = a[sc.ANOMALY]
+        if not isinstance(flag, bool):
+            raise BadSpan(sc.ANOMALY, flag)
+        verdict = Verdict(expected_ms=_num(a, sc.LATENCY_EXPECTED_MS), score=_num(a, sc.ANOMALY_SCORE),
+                          anomaly=flag, root_cause=_str(a, sc.ANOMALY_ROOT_CAUSE),
                           alert=any(e.name == sc.ALERT_EVENT for e in span.events),
-                          slo_violations=tuple(a.get(sc.SLO_VIOLATED) or ()))
-    kv = a.get(sc.KV_CACHE_USAGE)
-    dev = a.get(sc.DEVICE_TIME_MS)
-    instance = a.get(sc.STEP_INSTANCE) or resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""
+                          slo_violations=_strs(a, sc.SLO_VIOLATED))
+    kv = _num(a, sc.KV_CACHE_USAGE)
+    dev = _num(a, sc.DEVICE_TIME_MS)
+    instance = _str(a, sc.STEP_INSTANCE) or resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""
     return StepRecord(
         instance=str(instance), index=_int(a, sc.STEP_INDEX),
         start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
-        phase=str(a.get(sc.STEP_PHASE) or "idle"), batch_size=_int(a, sc.BATCH_SIZE),
+        phase=_str(a, sc.STEP_PHASE) or "idle", batch_size=_int(a, sc.BATCH_SIZE),
         prefill_tokens=_int(a, sc.BATCH_PREFILL_TOKENS), decode_tokens=_int(a, sc.BATCH_DECODE_TOKENS),
         context_tokens=_int(a, sc.BATCH_CONTEXT_TOKENS), max_context_tokens=_int(a, sc.BATCH_MAX_CONTEXT_TOKENS),
         kv_usage=float(kv) if kv is not None else None, stages=stages, kernel_groups=kernels,
         device_ns=int(round(dev * 1e6)) if dev is not None else None,
-        request_ids=tuple(str(r) for r in (a.get(sc.BATCH_REQUEST_IDS) or ())),
+        request_ids=_strs(a, sc.BATCH_REQUEST_IDS),
         verdict=verdict, attributes={k: v for k, v in a.items() if k not in _KNOWN})
 
 
@@ -133,19 +176,19 @@ def request_from_span(span, resource: Mapping[str, Any]) -> RequestRecord:
     t0 = span.start_time_unix_nano
 
     def at(key: str) -> Optional[int]:
-        v = a.get(key)
-        return None if v is None else t0 + int(round(float(v) * 1e6))
+        v = _num(a, key)
+        return None if v is None else t0 + int(round(v * 1e6))
 
     n_out = _int(a, sc.GEN_AI_USAGE_OUTPUT_TOKENS)
     first = at(sc.REQUEST_TTFT_MS)
-    tpot = a.get(sc.REQUEST_TPOT_MS)
-    last = first + int(round(float(tpot) * 1e6 * (n_out - 1))) if first is not None and tpot is not None else first
+    tpot = _num(a, sc.REQUEST_TPOT_MS)
+    last = first + int(round(tpot * 1e6 * (n_out - 1))) if first is not None and tpot is not None else first
     return RequestRecord(
-        instance=str(resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""), request_id=str(a.get(sc.REQUEST_ID)),
+        instance=str(resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""), request_id=str(_str(a, sc.REQUEST_ID)),
         arrival_ns=t0, end_ns=span.end_time_unix_nano, first_scheduled_ns=at(sc.REQUEST_QUEUE_MS),
         first_token_ns=first, last_token_ns=last, prompt_tokens=_int(a, sc.GEN_AI_USAGE_INPUT_TOKENS),
-        output_tokens=n_out, steps=_int(a, sc.REQUEST_STEPS), status=str(a.get(sc.REQUEST_STATUS) or "finished"),
-        slo_violations=tuple(a.get(sc.SLO_VIOLATED) or ()))
+        output_tokens=n_out, steps=_int(a, sc.REQUEST_STEPS), status=_str(a, sc.REQUEST_STATUS) or "finished",
+        slo_violations=_strs(a, sc.SLO_VIOLATED))
 
 
 # -- writing back ---------------------------------------------------------------------------------

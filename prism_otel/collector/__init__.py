@@ -10,7 +10,7 @@ or ``python -m prism_otel.collector --config FILE.yaml``. In code::
 Modules: :mod:`.confmap` (YAML, env, durations), :mod:`.decode` (strict config dataclasses),
 :mod:`.config` (the top level and graph checks), :mod:`.registry` (component types),
 :mod:`.service` (lifecycle), :mod:`.pipeline` (intake → processors → exporters), :mod:`.wal` and
-:mod:`.delivery` (the persistent queue), :mod:`.exporters`, :mod:`.extensions`.
+:mod:`.delivery` (the persistent queue: a checksummed segmented log, see docs/collector.md), :mod:`.exporters`, :mod:`.extensions`.
 """
 
 from __future__ import annotations

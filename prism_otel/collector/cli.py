@@ -2,12 +2,13 @@
 
 Exit status: 0 after a clean stop (SIGTERM / SIGINT), 2 for a config that does not load or
 validate (the message names the YAML path), 1 when a component cannot start (e.g. a port in use;
-nothing is left listening). ``--validate`` checks the config and exits. SIGUSR1 logs the counters.
+nothing is left listening). ``--validate`` checks the config and exits. SIGUSR1 logs the counters (one JSON object).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -53,7 +54,7 @@ def run(path: str, validate_only: bool = False) -> int:
     signal.signal(signal.SIGINT, lambda *_: service.shutdown())
     if hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda *_: logging.getLogger(__name__).info(
-            "counters: %s", service.telemetry.snapshot()))
+            "counters: %s", json.dumps(service.telemetry.snapshot(), sort_keys=True)))
     try:
         service.start()
     except ConfigError as exc:

@@ -62,11 +62,21 @@ class Factory:
 
 @dataclass
 class Settings:
-    """What ``create`` gets besides the config: the component's id and the shared telemetry."""
+    """What ``create`` gets besides the config: the component's id, the shared telemetry and the
+    collector's memory budget."""
 
     id: ComponentID
     telemetry: Any  # prism_otel.collector.telemetry.Telemetry
     pipeline: Optional[str] = None
+    memory: Any = None  # prism_otel.collector.memory.Budget; None: the default budget
+
+    @property
+    def budget(self):
+        if self.memory is None:
+            from prism_otel.collector.memory import Budget
+
+            self.memory = Budget.default()
+        return self.memory
 
 
 @dataclass

@@ -30,6 +30,7 @@ from prism_otel.collector.component import (EXPORTER, EXTENSION, KIND_SECTIONS, 
 from prism_otel.collector.confmap import expand, load_file
 from prism_otel.collector.decode import decode
 from prism_otel.collector.errors import ConfigError, join_path
+from prism_otel.collector.memory import MemoryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class CollectorConfig:
     pipelines: Dict[str, PipelineConfig]
     telemetry: TelemetryConfig
     source: str = "<config>"
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 def _components(section: str, kind: str, data: Any) -> Dict[str, ComponentConfig]:
@@ -183,9 +185,9 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>", env: Optional[M
     if not isinstance(service, dict):
         raise ConfigError("service", "required: a mapping with pipelines")
     for key in service:
-        if key not in ("extensions", "pipelines", "telemetry"):
-            raise ConfigError(join_path("service", str(key)), "unknown key (valid keys here: extensions, pipelines, "
-                                                              "telemetry)")
+        if key not in ("extensions", "pipelines", "telemetry", "memory"):
+            raise ConfigError(join_path("service", str(key)), "unknown key (valid keys here: extensions, memory, "
+                                                              "pipelines, telemetry)")
     pipelines: Dict[str, PipelineConfig] = {}
     raw_pipes = service.get("pipelines") or {}
     if not isinstance(raw_pipes, dict):
@@ -207,7 +209,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>", env: Optional[M
         exporters=_components("exporters", EXPORTER, data.get("exporters")),
         extensions=_components("extensions", EXTENSION, data.get("extensions")),
         enabled_extensions=[str(e) for e in enabled], pipelines=pipelines,
-        telemetry=decode(TelemetryConfig, service.get("telemetry"), "service::telemetry"), source=source)
+        telemetry=decode(TelemetryConfig, service.get("telemetry"), "service::telemetry"), source=source,
+        memory=decode(MemoryConfig, service.get("memory"), "service::memory"))
     _validate_graph(cfg)
     return cfg
 

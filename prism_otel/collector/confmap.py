@@ -5,8 +5,11 @@ Follows the OpenTelemetry Collector's confmap rules:
 * ``${env:VAR}`` and ``${env:VAR:-default}``; a bare ``${VAR}`` means ``${env:VAR}``; ``$$`` is a
   literal ``$``. An unset variable with no default expands to an empty string (a warning is logged,
   as the Collector does); any other provider scheme (``${file:...}``) is an error naming the path.
-* When a whole scalar is one reference, the expanded text is read as YAML, so
-  ``port: ${env:PORT}`` yields an int; inside a longer string it is spliced in as text.
+* When a whole scalar is one reference, the expanded text is read as YAML for typed fields, so
+  ``port: ${env:PORT}`` yields an int; a string field keeps the text as it was (as the Collector
+  does: a token ``0x1f2e3d4c`` stays that string, not 523124044). The value is an
+  :class:`EnvText`, a ``str`` that carries its YAML reading for :mod:`.decode`. Inside a longer
+  string a reference is spliced in as text.
 * Durations are Go durations: ``200ms``, ``1.5s``, ``1m30s``, ``300us``; ``0`` needs no unit.
 """
 
@@ -46,6 +49,30 @@ def _lookup(ref: str, path: str, env: Mapping[str, str]) -> str:
     return ""
 
 
+class EnvText(str):
+    """The text of a whole-value ``${env:VAR}`` reference, with its YAML reading in ``typed``.
+
+    A string field takes the text; a typed field (int, float, bool, duration) takes ``typed``."""
+
+    __slots__ = ("typed",)
+
+    def __new__(cls, text: str, typed: Any) -> "EnvText":
+        obj = super().__new__(cls, text)
+        obj.typed = typed
+        return obj
+
+
+def typed(node: Any) -> Any:
+    """``node`` with every :class:`EnvText` replaced by its YAML reading (for untyped consumers)."""
+    if isinstance(node, EnvText):
+        return node.typed
+    if isinstance(node, dict):
+        return {k: typed(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [typed(v) for v in node]
+    return node
+
+
 def expand_scalar(value: str, path: str, env: Optional[Mapping[str, str]] = None) -> Any:
     """Expand references in one string scalar (see module docstring)."""
     env = os.environ if env is None else env
@@ -55,9 +82,11 @@ def expand_scalar(value: str, path: str, env: Optional[Mapping[str, str]] = None
         try:
             parsed = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
-            return text
+            parsed = text
         # Only scalars come back typed; a value that reads as a mapping/list stays text.
-        return parsed if isinstance(parsed, (str, int, float, bool)) or parsed is None else text
+        if not (isinstance(parsed, (str, int, float, bool)) or parsed is None):
+            parsed = text
+        return EnvText(text, parsed)
 
     def sub(match: "re.Match[str]") -> str:
         if match.group(0) == "$$":

@@ -17,7 +17,7 @@ import sys
 import typing
 from typing import Any, Dict, List, NewType, Type, TypeVar
 
-from prism_otel.collector.confmap import parse_duration
+from prism_otel.collector.confmap import EnvText, parse_duration
 from prism_otel.collector.errors import ConfigError, join_path
 
 Duration = NewType("Duration", float)  # seconds, written as a Go duration in YAML
@@ -35,12 +35,19 @@ def _type_name(tp: Any) -> str:
 def _decode_value(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, EnvText) and origin is not typing.Union:
+        # a whole ${env:VAR}: its text for string fields, its YAML reading for the others
+        if tp is str or (origin is typing.Literal and all(isinstance(a, str) for a in args)):
+            return str(value)
+        value = value.typed
     if tp is Any:
         return value
     if tp is Duration:
         return parse_duration(value, path)
     if origin is typing.Union:
         inner = [a for a in args if a is not _NONE]
+        if isinstance(value, EnvText) and value.typed is None and str not in inner:
+            value = None
         if value is None:
             if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
                 return decode(inner[0], {}, path)

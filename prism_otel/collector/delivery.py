@@ -4,39 +4,40 @@
   deliveries are still owed (spans x persistent exporters). When the lowest records are paid off
   the log's cursor moves past them; after a crash everything at or above the cursor is replayed.
 * :class:`DeliveredIDs` remembers, per persistent exporter, the spans already delivered (and, in
-  memory, those in flight), as 64-bit keys of (trace id, span id) in a journal next to the log.
-  Replayed records and a client's re-sent request (its ack was lost in a crash) are filtered against
-  it, so each span id reaches the backend once. The one gap: a crash after the backend accepted a
-  request and before the journal write that follows it (microseconds) re-sends that request.
+  memory, those in flight), keyed by the exact (trace id, span id) bytes, in a journal next to the
+  log. Replayed records and a client's re-sent request (its ack was lost in a crash) are filtered against
+  it, so each span id reaches the backend once. The key is the ids themselves, not a hash of them:
+  ids that look alike (B3/Jaeger 64-bit trace ids zero-padded, span id = the trace id's low half) are
+  still distinct spans. The one gap: a crash after the backend accepted a request and before the
+  journal write that follows it (microseconds) re-sends that request.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import threading
 from collections import OrderedDict, deque
 from typing import Dict, Iterable, List
 
-_KEY = struct.Struct("<Q")
+KEY_BYTES = 24  # trace id (16) + span id (8)
 
 
-_MASK = (1 << 64) - 1
+def span_key(span) -> bytes:
+    """The span's identity: its trace id and span id, exactly (24 bytes for valid ids)."""
+    return bytes(span.trace_id) + bytes(span.span_id)
 
 
-def span_key(span) -> int:
-    """64 bits of (trace id, span id): collisions among the ~10^5 keys kept are ~10^-9 likely."""
-    tid = span.trace_id
-    return (int.from_bytes(span.span_id, "little") ^ ((int.from_bytes(tid[:8], "little") * 0x9E3779B97F4A7C15) & _MASK)
-            ^ int.from_bytes(tid[8:], "little"))
-
-
-def request_keys(req) -> List[int]:
+def request_keys(req) -> List[bytes]:
     return [span_key(s) for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
 
 
+def _open_append(path: str):
+    """Unbuffered append, created owner-only (0600): span ids are the tenant's data."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab", buffering=0)
+
+
 class DeliveredIDs:
-    """Bounded set of delivered / in-flight span keys, journaled to ``path`` (8 bytes per key)."""
+    """Bounded set of delivered / in-flight span keys, journaled to ``path`` (24 bytes per key)."""
 
     def __init__(self, path: str, capacity: int = 1 << 18) -> None:
         self.path = path
@@ -48,13 +49,14 @@ class DeliveredIDs:
         if os.path.exists(path):
             with open(path, "rb") as fh:
                 data = fh.read()
-            data = data[: len(data) - len(data) % 8]
-            for (k,) in _KEY.iter_unpack(data[-8 * capacity:]):
-                self._add(k)
-            self._journal_entries = len(data) // 8
-        self._fh = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+            data = data[: len(data) - len(data) % KEY_BYTES]  # a torn last write
+            tail = data[-KEY_BYTES * capacity:]
+            for i in range(0, len(tail), KEY_BYTES):
+                self._add(tail[i:i + KEY_BYTES])
+            self._journal_entries = len(data) // KEY_BYTES
+        self._fh = _open_append(path)
 
-    def _add(self, k: int) -> None:
+    def _add(self, k: bytes) -> None:
         if k in self._set:
             return
         self._set.add(k)
@@ -62,13 +64,13 @@ class DeliveredIDs:
         if len(self._order) > self.capacity:
             self._set.discard(self._order.popleft())
 
-    def __contains__(self, k: int) -> bool:
+    def __contains__(self, k: bytes) -> bool:
         return k in self._set
 
     def __len__(self) -> int:
         return len(self._set)
 
-    def reserve(self, keys: Iterable[int]) -> List[bool]:
+    def reserve(self, keys: Iterable[bytes]) -> List[bool]:
         """Mark keys in flight; returns, per key, whether it was already delivered or in flight."""
         with self._lock:
             out = []
@@ -79,16 +81,16 @@ class DeliveredIDs:
                     self._add(k)
             return out
 
-    def release(self, keys: Iterable[int]) -> None:
+    def release(self, keys: Iterable[bytes]) -> None:
         """A send failed for good: these keys may come again (e.g. a client retry)."""
         with self._lock:
             for k in keys:
                 self._set.discard(k)
 
-    def delivered(self, keys: List[int]) -> None:
+    def delivered(self, keys: List[bytes]) -> None:
         if not keys:
             return
-        data = b"".join(_KEY.pack(k) for k in keys)
+        data = b"".join(k for k in keys if len(k) == KEY_BYTES)
         with self._lock:
             for k in keys:
                 self._add(k)
@@ -99,11 +101,11 @@ class DeliveredIDs:
 
     def _compact(self) -> None:
         tmp = self.path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(b"".join(_KEY.pack(k) for k in self._order))
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            fh.write(b"".join(self._order))
         self._fh.close()
         os.replace(tmp, self.path)
-        self._fh = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        self._fh = _open_append(self.path)
         self._journal_entries = len(self._order)
 
     def close(self) -> None:

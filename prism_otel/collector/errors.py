@@ -55,3 +55,13 @@ class Refused(Exception):
 
 class PermanentError(Exception):
     """A send failed in a way retrying cannot fix (e.g. the backend answered INVALID_ARGUMENT / 400)."""
+
+
+class CorruptRecord(OSError):
+    """A persistent-queue record that cannot be read back intact: the pipeline settles it (counts it and
+    moves on), it is never replayed again."""
+
+    def __init__(self, seq: int, why: str) -> None:
+        super().__init__(f"queue record {seq} {why}")
+        self.seq = seq
+        self.why = why

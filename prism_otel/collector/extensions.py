@@ -39,7 +39,7 @@ class FileStorage:
 
     def start(self, host) -> None:
         if self.create_directory:
-            os.makedirs(self.directory, mode=0o750, exist_ok=True)
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
 
     def shutdown(self) -> None:
         pass
@@ -47,7 +47,7 @@ class FileStorage:
     def path_for(self, *parts: str) -> str:
         safe = [p.replace("/", "_").replace(os.sep, "_") for p in parts]
         path = os.path.join(self.directory, *safe)
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # queue files hold the tenants' spans: owner only
         return path
 
 

@@ -12,6 +12,11 @@ a crash, or a client re-sending a request whose answer it lost, does not send a 
 persistent exporter's queue is full the pipeline waits (the log fills, then receivers push back);
 an in-memory exporter's full queue drops and counts, as in the Collector. Replayed records go to
 persistent exporters only.
+
+Nothing stops the pipeline thread: a record the log cannot give back intact is counted
+(``prism.collector.queue.corrupt_records``) and settled; a request the processors fail on as a whole
+(a bug: single bad spans are handled in the assembler) is counted in ``prism.dropped{reason=
+pipeline_error}`` and settled. Either way it is never replayed again.
 """
 
 from __future__ import annotations
@@ -56,26 +61,30 @@ def _without(req: ExportTraceServiceRequest, drop: List[bool]) -> ExportTraceSer
 
 
 class Pipeline:
+    store_class = WAL  # the persistent queue's store (docs/collector.md says why this one, not SQLite)
+
     def __init__(self, name: str, assembler: StepAssembler, exporters: List[Tuple[object, bool]], telemetry,
-                 storage_dir: Optional[str] = None, fsync: bool = False, max_records: int = 1000) -> None:
+                 storage_dir: Optional[str] = None, fsync: bool = False, max_records: int = 1000,
+                 intake_bytes: int = 256 << 20) -> None:
         self.name = name
         self.assembler = assembler
         self.telemetry = telemetry
-        self.wal: Optional[WAL] = None
+        self.wal = None
         self.ledger: Optional[Ledger] = None
         self.targets: List[Tuple[object, Optional[DeliveredIDs]]] = []
         if storage_dir is not None:
-            self.wal = WAL(storage_dir, fsync=fsync)
+            self.wal = self.store_class(storage_dir, fsync=fsync)
             self.ledger = Ledger(self.wal.cursor)
-            self.intake = DiskIntake(self.wal, max_records=max_records)
+            self.intake = DiskIntake(self.wal, max_records=max_records, on_corrupt=self._corrupt,
+                                     max_bytes=intake_bytes)
             if self.wal.pending:
                 logger.info("pipeline %s: %d records to replay from %s", name, self.wal.pending, storage_dir)
         else:
-            self.intake = MemoryIntake()
+            self.intake = MemoryIntake(max_bytes=intake_bytes)
         for exp, persistent in exporters:
             ids = None
             if persistent and storage_dir is not None:
-                ids = DeliveredIDs(os.path.join(storage_dir, f"delivered-{exp.id.replace('/', '_')}.ids"))
+                ids = DeliveredIDs(os.path.join(storage_dir, f"delivered-{exp.id.replace('/', '_')}.keys"))
             self.targets.append((exp, ids))
         self.n_persistent = sum(1 for _, ids in self.targets if ids is not None)
         self._stop = threading.Event()
@@ -86,8 +95,8 @@ class Pipeline:
     def consume(self, req: ExportTraceServiceRequest, raw: bytes, n_spans: int) -> None:
         self.intake.put(req, raw, n_spans)
 
-    def admit(self) -> None:
-        self.intake.admit()
+    def admit(self, wire_bytes: int = 0) -> None:
+        self.intake.admit(wire_bytes)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,9 +108,18 @@ class Pipeline:
         (persistent), release held steps, and hand everything to the exporters."""
         self.intake.close()
         self._stop.set()
+        finished = True
         if self._thread is not None:
             self._thread.join(timeout)
+            finished = not self._thread.is_alive()
             self._thread = None
+        if self.wal is None:  # in memory, nothing else holds what is left: lost, and counted
+            # (held steps only once the thread is done: until then it may still flush them)
+            left = self.intake.drain_spans() + (self.assembler.held if finished else 0)
+            if left:
+                self.telemetry.add(sc.METRIC_DROPPED, left, pipeline=self.name, reason="shutdown")
+                logger.warning("pipeline %s: %d spans not processed by the shutdown deadline are lost (counted)",
+                               self.name, left)
 
     def close(self) -> None:
         """After the exporters have stopped: persist the log cursor and close files."""
@@ -119,21 +137,41 @@ class Pipeline:
             stopping = self._stop.is_set()
             if stopping and (self.wal is not None or not len(self.intake)):
                 break
-            item = self.intake.get(_TICK_S)
             try:
-                if item is not None:
-                    seq, req, n, replay = item
-                    if replay:
-                        self.telemetry.add(sc.COLLECTOR_REPLAYED_RECORDS, pipeline=self.name)
-                    if self.ledger is not None:
-                        self.ledger.open(seq, n * self.n_persistent)
-                    self._dispatch(self.assembler.process(req, seq))
+                item = self.intake.get(_TICK_S)
+            except Exception:  # noqa: BLE001 - the intake settles bad records itself; this is a bug
+                logger.exception("pipeline %s: reading the intake failed", self.name)
+                item = None
+            if item is not None:
+                self._process(item)
+            try:
                 self._dispatch(self.assembler.expire())
             except Exception:  # noqa: BLE001 - never let one request stop the pipeline
-                logger.exception("pipeline %s: failed on a request", self.name)
+                logger.exception("pipeline %s: releasing held steps failed", self.name)
             self._commit()
         self._dispatch(self.assembler.flush())
         self._commit(force=True)
+
+    def _process(self, item) -> None:
+        seq, req, n, replay = item
+        if replay:
+            self.telemetry.add(sc.COLLECTOR_REPLAYED_RECORDS, pipeline=self.name)
+        if self.ledger is not None:
+            self.ledger.open(seq, n * self.n_persistent)
+        if req is None:  # a record the log could not give back: counted by the intake, settled here
+            return
+        try:
+            outs = self.assembler.process(req, seq)
+        except Exception:  # noqa: BLE001 - settle the request: counted, never replayed forever
+            logger.exception("pipeline %s: the processors failed on a request; its %d spans are dropped", self.name, n)
+            self.telemetry.add(sc.METRIC_DROPPED, n, pipeline=self.name, reason="pipeline_error")
+            if self.ledger is not None:
+                self.ledger.pay({seq: n}, self.n_persistent)
+            return
+        self._dispatch(outs)
+
+    def _corrupt(self, seq: int, why: str) -> None:
+        self.telemetry.add(sc.COLLECTOR_CORRUPT_RECORDS, pipeline=self.name)
 
     def _commit(self, force: bool = False) -> None:
         if self.wal is None:
@@ -151,9 +189,16 @@ class Pipeline:
     def _dispatch(self, outs) -> None:
         for req, sources in outs:
             n = sum(sources.values())
-            payload = req.SerializeToString()
+            try:
+                payload = req.SerializeToString()
+                keys = request_keys(req) if self.n_persistent else None
+            except Exception:  # noqa: BLE001 - settle it: counted, never replayed forever
+                logger.exception("pipeline %s: cannot encode an outgoing request; %d spans dropped", self.name, n)
+                self.telemetry.add(sc.METRIC_DROPPED, n, pipeline=self.name, reason="pipeline_error")
+                if self.ledger is not None:
+                    self.ledger.pay(sources, self.n_persistent)
+                continue
             replay = self._is_replay(sources)
-            keys = request_keys(req) if self.n_persistent else None
             for exp, ids in self.targets:
                 if ids is None:
                     if not replay:

@@ -12,6 +12,12 @@ processors:
   prism_slo: {step_ms: 200}               # keys of the SLO processor
   prism_fleet: {threshold: 1.25, min_steps: 32}
 ```
+
+Per-instance state: :func:`instances_for` bounds what the processors keep per engine instance by
+the memory budget's ``instance_state`` share (``service::memory``), with an estimate of each
+instance's bytes (:func:`instance_cost`) and a ``forget`` hook per processor (:func:`forget_instance`):
+a processor's own ``forget_instance(instance)`` method when it has one, else the adapter below for the
+processors of ``processors/`` that predate it.
 """
 
 from __future__ import annotations
@@ -19,12 +25,20 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from prism_otel.collector.component import PROCESSOR, Factory
+from prism_otel.collector.confmap import typed
 from prism_otel.collector.decode import Duration, check, decode
 from prism_otel.collector.errors import ConfigError, join_path
+from processors.assembler import Instances
 from processors.fleet import DEFAULT_KEY, FleetProcessor
+
+# What the processors keep per engine instance, upper bounds measured with tracemalloc on the
+# detector of this release (tests/collector/test_memory.py holds them to it):
+INSTANCE_BASE_BYTES = 8_000  # an instance's first step: its keys, trackers and fleet window
+INSTANCE_ROW_BYTES = 1_200  # each step kept as training data (up to max_train)
+INSTANCE_MODEL_BYTES = 6_500_000  # a fitted per-instance model (after min_train steps)
 
 
 @dataclass
@@ -94,6 +108,7 @@ class _Wrapped:
             raise ConfigError(path, f"expected a mapping, got {type(body).__name__}")
         body = dict(body)
         assembly = decode(AssemblyConfig, body.pop("assembly", None), join_path(path, "assembly"))
+        body = typed(body)  # the processors' own config readers take plain YAML values
         mod = cls.locate(path)
         cfg_cls = next((getattr(mod, n) for n in cls.names[1:] if hasattr(mod, n)), None)
         if cfg_cls is not None and hasattr(cfg_cls, "from_dict"):
@@ -134,6 +149,64 @@ def _make_wrapped(settings, cfg: _Wrapped):
 
 def assembly_of(cfg: Any) -> Optional[AssemblyConfig]:
     return getattr(cfg, "assembly", None)
+
+
+def _forget_anomaly(p: Any, instance: str) -> None:
+    keys = getattr(p, "_keys", {})
+    for phase in getattr(p, "_phases", ()) or {ph for _, ph in list(keys)}:
+        keys.pop((instance, phase), None)
+    getattr(getattr(p, "_prev", None), "_last", {}).pop(instance, None)
+    for name in ("_last_start", "_alarmed"):
+        getattr(p, name, {}).pop(instance, None)
+
+
+def _forget_fleet(p: Any, instance: str) -> None:
+    key = p._key_of.pop(instance, None)
+    groups = [p._groups[key]] if key in p._groups else list(p._groups.values())
+    for g in groups:
+        g.instances.pop(instance, None)
+        g.ref.pop(instance, None)
+
+
+_ADAPTERS: Dict[str, Callable[[Any, str], None]] = {"AnomalyProcessor": _forget_anomaly,
+                                                    "FleetProcessor": _forget_fleet}
+
+
+def forget_instance(p: Any, instance: str) -> None:
+    """Drop what processor ``p`` keeps for ``instance`` (nothing, for processors without per-instance state)."""
+    own = getattr(p, "forget_instance", None)
+    if own is not None:
+        own(instance)
+        return
+    adapter = _ADAPTERS.get(type(p).__name__)
+    if adapter is not None:
+        adapter(p, instance)
+
+
+def instance_cost(processors: Sequence[Any]) -> Callable[[int], int]:
+    """Estimated bytes the processors keep for an instance after ``steps`` steps."""
+    cfg = next((getattr(p, "cfg", None) for p in processors if type(p).__name__ == "AnomalyProcessor"), None)
+    if cfg is None:  # fleet / SLO only: a bounded window per instance
+        return lambda steps: INSTANCE_BASE_BYTES + 16 * min(steps, 4096)
+    max_rows, fit_at = getattr(cfg, "max_train", 4000), getattr(cfg, "min_train", 200)
+
+    def cost(steps: int) -> int:
+        return (INSTANCE_BASE_BYTES + INSTANCE_ROW_BYTES * min(steps, max_rows)
+                + (INSTANCE_MODEL_BYTES if steps >= fit_at else 0))
+
+    return cost
+
+
+def instances_for(processors: Sequence[Any], budget, count: Callable[..., None], clock=None) -> Instances:
+    """The per-instance state bound of one pipeline's processors (``budget``: a memory Budget)."""
+    procs = list(processors)
+
+    def forget(instance: str) -> None:
+        for p in procs:
+            forget_instance(p, instance)
+
+    extra = {"clock": clock} if clock is not None else {}
+    return Instances(budget.instance_bytes, budget.instance_idle_s, instance_cost(procs), forget, count, **extra)
 
 
 def factories() -> List[Factory]:

@@ -9,6 +9,7 @@ log), exporters deliver what they hold within the timeout, extensions close.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Dict, List
@@ -17,7 +18,9 @@ from prism_otel.collector import registry
 from prism_otel.collector.component import Host, Settings
 from prism_otel.collector.config import CollectorConfig
 from prism_otel.collector.errors import ConfigError
+from prism_otel.collector.memory import Budget
 from prism_otel.collector.pipeline import Pipeline
+from prism_otel.collector.prism_processors import instances_for
 from prism_otel.collector.telemetry import Telemetry
 from processors.assembler import StepAssembler
 
@@ -30,9 +33,9 @@ class _FanOut:
     def __init__(self, pipelines: List[Pipeline]) -> None:
         self.pipelines = pipelines
 
-    def admit(self) -> None:
+    def admit(self, wire_bytes: int = 0) -> None:
         for p in self.pipelines:
-            p.admit()
+            p.admit(wire_bytes)
 
     def __call__(self, req, raw, n_spans) -> None:
         if len(self.pipelines) == 1:
@@ -57,12 +60,16 @@ class Service:
         self.exporters: Dict[str, object] = {}
         self.pipelines: Dict[str, Pipeline] = {}
         self.receivers: Dict[str, object] = {}
+        pipes = config.pipelines.values()
+        self.budget = Budget(config.memory, n_pipelines=len(config.pipelines),
+                             n_exporters=len({e for p in pipes for e in p.exporters}),
+                             n_assemblers=sum(1 for p in pipes if p.processors) or 1)
         self._started = False
         self._stopped = threading.Event()
         self._lock = threading.Lock()
 
     def _settings(self, comp, pipeline: str = None) -> Settings:
-        return Settings(comp.id, self.telemetry, pipeline)
+        return Settings(comp.id, self.telemetry, pipeline, self.budget)
 
     def start(self) -> None:
         with self._lock:
@@ -114,9 +121,10 @@ class Service:
         procs = [c.processors[x] for x in p.processors]
         step_procs = [comp.factory.create(self._settings(comp, pid), comp.config) for comp in procs]
         a = registry.assembly_for(procs)
+        count = lambda name, n=1, **lab: self.telemetry.add(name, n, pipeline=pid, **lab)  # noqa: E731
         assembler = StepAssembler(step_procs, wait_s=a.wait, max_pending_steps=a.max_pending_steps,
-                                  max_pending_children=a.max_pending_children,
-                                  count=lambda name, n=1, **lab: self.telemetry.add(name, n, pipeline=pid, **lab))
+                                  max_pending_children=a.max_pending_children, max_pending_bytes=self.budget.held_bytes,
+                                  count=count, instances=instances_for(step_procs, self.budget, count))
         exporters, storage, queue_sizes = [], None, []
         for xid in p.exporters:
             q = getattr(c.exporters[xid].config, "sending_queue", None)
@@ -127,7 +135,8 @@ class Service:
             exporters.append((self.exporters[xid], persistent))
         storage_dir = storage.path_for("pipeline_" + pid) if storage is not None else None
         return Pipeline(pid, assembler, exporters, self.telemetry, storage_dir=storage_dir,
-                        fsync=bool(storage and storage.fsync), max_records=min(queue_sizes) if queue_sizes else 1000)
+                        fsync=bool(storage and storage.fsync), max_records=min(queue_sizes) if queue_sizes else 1000,
+                        intake_bytes=self.budget.intake_bytes)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Idempotent; safe before or after a failed start."""
@@ -146,7 +155,7 @@ class Service:
             self._quietly(p.close, f"pipeline {p.name}")
         for eid, e in self.extensions.items():
             self._quietly(e.shutdown, f"extension {eid}")
-        logger.info("prism collector stopped; counters: %s", self.telemetry.snapshot())
+        logger.info("prism collector stopped; counters: %s", json.dumps(self.telemetry.snapshot(), sort_keys=True))
 
     @staticmethod
     def _quietly(fn, what: str) -> None:

@@ -1,28 +1,37 @@
-"""OTLP/HTTP front end: ``POST /v1/traces`` with protobuf or JSON bodies, on the standard library.
+"""OTLP/HTTP front end: ``POST /v1/traces`` with protobuf or JSON bodies, on asyncio streams.
 
-Bounded: a fixed pool of handler threads and a short backlog of accepted connections waiting for
-one; beyond that a connection gets 503 + Retry-After at once. Bodies are read only up to
-``max_request_body_size`` (413 beyond, decompressed size included); a body shorter than its
-Content-Length, or undecodable, gets 400. Errors carry a ``google.rpc.Status`` in the request's
-encoding, as the OTLP spec asks; successes an ``ExportTraceServiceResponse``.
+A connection waits on the event loop, not on a worker thread, until its request head is complete;
+the head must arrive within ``HEADER_TIMEOUT`` (``IDLE_TIMEOUT`` for the next request of a kept-alive
+connection) and fit in ``MAX_HEAD`` bytes, or the connection is closed. So slow or idle clients cost
+a coroutine each and hold nobody off; past ``MAX_CONNECTIONS`` open connections a new one gets 503 +
+Retry-After at once.
+
+Checks run before any body byte is read, in this order: credentials (401), method (405), path (404),
+Content-Type (415), length (411 / 413), the pipelines' room (429 / 503 + Retry-After), the memory
+budget's receive share (429 + Retry-After). Then the body (each read must make progress within
+``IDLE_TIMEOUT``; 100-continue honoured), decoded and handed on by a worker thread (413 beyond the
+limit after decompression, 400 when undecodable or truncated). Errors carry a ``google.rpc.Status``
+in the request's encoding, as the OTLP spec asks; successes an ``ExportTraceServiceResponse``. The
+``Server`` header names no versions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
-import queue
 import socket
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Optional
+from http import HTTPStatus
+from typing import Dict, Optional, Tuple
 
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
 
 from prism_otel.collector.errors import Refused
+from prism_otel.collector.memory import DECODED_FACTOR
+from receivers.otlp.aio import LoopThread
 from receivers.otlp.config import HTTPServerConfig, parse_endpoint
 from receivers.otlp.receiver import Malformed, decode_json, decode_protobuf
 
@@ -30,11 +39,30 @@ logger = logging.getLogger(__name__)
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
-_GRPC_CODE = {400: 3, 401: 16, 404: 5, 405: 12, 411: 3, 413: 8, 415: 3, 429: 8, 503: 14}
+SERVER = "prism-otel"
+_GRPC_CODE = {400: 3, 401: 16, 404: 5, 405: 12, 408: 4, 411: 3, 413: 8, 415: 3, 429: 8, 431: 3, 500: 13, 503: 14}
+HEADER_TIMEOUT = 10.0  # seconds for a whole request head
+IDLE_TIMEOUT = 15.0  # a kept-alive connection's wait for its next request; a body read's wait for progress
+MAX_HEAD = 64 << 10
+MAX_CONNECTIONS = 1024
+JSON_FACTOR = 8  # json.loads of OTLP/JSON holds ~5-8x the text as Python objects, on top of the protobuf
 
 
 class _TooLarge(Exception):
     pass
+
+
+class _Reply(Exception):
+    """Answer with ``code`` and stop reading this connection (unless ``keep``)."""
+
+    def __init__(self, code: int, message: str, headers=(), keep: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.message, self.headers, self.keep = code, message, tuple(headers), keep
+
+    @classmethod
+    def refused(cls, exc: Refused) -> "_Reply":
+        return cls(429 if exc.overloaded else 503, exc.reason,
+                   (("Retry-After", str(max(1, math.ceil(exc.retry_after)))),))
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -53,241 +81,247 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "prism-otel"
-    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
-    timeout = 15  # seconds a keep-alive connection may sit idle, and a slow body may take
+def _parse_head(head: bytes) -> Tuple[str, str, str, Dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _Reply(400, "malformed request line")
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _Reply(400, "malformed header line")
+        headers[name.lower()] = value.strip()
+    return parts[0], parts[1], parts[2], headers
 
-    def log_message(self, fmt, *args) -> None:  # no per-request logs; the receiver counts
-        pass
 
-    def _send(self, code: int, body: bytes, ctype: str, headers=(), close: bool = False) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in self.server.front.cfg.response_headers.items():
-            self.send_header(k, v)
-        for k, v in headers:
-            self.send_header(k, v)
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+class HTTPFrontEnd:
+    def __init__(self, receiver, cfg: HTTPServerConfig, workers: int = 8) -> None:
+        self.receiver = receiver
+        self.cfg = cfg
+        self.port = None
+        self.connections = 0
+        self._server: Optional[asyncio.base_events.Server] = None
+        self._ssl = cfg.tls.ssl_context() if cfg.tls is not None else None
+        self._loop = LoopThread("prism-otlp-http", workers)
 
-    def _error(self, code: int, message: str, as_json: bool, headers=(), close: bool = False) -> None:
-        st = Status(code=_GRPC_CODE.get(code, 2), message=message)
-        if as_json:
-            body = json.dumps(json_format.MessageToDict(st)).encode()
-            self._send(code, body, JSON, headers, close)
-        else:
-            self._send(code, st.SerializeToString(), PROTOBUF, headers, close)
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        host, port = parse_endpoint(self.cfg.endpoint)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(512)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self._loop.start()
+        try:
+            self._server = self._loop.call(self._start(sock))
+        except BaseException:
+            sock.close()
+            self._loop.stop()
+            raise
+        logger.info("otlp receiver: HTTP listening on %s:%d%s", host, self.port, self.cfg.traces_url_path)
 
-    def do_GET(self) -> None:  # noqa: N802
-        self._error(405, "only POST is supported", False, (("Allow", "POST"),))
+    async def _start(self, sock):
+        return await asyncio.start_server(self._connection, sock=sock, ssl=self._ssl, limit=MAX_HEAD,
+                                          ssl_handshake_timeout=HEADER_TIMEOUT if self._ssl else None)
 
-    do_PUT = do_DELETE = do_PATCH = do_GET
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            self._loop.loop.call_soon_threadsafe(server.close)
+        self._loop.stop()
 
-    def do_POST(self) -> None:  # noqa: N802
-        front = self.server.front
-        r, cfg = front.receiver, front.cfg
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        as_json = ctype == JSON
-        length = self.headers.get("Content-Length")
-        if self.path.split("?")[0] != cfg.traces_url_path:
-            self._drain(length)
-            self._error(404, f"unknown path {self.path}; traces go to {cfg.traces_url_path}", as_json)
+    # -- one connection ---------------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\nServer: " + SERVER.encode() + b"\r\n\r\n")
+            await self._close(writer)
             return
-        if r.http_auth is not None and not r.http_auth.authenticate(self.headers.get(r.http_auth.header, "")):
+        self.connections += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            first = True
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
+                                                  HEADER_TIMEOUT if first else IDLE_TIMEOUT)
+                except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+                    return  # closed, idle, or too slow with its head: nothing to answer
+                except asyncio.LimitOverrunError:
+                    await self._send(writer, 431, f"request head over {MAX_HEAD} bytes", False, close=True)
+                    return
+                first = False
+                as_json = False
+                try:
+                    method, target, version, headers = _parse_head(head)
+                    as_json = (headers.get("content-type") or "").split(";")[0].strip().lower() == JSON
+                    keep = await self._request(method, target, version, headers, as_json, reader, writer)
+                except _Reply as rep:
+                    await self._send(writer, rep.code, rep.message, as_json, rep.headers, close=not rep.keep)
+                    keep = rep.keep
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.CancelledError):
+            return  # the peer went away, or the receiver is stopping
+        except Exception:  # noqa: BLE001 - one connection's failure is that connection's
+            logger.warning("otlp http: a connection failed", exc_info=True)
+            try:
+                await self._send(writer, 500, "internal error", False, close=True)
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            self.connections -= 1
+            await self._close(writer)
+
+    @staticmethod
+    async def _close(writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 2.0)
+        except Exception:  # noqa: BLE001 - the peer may be gone already
+            pass
+
+    async def _request(self, method, target, version, headers, as_json, reader, writer) -> bool:
+        r, cfg = self.receiver, self.cfg
+        if r.http_auth is not None and not r.http_auth.authenticate(headers.get(r.http_auth.header, "")):
             r.unauthenticated("http")
-            self._error(401, "missing or invalid bearer token", as_json, close=True)
-            return
+            raise _Reply(401, "missing or invalid bearer token")
+        if method != "POST":
+            raise _Reply(405, "only POST is supported", (("Allow", "POST"),))
+        if target.split("?")[0] != cfg.traces_url_path:
+            raise _Reply(404, f"unknown path {target}; traces go to {cfg.traces_url_path}")
+        ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
         if ctype not in (PROTOBUF, JSON):
             r.malformed("http", "content_type")
-            self._error(415, f"unsupported Content-Type {ctype!r} ({PROTOBUF} or {JSON})", False, close=True)
-            return
-        try:
-            body = self._read_body(length, cfg.max_request_body_size)
-            r.admit("http")
-            enc = (self.headers.get("Content-Encoding") or "").strip().lower()
-            if enc and enc != "identity":
-                body = _inflate(body, enc, cfg.max_request_body_size)
-            req = decode_json(body) if as_json else decode_protobuf(body)
-        except _TooLarge:
+            raise _Reply(415, f"unsupported Content-Type {ctype!r} ({PROTOBUF} or {JSON})")
+        chunked = (headers.get("transfer-encoding") or "").lower() == "chunked"
+        length = headers.get("content-length")
+        if not chunked and (length is None or not length.isdigit()):
+            r.malformed("http", "length")
+            raise _Reply(411, "Content-Length is required (or chunked transfer encoding)")
+        n = 0 if chunked else int(length)
+        if n > cfg.max_request_body_size:
             r.malformed("http", "too_large")
-            self._error(413, f"request body over {cfg.max_request_body_size} bytes", as_json, close=True)
-            return
-        except Malformed as exc:
-            r.malformed("http", "decode")
-            self._error(400, str(exc), as_json, close=self.close_connection)
-            return
-        except Refused as exc:
-            self._refuse(exc, as_json)
-            return
+            raise _Reply(413, f"request body over {cfg.max_request_body_size} bytes")
+        charge = max(n, 1 << 16) * (1 + DECODED_FACTOR + (JSON_FACTOR if ctype == JSON else 0))
         try:
-            resp = r.accept(req, None if as_json else body, "http")
+            r.admit("http", n)
+            r.reserve(charge, "http")
         except Refused as exc:
-            self._refuse(exc, as_json)
-            return
-        if as_json:
-            payload = json.dumps(json_format.MessageToDict(resp)).encode()
-            self._send(200, payload, JSON)
-        else:
-            self._send(200, resp.SerializeToString(), PROTOBUF)
-
-    def _refuse(self, exc: Refused, as_json: bool) -> None:
-        code = 429 if exc.overloaded else 503
-        self._error(code, exc.reason, as_json, (("Retry-After", str(max(1, math.ceil(exc.retry_after)))),))
-
-    def _drain(self, length: Optional[str]) -> None:
-        if length and length.isdigit() and int(length) <= self.server.front.cfg.max_request_body_size:
-            self.rfile.read(int(length))
-        else:
-            self.close_connection = True
-
-    def _read_body(self, length: Optional[str], limit: int) -> bytes:
-        if (self.headers.get("Transfer-Encoding") or "").lower() == "chunked":
-            return self._read_chunked(limit)
-        if length is None or not length.strip().isdigit():
-            self.close_connection = True
-            raise Malformed("Content-Length is required (or chunked transfer encoding)")
-        n = int(length)
-        if n > limit:
-            self.close_connection = True
-            raise _TooLarge()
+            raise _Reply.refused(exc) from None
         try:
-            body = self.rfile.read(n)
-        except (socket.timeout, OSError):
-            body = b""
-        if len(body) < n:
-            self.close_connection = True
-            raise Malformed(f"body truncated: Content-Length {n}, got {len(body)} bytes")
-        return body
+            if headers.get("expect", "").lower() == "100-continue":
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = await (self._read_chunked(reader) if chunked else self._read_exact(reader, n))
+            enc = (headers.get("content-encoding") or "").strip().lower()
+            code, payload = await self._loop.work(self._handle, body, enc, ctype == JSON, charge)
+        finally:
+            r.budget.give(charge)
+        keep = headers.get("connection", "").lower() != "close" and (
+            version == "HTTP/1.1" or headers.get("connection", "").lower() == "keep-alive")
+        await self._write(writer, code, payload, JSON if ctype == JSON else PROTOBUF, close=not keep)
+        return keep
 
-    def _read_chunked(self, limit: int) -> bytes:
+    async def _read_exact(self, reader: asyncio.StreamReader, n: int) -> bytes:
+        parts, left = [], n
+        while left:
+            try:
+                chunk = await asyncio.wait_for(reader.read(min(left, 1 << 20)), IDLE_TIMEOUT)
+            except asyncio.TimeoutError:
+                self.receiver.malformed("http", "timeout")
+                raise _Reply(408, "request body too slow") from None
+            if not chunk:
+                self.receiver.malformed("http", "decode")
+                raise _Reply(400, f"body truncated: Content-Length {n}, got {n - left} bytes")
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
+        limit = self.cfg.max_request_body_size
         parts, total = [], 0
         while True:
-            line = self.rfile.readline(1024)
             try:
+                line = await asyncio.wait_for(reader.readuntil(b"\r\n"), IDLE_TIMEOUT)
                 size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise Malformed("bad chunk header") from None
+            except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+                self.receiver.malformed("http", "decode")
+                raise _Reply(400, "bad chunk header") from None
+            except asyncio.TimeoutError:
+                raise _Reply(408, "request body too slow") from None
             if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                while (await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)) not in (b"\r\n", b"\n", b""):
                     pass
                 return b"".join(parts)
             total += size
             if total > limit:
-                self.close_connection = True
-                raise _TooLarge()
-            chunk = self.rfile.read(size)
-            self.rfile.readline(8)
-            if len(chunk) < size:
-                self.close_connection = True
-                raise Malformed("chunked body truncated")
-            parts.append(chunk)
+                self.receiver.malformed("http", "too_large")
+                raise _Reply(413, f"request body over {limit} bytes")
+            parts.append(await self._read_exact(reader, size))
+            await asyncio.wait_for(reader.readuntil(b"\r\n"), IDLE_TIMEOUT)
 
-
-class _Server(HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, addr, front, family) -> None:
-        self.address_family = family
-        self.front = front
-        super().__init__(addr, _Handler)
-
-    def process_request(self, request, client_address) -> None:
+    def _handle(self, body: bytes, enc: str, as_json: bool, charge: int):
+        """Worker thread: inflate, decode, hand on. Returns (status, encoded response)."""
+        r, limit = self.receiver, self.cfg.max_request_body_size
+        extra, reply, req = 0, None, None
         try:
-            self.front.pending.put_nowait((request, client_address))
-        except queue.Full:
-            self.front.busy(request)
-
-    def handle_error(self, request, client_address) -> None:
-        logger.debug("otlp http: error on a connection from %s", client_address, exc_info=True)
-
-
-class HTTPFrontEnd:
-    def __init__(self, receiver, cfg: HTTPServerConfig, workers: int = 16, backlog: int = 64) -> None:
-        self.receiver = receiver
-        self.cfg = cfg
-        self.workers = workers
-        self.pending: "queue.Queue" = queue.Queue(maxsize=backlog)
-        self.port = None
-        self._server: Optional[_Server] = None
-        self._threads = []
-        self._lock = threading.Lock()
-        self._active = set()
-        self._ssl = cfg.tls.ssl_context() if cfg.tls is not None else None
-
-    def start(self) -> None:
-        host, port = parse_endpoint(self.cfg.endpoint)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._server = _Server((host, port), self, family)
-        self.port = self._server.server_address[1]
-        threads = [threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                    name="prism-otlp-http-accept", daemon=True)]
-        threads += [threading.Thread(target=self._work, name=f"prism-otlp-http-{i}", daemon=True)
-                    for i in range(self.workers)]
-        for t in threads:
-            t.start()
-        self._threads = threads
-        logger.info("otlp receiver: HTTP listening on %s:%d%s", host, self.port, self.cfg.traces_url_path)
-
-    def _work(self) -> None:
-        server = self._server
-        while True:
-            item = self.pending.get()
-            if item is None:
-                return
-            sock, addr = item
-            with self._lock:
-                self._active.add(sock)
+            if enc and enc != "identity":
+                body = _inflate(body, enc, limit)
+            # a compressed or chunked body's size is known only now: charge what was not yet
+            extra = max(0, len(body) * (1 + DECODED_FACTOR + (JSON_FACTOR if as_json else 0)) - charge)
+            if extra:
+                r.reserve(extra, "http")
             try:
-                if self._ssl is not None:
-                    sock.settimeout(_Handler.timeout)
-                    sock = self._ssl.wrap_socket(sock, server_side=True)
-                server.finish_request(sock, addr)
-            except Exception:  # noqa: BLE001 - one connection's failure is that connection's
-                logger.debug("otlp http: connection from %s failed", addr, exc_info=True)
-            finally:
-                with self._lock:
-                    self._active.discard(item[0])
-                server.shutdown_request(sock)
-
-    def busy(self, sock) -> None:
-        """Every handler is taken: answer 503 + Retry-After without reading the request."""
-        try:
-            if self._ssl is None:
-                sock.settimeout(0.5)
-                sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
-                             b"Connection: close\r\n\r\n")
-        except OSError:
-            pass
+                req = decode_json(body) if as_json else decode_protobuf(body)
+            except Malformed as exc:
+                r.malformed("http", "decode")
+                reply = _Reply(400, str(exc), keep=True)
+            if reply is None:
+                resp = r.accept(req, None if as_json else body, "http")
+        except _TooLarge:
+            r.malformed("http", "too_large")
+            reply = _Reply(413, f"request body over {limit} bytes after decompression")
+        except Malformed as exc:
+            r.malformed("http", "decode")
+            reply = _Reply(400, str(exc))
+        except Refused as exc:
+            reply = _Reply.refused(exc)
         finally:
-            self._server.shutdown_request(sock)
+            if extra:
+                r.budget.give(extra)
+        if reply is not None:
+            body = req = None  # noqa: F841 - the traceback of what follows must not hold the request
+            raise reply
+        if as_json:
+            return 200, json.dumps(json_format.MessageToDict(resp)).encode()
+        return 200, resp.SerializeToString()
 
-    def stop(self) -> None:
-        server = self._server
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            for sock in list(self._active):  # idle keep-alive connections: end them now
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        while True:
-            try:
-                sock, _ = self.pending.get_nowait()
-            except queue.Empty:
-                break
-            server.shutdown_request(sock)
-        for _ in range(self.workers):
-            self.pending.put(None)
-        self._server = None
+    # -- answers ----------------------------------------------------------------------------------
+    async def _send(self, writer, code: int, message: str, as_json: bool, headers=(), close: bool = False) -> None:
+        st = Status(code=_GRPC_CODE.get(code, 2), message=message)
+        if as_json:
+            await self._write(writer, code, json.dumps(json_format.MessageToDict(st)).encode(), JSON, headers, close)
+        else:
+            await self._write(writer, code, st.SerializeToString(), PROTOBUF, headers, close)
+
+    async def _write(self, writer, code: int, body: bytes, ctype: str, headers=(), close: bool = False) -> None:
+        lines = [f"HTTP/1.1 {code} {HTTPStatus(code).phrase}", f"Server: {SERVER}", f"Content-Type: {ctype}",
+                 f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in self.cfg.response_headers.items()]
+        lines += [f"{k}: {v}" for k, v in headers]
+        if close:
+            lines.append("Connection: close")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await writer.drain()

@@ -4,6 +4,14 @@ Both decode a request, then call :meth:`OTLPReceiver.accept`, which drops spans 
 (answered as an OTLP partial success, counted), counts what came in, and hands the request to the
 pipelines' intake. The intake may refuse (:class:`~prism_otel.collector.errors.Refused`); the front
 ends turn that into the OTLP backpressure statuses. Nothing here blocks on the pipelines.
+
+Both front ends wait on an asyncio loop (:mod:`receivers.otlp.aio`): a slow or half-open client
+costs a coroutine, not a worker. They check, in this order and before reading a body: credentials
+(as soon as the headers are in), the path, the pipelines' room, and the memory budget's receive share
+(:mod:`prism_otel.collector.memory`); every refusal carries a retry hint.
+
+OTLP/JSON: a span whose id is not hex of the right length is dropped as a partial success, as the
+protobuf path does; the rest of the request is kept.
 """
 
 from __future__ import annotations
@@ -11,14 +19,19 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional, Tuple
 
+import base64
+import binascii
+import json
+
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
                                                                       ExportTraceServiceResponse)
 
 from prism_otel import semconv as sc
 from prism_otel.collector.errors import ConfigError, Refused
-from prism_otel.otlp_json import OTLPJSONError, request_from_json
-from receivers.otlp.config import OTLPReceiverConfig
+from prism_otel.otlp_json import _walk_ids  # the id walker of our OTLP/JSON codec, with a lenient converter
+from receivers.otlp.config import OTLPReceiverConfig, parse_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +51,32 @@ def decode_protobuf(raw: bytes) -> ExportTraceServiceRequest:
     return req
 
 
+_BAD_ID = base64.b64encode(b"\0").decode("ascii")  # one byte: an invalid id, dropped with its span
+
+
+def _lenient_id(value: str, size: int, key: str) -> str:
+    """Hex id -> the base64 ParseDict reads; a bad one becomes an id of the wrong length (that span only)."""
+    if value == "":
+        return value
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return _BAD_ID
+    return base64.b64encode(raw).decode("ascii") if len(raw) == size else _BAD_ID
+
+
 def decode_json(raw: bytes) -> ExportTraceServiceRequest:
     try:
-        return request_from_json(raw)
-    except OTLPJSONError as exc:
+        obj = json.loads(raw)
+        if not isinstance(obj, dict):
+            raise Malformed("cannot decode OTLP/JSON ExportTraceServiceRequest: the top level must be an object")
+        _walk_ids(obj, _lenient_id)
+        return json_format.ParseDict(obj, ExportTraceServiceRequest(), ignore_unknown_fields=True)
+    except RecursionError:
+        raise Malformed("cannot decode OTLP/JSON ExportTraceServiceRequest: nested too deep") from None
+    except (ValueError, UnicodeDecodeError, TypeError, binascii.Error, json_format.ParseError) as exc:
+        if isinstance(exc, Malformed):
+            raise
         raise Malformed(f"cannot decode OTLP/JSON ExportTraceServiceRequest: {exc}") from None
 
 
@@ -77,11 +112,18 @@ class OTLPReceiver:
         self.http = None
         self.grpc_auth = None
         self.http_auth = None
+        self.budget = settings.budget.receive  # bodies being read and decoded, all front ends together
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, host) -> None:
         p = self.cfg.protocols
         prefix = f"receivers::{self.id}::protocols"
+        for proto, server in (("grpc", p.grpc), ("http", p.http)):
+            if server is not None and server.auth is not None and server.tls is None:
+                host_addr = parse_endpoint(server.endpoint)[0]
+                where = "loopback" if host_addr.startswith("127.") or host_addr == "::1" else host_addr
+                logger.warning("%s::%s: bearer token authentication without TLS: the token crosses the network in "
+                               "clear text (listening on %s); configure tls", prefix, proto, where)
         if p.grpc is not None:
             from receivers.otlp.grpc import GRPCFrontEnd
 
@@ -116,16 +158,34 @@ class OTLPReceiver:
         return self.http.port if self.http else None
 
     # -- per request ----------------------------------------------------------------------------
-    def admit(self, transport: str) -> None:
-        """Refuse before decoding when the pipelines are full: overload then costs little CPU."""
+    def refused(self, transport: str, exc: Refused) -> None:
+        self.telemetry.add(sc.COLLECTOR_REFUSED_REQUESTS, receiver=self.id, transport=transport, reason=exc.reason)
+
+    def _memory_refused(self, transport: str) -> Refused:
+        exc = Refused("memory limit: the receivers hold all the data their budget allows", 1.0)
+        self.refused(transport, exc)
+        return exc
+
+    def memory_room(self, transport: str) -> None:
+        """Raise Refused (counted) while the receive share of the memory budget is in use."""
+        if self.budget.full:
+            raise self._memory_refused(transport)
+
+    def reserve(self, n: int, transport: str) -> None:
+        """Take ``n`` bytes of the receive share, or raise Refused (counted)."""
+        if not self.budget.try_take(n):
+            raise self._memory_refused(transport)
+
+    def admit(self, transport: str, wire_bytes: int = 0) -> None:
+        """Refuse before decoding when the pipelines are full (or could not take ``wire_bytes`` more):
+        overload then costs little CPU."""
         admit = getattr(self.consumer, "admit", None)
         if admit is None:
             return
         try:
-            admit()
+            admit(wire_bytes) if wire_bytes else admit()
         except Refused as exc:
-            self.telemetry.add(sc.COLLECTOR_REFUSED_REQUESTS, receiver=self.id, transport=transport,
-                               reason=exc.reason)
+            self.refused(transport, exc)
             raise
 
     def malformed(self, transport: str, reason: str) -> None:

@@ -109,6 +109,28 @@ class CollectorProcess:
         return self.proc.returncode
 
 
+def read_counters(log_path: str) -> Dict[str, int]:
+    """The last counters a collector process logged (at shutdown, or on SIGUSR1), summed by name.
+
+    Keys are ``name`` (summed over labels) and ``name{labels}`` as logged."""
+    import json
+
+    last = None
+    with open(log_path, errors="replace") as fh:
+        for line in fh:
+            if "counters: {" in line:
+                last = line
+    if last is None:
+        return {}
+    raw = json.loads(last[last.index("counters: ") + len("counters: "):])
+    out: Dict[str, int] = dict(raw)
+    for key, v in raw.items():
+        name = key.split("{", 1)[0]
+        if name != key:
+            out[name] = out.get(name, 0) + v
+    return out
+
+
 # -- clients: the official OTel exporters ---------------------------------------------------------
 def client_provider(protocol: str, port: int, instance: str, batch: bool = True, **res):
     """A TracerProvider exporting with the official OTLP exporter; returns (provider, sent-span recorder)."""
@@ -178,15 +200,21 @@ class CountingSink:
             self._sink = None
 
     def _harvest(self) -> None:
+        from tests.otlp_sink import attrs_of
+
         sink = self._sink
         if sink is None:
             return
-        spans = sink.spans()
-        sink.clear()
+        with sink._lock:  # take the requests and empty the list at once: a request must not slip between
+            reqs, sink.requests = sink.requests, []
         with self._lock:
-            for s in spans:
-                self.counts[s.span_id] = self.counts.get(s.span_id, 0) + 1
-                self.attrs[s.span_id] = s.attributes
+            for req in reqs:
+                for rs in req.resource_spans:
+                    for ss in rs.scope_spans:
+                        for s in ss.spans:
+                            sid = s.span_id.hex()
+                            self.counts[sid] = self.counts.get(sid, 0) + 1
+                            self.attrs[sid] = attrs_of(s.attributes)
 
     def snapshot(self) -> Dict[str, int]:
         self._harvest()

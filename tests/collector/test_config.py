@@ -198,3 +198,18 @@ def test_every_component_lifecycle(factory, tmp_path):
         if hasattr(comp, "shutdown"):
             comp.shutdown()
             comp.shutdown()
+
+
+@pytest.mark.parametrize("text", ["0x1f2e3d4c", "0777123", "1_000_000", "190:20:30", "true", "1e3", "~", "null"])
+def test_whole_value_env_reference_keeps_the_text_for_string_fields(text):
+    """Issue 16, finding 7: ``token: ${env:TOKEN}`` must not be read as YAML when the field is a string
+    (the Collector keeps the string); typed fields still get the YAML reading."""
+    cfg = base_config(exporters={"otlp_grpc": {"endpoint": "127.0.0.1:4317", "headers": {"x-token": "${env:TOKEN}"}}})
+    cfg["receivers"]["otlp"]["protocols"]["grpc"]["max_recv_msg_size_mib"] = "${env:MIB}"
+    cfg["extensions"] = {"bearertokenauth": {"token": "${env:TOKEN}"}}
+    cfg["service"]["extensions"] = ["bearertokenauth"]
+    c = from_dict(cfg, env={"TOKEN": text, "MIB": "0x10"})
+    assert c.exporters["otlp_grpc"].config.headers == {"x-token": text}
+    assert c.extensions["bearertokenauth"].config.token == text
+    assert c.receivers["otlp"].config.protocols.grpc.max_recv_msg_size_mib == 16
+    assert type(c.extensions["bearertokenauth"].config.token) is str

@@ -40,13 +40,15 @@ def _payloads(n: int, steps_per_request: int = 128):
 
 
 class SlowBackend(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC backend that takes ``delay`` seconds per export."""
+    """An OTLP/gRPC backend with ``workers`` threads that takes ``delay`` seconds per export; ``counts``
+    has how often each span id (hex) was delivered."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, workers: int = 8) -> None:
         self.delay = delay
         self.spans = 0
+        self.counts = {}
         self.lock = threading.Lock()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -54,7 +56,11 @@ class SlowBackend(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(self, request, context):  # noqa: N802
         time.sleep(self.delay)
         with self.lock:
-            self.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            for rs in request.resource_spans:
+                for ss in rs.scope_spans:
+                    self.spans += len(ss.spans)
+                    for s in ss.spans:
+                        self.counts[s.span_id.hex()] = self.counts.get(s.span_id.hex(), 0) + 1
         return ExportTraceServiceResponse()
 
 

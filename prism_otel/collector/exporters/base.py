@@ -2,7 +2,8 @@
 
 An exporter implements ``send(item)`` (one attempt; raise :class:`Retryable` or
 :class:`~prism_otel.collector.errors.PermanentError`); :class:`QueuedExporter` runs it behind a
-bounded queue with ``num_consumers`` threads, retrying with jittered exponential backoff (the
+queue bounded in requests (``queue_size``) and in bytes (its share of the memory budget, queued and in
+flight together: :mod:`prism_otel.collector.memory`) with ``num_consumers`` threads, retrying with jittered exponential backoff (the
 server's RetryInfo / Retry-After wins when longer) until ``max_elapsed_time``.
 
 Keys and defaults are the Collector's exporterhelper ones. ``sending_queue.storage`` names a
@@ -24,6 +25,7 @@ from typing import Callable, Dict, List, Literal, Optional
 from prism_otel import semconv as sc
 from prism_otel.collector.decode import Duration, check
 from prism_otel.collector.errors import PermanentError
+from prism_otel.collector.memory import outgoing_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -62,22 +64,64 @@ class RetryConfig:
 
 
 class Retryable(Exception):
-    def __init__(self, message: str, retry_after: Optional[float] = None) -> None:
+    """A send to retry. ``uncertain``: it timed out, so the backend may have the data (a retry may
+    deliver it twice; counted in ``prism.collector.export_uncertain_spans``)."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None, uncertain: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.uncertain = uncertain
+
+
+class Concurrency:
+    """How many sends this exporter has in flight at once, adapted to the backend (up to ``num_consumers``).
+
+    Starts at 2 and grows by one after a send answered within a quarter of the timeout; shrinks by one
+    after a send that took over half of it, and halves after a timeout. A slow backend thus sees no
+    more calls than it answers in time: a call that times out at the sender but is still processed by
+    the backend is delivered twice when retried (OTLP cannot ask), so the way to fewer duplicates is
+    not to queue calls at the backend."""
+
+    def __init__(self, most: int, timeout: float) -> None:
+        self.most = most
+        self.timeout = timeout
+        self.limit = min(2, most)
+        self.busy = 0
+        self._cv = threading.Condition()
+
+    def acquire(self, stopping: threading.Event) -> bool:
+        with self._cv:
+            while self.busy >= self.limit:
+                if stopping.is_set():
+                    return False
+                self._cv.wait(0.1)
+            self.busy += 1
+            return True
+
+    def release(self, seconds: float, timed_out: bool) -> None:
+        with self._cv:
+            self.busy -= 1
+            if timed_out:
+                self.limit = max(1, self.limit // 2)
+            elif seconds > self.timeout / 2:
+                self.limit = max(1, self.limit - 1)
+            elif seconds < self.timeout / 4 and self.limit < self.most:
+                self.limit += 1
+            self._cv.notify_all()
 
 
 class OutItem:
     """One request on its way out: the tagged protobuf, its encoding, and where its spans came from."""
 
-    __slots__ = ("request", "payload", "n_spans", "sources", "keys")
+    __slots__ = ("request", "payload", "n_spans", "sources", "keys", "size")
 
-    def __init__(self, request, payload: bytes, n_spans: int, sources: Dict, keys: Optional[List[int]] = None):
+    def __init__(self, request, payload: bytes, n_spans: int, sources: Dict, keys: Optional[List[bytes]] = None):
         self.request = request
         self.payload = payload
         self.n_spans = n_spans
         self.sources = sources
         self.keys = keys
+        self.size = outgoing_bytes(len(payload))  # what it holds in memory (prism_otel/collector/memory.py)
 
 
 class QueuedExporter:
@@ -94,18 +138,30 @@ class QueuedExporter:
         self._stopping = threading.Event()
         self._threads: List[threading.Thread] = []
         self._inflight = 0
+        self.max_bytes = settings.budget.exporter_bytes  # queued and in flight, this exporter's share
+        self._bytes = 0
+        self._slots: Optional[Concurrency] = None
+        self._count_abandoned = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, host) -> None:
         if not self.queue.enabled or self._threads:
             return
+        timeout = float(getattr(getattr(self, "cfg", None), "timeout", 0) or 0)
+        if timeout and self.queue.num_consumers > 1:
+            self._slots = Concurrency(self.queue.num_consumers, timeout)
         for i in range(self.queue.num_consumers):
             t = threading.Thread(target=self._worker, name=f"prism-exporter-{self.id}-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
     def shutdown(self, timeout: float = 5.0, drain: bool = True) -> None:
-        """Stop taking items; deliver what is queued within ``timeout`` (``drain``), then stop."""
+        """Stop taking items; deliver what is queued within ``timeout`` (``drain``), then stop.
+
+        With ``drain`` (an in-memory queue: nothing else holds the data) what is still queued or
+        in a retry wait at the deadline is lost, and counted (``export_failed_spans{reason=shutdown}``);
+        without it (a persistent pipeline) it stays in the pipeline's log for the next start."""
+        self._count_abandoned = drain
         deadline = time.monotonic() + timeout
         while drain and (self._q or self._inflight) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -115,6 +171,14 @@ class QueuedExporter:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()) + 0.5)
         self._threads = []
+        with self._cv:
+            left, self._q = list(self._q), deque()
+        if drain:
+            for item, _ in left:
+                self._count_failed(item, "shutdown")
+            if left:
+                logger.warning("exporter %s: %d spans still queued at shutdown are lost (counted)", self.id,
+                               sum(item.n_spans for item, _ in left))
         self.close()
 
     def close(self) -> None:
@@ -131,15 +195,18 @@ class QueuedExporter:
             return
         block = block or self.queue.block_on_overflow
         with self._cv:
-            while len(self._q) >= self.queue.queue_size:
+            while len(self._q) >= self.queue.queue_size or (self._bytes and self._bytes + item.size > self.max_bytes):
                 if block and self._stopping.is_set():
-                    return  # abandoned at shutdown: a persistent pipeline still has it in its log
+                    if self._count_abandoned:
+                        self._count_failed(item, "shutdown")
+                    return  # abandoned at shutdown (a persistent pipeline still has it in its log)
                 if not block:
                     self._count_failed(item, "queue_full")
                     done(False)
                     return
                 self._cv.wait(0.1)
             self._q.append((item, done))
+            self._bytes += item.size
             self._cv.notify()
 
     def __len__(self) -> int:
@@ -160,6 +227,10 @@ class QueuedExporter:
             finally:
                 with self._cv:
                     self._inflight -= 1
+                    self._bytes -= item.size
+                    self._cv.notify_all()
+            if ok is None and self._count_abandoned:
+                self._count_failed(item, "shutdown")
             if ok is not None:
                 try:
                     done(ok)
@@ -174,7 +245,7 @@ class QueuedExporter:
         interval = retry.initial_interval
         while True:
             try:
-                self.send(item)
+                self._send_paced(item)
                 self.telemetry.add(sc.COLLECTOR_EXPORTED_SPANS, item.n_spans, exporter=self.id)
                 return True
             except PermanentError as exc:
@@ -200,6 +271,24 @@ class QueuedExporter:
                 logger.warning("exporter %s: send failed: %r", self.id, exc, exc_info=True)
                 self._count_failed(item, "error")
                 return False
+
+    def _send_paced(self, item: OutItem) -> None:
+        slots = self._slots
+        if slots is None:
+            self.send(item)
+            return
+        if not slots.acquire(self._stopping):
+            raise Retryable("shutting down")
+        t0, timed_out = time.monotonic(), False
+        try:
+            self.send(item)
+        except Retryable as exc:
+            timed_out = exc.uncertain
+            if exc.uncertain:
+                self.telemetry.add(sc.COLLECTOR_EXPORT_UNCERTAIN, item.n_spans, exporter=self.id)
+            raise
+        finally:
+            slots.release(time.monotonic() - t0, timed_out)
 
     def _count_failed(self, item: OutItem, reason: str) -> None:
         self.telemetry.add(sc.COLLECTOR_EXPORT_FAILED_SPANS, item.n_spans, exporter=self.id, reason=reason)

@@ -118,7 +118,7 @@ class OTLPHTTPExporter(QueuedExporter):
                                         verify=self._verify, cert=self._cert)
         except requests.RequestException as exc:
             self._local.session = None  # a fresh connection next time
-            raise Retryable(f"{type(exc).__name__}: {exc}") from None
+            raise Retryable(f"{type(exc).__name__}: {exc}", uncertain=isinstance(exc, requests.ReadTimeout)) from None
         code = resp.status_code
         if 200 <= code < 300:
             self._partial(resp)
