@@ -73,6 +73,10 @@ class FitWorker:
             self.proc = subprocess.Popen([sys.executable, "-m", "processors.fit_worker", str(req_r), str(rep_w)],
                                          pass_fds=(req_r, rep_w), env=child_env(sc.ROLE_FIT_WORKER),
                                          stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            os.close(req_w)  # this side's ends too: no worker will ever read or write them
+            os.close(rep_r)
+            raise
         finally:
             os.close(req_r)
             os.close(rep_w)
