@@ -12,6 +12,8 @@ Compares prism's detector with what a user would otherwise run, in the same proc
 * refit on 1000 steps on the processor's own thread (two-fold calibration and final fit), vs the
   LatencyPrism-setting GBDT (200 trees, depth 4) fitted on the same rows, and the calling thread's
   verdict cost while the refit runs;
+* first fit: a fresh interpreter's model-library import and its first model on 200 real steps (the
+  shipped transformers-small corpus): what an instance's first verdicts wait for (no blind start);
 * alert delay: steps fed through the real pipeline thread as an engine would (timestamps on the ring),
   time from a step's end to its alert's JSON line.
 
@@ -140,6 +142,45 @@ def refit_cost(reps: int = 5) -> dict:
             "during_n": len(during)}
 
 
+_FIRST_FIT = """
+import sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, {root!r})
+from processors.features import PrevTracker, step_features
+from processors.model import fit
+from prism_otel.simulate import corpus, holdout
+t1 = time.perf_counter()
+steps, _ = holdout.load(corpus.available()["transformers-small"])
+rows = [x for x in steps if x.phase == "decode"][:{n}]
+pt, X = PrevTracker(), []
+for x in rows:
+    X.append(step_features(x.batch_size, x.prefill_tokens, x.decode_tokens, x.context_tokens,
+                           x.max_context_tokens, pt.prev(x.instance, x.start_ns, x.end_ns)))
+    pt.update(x.instance, x.batch_size, x.tokens, x.end_ns)
+import numpy as np
+t2 = time.perf_counter()
+fit(np.array(X), np.array([(x.end_ns - x.start_ns) / 1e6 for x in rows]))
+print(t1 - t0, time.perf_counter() - t2)
+"""
+
+
+def first_fit(n: int = 200, reps: int = 5) -> dict:
+    """A fresh interpreter's first model on ``n`` real decode steps (the shipped transformers-small
+    corpus): the model libraries' import, then the fit (what an instance's first ``min_train`` steps wait
+    for), medians and max over ``reps`` fresh processes."""
+    import os
+    import subprocess
+
+    root = __file__.rsplit("/bench/", 1)[0]
+    imp, fits = [], []
+    for _ in range(reps):
+        out = subprocess.run([sys.executable, "-c", _FIRST_FIT.format(root=os.path.abspath(root), n=n)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        imp.append(float(out[0]))
+        fits.append(float(out[1]))
+    return {"rows": n, "import_s": statistics.median(imp), "fit_s": statistics.median(fits), "fit_max_s": max(fits)}
+
+
 def alert_delay() -> dict:
     """Steps go on the ring as an engine records them, paced 1 ms apart (their timestamps are the
     simulated ones, shifted into the past so starts stay in order); the delay is from the moment a
@@ -187,6 +228,7 @@ def main(argv=None) -> int:
     vc = verdict_cost()
     rc = refit_cost()
     ad = alert_delay()
+    ff = first_fit()
     su = acc["suite"]
     print(f"# detection benchmark: suite {args.size} (seed {args.seed}): {su['streams']} streams, {su['steps']} judged "
           f"steps, {su['anomalous_steps']} anomalous; accuracy run {acc['wall_s']:.0f} s")
@@ -207,6 +249,8 @@ def main(argv=None) -> int:
           f"{'':>14} {'':>24}")
     print(f"{'alert delay, step end -> alert, p50 / max (ms)':<44} {ad['p50_ms']:>6.2f} / {ad['max_ms']:<5.2f} "
           f"{'':>14} {'(' + str(ad['alerts']) + ' alerts)':>24}")
+    print(f"{'first fit, fresh process, ' + str(ff['rows']) + ' real steps (s)':<44} {ff['fit_s']:>14.3f} "
+          f"{'':>14} {'max ' + format(ff['fit_max_s'], '.3f') + ', imports ' + format(ff['import_s'], '.3f'):>24}")
     print("alternatives: verdict = sklearn GradientBoostingRegressor.predict per step (200 trees, depth 4); "
           "refit = the same GBDT fitted on the same rows")
     return 0

@@ -49,7 +49,7 @@ class _Key:
     """Model, verdict state and training buffer of one (instance, phase)."""
 
     __slots__ = ("instance", "phase", "model", "norms", "verdict", "recent", "reservoir", "evicted", "clean",
-                 "novel", "drift", "fitting", "fits", "last_alert_ns")
+                 "novel", "drift", "fitting", "fits", "last_alert_ns", "ref_limits")
 
     def __init__(self, instance: str, phase: str, cfg: AnomalyConfig, vp: VerdictParams) -> None:
         self.instance, self.phase = instance, phase
@@ -66,6 +66,10 @@ class _Key:
         self.fitting = False
         self.fits = 0
         self.last_alert_ns = -(1 << 62)
+        # the limits of the first model, fitted on every step (nothing was flagged yet): a refit sees only
+        # the steps the detector let through, whose quiet tail would pull its limits down, so a refit's
+        # limits never go under these
+        self.ref_limits: Optional[Dict[str, float]] = None
 
     def add(self, row: tuple, cap_res: int, rng: random.Random) -> None:
         rec = self.recent
@@ -99,10 +103,11 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             config = AnomalyConfig.from_dict(config or {})
         self.cfg: AnomalyConfig = config
         c = config
-        self._vp = VerdictParams(point_k=c.point_k, window=c.window, window_k=c.window_k, cusum_k=c.cusum_k,
-                                 cusum_h=c.cusum_h, flag_k=c.flag_k, min_rel=c.min_rel, min_shift=c.min_shift,
-                                 point_cap=c.point_cap, clear_steps=c.clear_steps)
-        self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, window=c.window)
+        self._vp = VerdictParams(alpha=c.alpha, short=c.short, window=c.window, long_window=c.long_window,
+                                 min_point=c.min_point, min_shift=c.min_shift, clear_steps=c.clear_steps,
+                                 cell_min_steps=c.cell_min_steps,
+                                 bias_rate=c.bias_rate, max_bias=c.max_bias)
+        self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, verdict=self._vp)
         self._phases = c.phase_set()
         self._keys: Dict[Tuple[str, str], _Key] = {}
         self._prev = PrevTracker()
@@ -110,6 +115,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         self._rng = random.Random(0)
         self._cap_res = c.max_train // 4
         self._max_step_ns = int(c.max_step_s * 1e9)
+        self.train_seen: Dict[str, int] = {}  # phase -> normal steps offered to train()
         self._seeds: Dict[str, tuple] = {}  # phase -> (model, norms, rows): baseline for new keys
         self._alarmed: Dict[str, set] = {}  # instance -> phases whose alarm is up
         self._latest: Dict[str, _Key] = {}
@@ -191,11 +197,10 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         clean = True
         novel_row = False
         if m is not None:
-            pred, ratio = m.expect(x)
+            pred = m.expect(x)
             r = math.log(y_ms / pred)
-            novel = m.excess(x)  # past the training envelope: an extrapolation
-            inflate = ratio * (1.0 + self.cfg.novelty_k * novel)
-            score, anomalous, rising, test = k.verdict.judge(r, m, inflate, novel > 0.05)
+            novel = m.excess(x)  # past the training envelope: an extrapolation (learned sooner, weighted up)
+            score, anomalous, rising, test = k.verdict.judge(r - m.center, x, m)
             expected = pred * math.exp(m.center)
             root = None
             if anomalous and stages and self.cfg.root_cause and k.norms is not None:
@@ -210,11 +215,11 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 alarmed.discard(phase)
             if novel > 0.02:
                 # new workload: learn it, unless the step is anomalous or an episode is going on
-                clean = not anomalous and not k.verdict.sustained
+                clean = not anomalous and not k.verdict.alarm
                 k.novel += clean
                 novel_row = True
             else:
-                clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale * ratio
+                clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale
                 if clean:
                     k.drift += 0.02 * (r - m.center - k.drift)
             out = (expected, score, anomalous, alert, root, test)
@@ -282,6 +287,9 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             rows = k.rows()
             taken, novel = k.clean, k.novel
             model, norms = self._fit_rows(rows)
+            if k.ref_limits is None:  # the first fit, or the first refit of a seeded / loaded baseline
+                k.ref_limits = dict((k.model or model).limits)
+            model.limits = {t: max(v, k.ref_limits.get(t, 0.0)) for t, v in model.limits.items()}
             k.model, k.norms = model, norms
             k.clean -= taken
             k.novel -= novel
@@ -333,7 +341,8 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         for phase, rs in rows.items():
             if len(rs) < max(30, self.cfg.min_train // 4):
                 continue
-            rs = rs[-self.cfg.max_train:]
+            self.train_seen[phase] = len(rs)
+            rs = rs[-self.cfg.max_train:]  # the most recent (spreading blocks over the file measured worse)
             model, norms = self._fit_rows(rs)
             self._seeds[phase] = (model, norms, rs[-SAMPLE_ROWS:])
             for (_, ph), k in self._keys.items():
@@ -352,6 +361,15 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         return False
 
     # -- lifecycle and introspection ---------------------------------------------------------------
+    def forget_instance(self, instance: str) -> None:
+        """Drop everything kept for ``instance`` (models, verdict state, training rows): the collector
+        evicts idle instances to stay within its memory budget. Its next step starts it afresh."""
+        for key in [k for k in self._keys if k[0] == instance]:
+            del self._keys[key]
+        self._prev.forget(instance)
+        self._last_start.pop(instance, None)
+        self._alarmed.pop(instance, None)
+
     def shutdown(self) -> None:
         t = self._thread
         if t is not None:
@@ -371,3 +389,4 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 "fit_worker_fits": self._worker.remote_fits if self._worker else 0,
                 "fit_worker_failures": self._worker.failures if self._worker else 0, "baseline_loaded": self.baseline_loaded,
                 "alert_webhook_dropped": self.sink.dropped, "alert_failed": self.sink.failed}
+

@@ -19,16 +19,16 @@ class AnomalyConfig:
     max_train: int = 4000
     background: bool = True
     fit_process: bool = False
+    alpha: float = 0.002
+    short: int = 3
     window: int = 8
-    point_k: float = 5.0
-    window_k: float = 4.0
-    cusum_k: float = 1.5
-    cusum_h: float = 5.0
-    flag_k: float = 1.5
-    min_rel: float = 0.03
+    long_window: int = 32
+    min_point: float = 0.405
     min_shift: float = 0.08
-    point_cap: float = 0.5
-    clear_steps: int = 3
+    clear_steps: int = 8
+    cell_min_steps: int = 0
+    bias_rate: float = 0.02
+    max_bias: float = 0.2
     novelty_k: float = 2.0
     novelty_refit: int = 50
     novelty_weight: float = 4.0
@@ -48,12 +48,19 @@ class AnomalyConfig:
     alert_min_interval_s: float = 0.0
 
     def validate(self, where: str = "") -> None:
-        positive(where, point_cap=self.point_cap, min_shift=self.min_shift, min_train=self.min_train,
-                 refit_every=self.refit_every, max_train=self.max_train,
-                 window=self.window, point_k=self.point_k, window_k=self.window_k, cusum_h=self.cusum_h,
-                 clear_steps=self.clear_steps, n_trees=self.n_trees, tree_depth=self.tree_depth,
-                 alert_queue=self.alert_queue, alert_timeout_s=self.alert_timeout_s, max_step_s=self.max_step_s)
+        positive(where, alpha=self.alpha, min_point=self.min_point, min_shift=self.min_shift,
+                 min_train=self.min_train, refit_every=self.refit_every, max_train=self.max_train, short=self.short,
+                 window=self.window, long_window=self.long_window, clear_steps=self.clear_steps,
+                 bias_rate=self.bias_rate, max_bias=self.max_bias, n_trees=self.n_trees,
+                 tree_depth=self.tree_depth, alert_queue=self.alert_queue, alert_timeout_s=self.alert_timeout_s,
+                 max_step_s=self.max_step_s)
         pre = where + "." if where else ""
+        if not self.alpha < 0.5:
+            raise ValueError(f"{pre}alpha: must be < 0.5 (a false-alarm rate per test), got {self.alpha}")
+        if self.cell_min_steps < 0:
+            raise ValueError(f"{pre}cell_min_steps: must be >= 0, got {self.cell_min_steps}")
+        if self.bias_rate > 1:
+            raise ValueError(f"{pre}bias_rate: must be <= 1, got {self.bias_rate}")
         if self.max_train < self.min_train:
             raise ValueError(f"{pre}max_train: must be >= min_train ({self.min_train}), got {self.max_train}")
         bad = [p for p in self.phase_set() if p not in sc.PHASES]

@@ -22,7 +22,7 @@ from typing import Dict, Mapping, Optional
 logger = logging.getLogger(__name__)
 
 KEY_FIELDS = ("model", "hardware", "framework", "parallelism", "versions")
-FORMAT = 1
+FORMAT = 2  # 2: per-test limits calibrated on the residuals (processors.verdict); format 1 files are ignored
 
 
 def normalize_key(key: Optional[Mapping[str, str]]) -> Dict[str, str]:

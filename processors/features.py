@@ -73,6 +73,9 @@ class PrevTracker:
     def update(self, instance: str, batch: int, tokens: int, end_ns: int) -> None:
         self._last[instance] = (batch, tokens, end_ns)
 
+    def forget(self, instance: str) -> None:
+        self._last.pop(instance, None)
+
     def last_end(self, instance: str) -> Optional[int]:
         last = self._last.get(instance)
         return None if last is None else last[2]

@@ -118,6 +118,14 @@ class FleetProcessor(StepProcessor):
     def key_of(self, instance: str) -> Tuple[str, ...]:
         return self._key_of.get(instance, ())
 
+    def forget_instance(self, instance: str) -> None:
+        """Drop what is kept for ``instance`` (the collector evicts idle instances)."""
+        key = self._key_of.pop(instance, None)
+        groups = [self._groups[key]] if key in self._groups else list(self._groups.values())
+        for g in groups:
+            g.instances.pop(instance, None)
+            g.ref.pop(instance, None)
+
     def process(self, step: StepRecord) -> StepRecord:
         if step.phase == "idle" or step.end_ns <= step.start_ns:
             return step

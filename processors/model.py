@@ -21,7 +21,8 @@ Fitting and scoring need numpy alone, which installs with prism-otel: the detect
 every install.
 
 Calibration: residuals ``log(y / expected)`` are taken out of fold (two-fold cross-fit over time
-blocks) so the limits reflect the error on unseen steps, not the training fit.
+blocks), so the limits reflect the error on unseen steps, not the training fit; each test's limit is
+calibrated on them, in time order (:func:`processors.verdict.calibrate`).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_FEATURES, NEW_TOKENS
 from processors.gbm import fit_trees, huber_line
+from processors.verdict import VerdictParams, calibrate
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +48,17 @@ class FitParams:
     depth: int = 3
     learning_rate: float = 0.1
     min_leaf: int = 15
-    window: int = 8
     scale_floor: float = 0.004  # smallest residual scale accepted (log units, ~0.4%)
+    verdict: VerdictParams = field(default_factory=VerdictParams)  # how the test limits are calibrated
 
 
 class LatencyModel:
-    """A fitted model plus the residual statistics the verdict needs. Immutable once built."""
+    """A fitted model plus what the verdict needs: the median out-of-fold residual (``center``), its
+    robust scale, and each test's limit calibrated on the training steps (``limits``,
+    :func:`processors.verdict.calibrate`). Immutable once built."""
 
-    def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, tail, win_mean, win_std, n_train,
-                 ranges=None, fit_s=0.0, lo=None, scale_trees=None, abs_norm=1.0, piece2=None,
-                 cond_hi=None) -> None:
+    def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, limits, n_train, ranges=None,
+                 fit_s=0.0, lo=None, piece2=None, cond_hi=None, cells=None) -> None:
         self.cols = tuple(int(c) for c in cols)
         self.coef = tuple(float(c) for c in coef)
         self.lo = tuple(float(v) for v in lo) if lo is not None else tuple(0.0 for _ in self.cols)
@@ -64,11 +67,10 @@ class LatencyModel:
         self.trees = trees  # None or dict of numpy arrays (feat, thr, child, value, roots, depth, init)
         self.center = float(center)  # median out-of-fold log residual
         self.scale = float(scale)  # robust sigma of it
-        self.tail = float(tail)  # 99.9% quantile of (residual - center) / scale
-        # mean and spread of the window mean of one-sided residuals max(0, (r - center) / scale)
-        self.win_mean = float(win_mean)
-        self.win_std = float(win_std)
+        self.limits = {str(k): float(v) for k, v in (limits or {}).items()}  # test -> limit on the residual
         self.n_train = int(n_train)
+        # workload cell -> residual bias in the training steps (processors.verdict.calibrate)
+        self.cells = {tuple(int(v) for v in k): float(b) for k, b in (cells or {}).items()}
         self.ranges = ranges
         self.fit_s = fit_s
         self._lin = tuple(zip(self.cols, self.coef, self.lo))
@@ -83,29 +85,12 @@ class LatencyModel:
         # at about that batch size. Batch and context move together in traffic, so a combination can
         # be new while each value alone is well inside the envelope (long contexts at mid batches)
         self.cond_hi = {int(k): (float(a), float(b)) for k, (a, b) in (cond_hi or {}).items()}
-        # local residual scale: trees on |residual| (heteroscedastic noise, e.g. host-bound regions)
-        self.scale_trees = scale_trees
-        self.abs_norm = float(abs_norm)
         if trees is not None:
             self._init = float(trees["init"])
-            # both ensembles in one set of flat arrays: one vectorised pass judges every split of every
-            # tree, then one walk down (depth steps) over all the roots
-            parts = [trees] + ([scale_trees] if scale_trees is not None else [])
-            offs = np.cumsum([0] + [len(t["feat"]) for t in parts])[:-1]
-            self._feat = np.concatenate([t["feat"] for t in parts])
-            self._thr = np.concatenate([t["thr"] for t in parts])
-            self._child = np.concatenate([t["child"] + o for t, o in zip(parts, offs)])
-            self._value = np.concatenate([t["value"] for t in parts])
-            self._roots = np.concatenate([t["roots"] + o for t, o in zip(parts, offs)])
-            self._n_main = len(trees["roots"])
-            self._depth = max(int(t["depth"]) for t in parts)
+            self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
+            self._value, self._roots, self._depth = trees["value"], trees["roots"], int(trees["depth"])
 
     # -- scoring ----------------------------------------------------------------------------------
-    def point_limit(self, k: float) -> float:
-        """Limit on one step's standardised residual: ``k``, or more where normal residuals are heavy-tailed."""
-        t = 1.25 * self.tail
-        return t if t > k else k
-
     def excess(self, x) -> float:
         """How far beyond the training envelope a step's workload lies (0 inside; 0.5 = 50% past the
         largest value of some physics column). Predictions out there are extrapolations."""
@@ -140,33 +125,20 @@ class LatencyModel:
 
     def predict_one(self, x) -> float:
         """Expected latency (ms) of one step's feature tuple."""
-        return self.expect(x)[0]
+        return self.expect(x)
 
-    def expect(self, x) -> tuple:
-        """(expected ms, local scale ratio) of one step: the ratio (0.7..1.8) says how much noisier than
-        usual normal steps of this workload are; the residual scale there is ``scale * ratio``."""
+    def expect(self, x) -> float:
+        """Expected latency (ms) of one step: the line times the trees' correction (every split of every
+        tree judged at once, then one walk down over all the roots)."""
         b = self.base_one(x)
         if self.trees is None:
-            return b, 1.0
-        # every split at once (features compared in float32, as the thresholds were cut)
-        right = np.asarray(x, dtype=np.float32)[self._feat] > self._thr
+            return b
+        right = np.asarray(x, dtype=np.float32)[self._feat] > self._thr  # compared in float32, as cut
         node = self._roots
         child = self._child
         for _ in range(self._depth):
             node = child[2 * node + right[node]]
-        leaf = self._value[node]
-        nm = self._n_main
-        pred = b * math.exp(self._init + float(leaf[:nm].sum()))
-        st = self.scale_trees
-        if st is None:
-            return pred, 1.0
-        ratio = (st["init"] + float(leaf[nm:].sum())) / self.abs_norm
-        return pred, (0.7 if ratio < 0.7 else (1.8 if ratio > 1.8 else ratio))
-
-    def scale_ratio_many(self, X: np.ndarray) -> np.ndarray:
-        if self.scale_trees is None:
-            return np.ones(len(X))
-        return np.clip(_tree_raw(self.scale_trees, X) / self.abs_norm, 0.7, 1.8)
+        return b * math.exp(self._init + float(self._value[node].sum()))
 
     def predict_many(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -186,18 +158,16 @@ class LatencyModel:
     # -- persistence ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"cols": list(self.cols), "coef": list(self.coef), "lo": list(self.lo), "intercept": self.intercept,
-                "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "tail": self.tail,
-                "win_mean": self.win_mean, "win_std": self.win_std, "n_train": self.n_train, "ranges": self.ranges,
-                "trees": _trees_to_dict(self.trees), "scale_trees": _trees_to_dict(self.scale_trees),
-                "abs_norm": self.abs_norm, "piece2": self.piece2,
-                "cond_hi": {str(k): list(v) for k, v in self.cond_hi.items()}}
+                "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "limits": dict(self.limits),
+                "n_train": self.n_train, "ranges": self.ranges, "trees": _trees_to_dict(self.trees),
+                "piece2": self.piece2, "cond_hi": {str(k): list(v) for k, v in self.cond_hi.items()},
+                "cells": [list(k) + [b] for k, b in self.cells.items()]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyModel":
         return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], _trees_from_dict(d.get("trees")), d["center"],
-                   d["scale"], d["tail"], d["win_mean"], d["win_std"], d["n_train"], d.get("ranges"), lo=d.get("lo"),
-                   scale_trees=_trees_from_dict(d.get("scale_trees")), abs_norm=d.get("abs_norm", 1.0),
-                   piece2=d.get("piece2"), cond_hi=d.get("cond_hi"))
+                   d["scale"], d["limits"], d["n_train"], d.get("ranges"), lo=d.get("lo"), piece2=d.get("piece2"),
+                   cond_hi=d.get("cond_hi"), cells={tuple(c[:3]): c[3] for c in d.get("cells") or ()})
 
 
 def _trees_to_dict(t: Optional[dict]) -> Optional[dict]:
@@ -347,7 +317,7 @@ def _fit_once(X, y, p: FitParams, with_trees: bool, w=None):
         lim = 6 * 1.4826 * max(np.median(np.abs(z - med)), 1e-4)
         z = np.clip(z, med - lim, med + lim)  # a stray slow step must not bend the trees
         trees = fit_trees(X, z, p.n_trees, p.depth, p.learning_rate, max(p.min_leaf, len(X) // 200), 0.8, w)
-    return LatencyModel(cols, coef, icpt, floor, trees, 0.0, 1.0, 5.0, 0.4, 0.3, len(X), lo=lo, piece2=piece2)
+    return LatencyModel(cols, coef, icpt, floor, trees, 0.0, 1.0, {}, len(X), lo=lo, piece2=piece2)
 
 
 def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=None) -> LatencyModel:
@@ -375,24 +345,7 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=Non
     center = float(np.median(r))
     dev = r - center
     scale = max(p.scale_floor, 1.4826 * float(np.median(np.abs(dev))))
-    # local scale: boosted stumps on |residual| (clipped), relative to its mean
-    absdev = np.minimum(np.abs(dev), 6.0 * scale)
-    abs_norm = float(absdev.mean()) or 1.0
-    scale_trees = None
-    ratio = np.ones(n)
-    if with_trees and n >= 200:
-        scale_trees = fit_trees(X, absdev, 40, 2, 0.1, max(30, n // 50), 0.8)
-        ratio = np.clip(_tree_raw(scale_trees, X) / abs_norm, 0.7, 1.8)
-    zs = dev / (scale * ratio)
-    tail = float(np.quantile(zs, 0.999)) if n >= 200 else 6.0
-    w = max(1, p.window)
-    e = np.clip(zs, 0.0, max(tail, 5.0))  # one-sided, a stray outlier bounded
-    if n >= 4 * w:
-        wm = np.convolve(e, np.ones(w) / w, mode="valid")
-        win_mean, win_std = float(wm.mean()), float(wm.std())
-    else:
-        win_mean, win_std = 0.4, 0.0
-    win_std = max(win_std, 0.58 / math.sqrt(w))  # never tighter than iid normal residuals allow
+    limits, cells = calibrate(dev, X, p.verdict)
     final = _fit_once(X, y, p, with_trees, weights)
     # the envelope's edges are sparse: novelty starts past the 99th percentile, not the maximum
     ranges = [[float(a), float(q), float(b)] for a, q, b in zip(X.min(axis=0), np.percentile(X, 99, axis=0),
@@ -402,9 +355,9 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=Non
     for b in np.unique(bins):
         near = np.abs(bins - b) <= 1
         cond[int(b)] = (float(X[near, AVG_CONTEXT].max()), float(X[near, NEW_TOKENS].max()))
-    model = LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale,
-                         max(tail, 3.0), win_mean, win_std, n, ranges, time.perf_counter() - t0, lo=final.lo,
-                         scale_trees=scale_trees, abs_norm=abs_norm, piece2=final.piece2, cond_hi=cond)
+    model = LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale, limits,
+                         n, ranges, time.perf_counter() - t0, lo=final.lo, piece2=final.piece2, cond_hi=cond,
+                         cells=cells)
     return model
 
 

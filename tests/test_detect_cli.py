@@ -98,11 +98,13 @@ def test_detect_refuses_a_file_without_required_columns(tmp_path):
 
 
 def test_eval_json_small_suite():
-    r = cli("eval", "--json", "--size", "small")
+    """The synthetic suite alone (the real-data corpus has tests/simulate/test_corpus.py)."""
+    r = cli("eval", "--json", "--size", "small", "--no-corpus")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    dets = res["detectors"]
-    assert set(dets) == {"prism", "static_threshold", "zscore", "latencyprism_rule"}
+    assert set(res) == {"suite"}
+    dets = res["suite"]["detectors"]
+    assert set(dets) == {"prism", "static_threshold", "zscore", "latencyprism_rule", "gbdt_median3"}
     for m in dets.values():
         assert set(m) == {"precision", "recall", "f1", "fpr", "lag_batches", "lag_ms"}
     assert dets["prism"]["f1"] > 0.97

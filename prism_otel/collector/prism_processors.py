@@ -16,8 +16,7 @@ processors:
 Per-instance state: :func:`instances_for` bounds what the processors keep per engine instance by
 the memory budget's ``instance_state`` share (``service::memory``), with an estimate of each
 instance's bytes (:func:`instance_cost`) and a ``forget`` hook per processor (:func:`forget_instance`):
-a processor's own ``forget_instance(instance)`` method when it has one, else the adapter below for the
-processors of ``processors/`` that predate it.
+each processor's own ``forget_instance(instance)`` method (the anomaly and fleet processors have one).
 """
 
 from __future__ import annotations
@@ -151,36 +150,12 @@ def assembly_of(cfg: Any) -> Optional[AssemblyConfig]:
     return getattr(cfg, "assembly", None)
 
 
-def _forget_anomaly(p: Any, instance: str) -> None:
-    keys = getattr(p, "_keys", {})
-    for phase in getattr(p, "_phases", ()) or {ph for _, ph in list(keys)}:
-        keys.pop((instance, phase), None)
-    getattr(getattr(p, "_prev", None), "_last", {}).pop(instance, None)
-    for name in ("_last_start", "_alarmed"):
-        getattr(p, name, {}).pop(instance, None)
-
-
-def _forget_fleet(p: Any, instance: str) -> None:
-    key = p._key_of.pop(instance, None)
-    groups = [p._groups[key]] if key in p._groups else list(p._groups.values())
-    for g in groups:
-        g.instances.pop(instance, None)
-        g.ref.pop(instance, None)
-
-
-_ADAPTERS: Dict[str, Callable[[Any, str], None]] = {"AnomalyProcessor": _forget_anomaly,
-                                                    "FleetProcessor": _forget_fleet}
-
-
 def forget_instance(p: Any, instance: str) -> None:
-    """Drop what processor ``p`` keeps for ``instance`` (nothing, for processors without per-instance state)."""
+    """Drop what processor ``p`` keeps for ``instance`` (its ``forget_instance``; nothing for processors
+    without per-instance state)."""
     own = getattr(p, "forget_instance", None)
     if own is not None:
         own(instance)
-        return
-    adapter = _ADAPTERS.get(type(p).__name__)
-    if adapter is not None:
-        adapter(p, instance)
 
 
 def instance_cost(processors: Sequence[Any]) -> Callable[[int], int]:

@@ -12,7 +12,7 @@ QUIET = {"background": False, "alert_file": "none", "alert_log": False}
 
 # one episode of every shape, far enough apart that each is judged on its own
 EPISODES = (
-    Anomaly("spike", 300, 1, 0.5),
+    Anomaly("spike", 300, 1, 1.0),  # an isolated spike is an incident only when extreme (2x here)
     Anomaly("slowdown", 600, 120, 0.10),
     Anomaly("slowdown", 1000, 60, 1.0),
     Anomaly("stall", 1300, 80, 0.5, stage="schedule"),

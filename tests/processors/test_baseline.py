@@ -101,7 +101,8 @@ def test_model_round_trip_and_numpy_trees_as_good_as_sklearn():
     m2 = LatencyModel.from_dict(json.loads(json.dumps(m.to_dict())))
     many = m.predict_many(X)
     assert np.allclose(m2.predict_many(X), many, rtol=1e-12)
-    one = np.array([m.expect(tuple(x))[0] for x in X[:300]])
+    assert m2.limits == m.limits and m2.cells == m.cells and m.cells
+    one = np.array([m.expect(tuple(x)) for x in X[:300]])
     assert np.allclose(one, many[:300], rtol=1e-9)
     # the numpy trees fit the correction as well as scikit-learn's GBR does, on rows neither saw
     from sklearn.ensemble import GradientBoostingRegressor
@@ -135,6 +136,6 @@ def test_no_downward_extrapolation():
     X = np.array([step_features(x.batch_size, 0, x.decode_tokens, x.context_tokens, x.max_context_tokens, None)
                   for x in big])
     m = fit(X, np.array([x.duration_ms for x in big]))
-    tiny = m.expect(step_features(1, 0, 1, 500, 500, None))[0]
+    tiny = m.expect(step_features(1, 0, 1, 500, 500, None))
     # the weight-streaming floor (~5 ms on this profile) holds below the smallest batch seen
     assert tiny > 4.0, tiny

@@ -91,12 +91,12 @@ def test_defaults_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(sc.ENV_BASELINE_DIR, str(tmp_path))
     monkeypatch.setenv(sc.ENV_BASELINE_KEY, "model=tiny-llama,parallelism=tp1")
     monkeypatch.setenv(sc.ENV_ALERT_FILE, "none")
-    monkeypatch.setenv(sc.ENV_DETECT_CONFIG, "point_k=6,min_train=300")
+    monkeypatch.setenv(sc.ENV_DETECT_CONFIG, "alpha=0.001,min_train=300")
     monkeypatch.setenv(sc.ENV_SLO_TTFT_MS, "250")
     procs = in_process_processors()
     assert [type(p) for p in procs] == [AnomalyProcessor, SLOProcessor]
     a, s = procs
-    assert (a.cfg.point_k, a.cfg.min_train, a.cfg.baseline_dir, a.cfg.alert_file) == (6.0, 300, str(tmp_path), "none")
+    assert (a.cfg.alpha, a.cfg.min_train, a.cfg.baseline_dir, a.cfg.alert_file) == (0.001, 300, str(tmp_path), "none")
     assert s.cfg.ttft_ms == 250.0 and s.cfg.tpot_ms is None
     # the key resolves on the first step (model given by the environment), the rest is detected
     a.process(_step(1, 10))
@@ -110,7 +110,7 @@ def test_defaults_without_slo_targets_run_detection_only(monkeypatch):
     assert [type(p) for p in in_process_processors()] == [AnomalyProcessor]
 
 
-@pytest.mark.parametrize("var, value", [(sc.ENV_DETECT_CONFIG, "point_k=-2"), (sc.ENV_DETECT_CONFIG, "oops"),
+@pytest.mark.parametrize("var, value", [(sc.ENV_DETECT_CONFIG, "alpha=-2"), (sc.ENV_DETECT_CONFIG, "oops"),
                                         (sc.ENV_BASELINE_KEY, "gpu=x"), (sc.ENV_SLO_STEP_MS, "fast")])
 def test_bad_environment_names_the_variable(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
