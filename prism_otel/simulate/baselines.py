@@ -80,28 +80,33 @@ class _GBDT:
         return _tree_raw(self.trees, np.asarray(X, dtype=np.float64))
 
 
-def latencyprism_rule(train: Sequence[StepRecord], steps: Sequence[StepRecord], window: int = 10,
-                      k: float = 3.0, max_ucl: float = 0.5, eps: float = 1e-6) -> np.ndarray:
+def _per_phase(train: Sequence[StepRecord], steps: Sequence[StepRecord], judge) -> np.ndarray:
+    """Flags of ``steps``: ``judge(training steps, judged steps)`` per phase with at least 20 training steps."""
     out = np.zeros(len(steps), dtype=bool)
     tr_phase = _by_phase(train)
     for phase, idx in _by_phase(steps).items():
         tidx = tr_phase.get(phase, [])
-        if len(tidx) < 20:
-            continue
-        tr = [train[i] for i in tidx]
+        if len(tidx) >= 20:
+            out[np.asarray(idx)] = judge([train[i] for i in tidx], [steps[i] for i in idx])
+    return out
+
+
+def latencyprism_rule(train: Sequence[StepRecord], steps: Sequence[StepRecord], window: int = 10,
+                      k: float = 3.0, max_ucl: float = 0.5, eps: float = 1e-6) -> np.ndarray:
+    def judge(tr, st):
         Xtr, ytr = _lp_features(tr), np.array([s.duration_ms for s in tr])
         gbr = _GBDT(n_estimators=200, learning_rate=0.1, max_depth=4).fit(Xtr, ytr)
         e_tr = np.maximum(0.0, (ytr - gbr.predict(Xtr)) / (ytr + eps))
         w_tr = np.convolve(e_tr, np.ones(window) / window, mode="valid") if len(e_tr) >= window else e_tr
         ucl = min(float(w_tr.mean() + k * w_tr.std()), max_ucl)
-        st = [steps[i] for i in idx]
         y = np.array([s.duration_ms for s in st])
         e = np.maximum(0.0, (y - gbr.predict(_lp_features(st))) / (y + eps))
         # the window carries over from the end of training, as a monitor that kept running would
         e_all = np.concatenate([e_tr[-(window - 1):], e]) if window > 1 else e
         wm = np.convolve(e_all, np.ones(window) / window, mode="valid")[-len(e):]
-        out[np.asarray(idx)] = wm > ucl
-    return out
+        return wm > ucl
+
+    return _per_phase(train, steps, judge)
 
 
 def gbdt_median3(train: Sequence[StepRecord], steps: Sequence[StepRecord], q: float = 99.5) -> np.ndarray:
@@ -113,21 +118,14 @@ def gbdt_median3(train: Sequence[StepRecord], steps: Sequence[StepRecord], q: fl
         p = np.concatenate([r[:1], r[:1], r])
         return np.median(np.stack([p[:-2], p[1:-1], p[2:]]), axis=0)
 
-    out = np.zeros(len(steps), dtype=bool)
-    tr_phase = _by_phase(train)
-    for phase, idx in _by_phase(steps).items():
-        tidx = tr_phase.get(phase, [])
-        if len(tidx) < 20:
-            continue
-        tr = [train[i] for i in tidx]
+    def judge(tr, st):
         ytr = np.array([s.duration_ms for s in tr])
         gbr = _GBDT(n_estimators=200, learning_rate=0.1, max_depth=4).fit(feats(tr), np.log(ytr))
         lim = max(1.1, float(np.percentile(med3(ytr / np.exp(gbr.predict(feats(tr)))), q)))
-        st = [steps[i] for i in idx]
         y = np.array([s.duration_ms for s in st])
-        out[np.asarray(idx)] = med3(y / np.exp(gbr.predict(feats(st)))) > lim
-    return out
+        return med3(y / np.exp(gbr.predict(feats(st)))) > lim
 
+    return _per_phase(train, steps, judge)
 
 BASELINES = {"static_threshold": static_threshold, "zscore": zscore, "latencyprism_rule": latencyprism_rule,
              "gbdt_median3": gbdt_median3}
