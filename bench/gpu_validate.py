@@ -749,7 +749,8 @@ def graphs(E: Env) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few runs: checks the code paths only")
-    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=None,
+                    help="ABBA pairs of section A's generate runs (default 40); its CB runs get 60%% of that (24)")
     ap.add_argument("--only", default="", help="comma list of sections to run (A,B,C,D,E)")
     ap.add_argument("--modes", default="inprocess,companion",
                     help="pipeline modes of section A's Sentinel runs (inprocess: a thread; companion: the default)")
@@ -769,11 +770,13 @@ def main() -> None:
         E = Env(a)
         small = a.smoke
         b, p, new = (2, 16, 8) if small else (32, 256, 64)
-        pairs = 2 if small else a.pairs
+        # --pairs was parsed but never used (the counts were fixed at 40 and 24): it now sets them
+        gen_pairs = a.pairs or (4 if small else 40)
+        cb_pairs = max(2, round(0.6 * a.pairs)) if a.pairs else (4 if small else 24)
         sections = [
-            *[("A", lambda m=m: sentinel_generate(E, 4 if small else 40, b, p, 4 if small else 16, m)) for m in modes],
+            *[("A", lambda m=m: sentinel_generate(E, gen_pairs, b, p, 4 if small else 16, m)) for m in modes],
             ("A", lambda: profiler_always_on(E, E.prompts(b, p), 1 if small else 4, 4 if small else 16)),
-            *[("A", lambda m=m: sentinel_cb(E, 4 if small else 24, 8 if small else 48, m)) for m in modes],
+            *[("A", lambda m=m: sentinel_cb(E, cb_pairs, 8 if small else 48, m)) for m in modes],
             ("B", lambda: deepdive_cost(E, E.prompts(b, p), 2 if small else 12, 4 if small else 16)),
             ("C", lambda: kernel_groups_vs_trace(E, b, p, 4 if small else 16)),
             ("D", lambda: gpu_fault(E, *((4, 3, 2) if small else (40, 12, 8)))),
