@@ -46,7 +46,7 @@ def register(sub) -> None:
     e.add_argument("--corpus", metavar="DIR", default=None,
                    help="recorded corpora (default: the shipped ones; `prism-otel corpus list`)")
     e.add_argument("--no-corpus", action="store_true", help="skip the real-data corpus")
-    e.add_argument("--only-corpus", metavar="NAME", default=None, help="score only this corpus (comma list)")
+    e.add_argument("--only-corpus", metavar="NAME", default=None, help="score only this corpus (comma list); `faults`: only the recorded fault runs")
 
 
 def dispatch(args) -> Optional[int]:
@@ -132,16 +132,21 @@ def eval_command(args) -> int:
     if not args.no_corpus and not (args.no_synthetic and args.runs):  # --no-synthetic --runs: those alone
         try:
             found = corpus.available(args.corpus)
-            if args.only_corpus:
-                want = [n.strip() for n in args.only_corpus.split(",")]
+            want = [n.strip() for n in args.only_corpus.split(",")] if args.only_corpus else None
+            if want:
                 found = {n: p for n, p in found.items() if n in want}
-            if not found:
-                raise ValueError(f"no recorded corpus under {args.corpus or corpus.DATA_DIR} "
-                                 "(`prism-otel corpus build NAME` records one; --no-corpus skips it)")
-            headline = holdout.evaluate(found, dets)
             runs = faultruns.available(os.path.join(args.corpus, "faults") if args.corpus else None)
-            if runs and not args.only_corpus:
-                headline["faults"] = faultruns.evaluate(runs, dets)
+            if want == ["faults"]:
+                if not runs:
+                    raise ValueError("no recorded fault runs (`prism-otel corpus build faults` records them)")
+                headline = {"engines": {}, "overall": {}, "faults": faultruns.evaluate(runs, dets)}
+            else:
+                if not found:
+                    raise ValueError(f"no recorded corpus under {args.corpus or corpus.DATA_DIR} "
+                                     "(`prism-otel corpus build NAME` records one; --no-corpus skips it)")
+                headline = holdout.evaluate(found, dets)
+                if runs and (not want or "faults" in want):
+                    headline["faults"] = faultruns.evaluate(runs, dets)
         except (OSError, ValueError) as exc:
             print(f"prism-otel eval: {exc}", file=sys.stderr)
             return 2

@@ -84,3 +84,19 @@ def test_build_records_every_configuration_from_a_real_engine(tmp_path):
         if r["phase"] == "decode":
             by.setdefault(int(r["workload"].split("-")[0][1:]), []).append(float(r["batch_size"]))
     assert np.median(by[64]) > np.median(by[1])
+
+
+def test_recorded_fault_runs_are_scored_cold_and_trained_with_recovery_set_aside():
+    from prism_otel.simulate import faultruns
+
+    runs = faultruns.available()
+    assert {f"{e}-{f}" for e in faultruns.ENGINES for f in faultruns.FAULTS} <= set(runs)
+    name = "transformers-gc_storm"
+    res = faultruns.evaluate({name: runs[name]}, ["prism", "zscore"])[name]
+    assert res["effect"] >= 1.2 and res["anomalous"] > 20
+    assert res["set_aside"] <= 0.2 * res["steps"]  # at most 20% of the steps are recovery
+    p = res["detectors"]["prism"]
+    assert set(p) == {"train", "cold"}  # prism is scored both ways, a baseline needs its warm-up
+    assert set(res["detectors"]["zscore"]) == {"train"}
+    for mode in ("train", "cold"):
+        assert 0 <= p[mode]["fpr"] <= 1 and p[mode]["recall"] > 0.5, (mode, p[mode])
