@@ -112,7 +112,7 @@ def detect(input_path: str, output_path: str, train_path: Optional[str] = None, 
         bad[reason] = bad.get(reason, 0) + n
     msg = f"prism-otel detect: {len(raw)} rows, {judged} judged, {flagged} anomalous"
     if trained:
-        seen = getattr(proc, "train_seen", {})
+        seen = proc.train_seen
         msg += ", baseline from " + ", ".join(
             f"{seen.get(ph, n)} {ph}" + (f" ({n} most recent fitted)" if seen.get(ph, n) != n else "")
             for ph, n in sorted(trained.items())) + " normal steps"

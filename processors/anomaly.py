@@ -389,4 +389,3 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 "fit_worker_fits": self._worker.remote_fits if self._worker else 0,
                 "fit_worker_failures": self._worker.failures if self._worker else 0, "baseline_loaded": self.baseline_loaded,
                 "alert_webhook_dropped": self.sink.dropped, "alert_failed": self.sink.failed}
-

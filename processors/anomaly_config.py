@@ -29,7 +29,6 @@ class AnomalyConfig:
     cell_min_steps: int = 0
     bias_rate: float = 0.02
     max_bias: float = 0.2
-    novelty_k: float = 2.0
     novelty_refit: int = 50
     novelty_weight: float = 4.0
     n_trees: int = 100

@@ -188,7 +188,7 @@ def calibrate(residuals: Sequence[float], X: Sequence[Sequence[float]], p: Verdi
 class KeyVerdict:
     """Verdict state of one (instance, phase)."""
 
-    __slots__ = ("p", "stats", "cells", "alarm", "quiet", "sustained")
+    __slots__ = ("p", "stats", "cells", "alarm", "quiet")
 
     def __init__(self, params: VerdictParams) -> None:
         self.p = params
@@ -196,12 +196,10 @@ class KeyVerdict:
         self.cells = Cells(params)
         self.alarm = False  # a test fired within the last clear_steps steps
         self.quiet = 0
-        self.sustained = False  # a window or shift test is firing (an episode, not a spike)
 
-    def judge(self, u: float, x, model, inflate: float = 1.0) -> tuple:
+    def judge(self, u: float, x, model) -> tuple:
         """(score, anomalous, rising_edge, test) for one step's residual ``u`` (``log(y / expected) -
-        center``) with features ``x``, against ``model.limits`` (:func:`calibrate`), widened by ``inflate``
-        where the model extrapolates. ``test``: on an anomalous step, ``point``, ``window`` or ``shift``."""
+        center``) with features ``x``, against ``model.limits`` (:func:`calibrate`). ``test``: on an anomalous step, ``point``, ``window`` or ``shift``."""
         p = self.p
         limits = model.limits
         c = cell_of(x)
@@ -215,7 +213,6 @@ class KeyVerdict:
             lim = limits.get(t)
             if lim is None:
                 continue
-            lim *= inflate
             s = val / lim
             if s > score:
                 score = s
@@ -223,11 +220,8 @@ class KeyVerdict:
                     v > 0.5 * lim and (not learning or val > lim + p.max_bias))):
                 fired = t
         anomalous = fired is not None
-        self.sustained = anomalous and fired != "point"
         # learn the cell's bias from normal steps outside an episode (the steps of a slowdown that happen
-        # to pass must not teach it, nor a queue a slowdown built, which moves the workload somewhere
-        # new); a novel cell also from window-flagged steps when no episode is up, so a workload new to
-        # the model is learned instead of flagged for as long as it runs
+        # to pass must not teach it, nor a queue a slowdown built, which moves the workload somewhere new)
         if not self.alarm and not anomalous:
             self.cells.learn(e, u)
         rising = self._alarm(anomalous)
