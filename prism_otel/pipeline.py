@@ -19,8 +19,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 from opentelemetry import metrics
 
 from prism_otel import semconv as sc
-from prism_otel.record import (REQUEST, SPAN, STAGE, STEP, Pacer, Recorder, RequestRecord, StepRecord, clock_ns,
-                               to_epoch_ns)
+from prism_otel.record import (GC, REQUEST, SPAN, STAGE, STEP, BatchChange, Pacer, Recorder, RequestRecord,
+                               StepRecord, clock_ns, to_epoch_ns)
+from prism_otel.signals import GcPauses
 from prism_otel.spans import SpanMaterializer
 from prism_otel.stats import StageStats
 
@@ -47,6 +48,34 @@ class _OpenRequest:
         self.last_link = None
         self.finish_ns: Optional[int] = None
         self.status = "finished"
+
+
+class ChangeTracker:
+    """The :class:`BatchChange` of each step, from the request ids of the engine's previous step."""
+
+    __slots__ = ("_prev", "_since", "_batch")
+
+    def __init__(self) -> None:
+        self._prev: frozenset = frozenset()
+        self._since = 0
+        self._batch = 0
+
+    def change(self, reqs) -> BatchChange:
+        ids = frozenset(r[0] for r in reqs)
+        prev = self._prev
+        if ids == prev:
+            self._since += 1
+            joined = left = tokens = 0
+        else:
+            self._since = 0
+            new = ids - prev
+            joined = len(new)
+            left = len(prev - ids)
+            tokens = sum(int(r[1]) for r in reqs if r[0] in new) if new else 0
+        out = BatchChange(joined, left, tokens, self._batch, self._since)
+        self._prev = ids
+        self._batch = len(reqs)
+        return out
 
 
 class Pipeline:
@@ -86,6 +115,10 @@ class Pipeline:
         self.pacer = Pacer()
         self._lock = threading.Lock()  # serialises processing between the thread and flush()
         self._ring_dropped_reported = 0
+        self._changes = ChangeTracker()
+        self.gc_pauses = GcPauses()
+        # evidence sources joined to each step (prism_otel.signals): polled once per wake-up
+        self.signal_sources: list = [self.gc_pauses]
         meter = metrics.get_meter(sc.SCOPE)
         self._m_step = meter.create_histogram(sc.METRIC_STEP_DURATION, unit="s")
         self._m_dropped = meter.create_counter(sc.METRIC_DROPPED)
@@ -167,11 +200,34 @@ class Pipeline:
                         logger.debug("failed to process record %r", rec[:3], exc_info=True)
             if not total:
                 self._finalize_finishing(now=clock_ns())
+            self._poll_sources()
             rd = self.recorder.dropped
             if rd > self._ring_dropped_reported:
                 self._drop("ring_full", rd - self._ring_dropped_reported)
                 self._ring_dropped_reported = rd
         return total
+
+    def _poll_sources(self) -> None:
+        sources = self.signal_sources
+        if len(sources) > 1:
+            now = to_epoch_ns(clock_ns())
+            for src in sources:
+                try:
+                    src.poll(now)
+                except Exception:  # noqa: BLE001 - evidence is optional; the step goes on without it
+                    self._drop("signal_error")
+
+    def _signals(self, start: int, end: int) -> dict:
+        out: dict = {}
+        for src in self.signal_sources:
+            try:
+                got = src.overlap(start, end)
+            except Exception:  # noqa: BLE001
+                self._drop("signal_error")
+                continue
+            if got:
+                out.update(got)
+        return out
 
     def _drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -194,6 +250,8 @@ class Pipeline:
         elif kind == SPAN:
             _, name, t0, t1, attrs = rec
             self.materializer.detached_stage(name, to_epoch_ns(t0), to_epoch_ns(t1), attrs)
+        elif kind == GC:
+            self.gc_pauses.add(to_epoch_ns(rec[1]), to_epoch_ns(rec[2]), rec[3])
 
     # -- requests -----------------------------------------------------------------------------
     def _handle_request_event(self, rec: tuple) -> None:
@@ -288,7 +346,7 @@ class Pipeline:
                           decode_tokens=feat.decode_tokens, context_tokens=feat.context_tokens,
                           max_context_tokens=feat.max_context_tokens, kv_usage=feat.kv_usage, stages=stage_map,
                           device_ns=device_ns, request_ids=tuple(r[0] for r in reqs), attributes=attrs,
-                          kernel_groups=groups)
+                          kernel_groups=groups, change=self._changes.change(reqs), signals=self._signals(start, end))
         for p in self.processors:
             try:
                 step = p.process(step)

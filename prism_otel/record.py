@@ -16,6 +16,8 @@ Raw records on the ring are plain tuples whose first item says what they are:
 * ``(SPAN, name, t0, t1, attrs)``: a host stage that ran outside any step of this process (e.g.
   vLLM's front-end output processing, in another process than the engine loop); it becomes a root
   ``prism.stage.<name>`` span joined to its step by attributes (request ids, engine timestamps).
+* ``(GC, t0, t1, generation, collected)``: a garbage-collection pause of the engine process
+  (``gc.callbacks``); the pipeline joins pauses to the steps they overlap (``StepRecord.signals``).
 
 Times are ``time.perf_counter_ns()`` values; :func:`to_epoch_ns` maps them to wall-clock epoch
 nanoseconds with one offset taken at import, so a wall-clock jump never bends a duration.
@@ -32,6 +34,7 @@ STAGE = 0
 STEP = 1
 REQUEST = 2
 SPAN = 3
+GC = 4
 
 clock_ns = time.perf_counter_ns
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
@@ -52,6 +55,18 @@ class StepFeatures(NamedTuple):
     context_tokens: int = 0
     max_context_tokens: int = 0
     kv_usage: Optional[float] = None
+
+
+class BatchChange(NamedTuple):
+    """What changed in the batch since the engine's previous step (exact: from the request ids of
+    consecutive steps). Steps where the batch changes carry most of a real server's normal latency
+    tail, so the detector needs to know them (DESIGN.md, "Detection")."""
+
+    joined: int  # requests in this step that were not in the previous one
+    left: int  # requests of the previous step that are not in this one
+    tokens_joined: int  # tokens this step computes for the requests that joined
+    batch_before: int  # the previous step's batch size (0 for the first step)
+    steps_since_change: int  # steps since the set of requests last changed (0: it changed now)
 
 
 def classify_phase(prefill_tokens: int, decode_tokens: int) -> str:
@@ -99,6 +114,8 @@ class StepRecord:
     verdict: Optional[Verdict] = None
     attributes: Mapping[str, Any] = field(default_factory=dict)  # engine-specific extras
     ranks: Tuple["StepRecord", ...] = ()  # tensor parallel: each rank's record of this step (prism_otel.device.ranks)
+    change: Optional[BatchChange] = None  # what changed since the previous step (None: unknown)
+    signals: Mapping[str, float] = field(default_factory=dict)  # host/device evidence over the step (semconv.SIGNAL_*)
 
     @property
     def duration_ns(self) -> int:
@@ -145,6 +162,9 @@ class Recorder:
 
     def request(self, request_id: str, event: str, t: int, info: Optional[dict] = None) -> None:
         self.emit((REQUEST, request_id, event, t, info))
+
+    def gc_pause(self, t0: int, t1: int, generation: int, collected: int = 0) -> None:
+        self.emit((GC, t0, t1, generation, collected))
 
     def drain(self, limit: int = 4096) -> list:
         out = []

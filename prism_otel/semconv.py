@@ -59,6 +59,20 @@ BATCH_CONTEXT_TOKENS = "prism.batch.context_tokens"
 BATCH_MAX_CONTEXT_TOKENS = "prism.batch.max_context_tokens"
 BATCH_REQUEST_IDS = "prism.batch.request_ids"
 KV_CACHE_USAGE = "prism.kv_cache.usage"
+# what changed since the engine's previous step (record.BatchChange)
+BATCH_REQUESTS_JOINED = "prism.batch.requests_joined"
+BATCH_REQUESTS_LEFT = "prism.batch.requests_left"
+BATCH_TOKENS_JOINED = "prism.batch.tokens_joined"
+BATCH_SIZE_BEFORE = "prism.batch.size_before"
+BATCH_STEPS_SINCE_CHANGE = "prism.batch.steps_since_change"
+# evidence over a step's time span (StepRecord.signals): prism.signal.<name>, a number each
+SIGNAL_PREFIX = "prism.signal."
+SIGNAL_GC_MS = "gc.ms"  # garbage-collection pause time of the engine process inside the step
+SIGNAL_GC_COUNT = "gc.count"
+
+
+def signal_attribute(name: str) -> str:
+    return SIGNAL_PREFIX + name
 DEVICE_TIME_MS = "prism.device.time_ms"
 DEVICE_TIMING = "prism.device.timing"  # "event" (device events) or "host" (host clock fallback)
 STAGE_NAME = "prism.stage.name"

@@ -51,6 +51,15 @@ def step_attributes(step: StepRecord) -> dict:
         attrs[sc.DEVICE_TIME_MS] = step.device_ns / 1e6
     if step.request_ids:
         attrs[sc.BATCH_REQUEST_IDS] = list(step.request_ids[:64])
+    ch = step.change
+    if ch is not None:
+        attrs[sc.BATCH_REQUESTS_JOINED] = ch.joined
+        attrs[sc.BATCH_REQUESTS_LEFT] = ch.left
+        attrs[sc.BATCH_TOKENS_JOINED] = ch.tokens_joined
+        attrs[sc.BATCH_SIZE_BEFORE] = ch.batch_before
+        attrs[sc.BATCH_STEPS_SINCE_CHANGE] = ch.steps_since_change
+    for k, v in step.signals.items():
+        attrs[sc.SIGNAL_PREFIX + k] = v
     n_children = len(step.stages) + len(step.kernel_groups)
     if n_children:
         attrs[sc.STEP_CHILDREN] = n_children  # lets a collector know when a step's children are all in

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from prism_otel import semconv as sc
-from prism_otel.record import RequestRecord, StepRecord, Verdict
+from prism_otel.record import BatchChange, RequestRecord, StepRecord, Verdict
 from prism_otel.spans import step_attributes
 
 STAGE = 0
@@ -33,7 +33,12 @@ ChildInfo = Tuple[int, str, int, int]  # (STAGE|KERNEL, name, start_ns, end_ns)
 _STEP_KEYS = frozenset((
     sc.STEP_INDEX, sc.STEP_PHASE, sc.STEP_INSTANCE, sc.STEP_DURATION_MS, sc.STEP_LINKS_DROPPED, sc.STEP_CHILDREN,
     sc.BATCH_SIZE, sc.BATCH_PREFILL_TOKENS, sc.BATCH_DECODE_TOKENS, sc.BATCH_CONTEXT_TOKENS,
-    sc.BATCH_MAX_CONTEXT_TOKENS, sc.BATCH_REQUEST_IDS, sc.KV_CACHE_USAGE, sc.DEVICE_TIME_MS))
+    sc.BATCH_MAX_CONTEXT_TOKENS, sc.BATCH_REQUEST_IDS, sc.KV_CACHE_USAGE, sc.DEVICE_TIME_MS,
+    sc.BATCH_REQUESTS_JOINED, sc.BATCH_REQUESTS_LEFT, sc.BATCH_TOKENS_JOINED, sc.BATCH_SIZE_BEFORE,
+    sc.BATCH_STEPS_SINCE_CHANGE))
+_CHANGE_KEYS = (sc.BATCH_REQUESTS_JOINED, sc.BATCH_REQUESTS_LEFT, sc.BATCH_TOKENS_JOINED, sc.BATCH_SIZE_BEFORE,
+                sc.BATCH_STEPS_SINCE_CHANGE)
+_SIGNAL_PREFIX_LEN = len(sc.SIGNAL_PREFIX)
 VERDICT_KEYS = (sc.ANOMALY, sc.ANOMALY_SCORE, sc.LATENCY_EXPECTED_MS, sc.ANOMALY_ROOT_CAUSE, sc.SLO_VIOLATED)
 _KNOWN = _STEP_KEYS | frozenset(VERDICT_KEYS)
 _STAGE_PREFIX_LEN = len(sc.STAGE_SPAN_PREFIX)
@@ -152,6 +157,16 @@ def step_from_span(span, resource: Mapping[str, Any], children: Iterable[ChildIn
     kv = _num(a, sc.KV_CACHE_USAGE)
     dev = _num(a, sc.DEVICE_TIME_MS)
     instance = _str(a, sc.STEP_INSTANCE) or resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""
+    change = None
+    if all(k in a for k in _CHANGE_KEYS):
+        change = BatchChange(*(_int(a, k) for k in _CHANGE_KEYS))
+    signals = {}
+    for k in [k for k in a if k.startswith(sc.SIGNAL_PREFIX)]:
+        v = a.pop(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            signals[k[_SIGNAL_PREFIX_LEN:]] = v
+        else:
+            raise BadSpan(k, v)
     return StepRecord(
         instance=str(instance), index=_int(a, sc.STEP_INDEX),
         start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
@@ -161,7 +176,8 @@ def step_from_span(span, resource: Mapping[str, Any], children: Iterable[ChildIn
         kv_usage=float(kv) if kv is not None else None, stages=stages, kernel_groups=kernels,
         device_ns=int(round(dev * 1e6)) if dev is not None else None,
         request_ids=_strs(a, sc.BATCH_REQUEST_IDS),
-        verdict=verdict, attributes={k: v for k, v in a.items() if k not in _KNOWN})
+        verdict=verdict, attributes={k: v for k, v in a.items() if k not in _KNOWN}, change=change,
+        signals=signals)
 
 
 def request_id_of(span) -> Optional[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from prism_otel import semconv as sc
-from prism_otel.record import StepRecord, Verdict
+from prism_otel.record import BatchChange, StepRecord, Verdict
 from processors import assembly as asm
 from processors.assembler import StepAssembler
 from processors.base import StepProcessor
@@ -36,7 +36,8 @@ def _full_step() -> StepRecord:
         device_ns=9_876_543, request_ids=("r1", "r2", "r3"), attributes={"engine.extra": "x", "engine.n": 5},
         verdict=Verdict(expected_ms=7.25, score=0.72, anomaly=True, root_cause="stage:forward", alert=True,
                         slo_violations=("step",)),
-        stages={**base.stages, "forward": fwd})
+        stages={**base.stages, "forward": fwd}, change=BatchChange(1, 2, 17, 4, 0),
+        signals={"gc.ms": 1.25, "gc.count": 2})
 
 
 def test_round_trip_step_record_through_spans_and_otlp():
