@@ -12,7 +12,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prism_otel import semconv as sc
 from prism_otel.otlp_json import OTLPJSONError, request_from_json, request_to_json
 from prism_otel.pipeline import Pipeline
-from prism_otel.record import STEP, Recorder, StepFeatures, classify_phase, clock_ns
+from prism_otel.record import GC, StepFeatures, classify_phase, clock_ns
+from prism_otel.recorder import Recorder
+from prism_otel.ring import H_HEAD
 
 
 def make_pipeline(cap=1024, **kw):
@@ -23,18 +25,26 @@ def make_pipeline(cap=1024, **kw):
     return rec, Pipeline(rec, tp, "test", [], **kw), exp
 
 
-def step(rec, key, reqs, t=None):
+def step(rec, key, reqs, t=None, device=None):
     t = t or clock_ns()
-    rec.emit((STEP, key, t, t + 2_000_000, StepFeatures("decode", len(reqs), 0, len(reqs), 10, 10), reqs, None,
-              (("schedule", t, t + 100), ("forward", t + 100, t + 1_900_000))))
+    rec.step(key, t, t + 2_000_000, StepFeatures("decode", len(reqs), 0, len(reqs), 10, 10), reqs, device,
+             (("schedule", t, t + 100), ("forward", t + 100, t + 1_900_000)))
 
 
 def test_ring_overwrites_oldest_and_counts():
-    rec = Recorder(16)
-    for i in range(20):
-        rec.emit((99, i))
-    assert rec.dropped == 4 and len(rec) == 16
-    assert rec.drain()[0] == (99, 4)
+    """A full ring overwrites its oldest records; the reader gets the newest ones, in order, and counts
+    exactly the ones it lost (from the gap in their sequence numbers). The writer never waits."""
+    rec = Recorder(16)  # the smallest ring: 4 KiB of records, about 80 GC records of 48 bytes
+    reader = rec.reader()
+    for i in range(200):
+        rec.gc_pause(i, i + 1, 0, i)
+    got = reader.read()
+    assert got and all(kind == GC for kind, _ in got)
+    collected = [r.collected for _, r in got]
+    assert collected == list(range(200 - len(got), 200)), "the newest records, in order"
+    assert reader.dropped == 200 - len(got) and len(got) < 100
+    rec.gc_pause(500, 501, 0, 500)
+    assert [r.collected for _, r in reader.read()] == [500] and reader.dropped == 200 - len(got)
     with pytest.raises(ValueError):
         Recorder(4)
 
@@ -48,12 +58,16 @@ def test_pipeline_counts_ring_drops_and_survives_bad_records():
     rec, p, exp = make_pipeline(cap=16)
     for i in range(40):
         step(rec, i, (("r1", 1, True),))
-    rec.emit((STEP, "bad"))  # malformed: counted, the rest goes on
+    step(rec, 40, (("r1", 1, True),))
+    ring = rec.ring  # garble that last record's header (a torn write): counted, the rest goes on
+    start = (ring.words[H_HEAD] - 9) % ring.rec_units  # a step with 1 request and 2 stages: 9 units
+    ring.view[ring.rec_off + 16 * start + 4] ^= 0xFF
     step(rec, 1000, (("r1", 1, True),))
     p.process_pending()
-    assert p.dropped["ring_full"] == 26  # 42 records into 16 slots
     assert p.dropped["bad_record"] == 1
-    assert p.steps_seen == 15
+    # 42 records into a ring of 4 KiB (about 15 of these steps): what was not seen was counted
+    assert p.dropped["ring_full"] + p.steps_seen + p.dropped["bad_record"] == 42
+    assert p.dropped["ring_full"] >= 10 and p.steps_seen >= 1
     p.stop()
 
 
@@ -168,52 +182,47 @@ def test_pacer_wakes_about_once_per_step_within_bounds_and_backs_off_when_idle()
     assert f.wait_s(1, 300.1) == 0.05
 
 
-def test_forwarder_holds_steps_whose_device_events_still_run_and_keeps_order(monkeypatch):
-    """An async engine's newest step may still be on the device when the forwarder wakes: it and
-    what follows wait for the next wake-up (no polling sleeps), in order; after the hold limit, or
-    at stop, the step is resolved (or marked unavailable) and sent."""
-    import os
-    import time
-
-    from prism_otel import companion
-    from prism_otel._child import read_frame
+def test_steps_whose_device_events_still_run_wait_for_a_later_hook_and_keep_order(monkeypatch):
+    """An async engine's newest step may still be on the device when it is recorded: the recorder asks
+    its events with a non-blocking query at later calls and writes their time when they completed; the
+    pipeline holds the step (and what follows, in order) until then. A step whose events never complete
+    goes out after the hold with its device time unavailable."""
+    import prism_otel.pipeline as pl
 
     class Dev:
         def __init__(self, pending):
             self.pending = pending
+            self.queries = 0
 
         def resolve(self):
+            self.queries += 1
             if self.pending > 0:
                 self.pending -= 1
                 return None, "pending"
             return 1234, "event"
 
-    rec = Recorder(64)
-    fw = companion.Forwarder(rec, "test")
-    r, w = os.pipe()
-    fw._wfd = w
-    try:
-        t = clock_ns()
-        feat = StepFeatures("decode", 1, 0, 1, 10, 10)
-        rec.emit((STEP, 1, t, t + 10, feat, (("a", 1, True),), Dev(0), ()))
-        rec.emit((STEP, 2, t + 10, t + 20, feat, (("a", 1, True),), Dev(1), ()))
-        rec.request("a", "finish", t + 25, None)
-        assert fw._send_pending() == 3
-        first = read_frame(r)
-        assert [x[1] for x in first] == [1] and first[0][6].ns == 1234
-        assert len(fw._carry) == 2 and not fw.flush(timeout=0.01)
-        rec.emit((STEP, 3, t + 20, t + 30, feat, (), Dev(0), ()))
-        assert fw._send_pending() == 1  # step 2 is done now: 2, the finish, then 3, in order
-        second = read_frame(r)
-        assert [x[1] for x in second] == [2, "a", 3] and second[0][6].ns == 1234 and not fw._carry
-        rec.emit((STEP, 4, t + 30, t + 40, feat, (), Dev(10**6), ()))  # never completes
-        fw._send_pending()
-        assert fw._carry
-        monkeypatch.setattr(companion, "HOLD_PENDING_S", 0.0)
-        time.sleep(0.01)
-        fw._send_pending()
-        third = read_frame(r)
-        assert third[0][1] == 4 and third[0][6].timing == "unavailable" and not fw._carry
-    finally:
-        os.close(r)
-        os.close(w)
+    rec, p, exp = make_pipeline()
+    seen = []
+    p.on_step = seen.append
+    t = clock_ns()
+    d1, d2 = Dev(0), Dev(3)
+    step(rec, 1, (("a", 1, True),), t, d1)  # completed when recorded
+    step(rec, 2, (("a", 1, True),), t + 10, d2)  # still running
+    rec.request("a", "finish", t + 5_000_000)
+    p.process_pending()
+    assert [s.device_ns for s in seen] == [1234]
+    assert d2.queries == 2, "asked once per later recorder call, never waited on"
+    step(rec, 3, (("a", 1, True),), t + 20)  # the next hook asks again: still running
+    p.process_pending()
+    assert len(seen) == 1, "held, and what follows waits with it"
+    step(rec, 4, (), t + 30)  # ... and again: done now
+    p.process_pending()
+    assert [s.device_ns for s in seen] == [1234, 1234, 1_900_000 - 100, 1_900_000 - 100]
+    assert seen[1].attributes[sc.DEVICE_TIMING] == "event" and seen[2].attributes[sc.DEVICE_TIMING] == "host"
+    step(rec, 5, (), t + 40, Dev(10 ** 6))  # never completes
+    p.process_pending()
+    assert len(seen) == 4
+    monkeypatch.setattr(pl, "HOLD_DEVICE_NS", 0)
+    p.process_pending()
+    assert len(seen) == 5 and seen[4].device_ns is None and seen[4].attributes[sc.DEVICE_TIMING] == "unavailable"
+    p.stop()
