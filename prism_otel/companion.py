@@ -18,6 +18,7 @@ the terminal's process group does not kill it before it has exported the last sp
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -581,6 +582,12 @@ def main(argv=None) -> int:
     reader = RingReader(ring)
     procs = build_processors(ring, sink)
     pipeline = Pipeline(reader, None, instance, procs, sink=sink, **limits, provider_name=config.framework_name())
+    # Steps make many short-lived acyclic objects (records, tuples, bytes): reference counting frees
+    # them. The cyclic collector's full passes over everything imported cost more than the work they
+    # find here, so what start-up made is frozen out of them and collections come less often.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     watch = _EngineWatch(engine_pid)
     join_ranks = os.environ.get(sc.ENV_RANK_JOIN, "0") == "1"
     peers: Optional[RankPeers] = None
@@ -588,7 +595,7 @@ def main(argv=None) -> int:
     # Every wake-up costs CPU in timer and scheduler work (36-110 us on a 2-vCPU VM, whatever it then
     # reads): while steps come, wake about every 8 steps, 20-50 ms apart; 10 times a second when idle.
     longest = max(0.002, config.env_int(sc.ENV_COMPANION_WAKE_MS, 50) / 1e3)
-    pacer = Pacer(busy_min_s=min(0.02, longest), busy_max_s=longest, idle_s=0.1, idle_after_s=1.0,
+    pacer = Pacer(busy_min_s=longest * 0.4, busy_max_s=longest, idle_s=max(0.1, longest), idle_after_s=1.0,
                   steps_per_wake=8.0)
     tt = time.thread_time_ns
     last_stats = 0.0

@@ -68,6 +68,12 @@ class AttrEncoder:
         self._keys: Dict[str, bytes] = {}
         self._strs: Dict[str, bytes] = {}
         self._max = max_strings
+        self._last_list: list = []  # the last list value and its encoding: a batch's request ids
+        self._last_list_enc = b""  # repeat on every step while its membership does not change
+        # per field tag: (key, value) -> the KeyValue's bytes, for values that repeat; key -> the bytes
+        # of a double-valued KeyValue up to its 8 value bytes
+        self._kv: Dict[bytes, Dict[tuple, bytes]] = {}
+        self._floats: Dict[bytes, Dict[str, bytes]] = {}
 
     def key(self, k: str) -> bytes:
         p = self._keys.get(k)
@@ -98,8 +104,13 @@ class AttrEncoder:
         if t is bool:
             return b"\x10\x01" if v else b"\x10\x00"
         if t is list or t is tuple:
+            if v == self._last_list and type(v) is type(self._last_list):
+                return self._last_list_enc
             inner = b"".join([b"\x0a" + _vlen(len(x)) + x for x in map(self.value, v)])
-            return b"\x2a" + _vlen(len(inner)) + inner
+            enc = b"\x2a" + _vlen(len(inner)) + inner
+            if len(v) >= 4:
+                self._last_list, self._last_list_enc = v, enc
+            return enc
         if t is bytes:
             return b"\x3a" + _vlen(len(v)) + v
         if v is None:
@@ -107,19 +118,39 @@ class AttrEncoder:
         return self.string(str(v))
 
     def attributes(self, attrs: Mapping[str, Any], tag: bytes = b"\x4a") -> bytes:
-        """Repeated KeyValue under ``tag`` (a Span's field 9 by default)."""
+        """Repeated KeyValue under ``tag`` (a Span's field 9 by default). Whole KeyValues are cached for
+        values that repeat from step to step (strings, ints, bools); a double is 8 bytes after a fixed
+        prefix per key."""
         out = []
         ap = out.append
-        keys = self._keys
-        value = self.value
-        for k, v in attrs.items():
-            if v is None:
-                continue
-            val = value(v)
-            kk = keys.get(k) or self.key(k)
-            n = len(val)
-            ap(tag + _vlen(len(kk) + n + (2 if n < 128 else 1 + len(_vlen(n)))) + kk + b"\x12" + _vlen(n) + val)
+        kv = self._kv.get(tag)
+        if kv is None:
+            kv = self._kv[tag] = {}
+            self._floats[tag] = {}
+        floats = self._floats[tag]
+        for item in attrs.items():
+            v = item[1]
+            t = type(v)
+            if t is float:
+                pre = floats.get(item[0])
+                if pre is None:
+                    pre = floats[item[0]] = self._kv_bytes(item[0], b"\x21" + _D(0.0), tag)[:-8]
+                ap(pre + _D(v))
+            elif t is str or t is int or t is bool:
+                b = kv.get(item)
+                if b is None:
+                    if len(kv) >= 1 << 16:
+                        kv.clear()
+                    b = kv[item] = self._kv_bytes(item[0], self.value(v), tag)
+                ap(b)
+            elif v is not None:
+                ap(self._kv_bytes(item[0], self.value(v), tag))
         return b"".join(out)
+
+    def _kv_bytes(self, k: str, val: bytes, tag: bytes) -> bytes:
+        kk = self._keys.get(k) or self.key(k)
+        n = len(val)
+        return tag + _vlen(len(kk) + n + 1 + len(_vlen(n))) + kk + b"\x12" + _vlen(n) + val
 
 
 class _Request:
@@ -191,10 +222,14 @@ class OTLPSink:
         return _field(b"\x2a", name.encode("utf-8", "replace")) + _KIND_INTERNAL
 
     def _stage(self, name: str) -> tuple:
+        """(the bytes before the trace id, name and kind, the bytes after the times) of a stage span:
+        every part of it but ids and times is the same from step to step."""
         p = self._stage_parts.get(name)
         if p is None:
-            p = self._stage_parts[name] = (self._name(sc.stage_span_name(name)),
-                                           self.enc.attributes({sc.STAGE_NAME: name}) + _STATUS_UNSET + _FLAGS_LOCAL)
+            nm = self._name(sc.stage_span_name(name))
+            tail = self.enc.attributes({sc.STAGE_NAME: name}) + _STATUS_UNSET + _FLAGS_LOCAL
+            body_len = 18 + 10 + 10 + len(nm) + 18 + len(tail)
+            p = self._stage_parts[name] = (b"\x12" + _vlen(body_len) + b"\x0a\x10", nm, tail)
         return p
 
     # -- the sink interface (prism_otel.pipeline) ---------------------------------------------
@@ -213,10 +248,11 @@ class OTLPSink:
         par = b"\x22\x08" + sid
         out = []
         o = 24
+        join = b"".join
+        stage = self._stage_parts.get
         for name, (t0, t1) in step.stages.items():
-            nm, tail = self._stage(name)
-            body = head + b"\x12\x08" + ids[o:o + 8] + par + nm + _TIMES(0x39, t0, 0x41, t1) + tail
-            out.append(b"\x12" + _vlen(len(body)) + body)
+            pre, nm, tail = stage(name) or self._stage(name)
+            out.append(join((pre, tid, b"\x12\x08", ids[o:o + 8], par, nm, _TIMES(0x39, t0, 0x41, t1), tail)))
             o += 8
         if nk:
             t = step.stages.get(sc.STAGE_FORWARD, (step.start_ns, step.end_ns))[0]

@@ -23,8 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from opentelemetry import metrics
 
 from prism_otel import semconv as sc
-from prism_otel.record import (DEVICE, GC, META, REQUEST, SPAN, STAGE, STEP, BatchChange, Pacer, RequestRecord,
-                               StepRecord, clock_ns, to_epoch_ns)
+from prism_otel.record import (_EPOCH_OFFSET_NS, DEVICE, GC, META, REQUEST, SPAN, STAGE, STEP, BatchChange, Pacer,
+                               RequestRecord, StepRecord, clock_ns, to_epoch_ns)
 from prism_otel.signals import GcPauses
 from prism_otel.spans import SpanMaterializer
 from prism_otel.stats import StageStats
@@ -37,11 +37,12 @@ HOLD_DEVICE_NS = 2_000_000_000  # a step waits this long for its device record, 
 
 
 class _OpenRequest:
-    __slots__ = ("span", "arrival_ns", "prompt_tokens", "first_sched", "first_token", "last_token", "n_out",
+    __slots__ = ("span", "ctx", "arrival_ns", "prompt_tokens", "first_sched", "first_token", "last_token", "n_out",
                  "n_steps", "links", "last_link", "finish_ns", "status")
 
     def __init__(self, span, arrival_ns: int, prompt_tokens: int) -> None:
         self.span = span
+        self.ctx = span.get_span_context()  # what a step links to (fixed at arrival)
         self.arrival_ns = arrival_ns
         self.prompt_tokens = prompt_tokens
         self.first_sched: Optional[int] = None
@@ -391,9 +392,8 @@ class Pipeline:
         self.pacer.saw_step(t1)
         if t1 > self._last_step_t1:
             self._last_step_t1 = t1
-        stage_map = {}
-        for name, s0, s1 in rec.stages:
-            stage_map[name] = (to_epoch_ns(s0), to_epoch_ns(s1))
+        off = _EPOCH_OFFSET_NS
+        stage_map = {name: (s0 + off, s1 + off) for name, s0, s1 in rec.stages}
         if self._pending_stages:
             for name, s0, s1 in self._pending_stages.pop(rec.key, ()):
                 stage_map.setdefault(name, (to_epoch_ns(s0), to_epoch_ns(s1)))
@@ -414,7 +414,7 @@ class Pipeline:
                 device_ns, attrs = fwd[1] - fwd[0], {sc.DEVICE_TIMING: "host"}
         if rec.attributes:
             attrs.update(rec.attributes)
-        start, end = to_epoch_ns(t0), to_epoch_ns(t1)
+        start, end = t0 + off, t1 + off
         self._step_index += 1
         feat = rec.features
         step = StepRecord(self.instance, self._step_index, start, end, feat.phase, feat.batch_size,
@@ -432,6 +432,7 @@ class Pipeline:
         self.stats.add(step)
         # Requests served by this step: open spans as needed, note scheduling and token times.
         ctxs = []
+        served = []
         opened = self._open
         for rid, _q, new_token in reqs:
             r = opened.get(rid)
@@ -446,13 +447,11 @@ class Pipeline:
                 if r.first_token is None:
                     r.first_token = end
                 r.last_token = end
-            ctxs.append(r.span.get_span_context())
+            ctxs.append(r.ctx)
+            served.append(r)
         step_ctx = self.sink.step(step, ctxs)
         cap = self.max_request_links - 1
-        for rid, _q, _n in reqs:
-            r = opened.get(rid)
-            if r is None:
-                continue
+        for r in served:
             r.n_steps += 1
             if len(r.links) < cap:
                 r.links.append(step_ctx)

@@ -26,6 +26,7 @@ wall-clock jump never bends a duration.
 
 from __future__ import annotations
 
+import marshal
 import struct
 import time
 from collections.abc import Sequence
@@ -235,7 +236,7 @@ TIMING_CODE = {t: i for i, t in enumerate(TIMINGS)}
 QUIET = 0x80000000  # on a request's token count: it produced no token this step (a prefill chunk)
 NONE_I64 = -(1 << 63)  # "absent" in an optional integer field
 
-# STEP: header, key, t0, t1, phase, has_kv, n_stages, n_attrs, n_requests, batch_size, prefill_tokens,
+# STEP: header, key, t0, t1, phase, has_kv, n_stages, has_attrs, n_requests, batch_size, prefill_tokens,
 # decode_tokens, max_context_tokens, device slot (0: none), context_tokens, kv_usage; then n_stages x
 # STAGE_ITEM, n_requests request numbers (u32), n_requests token counts (u32, QUIET bit), attributes.
 STEP_FIXED = struct.Struct("<IHBBIIQqqBBBBIIIIIIqd")
@@ -245,101 +246,46 @@ STAGE_REC = struct.Struct("<IHBBIIQIqq")
 # REQUEST: header, request number, event, status, has_parent, parent flags (bit 0 sampled, bit 1
 # remote), t, prompt tokens, max tokens (NONE_I64: absent), parent trace id, parent span id
 REQUEST_REC = struct.Struct("<IHBBIIIBBBBqqq16s8s")
-# SPAN: header, name number, n_attrs, t0, t1; then attributes
+# SPAN: header, name number, has_attrs, t0, t1; then attributes
 SPAN_FIXED = struct.Struct("<IHBBIIIHxxqq")
 # GC: header, t0, t1, generation, collected
 GC_REC = struct.Struct("<IHBBIIqqII")
-# DEVICE: header, slot, timing, n_groups, n_attrs, device ns (NONE_I64: unknown); then n_groups x
+# DEVICE: header, slot, timing, n_groups, has_attrs, device ns (NONE_I64: unknown); then n_groups x
 # GROUP_ITEM, then attributes
 DEVICE_FIXED = struct.Struct("<IHBBIIIBxHHxxq")
 GROUP_ITEM = "Iq"  # kernel group name number, device ns
 # META: header, name number, value number (both strings)
 META_REC = struct.Struct("<IHBBIIII")
 
-# Attributes (engine-specific step extras, detached-span attributes, DeepDive extras): per attribute
-# an 8-byte head (key number u32, type u8, pad, count u16) and its value: 8 bytes for a scalar, or
-# count numbers for a list (u32 string numbers / 8-byte numbers), padded to 8 bytes.
-ATTR_HEAD = struct.Struct("<IBxH")
-A_INT, A_FLOAT, A_BOOL, A_STR, A_STRS, A_INTS, A_FLOATS = range(1, 8)
-_ATTR_INT = struct.Struct("<IBxHq")
-_ATTR_FLOAT = struct.Struct("<IBxHd")
+# Attributes (engine-specific step extras, detached-span attributes, DeepDive extras): one blob, a u32
+# length then the attribute dict in ``marshal`` format (values: str, int, float, bool, lists of them).
+# marshal is C: a hook pays a few microseconds for it where a loop over the attributes in Python costs
+# several times that. The ring is a file only the engine's user can write; marshal data is read by the
+# same Python version that wrote it (the companion runs the engine's interpreter).
+_LEN = struct.Struct("<I")
 
 
-def units(nbytes: int) -> int:
-    return (nbytes + UNIT - 1) // UNIT
+def pack_attrs(attrs: Mapping[str, Any]) -> bytes:
+    """The attribute blob of ``attrs`` (empty for none)."""
+    if not attrs:
+        return b""
+    try:
+        body = marshal.dumps(attrs if type(attrs) is dict else dict(attrs))
+    except ValueError:  # a value marshal does not know: as text
+        body = marshal.dumps({k: v if isinstance(v, (str, int, float, bool, list, tuple)) or v is None else str(v)
+                              for k, v in attrs.items()})
+    return _LEN.pack(len(body)) + body
 
 
-def pack_attrs(attrs: Mapping[str, Any], intern: Callable[[str], int],
-               get: Optional[Callable[[str], Optional[int]]] = None) -> Tuple[bytes, int]:
-    """(the attribute blob of ``attrs``, how many it holds): keys and string values interned with
-    ``intern`` (``get``: a faster lookup of numbers already known). ``None`` values are left out."""
-    out = []
-    ap = out.append
-    get = get or intern
-    for k, v in attrs.items():
-        kid = get(k) or intern(k)
-        t = type(v)
-        if t is int:
-            ap(_ATTR_INT.pack(kid, A_INT, 0, v))
-        elif t is float:
-            ap(_ATTR_FLOAT.pack(kid, A_FLOAT, 0, v))
-        elif t is str:
-            ap(_ATTR_INT.pack(kid, A_STR, 0, get(v) or intern(v)))
-        elif t is bool:
-            ap(_ATTR_INT.pack(kid, A_BOOL, 0, 1 if v else 0))
-        elif t is list or t is tuple:
-            n = min(len(v), 0xFFFF)
-            items = v[:n]
-            if all(type(x) is str for x in items):
-                body = struct.pack(f"<{n}I", *map(intern, items))
-                kind = A_STRS
-            elif all(type(x) in (int, bool) for x in items):
-                body, kind = struct.pack(f"<{n}q", *items), A_INTS
-            elif all(type(x) in (int, float) for x in items):
-                body, kind = struct.pack(f"<{n}d", *items), A_FLOATS
-            else:
-                body = struct.pack(f"<{n}I", *(intern(str(x)) for x in items))
-                kind = A_STRS
-            ap(ATTR_HEAD.pack(kid, kind, n) + body + b"\0" * (-len(body) % 8))
-        elif v is None:
-            continue
-        else:
-            ap(_ATTR_INT.pack(kid, A_STR, 0, intern(str(v))))
-    return b"".join(out), len(out)
-
-
-def unpack_attrs(buf, off: int, n: int, s: Callable[[int], str]) -> Tuple[dict, int]:
-    """(attributes, offset after them) of ``n`` attributes at ``off``; ``s`` resolves string numbers."""
-    out = {}
-    unpack_head = ATTR_HEAD.unpack_from
-    for _ in range(n):
-        kid, kind, cnt = unpack_head(buf, off)
-        off += 8
-        key = s(kid)
-        if kind == A_INT:
-            out[key] = struct.unpack_from("<q", buf, off)[0]
-            off += 8
-        elif kind == A_BOOL:
-            out[key] = struct.unpack_from("<q", buf, off)[0] != 0
-            off += 8
-        elif kind == A_FLOAT:
-            out[key] = struct.unpack_from("<d", buf, off)[0]
-            off += 8
-        elif kind == A_STR:
-            out[key] = s(struct.unpack_from("<q", buf, off)[0])
-            off += 8
-        elif kind == A_STRS:
-            out[key] = [s(i) for i in struct.unpack_from(f"<{cnt}I", buf, off)]
-            off += (4 * cnt + 7) // 8 * 8
-        elif kind == A_INTS:
-            out[key] = list(struct.unpack_from(f"<{cnt}q", buf, off))
-            off += 8 * cnt
-        elif kind == A_FLOATS:
-            out[key] = list(struct.unpack_from(f"<{cnt}d", buf, off))
-            off += 8 * cnt
-        else:
-            raise ValueError(f"unknown attribute type {kind}")
-    return out, off
+def unpack_attrs(buf, off: int) -> Tuple[dict, int]:
+    """(attributes, offset after them) of the blob at ``off``."""
+    (n,) = _LEN.unpack_from(buf, off)
+    d = marshal.loads(buf[off + 4:off + 4 + n])
+    if type(d) is not dict:
+        raise ValueError("attribute blob is not a mapping")
+    if None in d.values():
+        d = {k: v for k, v in d.items() if v is not None}
+    return d, off + 4 + n
 
 
 class Reqs(Sequence):
@@ -444,6 +390,19 @@ def requests_struct(n: int) -> struct.Struct:
     return st
 
 
+_BODY_STRUCTS: Dict[tuple, struct.Struct] = {}
+
+
+def body_struct(ns: int, nreq: int) -> struct.Struct:
+    """A STEP record's variable part: ``ns`` STAGE_ITEMs, then ``nreq`` request numbers and token counts."""
+    st = _BODY_STRUCTS.get((ns, nreq))
+    if st is None:
+        st = struct.Struct("<" + STAGE_ITEM * ns + f"{nreq}I{nreq}I")
+        if len(_BODY_STRUCTS) < 4096:
+            _BODY_STRUCTS[(ns, nreq)] = st
+    return st
+
+
 def group_struct(n: int) -> struct.Struct:
     st = _GROUP_STRUCTS.get(n)
     if st is None:
@@ -465,27 +424,27 @@ def decode(buf, off: int, kind: int, s: Callable[[int], str], cached: Optional[C
         p = off + STEP_FIXED.size
         cached = cached or s
         stages = ()
-        if ns:
-            flat = stage_struct(ns).unpack_from(buf, p)
-            p += 20 * ns
-            names = list(map(cached, flat[0::3]))
-            if None in names:
-                names = list(map(s, flat[0::3]))
-            stages = tuple(zip(names, flat[1::3], flat[2::3]))
         reqs = ()
-        if nreq:
-            flat = requests_struct(nreq).unpack_from(buf, p)
-            p += 8 * nreq
-            nums = flat[:nreq]
-            rids = list(map(cached, nums))
-            if None in rids:
-                rids = list(map(s, nums))
-            toks = flat[nreq:]
-            if max(toks) >= QUIET:
-                reqs = tuple((r, t & ~QUIET, not t & QUIET) for r, t in zip(rids, toks))
-            else:
-                reqs = tuple(zip(rids, toks, _TRUES[:nreq] if nreq <= 4096 else (True,) * nreq))
-        attrs = unpack_attrs(buf, p, na, s)[0] if na else {}
+        if ns or nreq:
+            flat = body_struct(ns, nreq).unpack_from(buf, p)
+            p += 20 * ns + 8 * nreq
+            if ns:
+                sn = flat[0:3 * ns:3]
+                names = list(map(cached, sn))
+                if None in names:
+                    names = list(map(s, sn))
+                stages = tuple(zip(names, flat[1:3 * ns:3], flat[2:3 * ns:3]))
+            if nreq:
+                nums = flat[3 * ns:3 * ns + nreq]
+                rids = list(map(cached, nums))
+                if None in rids:
+                    rids = list(map(s, nums))
+                toks = flat[3 * ns + nreq:]
+                if max(toks) >= QUIET:
+                    reqs = tuple((r, t & ~QUIET, not t & QUIET) for r, t in zip(rids, toks))
+                else:
+                    reqs = tuple(zip(rids, toks, _TRUES[:nreq] if nreq <= 4096 else (True,) * nreq))
+        attrs = unpack_attrs(buf, p)[0] if na else {}
         feat = StepFeatures(PHASES[phase], batch, pre, dec, ctx, mx, kv if has_kv else None)
         return RawStep(key, t0, t1, feat, reqs, stages, attrs, slot)
     if kind == REQUEST:
@@ -501,7 +460,7 @@ def decode(buf, off: int, kind: int, s: Callable[[int], str], cached: Optional[C
         return RawStage(key, s(name), t0, t1)
     if kind == SPAN:
         _, _, _, _, _, _, name, na, t0, t1 = SPAN_FIXED.unpack_from(buf, off)
-        attrs = unpack_attrs(buf, off + SPAN_FIXED.size, na, s)[0] if na else {}
+        attrs = unpack_attrs(buf, off + SPAN_FIXED.size)[0] if na else {}
         return RawSpan(s(name), t0, t1, attrs)
     if kind == GC:
         _, _, _, _, _, _, t0, t1, gen, collected = GC_REC.unpack_from(buf, off)
@@ -514,7 +473,7 @@ def decode(buf, off: int, kind: int, s: Callable[[int], str], cached: Optional[C
             flat = group_struct(ng).unpack_from(buf, p)
             p += 12 * ng
             groups = {s(flat[i]): flat[i + 1] for i in range(0, 2 * ng, 2)}
-        attrs = unpack_attrs(buf, p, na, s)[0] if na else {}
+        attrs = unpack_attrs(buf, p)[0] if na else {}
         return RawDevice(slot, _opt(ns), TIMINGS[timing], groups, attrs)
     if kind == META:
         _, _, _, _, _, _, name, value = META_REC.unpack_from(buf, off)

@@ -36,10 +36,11 @@ _EMPTY = frozenset()
 _STEP_FIXED = R.STEP_FIXED
 _STEP_SIZE = R.STEP_FIXED.size
 _KSTEP = R.STEP
+_pack_attrs = R.pack_attrs
+_body_struct = R.body_struct
 _KSTAGE = R.STAGE
 _STAGE_PACK = R.STAGE_REC.pack_into
 _H_HEAD = H_HEAD
-_stage_structs = [R.stage_struct(n) for n in range(64)]
 _PHASE = R.PHASE_CODE
 _MAGIC = R.MAGIC
 _QUIET = R.QUIET
@@ -207,7 +208,7 @@ class Recorder:
                 for name, a, b in stages:
                     flat += (get(name) or self._strs.intern(name), a, b)
             if attrs:
-                blob, na = R.pack_attrs(attrs, self._strs.intern, get)
+                blob, na = _pack_attrs(attrs), 1
             else:
                 blob, na = b"", 0
             slot = 0
@@ -229,12 +230,14 @@ class Recorder:
                                   _PHASE[phase], kv is not None, ns, na, nreq, batch, pre, dec, mx, slot, ctx,
                                   0.0 if kv is None else kv)
             p = off + _STEP_SIZE
-            if ns:
-                _stage_structs[ns].pack_into(view, p, *flat)
-                p += 20 * ns
-            if nreq:
-                R.requests_struct(nreq).pack_into(view, p, *nums, *qs)
-                p += 8 * nreq
+            if ns or nreq:
+                if ns and nreq:
+                    _body_struct(ns, nreq).pack_into(view, p, *flat, *nums, *qs)
+                elif ns:
+                    _body_struct(ns, 0).pack_into(view, p, *flat)
+                else:
+                    _body_struct(0, nreq).pack_into(view, p, *nums, *qs)
+                p += 20 * ns + 8 * nreq
             if blob:
                 view[p:p + len(blob)] = blob
             self._head = h = pos + (nbytes >> 4)
@@ -328,7 +331,8 @@ class Recorder:
                 self.dropped += 1
                 return
             intern = self._strs.intern
-            blob, na = R.pack_attrs(attrs, intern) if attrs else (b"", 0)
+            blob = _pack_attrs(attrs) if attrs else b""
+            na = 1 if blob else 0
             nbytes = _round(R.SPAN_FIXED.size + len(blob))
             if nbytes > self._w._max:
                 self.dropped += 1
@@ -448,7 +452,8 @@ class Recorder:
         flat = []
         for g, v in groups.items():
             flat += (intern(g), int(v))
-        blob, na = R.pack_attrs(extra, intern) if extra else (b"", 0)
+        blob = _pack_attrs(extra) if extra else b""
+        na = 1 if blob else 0
         nbytes = _round(R.DEVICE_FIXED.size + 12 * ng + len(blob))
         off, rseq, pos = self._reserve(nbytes)
         view = self._view

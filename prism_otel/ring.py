@@ -343,49 +343,54 @@ class RingReader:
         decode = R.decode
         s = self.strings.get
         cached = self.strings.cache.get
+        append = out.append
+        magic_ok, pad, unit = R.MAGIC, R.PAD, R.UNIT
         pos = start
         need_sync = start != self.tail or start < valid_from
-        end_off = (head - start) * R.UNIT
+        end_off = (head - start) * unit
         off = 0
         explained = 0
+        expect = self.expect
+        n = 0
         while off < end_off:
             if pos < valid_from:
                 skip = valid_from - pos
-                off += skip * R.UNIT
+                off += skip * unit
                 pos += skip
                 need_sync = True
                 continue
-            if end_off - off < R.HEADER.size:
+            if end_off - off < 16:
                 break
-            rseq, magic, kind, flags, nbytes, upos = unpack(data, off)
-            if magic != R.MAGIC or upos != (pos & 0xFFFFFFFF) or nbytes < R.UNIT or nbytes % R.UNIT:
+            rseq, magic, kind, _flags, nbytes, upos = unpack(data, off)
+            if magic != magic_ok or upos != (pos & 0xFFFFFFFF) or nbytes < unit or nbytes & 15:
                 if not need_sync:
                     self.bad += 1
                     explained += 1  # the gap it leaves in the sequence is this, not an overwrite
                 need_sync = True
-                off += R.UNIT
+                off += unit
                 pos += 1
                 continue
-            u = nbytes // R.UNIT
             if off + nbytes > end_off:
                 break  # an incomplete record at the end of a limited read: next time
-            if kind != R.PAD:
-                if self.expect is not None and rseq != self.expect:
-                    gap = (rseq - self.expect) & 0xFFFFFFFF
+            if kind != pad:
+                if rseq != expect and expect is not None:
+                    gap = (rseq - expect) & 0xFFFFFFFF
                     self.dropped += gap - min(gap, explained)
                 explained = 0
-                self.expect = (rseq + 1) & 0xFFFFFFFF
+                expect = (rseq + 1) & 0xFFFFFFFF
                 need_sync = False
                 try:
-                    out.append((kind, decode(data, off, kind, s, cached)))
-                    self.records += 1
+                    append((kind, decode(data, off, kind, s, cached)))
+                    n += 1
                 except KeyError:
                     self.lost_strings += 1
                 except Exception:  # noqa: BLE001 - a record we cannot read is counted, the rest goes on
                     self.bad += 1
             off += nbytes
-            pos += u
+            pos += nbytes >> 4
         self.tail = pos
+        self.expect = expect
+        self.records += n
 
     def flush_requested(self) -> bool:
         w = self.ring.words
