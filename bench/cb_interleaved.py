@@ -44,6 +44,9 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
     from prism_otel.tiny_models import cb_config
 
     sys.path.insert(0, HERE)
+    import _selftime
+
+    _selftime.install()  # times our hooks' parts on the engine thread (before prism-otel instruments)
     from _cb_load import serve as _serve, workload as _workload
     from _threads import companion_cpu_s, mean_step_ms, our_threads_cpu_ns
 
@@ -83,13 +86,15 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
             c0, p0 = our_threads_cpu_ns(), companion_cpu_s(st)
             e0 = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID)
             g0 = time.clock_gettime_ns(engine_clock)
+            h0, n0 = _selftime.hook_cpu_ns(), _selftime.step_records()
             tokens, dt = _serve(mgr, work, conc)
             g1 = time.clock_gettime_ns(engine_clock)
             row = {"pair": i, "on": on, "tokens": tokens, "seconds": dt, "tok_s": tokens / dt,
                    "ours_cpu_s": (our_threads_cpu_ns() - c0) / 1e9,
                    "companion_cpu_s": (companion_cpu_s(st) - p0) if companion else None,
                    "client_cpu_s": (time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID) - e0) / 1e9,
-                   "engine_cpu_s": (g1 - g0) / 1e9}
+                   "engine_cpu_s": (g1 - g0) / 1e9, "hook_cpu_s": (_selftime.hook_cpu_ns() - h0) / 1e9,
+                   "hook_steps": _selftime.step_records() - n0}
             if on:
                 st.pipeline.flush(10)
                 time.sleep(0.6)  # the companion's counters
@@ -104,6 +109,7 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
          "step_ms_mean": mean_step_ms(p)}
     if companion:
         s["remote_steps"] = p.remote.get("steps")
+    s["by_hook"] = _selftime.BY_HOOK
     print("SUMMARY " + json.dumps(s), flush=True)
     prism_otel.stop()
 
@@ -160,6 +166,8 @@ def main() -> None:
             if p.wait() != 0 or summary is None:
                 raise RuntimeError(f"{mode} engine failed:\n{err[-3000:]}")
             results[mode] = (blocks, summary)
+            for name, (ns, calls) in sorted((summary.get("by_hook") or {}).items()):
+                print(f"  {mode}: hook {name}: {calls} calls, {ns / max(1, calls) / 1e3:.1f} us CPU each", flush=True)
     finally:
         sink.terminate()
 
@@ -217,6 +225,19 @@ def main() -> None:
 
     row("direct: the engine thread's CPU clock, on minus paired off block, per step and share of wall time",
         engine_added)
+
+    def hooks_direct(b, s):
+        on = [x for x in b if x["on"] and x.get("hook_steps")]
+        if not on:
+            return "-"
+        per = [1e6 * x["hook_cpu_s"] / x["hook_steps"] for x in on]
+        share = [100 * x["hook_cpu_s"] / x["seconds"] for x in on]
+        step_ms = [1e3 * x["seconds"] / x["hook_steps"] for x in on]
+        return (f"{statistics.median(per):.1f} us/step [{min(per):.1f}..{max(per):.1f}] = "
+                f"{100 * statistics.median(per) / 1e3 / statistics.median(step_ms):.3f}% of a "
+                f"{statistics.median(step_ms):.1f} ms step (CPU in hooks / block wall: {statistics.median(share):.3f}%)")
+
+    row("direct: CPU of our hooks' code on the engine thread (thread clock around each hook's parts)", hooks_direct)
     row("steps seen by the pipeline; dropped", lambda b, s: f"{s.get('remote_steps') or s['steps']}; {s['dropped'] or 0}")
 
 

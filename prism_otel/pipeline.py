@@ -214,6 +214,8 @@ class Pipeline:
     def process_pending(self, final: bool = False) -> int:
         """Read what the ring holds and handle it, in order. Returns how many records were read."""
         total = 0
+        if self.recorder is not None:  # a ring of this process: what its hooks queued goes in first
+            self.recorder.flush()
         with self._lock:
             reader = self.reader
             q = self._queue

@@ -38,12 +38,14 @@ def test_ring_overwrites_oldest_and_counts():
     reader = rec.reader()
     for i in range(200):
         rec.gc_pause(i, i + 1, 0, i)
+    rec.flush()
     got = reader.read()
     assert got and all(kind == GC for kind, _ in got)
     collected = [r.collected for _, r in got]
     assert collected == list(range(200 - len(got), 200)), "the newest records, in order"
     assert reader.dropped == 200 - len(got) and len(got) < 100
     rec.gc_pause(500, 501, 0, 500)
+    rec.flush()
     assert [r.collected for _, r in reader.read()] == [500] and reader.dropped == 200 - len(got)
     with pytest.raises(ValueError):
         Recorder(4)
@@ -59,6 +61,7 @@ def test_pipeline_counts_ring_drops_and_survives_bad_records():
     for i in range(40):
         step(rec, i, (("r1", 1, True),))
     step(rec, 40, (("r1", 1, True),))
+    rec.flush()
     ring = rec.ring  # garble that last record's header (a torn write): counted, the rest goes on
     start = (ring.words[H_HEAD] - 9) % ring.rec_units  # a step with 1 request and 2 stages: 9 units
     ring.view[ring.rec_off + 16 * start + 4] ^= 0xFF
@@ -184,9 +187,10 @@ def test_pacer_wakes_about_once_per_step_within_bounds_and_backs_off_when_idle()
 
 def test_steps_whose_device_events_still_run_wait_for_a_later_hook_and_keep_order(monkeypatch):
     """An async engine's newest step may still be on the device when it is recorded: the recorder asks
-    its events with a non-blocking query at later calls and writes their time when they completed; the
-    pipeline holds the step (and what follows, in order) until then. A step whose events never complete
-    goes out after the hold with its device time unavailable."""
+    its events with a non-blocking query each time it writes (here: at each pipeline pass, which flushes
+    it) and writes their time when they completed; the pipeline holds the step (and what follows, in
+    order) until then. A step whose events never complete goes out after the hold, its device time
+    unavailable."""
     import prism_otel.pipeline as pl
 
     class Dev:
@@ -205,13 +209,13 @@ def test_steps_whose_device_events_still_run_wait_for_a_later_hook_and_keep_orde
     seen = []
     p.on_step = seen.append
     t = clock_ns()
-    d1, d2 = Dev(0), Dev(3)
+    d1, d2 = Dev(0), Dev(2)
     step(rec, 1, (("a", 1, True),), t, d1)  # completed when recorded
     step(rec, 2, (("a", 1, True),), t + 10, d2)  # still running
     rec.request("a", "finish", t + 5_000_000)
     p.process_pending()
     assert [s.device_ns for s in seen] == [1234]
-    assert d2.queries == 2, "asked once per later recorder call, never waited on"
+    assert d2.queries == 1, "asked once per flush, never waited on"
     step(rec, 3, (("a", 1, True),), t + 20)  # the next hook asks again: still running
     p.process_pending()
     assert len(seen) == 1, "held, and what follows waits with it"

@@ -192,6 +192,7 @@ def test_batch_queue_order_gives_each_batch_its_step():
     for f in ("xb", "sb"):
         futs[f].set_result(None)
     upd_w(lambda *a, **k: {}, sched, (so_b, None), {})
+    rec.flush()
     steps = [r for kind, r in reader.read() if kind == STEP]
     assert [s.key for s in steps] == [id(so_a), id(so_b)]
     (a, b) = steps

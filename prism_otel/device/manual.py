@@ -38,6 +38,7 @@ class StepScope:
         timing.end(self.pair)
         rec = self.rec
         rec.step(rec.new_key(), self.t0, t1, self.feat, self.reqs, self.pair, ((sc.STAGE_FORWARD, self.t0, t1),))
+        rec.flush()  # a user's loop gives no sign of going idle: each step goes out at once
         return False
 
 

@@ -61,6 +61,8 @@ def wrap_prepare(g, rec):
         instance._prism_prep = None
         if ok:
             instance._prism_prep = (t0, t1, step_features(instance))
+        else:
+            rec.flush()  # no batch: the engine is out of work for now
 
     return guarded(g, before, after)
 
@@ -108,6 +110,9 @@ def wrap_update(g, rec):
                       (sc.STAGE_UPDATE, t0, t1))
             pair = fwd[2]
         record_step(new_key(), prep[0], t1, feat, reqs, pair, stages)
+        sched = getattr(instance, "scheduler", None)
+        if sched is not None and not sched.has_pending_requests():
+            rec.flush()  # the last step of a burst goes out now, not with the next one
 
     return guarded(g, before, after)
 

@@ -87,6 +87,7 @@ class _GenerateCall:
         self._flush(t)
         for rid in self.rids:
             self.rec.request(rid, "finish", t)
+        self.rec.flush()
 
 
 def wrap_generate(g, rec):

@@ -126,8 +126,15 @@ def features(scheduler, so):
     return feat, Reqs(tuple(nst), tuple(nst.values()), quiet or _EMPTY)
 
 
+def _idle(scheduler) -> bool:
+    """The engine has no request left: what the recorder queued goes out now, not with the next step."""
+    has = getattr(scheduler, "has_unfinished_requests", None)
+    return has is not None and not has()
+
+
 def wrap_schedule(g, rec):
     request = rec.request
+    flush = rec.flush
 
     def before(instance, args, kwargs):
         return clock_ns()
@@ -143,6 +150,7 @@ def wrap_schedule(g, rec):
                 request(rid, "finish", t0)
         if so.total_num_scheduled_tokens <= 0:
             ENGINE.last = None
+            flush()  # nothing scheduled: the engine may wait for requests now
             return
         feat, reqs = features(instance, so)
         if len(_INFLIGHT) >= _MAX_INFLIGHT:
@@ -227,6 +235,7 @@ def _stages(b, mro, u0, u1):
 def wrap_update_from_output(g, rec):
     record_step = rec.step
     request = rec.request
+    flush = rec.flush
 
     def before(instance, args, kwargs):
         so = args[0] if args else kwargs.get("scheduler_output")
@@ -250,6 +259,8 @@ def wrap_update_from_output(g, rec):
         if fin:
             for rid in fin:
                 request(rid, "finish", u1)
+            if _idle(instance):
+                flush()
 
     return guarded(g, before, after)
 

@@ -23,6 +23,7 @@ _MAX_IDS = 64
 
 def wrap_process_outputs(g, rec):
     span = rec.span
+    flush = rec.flush
 
     def before(instance, args, kwargs):
         return clock_ns(), time.monotonic()
@@ -43,5 +44,8 @@ def wrap_process_outputs(g, rec):
             attrs[sc.STEP_OUTPUTS_TS] = ts
             attrs[sc.STAGE_OUTPUT_DELAY_MS] = (mono - ts) * 1e3
         span(sc.STAGE_DETOKENIZE, t0, t1, attrs)
+        has = getattr(instance, "has_unfinished_requests", None)
+        if has is not None and not has():
+            flush()  # the last outputs: the front end may wait for requests now
 
     return guarded(g, before, after)
