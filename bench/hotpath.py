@@ -80,7 +80,8 @@ def main() -> None:
              "prism.step.outputs_ts": 1234.5}
     old_feat = old.StepFeatures("decode", 16, 0, 16, 1600, 120, 0.1)
     tt = time.thread_time_ns
-    rows = {k: [] for k in ("stage_new", "stage_old", "sdk", "step_new", "step_old")}
+    rows = {k: [] for k in ("stage_new", "stage_old", "sdk", "step_new", "step_old", "stage_queue", "stage_flush")}
+    import prism_otel.recorder as recorder_mod
     for _ in range(a.rounds):
         c0 = tt()
         for _ in range(n):
@@ -96,6 +97,22 @@ def main() -> None:
             rec_old.stage(1, "forward", x, y)
         rows["stage_old"].append((tt() - c0) / n)
         rec_old.drain(1 << 30)
+        # the same record, the queue append alone (the batched write held back), then the write alone
+        saved = recorder_mod._BATCH, recorder_mod._BATCH_NS, recorder_mod._QUEUE_MAX
+        recorder_mod._BATCH, recorder_mod._BATCH_NS, recorder_mod._QUEUE_MAX = 1 << 30, 1 << 62, 1 << 30
+        try:
+            c0 = tt()
+            for _ in range(n):
+                x = clock_ns()
+                y = clock_ns()
+                rec.stage(1, "forward", x, y)
+            rows["stage_queue"].append((tt() - c0) / n)
+        finally:
+            recorder_mod._BATCH, recorder_mod._BATCH_NS, recorder_mod._QUEUE_MAX = saved
+        c0 = tt()
+        rec.flush()
+        rows["stage_flush"].append((tt() - c0) / n)
+        reader.read()
         c0 = tt()
         for _ in range(n):
             tracer.start_span("forward").end()
@@ -126,6 +143,10 @@ def main() -> None:
           f"{ratio('stage_new', 'sdk')} of an SDK span |")
     print(f"| stage, before (8368bb0): two clock reads + deque append | {med['stage_old']:.0f} | "
           f"now/before {ratio('stage_new', 'stage_old')} |")
+    print(f"| of now: the hook's queue append alone (two clock reads included) | {med['stage_queue']:.0f} | "
+          f"/before {ratio('stage_queue', 'stage_old')} |")
+    print(f"| of now: the batched ring write, per record (on the same thread, at a flush) | "
+          f"{med['stage_flush']:.0f} | |")
     print(f"| OTel SDK: tracer.start_span().end() | {med['sdk']:.0f} | 1 |")
     print(f"| vLLM-sized step record, now (16 requests, 5 stages, 4 attributes) | {med['step_new']:.0f} | "
           f"now/before {ratio('step_new', 'step_old')} |")

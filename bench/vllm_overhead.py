@@ -47,6 +47,7 @@ ROOT = os.path.dirname(HERE)
 VBIN = os.path.join(ROOT, ".venv-vllm", "bin")
 # vLLM's general plugins but ours: prism-otel's plugin not loaded at all
 NOT_OURS = "lora_filesystem_resolver,lora_hf_hub_resolver"
+DETECT = [None]
 
 
 def _port() -> int:
@@ -68,6 +69,8 @@ def start_server(model: str, arm: str, endpoint: str, tmp: str, max_seqs: int):
         env["VLLM_PLUGINS"] = NOT_OURS
     else:
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
+        if DETECT[0] is not None:
+            env["PRISM_OTEL_DETECT"] = DETECT[0]
         if arm in ("companion", "inprocess"):
             env["PRISM_OTEL_PIPELINE"] = arm
         if arm == "run":
@@ -136,7 +139,7 @@ def stop(proc) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=8, help="rounds: each arm once per round, order rotating")
-    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=None, help="256 (server rounds), 128 (--offline)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--pause", type=float, default=5.0, help="seconds before each round (the others' export)")
@@ -144,7 +147,11 @@ def main() -> None:
     ap.add_argument("--arms", default="on", help="prism-otel arms beside 'off': on (the plugin, default "
                     "settings), run (under prism-otel run), inprocess (comma list)")
     ap.add_argument("--offline", action="store_true", help="LLM.generate in fresh processes instead")
+    ap.add_argument("--detect", default=None, help="0: anomaly detection off in the 'on' arms (default: on)")
     a = ap.parse_args()
+    DETECT[0] = a.detect
+    if a.requests is None:
+        a.requests = 128 if a.offline else 256
     if a.offline:
         offline(a)
         return
@@ -204,12 +211,12 @@ def main() -> None:
     print(f"| steps / spans exported by the prism-otel server(s) | {len(steps)} / {seen['spans']} |")
     print(f"| median step time: all / decode-only | {step_ms:.2f} ms / {statistics.median(dec):.2f} ms |")
     for b, h in sorted(hooks.items(), key=lambda kv: int(kv[0])):
-        print(f"| per-step cost at batch {b}: engine-core hooks / worker hooks / front end / pipeline CPU | "
+        print(f"| per-step cost at batch {b}: engine-core hooks / worker hooks / front end / companion CPU | "
               f"{h['engine_us']:.1f} / {h['worker_us']:.1f} / {h['frontend_us']:.1f} / {h['pipeline_us']:.0f} us |")
     h = hooks[str(a.concurrency)]
     print(f"| engine-core hooks at batch {a.concurrency} / median step | {100 * h['engine_us'] / 1e3 / step_ms:.3f}% |")
-    print(f"| pipeline CPU at batch {a.concurrency} / median step (shares the engine core's GIL) | "
-          f"{100 * h['pipeline_us'] / 1e3 / step_ms:.2f}% |")
+    print(f"| companion CPU at batch {a.concurrency} / median step (its own process; warm, without sending: "
+          f"bench/engine_cost.py measures the process) | {100 * h['pipeline_us'] / 1e3 / step_ms:.2f}% |")
 
 
 def offline(a) -> None:
@@ -236,6 +243,8 @@ def offline(a) -> None:
                     env["VLLM_PLUGINS"] = NOT_OURS
                 else:
                     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+                    if a.detect is not None:
+                        env["PRISM_OTEL_DETECT"] = a.detect
                 p = subprocess.run([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_offline_run.py"), model,
                                     str(a.requests), str(a.max_tokens)], env=env, cwd=tmp, capture_output=True,
                                    text=True, timeout=1800)

@@ -593,8 +593,8 @@ def main(argv=None) -> int:
     peers: Optional[RankPeers] = None
     rank_seen = False
     # Every wake-up costs CPU in timer and scheduler work (36-110 us on a 2-vCPU VM, whatever it then
-    # reads): while steps come, wake about every 8 steps, 20-50 ms apart; 10 times a second when idle.
-    longest = max(0.002, config.env_int(sc.ENV_COMPANION_WAKE_MS, 50) / 1e3)
+    # reads): while steps come, wake about every 8 steps, 40-100 ms apart; 10 times a second when idle.
+    longest = max(0.002, config.env_int(sc.ENV_COMPANION_WAKE_MS, 100) / 1e3)
     pacer = Pacer(busy_min_s=longest * 0.4, busy_max_s=longest, idle_s=max(0.1, longest), idle_after_s=1.0,
                   steps_per_wake=8.0)
     tt = time.thread_time_ns

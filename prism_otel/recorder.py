@@ -210,7 +210,15 @@ class Recorder:
 
     def stage(self, key: int, name: str, t0: int, t1: int) -> None:
         """A host stage of the step ``key`` (joined to it when its STEP record comes)."""
-        self._queue((_KSTAGE, key, name, t0, t1), t1)
+        q = self._q
+        if not q:
+            self._q_t0 = t1
+        elif len(q) >= _QUEUE_MAX:
+            self.dropped += 1
+            return
+        q.append((_KSTAGE, key, name, t0, t1))
+        if len(q) >= _BATCH or t1 - self._q_t0 >= _BATCH_NS:
+            self.flush()
 
     def request(self, request_id: str, event: str, t: int, info: Optional[Mapping[str, Any]] = None, *,
                 prompt_tokens: Optional[int] = None, max_tokens: Optional[int] = None, parent=None,

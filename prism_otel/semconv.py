@@ -148,7 +148,7 @@ ENV_BASELINE_DIR = "PRISM_OTEL_BASELINE_DIR"  # where learned baselines persist
 ENV_MODEL_CACHE = "PRISM_OTEL_MODEL_CACHE"  # where tiny test/demo models are built
 ENV_PIPELINE = "PRISM_OTEL_PIPELINE"  # companion (default where prism-otel builds the provider) | inprocess
 ENV_COMPANION_RESTARTS = "PRISM_OTEL_COMPANION_RESTARTS"  # a dead companion is restarted this many times (3)
-ENV_COMPANION_WAKE_MS = "PRISM_OTEL_COMPANION_WAKE_MS"  # the companion's longest sleep while steps come (50)
+ENV_COMPANION_WAKE_MS = "PRISM_OTEL_COMPANION_WAKE_MS"  # the companion's longest sleep while steps come (100)
 # math-library thread pools, set to 1 in our helper processes: a fit must not spin up a thread per
 # core of a serving host (OpenBLAS busy-waits; on a 16-core host a companion took a third of a core)
 HELPER_THREAD_POOL_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
