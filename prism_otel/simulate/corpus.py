@@ -43,6 +43,10 @@ CORPORA = {
     "transformers-small": ("transformers", "small", {"threads": 1}),
     "transformers_serve-small": ("transformers_serve", "small", {"threads": 1}),
     "vllm-small": ("vllm", "small", {"threads": 1, "max_num_seqs": 64}),
+    # recorded on a lent GPU machine (bench/device/gpu_corpus.sh): a ~1.2 B random-weight Llama in bf16
+    "transformers-gpu-1b": ("transformers", "1b", {"threads": 2, "device": "cuda", "dtype": "bfloat16",
+                                                   "cb": {"num_blocks": 4096, "page_size": 32,
+                                                          "max_batch_tokens": 1024}}),
 }
 
 
@@ -77,7 +81,7 @@ def build(name: str, out_dir: str, segment_s: float = 10.0, log=print) -> dict:
     os.makedirs(os.path.join(out_dir, "otlp"), exist_ok=True)
     out_dir = os.path.abspath(out_dir)
     segs = grid(segment_s)
-    eng = ENGINES[kind](_resolve_model(size), out_dir, dict(options))
+    eng = ENGINES[kind](_resolve_model(size, options.get("dtype")), out_dir, dict(options))
     log(f"corpus {name}: {len(segs)} workload configurations x {segment_s:g} s on {kind} ({size})")
     t0 = time.time()
     try:
