@@ -29,9 +29,11 @@ $(VENV)/.installed: pyproject.toml $(LOCKS)/main.txt
 	$(VPY) -m pip install -q $(call lock_for,main) -e ".[transformers,collector,dev,prometheus]" accelerate
 	touch $@
 
+# A tiny engine under load, a real fault injected halfway, the incident as it opens and closes, the
+# per-stage summary, and the HTML report of the run (examples/demo.py says what it does; about a minute).
 demo: $(VENV)/.installed
 	cd /tmp && rm -rf prism-demo && mkdir prism-demo && cd prism-demo && \
-	  $(CURDIR)/$(VENV)/bin/prism-otel run -- $(CURDIR)/$(VPY) $(CURDIR)/examples/cb_demo.py
+	  $(CURDIR)/$(VPY) $(CURDIR)/examples/demo.py
 
 # Servers and a browser the tests drive for real: Prometheus, Alertmanager and headless Chromium,
 # Debian's packages at the versions requirements/debian.txt pins, installed with apt-get (as root,

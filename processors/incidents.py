@@ -32,6 +32,7 @@ import os
 import re
 import threading
 import uuid
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -368,6 +369,29 @@ def _pid_of(instance: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()  # the incident processors of this process (the exit summary lists them)
+
+
+def summary_lines() -> List[str]:
+    """The exit summary's incident lines: how many, and one line per incident."""
+    incs = [i for p in list(_LIVE) for i in p.all_incidents()]
+    if not _LIVE:
+        return []
+    if not incs:
+        return ["prism-otel: no incident (no sustained run of anomalous steps)"]
+    from datetime import datetime
+
+    out = [f"prism-otel: {len(incs)} incident{'s' if len(incs) > 1 else ''}"]
+    for i in sorted(incs, key=lambda i: i.start_ns):
+        d = i.to_dict()
+        out.append(f"  #{d['number']} {datetime.fromtimestamp(d['start_ns'] / 1e9).strftime('%H:%M:%S')} "
+                   f"{d['duration_s']:.1f} s, root cause {d['root_cause']}, {d['steps_affected']} anomalous steps, "
+                   f"peak {d['peak_ratio']:.1f}x, phases {','.join(d['phases'])}"
+                   + (f", stages {','.join(s['stage'] for s in d['stages'][:3])}" if d["stages"] else "")
+                   + (" (open at exit)" if d["state"] == "open" or d.get("close_reason") == "shutdown" else ""))
+    return out
+
+
 class IncidentProcessor(StepProcessor):
     """Groups each instance's anomalous steps into incidents and delivers their open/close events."""
 
@@ -390,6 +414,8 @@ class IncidentProcessor(StepProcessor):
         self._last_t = 0
         self.sinks = list(sinks) if sinks is not None else self._default_sinks()
         self.on_event: Optional[Callable[[dict], None]] = None  # e.g. the metrics processor's counters
+        if sinks is None:
+            _LIVE.add(self)
 
     def _default_sinks(self) -> list:
         from processors import notify
