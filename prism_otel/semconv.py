@@ -315,3 +315,25 @@ OTEL_EXPORTER_OTLP_METRICS_PROTOCOL = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
 OTEL_METRIC_EXPORT_INTERVAL = "OTEL_METRIC_EXPORT_INTERVAL"  # standard: ms between OTLP metric exports
 OTEL_EXPORTER_PROMETHEUS_HOST = "OTEL_EXPORTER_PROMETHEUS_HOST"  # standard: the prometheus reader's bind address
 OTEL_EXPORTER_PROMETHEUS_PORT = "OTEL_EXPORTER_PROMETHEUS_PORT"  # standard: its port (9464)
+ENV_OUT_MAX_MB = "PRISM_OTEL_OUT_MAX_MB"  # embedded default: rotate a traces file past this size (64 MB)
+ENV_OUT_FILES = "PRISM_OTEL_OUT_FILES"  # embedded default: files kept per process, the current one included (4)
+ENV_VLLM_PLUGIN = "PRISM_OTEL_VLLM_PLUGIN"  # "1": the vLLM plugin starts prism-otel even when nothing else asked for it
+# NVIDIA Dynamo's forward-pass metrics (its ForwardPassMetrics: scheduled_requests / queued_requests), per step
+# span under one prefix: prism.fpm.scheduled.<field>, prism.fpm.queued.<field> (docs/spans.md, "Ecosystem fields")
+FPM_PREFIX = "prism.fpm."
+FPM_SCHEDULED = "scheduled."
+FPM_QUEUED = "queued."
+FPM_NUM_PREFILL_REQUESTS = "num_prefill_requests"
+FPM_SUM_PREFILL_TOKENS = "sum_prefill_tokens"
+FPM_VAR_PREFILL_LENGTH = "var_prefill_length"
+FPM_SUM_PREFILL_KV_TOKENS = "sum_prefill_kv_tokens"
+FPM_NUM_DECODE_REQUESTS = "num_decode_requests"
+FPM_SUM_DECODE_KV_TOKENS = "sum_decode_kv_tokens"
+FPM_VAR_DECODE_KV_TOKENS = "var_decode_kv_tokens"
+# vLLM's and SGLang's request-span latency keys (seconds), on our request spans too
+GEN_AI_LATENCY_TIME_IN_QUEUE = "gen_ai.latency.time_in_queue"
+GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN = "gen_ai.latency.time_to_first_token"
+GEN_AI_LATENCY_E2E = "gen_ai.latency.e2e"
+GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL = "gen_ai.latency.time_in_model_prefill"
+GEN_AI_LATENCY_TIME_IN_MODEL_DECODE = "gen_ai.latency.time_in_model_decode"
+GEN_AI_LATENCY_TIME_IN_MODEL_INFERENCE = "gen_ai.latency.time_in_model_inference"

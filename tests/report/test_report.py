@@ -110,3 +110,22 @@ def test_no_data_is_a_clear_error(tmp_path, capsys):
     assert "no prism.step spans found" in err and "x.jsonl:1" in err
     assert cli(["report", str(tmp_path / "missing"), "-o", str(tmp_path / "r.html")]) == 2
     assert not (tmp_path / "r.html").exists()
+
+
+def test_real_engine_spans_speak_the_ecosystem_fields(run_dir):
+    """On the same real run: service.name is the engine, request spans are named
+    `{gen_ai.operation.name} {gen_ai.request.model}` with vLLM's gen_ai.latency.* keys, and decode steps
+    carry Dynamo's forward-pass fields."""
+    from prism_otel.report.load import load
+
+    spans = load([str(run_dir)]).spans
+    assert {s["resource"].get("service.name") for s in spans} == {"transformers"}
+    reqs = [s for s in spans if sc.REQUEST_ID in s["attrs"] and not str(s["attrs"][sc.REQUEST_ID]).startswith("warmup")]
+    assert reqs
+    model = reqs[0]["attrs"][sc.GEN_AI_REQUEST_MODEL]
+    assert model and all(s["name"] == f"{sc.GEN_AI_OPERATION_TEXT_COMPLETION} {model}" for s in reqs)
+    for key in (sc.GEN_AI_LATENCY_E2E, sc.GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN, sc.GEN_AI_LATENCY_TIME_IN_QUEUE):
+        assert all(key in s["attrs"] for s in reqs), key
+    dec = [s for s in spans if s["name"] == sc.STEP_SPAN and s["attrs"].get(sc.STEP_PHASE) == "decode"]
+    key = sc.FPM_PREFIX + sc.FPM_SCHEDULED + sc.FPM_NUM_DECODE_REQUESTS
+    assert dec and all(s["attrs"][key] == s["attrs"][sc.BATCH_SIZE] for s in dec)
