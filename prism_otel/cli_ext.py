@@ -1,4 +1,5 @@
-"""Sub-commands added by other parts (detect, eval, collector, attach, simulate, corpus, report, alerts): each
+"""Sub-commands added by other parts (detect, eval, collector, attach, simulate, corpus, report, dashboard,
+alerts): each
 registers here."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ _MODULES = (
     "prism_otel.simulate.cli",  # simulate
     "prism_otel.simulate.corpus_cli",  # corpus
     "prism_otel.report.cli",  # report
+    "prism_otel.report.dashboard",  # dashboard
     "prism_otel.alerts_cli",  # alerts
 )
 

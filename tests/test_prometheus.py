@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.parse
@@ -47,6 +48,11 @@ def dashboard_queries(rate_interval: str = "10s"):
         for t in p.get("targets", []):
             expr = t["expr"].replace("$__rate_interval", rate_interval).replace("$job", ".*").replace("$instance", ".*")
             yield p["title"], t.get("legendFormat", ""), expr
+
+
+def dashboard_panels():
+    with open(DASHBOARD) as f:
+        return [p for p in json.load(f)["panels"] if p["type"] != "row"]
 
 
 def _query_range(url: str, expr: str, start: float, end: float) -> list:
@@ -92,3 +98,18 @@ def test_dashboard_queries_return_data_from_a_real_engine(tmp_path, monkeypatch)
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
         # the recording rules ran on the live data too
         assert _query_range(prom, "prism:step_latency_ratio:rate5m", t0, t1 + 2)
+        # `prism-otel dashboard` draws the same panels from that Prometheus: in Chromium, every panel with data drew
+        from prism_otel.cli import main as cli
+
+        page = tmp_path / "dashboard.html"
+        assert cli(["dashboard", "--prometheus", prom, "--start", str(t0), "--end", str(t1 + 2),
+                    "--rate-interval", "10s", "-o", str(page)]) == 0
+        from tests.report.test_report import _attrs, _chromium
+
+        dom = _chromium("--dump-dom", page.as_uri())
+        assert 'data-ready="1"' in dom
+        panels = [_attrs(t) for t in re.findall(r'<div class="panel dash-panel"[^>]*>', dom)]
+        assert len(panels) == sum(1 for _ in dashboard_panels())
+        for a in panels:
+            if a["data-title"] not in MAY_BE_EMPTY:
+                assert int(a["data-series"]) > 0 and int(a.get("data-ink", 0)) > 0, a
