@@ -215,12 +215,17 @@ class SpanMaterializer:
         if max_tokens is not None:
             attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
         parent_ctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
+        own_id = None
         if parent_ctx is not None and parent_ctx.is_valid:
             trace_id = parent_ctx.trace_id
+            if parent_ctx.trace_state.get("prism") == "root":
+                # ids made for this request in vLLM's front end (instrumentation/vllm/_join.py): they are
+                # this span's own, and vLLM's llm_request span is its child
+                own_id, parent_ctx, parent = parent_ctx.span_id, None, None
         else:
             parent_ctx, trace_id = None, self._ids.generate_trace_id()
         sampled = self._sample(trace_id, name, parent, attrs)
-        ctx = SpanContext(trace_id, self._ids.generate_span_id(), False, _SAMPLED if sampled else _UNSAMPLED)
+        ctx = SpanContext(trace_id, own_id or self._ids.generate_span_id(), False, _SAMPLED if sampled else _UNSAMPLED)
         return _RequestHandle(ctx, parent_ctx, name, attrs, arrival_ns, sampled)
 
     def close_request(self, handle: _RequestHandle, rec: RequestRecord, step_contexts: Sequence,
