@@ -64,6 +64,7 @@ class IncidentConfig:
     stage_min_ms: float = 0.05  # ... and at least this many ms over it
     severity: str = "warning"
     # delivery
+    log_per_engine: bool = True  # name the incident log after the engine's pid (false: this process's; the collector)
     stderr: bool = True
     file: str = ""
     follow: bool = True
@@ -443,7 +444,7 @@ class IncidentProcessor(StepProcessor):
             t = self._trackers[instance] = IncidentTracker(instance, self.cfg, self.service, self._count)
             log = next((s for s in self.sinks if hasattr(s, "follow_dir")), None)
             pid = _pid_of(instance)
-            if log is not None and pid and len(self._trackers) == 1 and not log.pid_given:
+            if log is not None and pid and len(self._trackers) == 1 and not log.pid_given and self.cfg.log_per_engine:
                 log.pid = pid  # incidents-<engine pid>.jsonl, also when a companion process writes it
         return t
 
@@ -472,6 +473,14 @@ class IncidentProcessor(StepProcessor):
                 self.on_event(event)
             except Exception:  # noqa: BLE001
                 self.sink_errors += 1
+
+    def forget_instance(self, instance: str) -> None:
+        """The collector evicts an idle instance: its open incident closes (``evicted``), its state goes."""
+        t = self._trackers.pop(instance, None)
+        if t is not None and t.current is not None:
+            for ev in t.shutdown(max(self._last_t, t.current.end_ns)):
+                ev["incident"]["close_reason"] = "evicted"
+                self._deliver(ev)
 
     def open_incidents(self) -> List[Incident]:
         return [t.current for t in self._trackers.values() if t.current is not None]

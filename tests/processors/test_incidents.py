@@ -173,3 +173,22 @@ def test_incident_log_writes_the_line_and_the_follow_file(tmp_path, capsys):
     lines = (tmp_path / "f" / "incidents-42.jsonl").read_text().splitlines()
     assert [json.loads(x)["event"] for x in lines] == [sc.INCIDENT_EVENT_OPEN, sc.INCIDENT_EVENT_CLOSE]
     assert (tmp_path / "mine.jsonl").read_text() == (tmp_path / "f" / "incidents-42.jsonl").read_text()
+
+
+def test_collector_processor_config():
+    from prism_otel.collector.errors import ConfigError
+    from prism_otel.collector.prism_processors import PrismIncidentsConfig
+
+    with pytest.raises(ConfigError) as e:
+        PrismIncidentsConfig.from_yaml({"alertmanager_url": "localhost:9093"}, "processors::prism_incidents")
+    assert "alertmanager_url" in str(e.value)
+    cfg = PrismIncidentsConfig.from_yaml({"open_fraction": 0.5, "stderr": False, "follow": False},
+                                         "processors::prism_incidents")
+    p = cfg.create(None)
+    assert isinstance(p, IncidentProcessor) and p.cfg.open_fraction == 0.5 and p.cfg.log_per_engine is False
+    rng = random.Random(9)
+    for s in stream(3000, anomalous=lambda i: i > 1000 and rng.random() < 0.8):
+        p.process(s)
+    assert p.opened == 1
+    p.forget_instance("h:1")  # an evicted instance's open incident closes
+    assert p.closed_count == 1 and p.events[-1]["incident"]["close_reason"] == "evicted"
