@@ -9,7 +9,8 @@ pipeline thread, in-process or in the companion) that turns every ``StepRecord``
 instrument (OTel name)                         kind       attributes
 =============================================  =========  =============================================
 ``prism.step.duration`` (s)                    histogram  ``prism.step.phase``
-``prism.stage.duration`` (s)                   histogram  ``prism.stage.name``
+``prism.stage.duration`` (s)                   histogram  ``prism.stage.name`` (1 step in ``stage_sample``)
+``prism.stage.time`` (s)                       counter    ``prism.stage.name`` (every step)
 ``prism.step.latency_ratio`` (observed/exp.)   histogram  ``prism.step.phase`` (judged steps)
 ``prism.step.time`` / ``prism.step.expected_time`` (s)  counter  ``prism.step.phase`` (judged steps)
 ``prism.steps``                                counter    ``prism.step.phase``, ``prism.judged``
@@ -21,6 +22,13 @@ instrument (OTel name)                         kind       attributes
 ``gen_ai.server.time_per_output_token`` (s)    histogram  same
 ``gen_ai.server.request.duration`` (s)         histogram  same
 =============================================  =========  =============================================
+
+Cost: an SDK instrument update costs about 7 us here, and this runs once per step on the pipeline
+thread (in-process, that thread shares the interpreter lock with the engine). So counters are summed
+here and added to their instruments about twice a second (``flush_s`` of step time, and at shutdown),
+the step and ratio histograms get one record per step, and the stage histogram records the stages of
+one step in ``stage_sample`` (``PRISM_OTEL_METRICS_STAGE_SAMPLE``, 8: its counts are a sample, for
+percentiles; ``prism.stage.time`` has every step's stage time). bench/reporting_cost.py measures it.
 
 (plus ``prism.slo.attainment`` / ``prism.slo.burn_rate`` gauges from :mod:`processors.slo` and
 ``prism.dropped`` from the pipeline). Histogram bounds are given as the API's advisory explicit
@@ -151,27 +159,34 @@ class StepMetrics:
 
     name = "metrics"
 
-    def __init__(self, meter_provider, provider_name: Optional[str] = None) -> None:
+    def __init__(self, meter_provider, provider_name: Optional[str] = None, stage_sample: Optional[int] = None,
+                 flush_s: float = 0.5) -> None:
         from prism_otel import __version__
 
         m = meter_provider.get_meter(sc.SCOPE, __version__)
         self._step = m.create_histogram(sc.METRIC_STEP_DURATION, unit="s", description="engine step latency",
                                         explicit_bucket_boundaries_advisory=STEP_BUCKETS_S)
-        self._stage = m.create_histogram(sc.METRIC_STAGE_DURATION, unit="s", description="host stage latency",
+        self._stage = m.create_histogram(sc.METRIC_STAGE_DURATION, unit="s",
+                                         description="host stage latency (a sample of the steps)",
                                          explicit_bucket_boundaries_advisory=STAGE_BUCKETS_S)
         self._ratio = m.create_histogram(sc.METRIC_LATENCY_RATIO, unit="1",
                                          description="step latency over the latency expected for its workload",
                                          explicit_bucket_boundaries_advisory=RATIO_BUCKETS)
-        self._observed = m.create_counter(sc.METRIC_STEP_TIME, unit="s", description="step time of judged steps")
-        self._expected = m.create_counter(sc.METRIC_STEP_EXPECTED_TIME, unit="s",
-                                          description="step time the detector expected for the judged steps")
-        self._steps = m.create_counter(sc.METRIC_STEPS, unit="{step}", description="engine steps")
-        self._anom = m.create_counter(sc.METRIC_ANOMALY_COUNT, unit="{step}", description="anomalous steps")
+        counters = {
+            "stage_time": m.create_counter(sc.METRIC_STAGE_TIME, unit="s", description="host stage time"),
+            "observed": m.create_counter(sc.METRIC_STEP_TIME, unit="s", description="step time of judged steps"),
+            "expected": m.create_counter(sc.METRIC_STEP_EXPECTED_TIME, unit="s",
+                                         description="step time the detector expected for the judged steps"),
+            "steps": m.create_counter(sc.METRIC_STEPS, unit="{step}", description="engine steps"),
+            "anomalies": m.create_counter(sc.METRIC_ANOMALY_COUNT, unit="{step}", description="anomalous steps"),
+            "tokens": m.create_counter(sc.METRIC_TOKENS, unit="{token}", description="tokens computed by steps"),
+            "requests": m.create_counter(sc.METRIC_REQUESTS, unit="{request}", description="finished requests"),
+        }
+        self._counters = counters
+        self._pending: dict = {}  # (counter name, frozen attributes) -> amount not added yet
         self._incidents = m.create_counter(sc.METRIC_INCIDENTS, unit="{incident}", description="incidents opened")
         self._open = m.create_up_down_counter(sc.METRIC_INCIDENTS_OPEN, unit="{incident}",
                                               description="incidents open now")
-        self._tokens = m.create_counter(sc.METRIC_TOKENS, unit="{token}", description="tokens computed by steps")
-        self._requests = m.create_counter(sc.METRIC_REQUESTS, unit="{request}", description="finished requests")
         self._ttft = m.create_histogram(sc.METRIC_TTFT, unit="s", description="time to first token",
                                         explicit_bucket_boundaries_advisory=TTFT_BUCKETS_S)
         self._tpot = m.create_histogram(sc.METRIC_TPOT, unit="s", description="time per output token",
@@ -182,44 +197,72 @@ class StepMetrics:
             from prism_otel import _runtime
 
             provider_name = _runtime.framework_name()
+        if stage_sample is None:
+            try:
+                stage_sample = int(os.environ.get(sc.ENV_METRICS_STAGE_SAMPLE, "8"))
+            except ValueError:
+                logger.warning("prism-otel: %s is not an integer; using 8", sc.ENV_METRICS_STAGE_SAMPLE)
+                stage_sample = 8
+        self.stage_sample = max(1, stage_sample)
+        self.flush_ns = int(flush_s * 1e9)
+        self._next_flush = 0
+        self._n = 0
+        self._lock = threading.Lock()
         self._req_attrs = {sc.GEN_AI_OPERATION_NAME: sc.GEN_AI_OPERATION_TEXT_COMPLETION,
                            sc.GEN_AI_PROVIDER_NAME: provider_name}
         self._phase_attrs = {p: {sc.STEP_PHASE: p} for p in sc.PHASES}
-        self._judged_attrs = {(p, j): {sc.STEP_PHASE: p, sc.JUDGED: j} for p in sc.PHASES for j in ("true", "false")}
         self._stage_attrs: dict = {}
-        self._tok_prefill = {sc.TOKEN_TYPE: "prefill"}
-        self._tok_decode = {sc.TOKEN_TYPE: "decode"}
+
+    def _add(self, name: str, amount, attrs: tuple) -> None:
+        key = (name, attrs)
+        p = self._pending
+        p[key] = p.get(key, 0) + amount
+
+    def flush(self) -> None:
+        """Add what the counters summed to their instruments."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for (name, attrs), amount in pending.items():
+            self._counters[name].add(amount, dict(attrs))
 
     def process(self, step: StepRecord) -> StepRecord:
         phase = step.phase
         pa = self._phase_attrs.get(phase) or {sc.STEP_PHASE: phase}
+        pkey = ((sc.STEP_PHASE, phase),)
         dur_s = (step.end_ns - step.start_ns) / 1e9
         self._step.record(dur_s, pa)
+        self._n += 1
+        sample = self._n % self.stage_sample == 0
+        add = self._add
         for name, (a, b) in step.stages.items():
-            sa = self._stage_attrs.get(name)
-            if sa is None:
-                sa = self._stage_attrs[name] = {sc.STAGE_NAME: name}
-            self._stage.record((b - a) / 1e9, sa)
+            add("stage_time", (b - a) / 1e9, ((sc.STAGE_NAME, name),))
+            if sample:
+                sa = self._stage_attrs.get(name)
+                if sa is None:
+                    sa = self._stage_attrs[name] = {sc.STAGE_NAME: name}
+                self._stage.record((b - a) / 1e9, sa)
         v = step.verdict
         judged = v is not None and v.expected_ms is not None and v.expected_ms > 0
-        self._steps.add(1, self._judged_attrs.get((phase, "true" if judged else "false"),
-                                                  {sc.STEP_PHASE: phase, sc.JUDGED: str(judged).lower()}))
+        add("steps", 1, ((sc.STEP_PHASE, phase), (sc.JUDGED, "true" if judged else "false")))
         if judged:
             exp_s = v.expected_ms / 1e3
             self._ratio.record(dur_s / exp_s, pa)
-            self._observed.add(dur_s, pa)
-            self._expected.add(exp_s, pa)
+            add("observed", dur_s, pkey)
+            add("expected", exp_s, pkey)
             if v.anomaly:
-                self._anom.add(1, {sc.STEP_PHASE: phase, sc.ANOMALY_ROOT_CAUSE: v.root_cause or "unknown"})
+                add("anomalies", 1, ((sc.STEP_PHASE, phase), (sc.ANOMALY_ROOT_CAUSE, v.root_cause or "unknown")))
         if step.prefill_tokens:
-            self._tokens.add(step.prefill_tokens, self._tok_prefill)
+            add("tokens", step.prefill_tokens, ((sc.TOKEN_TYPE, "prefill"),))
         if step.decode_tokens:
-            self._tokens.add(step.decode_tokens, self._tok_decode)
+            add("tokens", step.decode_tokens, ((sc.TOKEN_TYPE, "decode"),))
+        if step.end_ns >= self._next_flush:
+            self._next_flush = step.end_ns + self.flush_ns
+            self.flush()
         return step
 
     def process_request(self, rec: RequestRecord) -> RequestRecord:
         attrs = self._req_attrs
-        self._requests.add(1, {sc.REQUEST_STATUS: rec.status})
+        self._add("requests", 1, ((sc.REQUEST_STATUS, rec.status),))
         self._dur.record(max(0.0, rec.duration_ms) / 1e3, attrs)
         if rec.ttft_ms is not None:
             self._ttft.record(max(0.0, rec.ttft_ms) / 1e3, attrs)
@@ -236,4 +279,4 @@ class StepMetrics:
             self._open.add(-1)
 
     def shutdown(self) -> None:
-        pass
+        self.flush()

@@ -298,7 +298,9 @@ ENV_SPAN_ERROR = "PRISM_OTEL_SPAN_ERROR"  # "1": an anomalous step span gets sta
 INCIDENT_LOG_PREFIX = "incidents-"  # incidents-<pid>.jsonl
 # Metrics (prism_otel.metrics): names as OTel instruments; Prometheus sees dots as underscores plus unit
 # suffixes (prism_step_duration_seconds_bucket, prism_anomaly_steps_total, ...): docs/metrics.md.
-METRIC_STAGE_DURATION = "prism.stage.duration"  # histogram, s, by prism.stage.name
+METRIC_STAGE_DURATION = "prism.stage.duration"  # histogram, s, by prism.stage.name (a sample: 1 step in N)
+METRIC_STAGE_TIME = "prism.stage.time"  # counter, s, by prism.stage.name: every step's stage time (shares, means)
+ENV_METRICS_STAGE_SAMPLE = "PRISM_OTEL_METRICS_STAGE_SAMPLE"  # the stage histogram records 1 step in N (8)
 METRIC_LATENCY_RATIO = "prism.step.latency_ratio"  # histogram, 1: observed / expected, judged steps, by phase
 METRIC_STEP_TIME = "prism.step.time"  # counter, s: step time observed, judged steps (rate ratio = aggregate ratio)
 METRIC_STEP_EXPECTED_TIME = "prism.step.expected_time"  # counter, s: step time the detector expected
