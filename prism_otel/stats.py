@@ -78,7 +78,7 @@ class StageStats:
         try:
             from processors.incidents import summary_lines
 
-            lines += summary_lines()
+            lines += summary_lines(judged=self.judged)
         except ImportError:
             pass
         return "\n".join(lines)

@@ -373,12 +373,14 @@ def _pid_of(instance: str) -> Optional[int]:
 _LIVE: "weakref.WeakSet" = weakref.WeakSet()  # the incident processors of this process (the exit summary lists them)
 
 
-def summary_lines() -> List[str]:
+def summary_lines(judged: Optional[int] = None) -> List[str]:
     """The exit summary's incident lines: how many, and one line per incident."""
     incs = [i for p in list(_LIVE) for i in p.all_incidents()]
     if not _LIVE:
         return []
     if not incs:
+        if judged == 0:
+            return ["prism-otel: no incident, but no step was judged either (too few steps to learn from)"]
         return ["prism-otel: no incident (no sustained run of anomalous steps)"]
     from datetime import datetime
 
