@@ -241,7 +241,7 @@ class Incident:
         self.stages = out
 
     def to_dict(self) -> dict:
-        dur = ((self.end_ns if self.close_ns is not None else self.end_ns) - self.start_ns) / 1e9
+        dur = (self.end_ns - self.start_ns) / 1e9  # first to last anomalous step
         d = {"id": self.id, "number": self.number, "instance": self.instance, "service": self.service,
              "severity": self.severity, "state": "closed" if self.close_ns is not None else "open",
              "start_ns": self.start_ns, "open_ns": self.open_ns, "end_ns": self.end_ns, "close_ns": self.close_ns,
