@@ -57,8 +57,9 @@ def _resource(frameworks: dict, pid: Optional[int] = None):
         name, ver = next(iter(frameworks.items()))
         attrs[sc.RES_FRAMEWORK] = name
         attrs[sc.RES_FRAMEWORK_VERSION] = ver
-    if not os.environ.get(sc.OTEL_SERVICE_NAME):
-        attrs["service.name"] = "prism-otel"
+    if not os.environ.get(sc.OTEL_SERVICE_NAME) and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        # the engine (vllm, transformers), not this tool: an APM lists services by this name
+        attrs["service.name"] = next(iter(frameworks), "prism-otel")
     return Resource.create(attrs)
 
 

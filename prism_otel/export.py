@@ -6,7 +6,8 @@
   ``opentelemetry_traces_exporter`` entry point.
 * ``OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT`` alone implies ``otlp``.
 * With none of these set, the embedded default writes OTLP JSON lines under ``./prism-out/``
-  (``PRISM_OTEL_OUT_DIR``) and a per-stage summary is printed at exit.
+  (``PRISM_OTEL_OUT_DIR``), rotated at ``PRISM_OTEL_OUT_MAX_MB`` (64) with ``PRISM_OTEL_OUT_FILES`` (4)
+  files kept, and a per-stage summary is printed at exit.
 """
 
 from __future__ import annotations
@@ -25,13 +26,43 @@ logger = logging.getLogger(__name__)
 
 
 class OTLPJSONFileExporter(SpanExporter):
-    """Writes each export batch as one OTLP/JSON ``ExportTraceServiceRequest`` line (hex ids)."""
+    """Writes each export batch as one OTLP/JSON ``ExportTraceServiceRequest`` line (hex ids).
 
-    def __init__(self, directory: str, filename: Optional[str] = None) -> None:
+    Bounded on disk: when the file passes ``max_bytes`` it is rotated (``traces-<pid>.jsonl`` becomes
+    ``traces-<pid>.1.jsonl``, ``.1`` becomes ``.2``, ...) and at most ``keep`` files are kept, the oldest
+    removed: ``max_bytes * keep`` at most (``PRISM_OTEL_OUT_MAX_MB``, 64 MB, and ``PRISM_OTEL_OUT_FILES``,
+    4, for the embedded default; a busy engine writes a few hundred KB a second).
+    """
+
+    def __init__(self, directory: str, filename: Optional[str] = None, max_bytes: int = 0, keep: int = 4) -> None:
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, filename or f"traces-{os.getpid()}.jsonl")
+        self.max_bytes = max(0, int(max_bytes))
+        self.keep = max(1, int(keep))
+        self.rotations = 0
         self._lock = threading.Lock()
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown
+        self._size = self._fh.tell()
+
+    def _rotated(self, n: int) -> str:
+        stem, ext = os.path.splitext(self.path)
+        return f"{stem}.{n}{ext}"
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        oldest = self._rotated(self.keep - 1)
+        if self.keep == 1:
+            os.remove(self.path)
+        else:
+            if os.path.exists(oldest):
+                os.remove(oldest)
+            for n in range(self.keep - 2, 0, -1):
+                if os.path.exists(self._rotated(n)):
+                    os.replace(self._rotated(n), self._rotated(n + 1))
+            os.replace(self.path, self._rotated(1))
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._size = 0
+        self.rotations += 1
 
     def export(self, spans: Sequence) -> SpanExportResult:
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -43,8 +74,11 @@ class OTLPJSONFileExporter(SpanExporter):
             with self._lock:
                 if self._fh.closed:
                     return SpanExportResult.FAILURE
+                if self.max_bytes and self._size and self._size + len(line) + 1 > self.max_bytes:
+                    self._rotate()
                 self._fh.write(line + "\n")
                 self._fh.flush()
+                self._size += len(line) + 1
             return SpanExportResult.SUCCESS
         except Exception:  # noqa: BLE001 - an exporter reports failure, it does not raise
             logger.warning("prism-otel: writing %s failed", self.path, exc_info=True)
@@ -87,6 +121,22 @@ def _named_exporter(name: str) -> Optional[SpanExporter]:
     raise ValueError(f"{sc.OTEL_TRACES_EXPORTER}: unknown exporter {name!r}")
 
 
+def _env_mb(name: str, default: float) -> int:
+    try:
+        return int(float(os.environ.get(name, default)) * 1024 * 1024)
+    except ValueError:
+        logger.warning("prism-otel: %s is not a number; using %g", name, default)
+        return int(default * 1024 * 1024)
+
+
+def _env_n(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        logger.warning("prism-otel: %s is not an integer; using %d", name, default)
+        return default
+
+
 def exporters_from_env(pid: Optional[int] = None) -> Tuple[List[SpanExporter], bool]:
     """The exporters the environment asks for, and whether that is the embedded default.
     ``pid`` names the embedded default's file (the engine's, when a companion writes it)."""
@@ -96,7 +146,8 @@ def exporters_from_env(pid: Optional[int] = None) -> Tuple[List[SpanExporter], b
         names = "otlp"
     if not names:
         out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
-        return [OTLPJSONFileExporter(out, f"traces-{pid or os.getpid()}.jsonl")], True
+        return [OTLPJSONFileExporter(out, f"traces-{pid or os.getpid()}.jsonl", _env_mb(sc.ENV_OUT_MAX_MB, 64.0),
+                                     _env_n(sc.ENV_OUT_FILES, 4))], True
     exporters = []
     for n in names.split(","):
         n = n.strip().lower()

@@ -145,6 +145,9 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         phase = step.phase
         if phase not in self._phases:
             return step
+        if step.attributes.get(sc.DEEPDIVE):  # a profiled step costs the profiler's time too: not judged
+            self.bad["deepdive"] = self.bad.get("deepdive", 0) + 1
+            return step
         reason = self._check(step.instance, step.start_ns, step.end_ns, step.batch_size, step.prefill_tokens,
                              step.decode_tokens, step.context_tokens, step.max_context_tokens)
         if reason is not None:

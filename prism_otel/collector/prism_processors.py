@@ -1,4 +1,4 @@
-"""The ``prism_anomaly``, ``prism_slo`` and ``prism_fleet`` collector processors.
+"""The ``prism_anomaly``, ``prism_slo``, ``prism_incidents`` and ``prism_fleet`` collector processors.
 
 Each wraps one step processor from ``processors/`` (the same code the in-process pipeline runs).
 The prism processors of a pipeline share one :class:`~processors.assembler.StepAssembler`: spans
@@ -11,6 +11,7 @@ processors:
   prism_anomaly: {}                       # assembly + workload-aware detection, default settings
   prism_slo: {step_ms: 200}               # keys of the SLO processor
   prism_fleet: {threshold: 1.25, min_steps: 32}
+  prism_incidents: {alertmanager_url: "http://alertmanager:9093"}   # incidents of the judged steps
 ```
 
 Per-instance state: :func:`instances_for` bounds what the processors keep per engine instance by
@@ -142,6 +143,20 @@ class PrismSLOConfig(_Wrapped):
     names = ("SLOProcessor", "SLOConfig")
 
 
+class PrismIncidentsConfig(_Wrapped):
+    """Incidents from the steps the collector judged (docs/alerting.md); after ``prism_anomaly``."""
+
+    module = "processors.incidents"
+    names = ("IncidentProcessor", "IncidentConfig")
+
+    @classmethod
+    def from_yaml(cls, body: Any, path: str) -> "_Wrapped":
+        body = dict(body or {}) if isinstance(body, dict) or body is None else body
+        if isinstance(body, dict):
+            body.setdefault("log_per_engine", False)  # one collector, many engines: incidents-<collector pid>.jsonl
+        return super().from_yaml(body, path)
+
+
 def _make_wrapped(settings, cfg: _Wrapped):
     return cfg.create(settings)
 
@@ -188,5 +203,6 @@ def factories() -> List[Factory]:
     return [
         Factory("prism_anomaly", PROCESSOR, PrismAnomalyConfig, _make_wrapped),
         Factory("prism_slo", PROCESSOR, PrismSLOConfig, _make_wrapped),
+        Factory("prism_incidents", PROCESSOR, PrismIncidentsConfig, _make_wrapped),
         Factory("prism_fleet", PROCESSOR, PrismFleetConfig, _make_fleet),
     ]

@@ -46,6 +46,26 @@ def step_features(bp) -> tuple:
     return StepFeatures(classify_phase(pre, dec), len(reqs), pre, dec, ctx, mx, kv), tuple(reqs)
 
 
+def _name_model(model) -> None:
+    """``gen_ai.request.model`` of the request spans: the model's name (a local directory: its last part)."""
+    try:
+        from prism_otel import _runtime
+
+        st = _runtime.current()
+        mat = getattr(getattr(st, "pipeline", None), "materializer", None)
+        if mat is None or mat.model_name is not None:
+            return
+        name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+        if name.startswith("/") or name.startswith("."):
+            import os
+
+            name = os.path.basename(name.rstrip("/"))
+        if name:
+            mat.model_name = name
+    except Exception:  # noqa: BLE001 - the name is cosmetic
+        pass
+
+
 def wrap_prepare(g):
     """Stage ``schedule``, and the features of the batch it prepared (read here, so that a step is
     still recorded where the forward hook point changed and was skipped)."""
@@ -75,6 +95,7 @@ def wrap_generation_step(g):
             dev = getattr(instance, "_prism_dev", False)
             model = args[0] if args else kwargs.get("model")
             if dev is False:
+                _name_model(model)  # once per batch processor: request spans are named after the model
                 dev = instance._prism_dev = timing.accelerator_of(model)
                 # events go on the stream CB computes on (it runs the forward on a stream of its own)
                 instance._prism_stream = getattr(instance.inputs_and_outputs, "compute_stream", None) if dev else None

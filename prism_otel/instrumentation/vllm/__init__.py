@@ -50,7 +50,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from prism_otel.instrumentation import STATUS, UNTESTED, check_version, unwrap_all
 from prism_otel.instrumentation._patch import HookPoint, patch
-from prism_otel.instrumentation.vllm import _engine, _frontend, _runner, _tracing
+from prism_otel.instrumentation.vllm import _engine, _frontend, _join, _runner, _tracing
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ RUNNER_V2 = "vllm.v1.worker.gpu.model_runner"
 OUTPUT = "vllm.v1.engine.output_processor"
 CORE = "vllm.v1.engine.core"
 TRACING = "vllm.tracing"
+SERVING = "vllm.entrypoints.serve.engine.serving"
 
 _SO = ("scheduler_output",)
 _GO = ("grammar_output",)
@@ -95,6 +96,8 @@ HOOK_POINTS = (
     HookPoint(OUTPUT, "OutputProcessor.process_outputs", _frontend.wrap_process_outputs,
               ("engine_core_outputs", "engine_core_timestamp")),
     HookPoint(CORE, "EngineCore.shutdown", _engine.wrap_engine_shutdown),
+    # our request span joins vLLM's own trace (--otlp-traces-endpoint) instead of starting a second one
+    HookPoint(SERVING, "BaseServing._get_trace_headers", _join.wrap_get_trace_headers, ("headers",)),
 )
 _MODULES = tuple(dict.fromkeys([hp.module for hp in HOOK_POINTS] + [TRACING]))
 
