@@ -48,7 +48,9 @@ $(TOOLS)/.installed: $(DEB_LOCK)
 	@missing=""; for pin in $(DEB_PINS); do \
 	  [ "$$(dpkg-query -W -f='$${Version}' $${pin%%=*} 2>/dev/null)" = "$${pin#*=}" ] || missing="$$missing $$pin"; done; \
 	if [ -n "$$missing" ]; then echo "installing$$missing"; \
-	  $(APT_INSTALL) $$missing || { $(SUDO) apt-get update -q && $(APT_INSTALL) $$missing; }; fi
+	  $(APT_INSTALL) $$missing || { $(SUDO) apt-get update -q && $(APT_INSTALL) $$missing; } || { \
+	    echo "WARNING: a pinned Debian version is gone from the archive; installing the current ones" \
+	      "(update $(DEB_LOCK) to what apt-cache policy shows)"; $(APT_INSTALL) $$(for p in $$missing; do echo $${p%%=*}; done); }; fi
 	prometheus --version >/dev/null && prometheus-alertmanager --version >/dev/null && chromium --version >/dev/null
 	mkdir -p $(TOOLS) && touch $@
 tools: $(TOOLS)/.installed
