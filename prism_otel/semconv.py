@@ -91,6 +91,7 @@ SIGNAL_HOST_SYSTEM_MS = "host.system_ms"
 SIGNAL_HOST_IOWAIT_MS = "host.iowait_ms"
 SIGNAL_HOST_IDLE_MS = "host.idle_ms"
 SIGNAL_HOST_STEAL_MS = "host.steal_ms"
+SIGNAL_PROC_CPU_MS = "process.cpu_ms"  # CPU time of the engine's processes, all their threads (/proc/<pid>/stat)
 # the engine processes' own I/O (/proc/<pid>/io)
 SIGNAL_IO_READ_KB = "io.read_kb"
 SIGNAL_IO_WRITE_KB = "io.write_kb"

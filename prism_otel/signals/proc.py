@@ -7,10 +7,13 @@ the pipeline thread of an in-process pipeline), never by the engine's own thread
 :class:`EngineThreads` (``cpu.*``): per thread, ``/proc/<pid>/task/<tid>/schedstat`` gives the time
 on a CPU and the time spent runnable but waiting in a run queue (both ns, exact), ``status`` the
 involuntary context switches, ``stat`` the state at the moment of reading. The sums are over the
-threads that do the engine's work: once a second every thread of the engine process and of its
-descendants (vLLM runs its model in a child process) is looked at, and the busiest ones since we
-started watching are kept (those that, together, used 80% of the CPU the engine used; at most four),
-or the thread named by the caller when it is known. Our own threads are never among them.
+threads that do the engine's work: once a second every thread of the engine process (the one whose
+steps these are) is looked at, and the busiest ones since we started watching are kept (those that,
+together, used 80% of the CPU the process used; at most four), or the thread named by the caller when
+it is known. Our own threads are never among them. Descendant processes (vLLM's model workers) are
+left out by default (``children``): they busy-wait for work (vLLM's shared-memory queues spin with
+``sched_yield`` for up to a second), so their time on a CPU says nothing about the step, while the
+engine loop's own thread is what the step's wall time is made of.
 
 Stops (SIGSTOP / SIGCONT: job control, a debugger, a freezer): a stopped thread is in state ``T``,
 which a reader outside the process sees (``cpu.stopped_ms``). A reader inside the process is stopped
@@ -21,7 +24,9 @@ CPU, almost no switches) are watched, and switches beyond their own rate are cou
 
 :class:`HostSignals`: the cgroup's ``cpu.stat`` (``nr_throttled``, ``throttled_usec``; cgroup v2 or
 v1), pressure stall information (the cgroup's own ``*.pressure`` on v2, else ``/proc/pressure/*``:
-``some`` and, for I/O, ``full`` totals), the CPUs the engine may run on (``/proc/stat``: user,
+``some`` and, for I/O, ``full`` totals), the engine processes' CPU time, every thread included
+(``/proc/<pid>/stat``: what the engine's other threads took, e.g. a thread churning garbage), the
+CPUs the engine may run on (``/proc/stat``: user,
 system, iowait, idle and steal time, summed over them) and the engine processes' storage I/O
 (``/proc/<pid>/io``).
 """
@@ -89,7 +94,7 @@ class EngineThreads(IntervalSource):
 
     gauges = frozenset({sc.SIGNAL_CPU_THREADS})
 
-    def __init__(self, pid: int, tid: Optional[int] = None, children: bool = True, min_interval_ms: float = 20.0,
+    def __init__(self, pid: int, tid: Optional[int] = None, children: bool = False, min_interval_ms: float = 20.0,
                  rescan_s: float = 1.0, max_threads: int = 4, share: float = 0.8,
                  exclude: Optional[Iterable[int]] = None) -> None:
         super().__init__(min_interval_ms)
@@ -302,7 +307,7 @@ def _psi_totals(b: bytes) -> tuple:
 class HostSignals(IntervalSource):
     """``cgroup.*``, ``psi.*``, ``host.*`` and ``io.*`` over each step (see the module docstring)."""
 
-    def __init__(self, pid: int, children: bool = True, min_interval_ms: float = 20.0, rescan_s: float = 1.0,
+    def __init__(self, pid: int, children: bool = False, min_interval_ms: float = 20.0, rescan_s: float = 1.0,
                  proc_root: str = "/proc") -> None:
         super().__init__(min_interval_ms)
         self.pid = int(pid)
@@ -373,6 +378,18 @@ class HostSignals(IntervalSource):
                 self._read_stat(out)
             except (OSError, ValueError) as exc:
                 self.give_up("cpu time", f"{self.proc}/stat: {exc}")
+        if "process cpu" not in self.unavailable:
+            ticks = 0
+            for p in self._pids:
+                try:
+                    b = read_small(f"{self.proc}/{p}/stat", 1024)
+                    f = b[b.rindex(b")") + 2:].split()
+                    ticks += int(f[11]) + int(f[12])  # utime + stime, every thread of the process
+                except (OSError, ValueError, IndexError):
+                    if p == self.pid:
+                        self.give_up("process cpu", f"{self.proc}/{p}/stat unreadable")
+                    continue
+            out[sc.SIGNAL_PROC_CPU_MS] = ticks * _TICK_MS
         if "process io" not in self.unavailable:
             rb = wb = 0
             ok = False
