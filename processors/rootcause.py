@@ -129,8 +129,8 @@ def _quantities(step, sig: Mapping[str, float]) -> Dict[str, float]:
         if sc.SIGNAL_PROC_CPU_MS in sig:
             q["in_cpu"] = max(0.0, float(sig[sc.SIGNAL_PROC_CPU_MS]) - q["run"])
             if sc.SIGNAL_HOST_USER_MS in sig:
-                q["usr"] = max(0.0, float(sig[sc.SIGNAL_HOST_USER_MS]) + float(g(sc.SIGNAL_HOST_SYSTEM_MS, 0.0))
-                               - float(sig[sc.SIGNAL_PROC_CPU_MS]))
+                # user time of everyone else on the engine's CPUs (the engine's own is nearly all user time)
+                q["usr"] = max(0.0, float(sig[sc.SIGNAL_HOST_USER_MS]) - float(sig[sc.SIGNAL_PROC_CPU_MS]))
     q["gc"] = float(g(sc.SIGNAL_GC_MS, 0.0))
     if sc.SIGNAL_HOST_SYSTEM_MS in sig:
         q["sys"] = float(sig[sc.SIGNAL_HOST_SYSTEM_MS])

@@ -247,7 +247,7 @@ class EngineThreads(IntervalSource):
             extra.append(max(0.0, (vol - o[0]) - rate * (t - o[1])))
         if extra:
             # each stop and each continue wakes every thread: two switches per stop, on the quietest one
-            out[sc.SIGNAL_CPU_STOPS] = float(int(min(extra) + 0.5) // 2)
+            out[sc.SIGNAL_CPU_STOPS] = min(extra) / 2.0
         return out
 
 
