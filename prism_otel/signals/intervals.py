@@ -16,7 +16,6 @@ skipped from then on; the others go on.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from typing import Dict, Optional
 
@@ -42,7 +41,6 @@ class IntervalSource:
         self._prev_t = 0
         self.unavailable: Dict[str, str] = {}  # reader -> why (reported once)
         self.polls = 0
-        self.poll_cpu_ns = 0  # CPU time spent reading (thread clock of whoever polled)
         self.errors = 0
         self.active = False  # reads start with the first step asked about (a process with no steps reads nothing)
 
@@ -78,7 +76,6 @@ class IntervalSource:
         if not self.active or self.disabled or (
                 self._prev is not None and now_ns - self._prev_t < self.min_interval_ns):
             return
-        c0 = time.thread_time_ns()
         try:
             cur = self.read()
         except Exception:  # noqa: BLE001 - a source must never break the pipeline
@@ -93,7 +90,6 @@ class IntervalSource:
                 g = {k: cur[k] for k in self.gauges if k in cur}
                 self._iv.append((self._prev_t, now_ns, d, g))
             self._prev, self._prev_t = cur, now_ns
-        self.poll_cpu_ns += time.thread_time_ns() - c0
 
     def overlap(self, start_ns: int, end_ns: int) -> Dict[str, float]:
         if self.disabled:
@@ -132,9 +128,7 @@ class IntervalSource:
         return out
 
     def stats(self) -> dict:
-        return {"polls": self.polls, "poll_cpu_us": round(self.poll_cpu_ns / 1e3, 1),
-                "us_per_poll": round(self.poll_cpu_ns / 1e3 / self.polls, 2) if self.polls else None,
-                "errors": self.errors, "unavailable": dict(self.unavailable)}
+        return {"polls": self.polls, "errors": self.errors, "unavailable": dict(self.unavailable)}
 
 
 def read_small(path: str, size: int = 4096) -> bytes:

@@ -66,7 +66,6 @@ class NvmlSignals:
         self.samples: deque = deque(maxlen=600)  # (epoch ns, {name: value})
         self.unavailable: Dict[str, str] = {}
         self.polls = 0
-        self.poll_cpu_ns = 0
         self.errors = 0
         self._last = -(1 << 62)
         self._last_pcie = -(1 << 62)
@@ -168,7 +167,6 @@ class NvmlSignals:
         if not self.active or self.handle is None or now_ns - self._last < self.min_interval_ns:
             return
         self._last = now_ns
-        c0 = time.thread_time_ns()
         try:
             self.samples.append((now_ns, self.read(now_ns)))
         except Exception:  # noqa: BLE001
@@ -176,7 +174,6 @@ class NvmlSignals:
             if self.errors >= 100:
                 self._give_up("NVML kept failing")
         self.polls += 1
-        self.poll_cpu_ns += time.thread_time_ns() - c0
 
     def overlap(self, start_ns: int, end_ns: int) -> Dict[str, float]:
         if self.handle is None:
@@ -192,5 +189,5 @@ class NvmlSignals:
         return dict(best) if best else {}
 
     def stats(self) -> dict:
-        return {"polls": self.polls, "poll_cpu_us": round(self.poll_cpu_ns / 1e3, 1), "errors": self.errors,
+        return {"polls": self.polls, "errors": self.errors,
                 "unavailable": dict(self.unavailable)}
