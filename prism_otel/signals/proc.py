@@ -279,6 +279,13 @@ def _cgroup_dirs(pid: int) -> Dict[str, str]:
     return out
 
 
+def _has(path: str, key: bytes) -> bool:
+    try:
+        return key in read_small(path)
+    except OSError:
+        return False
+
+
 def _kv(b: bytes) -> Dict[bytes, int]:
     out = {}
     for line in b.splitlines():
@@ -320,10 +327,11 @@ class HostSignals(IntervalSource):
         dirs = _cgroup_dirs(self.pid)
         self.cpu_stat: Optional[str] = None
         self.v2 = False
-        if "" in dirs and os.path.exists(os.path.join(dirs[""], "cpu.stat")):
-            self.cpu_stat, self.v2 = os.path.join(dirs[""], "cpu.stat"), True
-        elif "cpu" in dirs:
+        v2_stat = os.path.join(dirs[""], "cpu.stat") if "" in dirs else None
+        if "cpu" in dirs:  # a v1 cpu controller (a hybrid host also has a v2 tree, without the controller)
             self.cpu_stat = os.path.join(dirs["cpu"], "cpu.stat")
+        elif v2_stat and _has(v2_stat, b"nr_throttled"):
+            self.cpu_stat, self.v2 = v2_stat, True
         else:
             self.give_up("cgroup cpu.stat", "no cpu controller found for the engine's cgroup")
         self.psi: Dict[str, str] = {}

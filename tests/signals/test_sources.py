@@ -229,3 +229,49 @@ def test_pipeline_joins_signals_to_steps():
     assert sig[sc.SIGNAL_CPU_RUN_MS] + sig[sc.SIGNAL_CPU_WAIT_MS] > 15
     span = [s for s in exp.get_finished_spans() if s.name == sc.STEP_SPAN][-1]
     assert span.attributes[sc.signal_attribute(sc.SIGNAL_CPU_RUN_MS)] == sig[sc.SIGNAL_CPU_RUN_MS]
+
+
+def _cgroup_v1_cpu():
+    base = "/sys/fs/cgroup/cpu"
+    if not os.path.isfile(os.path.join(base, "cgroup.procs")) or not os.access(base, os.W_OK):
+        return None
+    return base
+
+
+@pytest.mark.skipif(_cgroup_v1_cpu() is None, reason="needs a writable cgroup v1 cpu controller (root)")
+def test_cfs_quota_throttling_is_seen_and_named(child):
+    """A real CFS quota: the busy child in a cgroup limited to 20% of a CPU; the cgroup's throttled time is
+    evidence, and a step waiting that long is cpu.throttled, not cpu.contention."""
+    from processors.rootcause import SignalNorms, _quantities, explain
+    from prism_otel.record import StepRecord
+
+    d = os.path.join(_cgroup_v1_cpu(), f"prism-test-{os.getpid()}")
+    os.mkdir(d)
+    try:
+        with open(os.path.join(d, "cpu.cfs_period_us"), "w") as f:
+            f.write("20000")
+        with open(os.path.join(d, "cpu.cfs_quota_us"), "w") as f:
+            f.write("4000")
+        with open(os.path.join(d, "cgroup.procs"), "w") as f:
+            f.write(str(child.pid))
+        host = HostSignals(child.pid, min_interval_ms=5)
+        threads = EngineThreads(child.pid, min_interval_ms=5, rescan_s=0.2)
+        assert host.cpu_stat == os.path.join(d, "cpu.stat")
+        t0, t1 = _drive([host, threads], 1.2)
+        sig = {**host.overlap(t0 + int(0.2e9), t1), **threads.overlap(t0 + int(0.2e9), t1)}
+        span_ms = (t1 - t0 - 0.2e9) / 1e6
+        assert sig[sc.SIGNAL_CG_NR_THROTTLED] > 10 and sig[sc.SIGNAL_CG_THROTTLED_MS] > 0.3 * span_ms
+        assert sig[sc.SIGNAL_CPU_RUN_MS] < 0.4 * span_ms  # 20% of a CPU, give or take
+        # the same step judged: 10 ms expected, it took span_ms, the time went to the quota
+        norms = SignalNorms()
+        normal = {sc.SIGNAL_CPU_RUN_MS: 9.0, sc.SIGNAL_CPU_WAIT_MS: 0.5, sc.SIGNAL_CG_THROTTLED_MS: 0.0,
+                  sc.SIGNAL_PROC_CPU_MS: 9.0, sc.SIGNAL_HOST_USER_MS: 12.0, sc.SIGNAL_HOST_SYSTEM_MS: 0.5}
+        for i in range(30):
+            s = StepRecord("i", i, 0, 10_000_000, "decode", 1, 0, 1, signals=normal)
+            norms.add(10.0, _quantities(s, s.signals))
+        step = StepRecord("i", 99, t0 + int(0.2e9), t1, "decode", 1, 0, 1, signals=sig)
+        assert explain(step, 10.0, norms).root == sc.ROOT_CPU_THROTTLED
+    finally:
+        with open("/sys/fs/cgroup/cpu/cgroup.procs", "w") as f:
+            f.write(str(child.pid))
+        os.rmdir(d)
