@@ -275,3 +275,63 @@ def test_cfs_quota_throttling_is_seen_and_named(child):
         with open("/sys/fs/cgroup/cpu/cgroup.procs", "w") as f:
             f.write(str(child.pid))
         os.rmdir(d)
+
+
+class _FakeNvml:
+    """Stands in for pynvml's API shape, to test our own logic (which device, whose processes, gauges);
+    the real library is exercised on the GPU machine by bench/gpu_faults.py."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
+    NVML_PCIE_UTIL_TX_BYTES, NVML_PCIE_UTIL_RX_BYTES = 0, 1
+
+    class P:
+        def __init__(self, pid, mem):
+            self.pid, self.usedGpuMemory = pid, mem
+
+    def __init__(self, procs):
+        self.procs = procs
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return self.procs if h == 1 else []
+
+    def nvmlDeviceGetClockInfo(self, h, kind):
+        return 1980 if kind == 1 else 2619
+
+    def nvmlDeviceGetMaxClockInfo(self, h, kind):
+        return 1980
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return 0x1 | 0x4  # idle (ignored) + sw power cap
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return type("U", (), {"gpu": 97, "memory": 40})()
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return type("M", (), {"used": 30 * 2 ** 30})()
+
+    def nvmlDeviceGetPcieThroughput(self, h, which):
+        return 5_000_000  # KB/s
+
+
+def test_nvml_source_finds_the_engines_device_and_counts_the_others():
+    me = os.getpid()
+    fake = _FakeNvml([_FakeNvml.P(me, 20 * 2 ** 30), _FakeNvml.P(999999, 4 * 2 ** 30)])
+    src = NvmlSignals(me, min_interval_ms=0, nvml=fake)
+    assert src.handle == 1  # the device the engine's process is on
+    t = now_epoch_ns()
+    got = src.overlap(t - 1000, t)
+    assert got[sc.SIGNAL_GPU_OTHER_PROCS] == 1 and got[sc.SIGNAL_GPU_OTHER_MEM_MB] == 4096
+    assert got[sc.SIGNAL_GPU_THROTTLE] == 0x4 and got[sc.SIGNAL_GPU_SM_CLOCK_MHZ] == 1980
+    assert got[sc.SIGNAL_GPU_PCIE_MBPS] == 10000.0
+    # pids from another namespace: all but the largest user count as others
+    fake2 = _FakeNvml([_FakeNvml.P(111, 20 * 2 ** 30), _FakeNvml.P(222, 1 * 2 ** 30)])
+    src2 = NvmlSignals(me, min_interval_ms=0, nvml=fake2)
+    assert src2.handle == 0  # not found in any process list, no CUDA_VISIBLE_DEVICES: device 0
+    src2.handle = 1
+    assert src2.overlap(t - 1000, now_epoch_ns())[sc.SIGNAL_GPU_OTHER_PROCS] == 1
