@@ -12,7 +12,7 @@ blocked, waiting for the interpreter lock or the device). The three excesses ove
 to the extra time exactly, and each goes to the causes that the other signals support:
 
 * ``wait`` -> first the cgroup's CFS throttling (``cpu.throttled``); the rest is shared out in
-  proportion to who used the engine's CPUs beyond their norm meanwhile: the engine's own other
+  proportion to who used the engine's CPUs at a higher rate than normal meanwhile: the engine's own other
   threads (``gc`` when its garbage collector ran beyond its norm, else ``cpu.contention``), kernel
   time while I/O stalled (``io``: pressure stall information), everyone else (``cpu.contention``);
 * ``run`` -> ``cpu.slow`` (the same work took longer on the CPU). Not on a DeepDive step: a profiled
@@ -219,6 +219,12 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
         """ms of ``name`` beyond what a normal step of the expected length shows."""
         return q.get(name, 0.0) - f.get(name, 0.0) * e
 
+    def rate_over(name: str) -> float:
+        """how much more of ``name`` per ms of the step than on normal steps (0 when unknown)."""
+        if name not in q or name not in f:
+            return 0.0
+        return max(0.0, q[name] / max(y, 1e-6) - f[name])
+
     gc_ex = over("gc") if "gc" in f or not f else q.get("gc", 0.0)
     gc_on = gc_ex > 0.02 * y
     have_cpu = "run" in q and "run" in f and "wait" in f
@@ -232,12 +238,12 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
             thr = min(d_wait, max(0.0, over("throttled"))) if "throttled" in q else 0.0
             add(sc.ROOT_CPU_THROTTLED, thr)
             rest = d_wait - thr
-            w_in = max(0.0, over("in_cpu")) if "in_cpu" in q and "in_cpu" in f else 0.0
-            io_on = (over("psi_io") > 0.1 * y if "psi_io" in q else False) or over("iowait") > 0.1 * y
-            w_sys = max(0.0, over("sys")) if io_on and "sys" in q else 0.0
-            w_usr = max(0.0, over("usr")) if "usr" in q and "usr" in f else 0.0
-            if not io_on and "sys" in q:
-                w_usr += max(0.0, over("sys"))
+            # who competed for the engine's CPUs more than usual during the step: rates (per ms of the
+            # step) over their normal rates, so that a long step does not make steady neighbours look new
+            w_in = rate_over("in_cpu")
+            io_on = rate_over("psi_io") > 0.1 or rate_over("iowait") > 0.1
+            w_sys = rate_over("sys") if io_on else 0.0
+            w_usr = rate_over("usr") + (0.0 if io_on else rate_over("sys"))
             total = w_in + w_sys + w_usr
             if total <= 0:
                 add(sc.ROOT_CPU_CONTENTION, rest)
@@ -258,7 +264,7 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
             add(sc.ROOT_IO, blocked)
             d_off -= blocked
             if gc_on and d_off > 0:  # waiting for the interpreter lock that the collecting threads hold
-                g = min(d_off, max(0.0, over("in_cpu")) if "in_cpu" in q else 0.0)
+                g = min(d_off, rate_over("in_cpu") * y)
                 add(sc.ROOT_GC, g)
                 d_off -= g
             off_left = d_off
