@@ -25,8 +25,9 @@ to the extra time exactly, and each goes to the causes that the other signals su
 
 On an accelerator (device-event timing), the device's own extra time is ``interconnect`` when PCIe
 traffic is far over its norm, ``device.contention`` when other processes run on the device, else
-``device.slow``. Without CPU evidence (a CSV without signals, a platform without /proc), a stage
-holding most of the extra time is named.
+``device.slow``. Without CPU evidence (a CSV without signals, a platform without /proc), a stage is
+named only when it holds most of the extra time *and* far more than its normal share of the step (a
+stall, not the whole step slowing, whose extra time lands mostly in forward).
 
 Ranking: the cause explaining the most extra time is the main one, the next is contributing when it
 explains at least a fifth. A main cause that explains less than :data:`MIN_SHARE` of the extra time
@@ -295,7 +296,14 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
         if se:
             name, (sx, z) = max(se.items(), key=lambda kv: kv[1][0])
             budget = off_left if have_cpu else extra
-            if sx > 0 and z > stage_norms.min_z and sx >= 0.5 * budget:
+            ok = sx > 0 and z > stage_norms.min_z and sx >= 0.5 * budget
+            if ok and not have_cpu:
+                # no CPU evidence: a step slowing as a whole puts its extra time in each stage in
+                # proportion to the stage's normal share (mostly forward); a stall puts it in one stage
+                # far beyond that share. Only the latter is named without evidence that the CPU was idle.
+                normal_share = max(0.0, stages_ms.get(name, 0.0) - sx) / e
+                ok = sx / max(extra, 1e-6) >= normal_share + 0.3
+            if ok:
                 add(STAGE_PREFIX + name, min(sx, budget))
     # -- ranking -------------------------------------------------------------------------------------
     ranked = sorted(ex.items(), key=lambda kv: -kv[1])

@@ -128,8 +128,9 @@ def test_no_evidence_no_confident_resource(norms, stage_norms):
     """Without CPU signals only a stage holding most of the extra time is named; otherwise unknown."""
     res = explain(_step(50, stages={"schedule": 1.0, "forward": 8.0, "update": 41.0}), 10.0, None, stage_norms)
     assert res.root == S.ROOT_STAGE_PREFIX + "update"
+    # every stage 5x: the step slowed as a whole, most of it in forward; without CPU evidence, not a stage
     res = explain(_step(50, stages={"schedule": 5.0, "forward": 40.0, "update": 5.0}), 10.0, None, stage_norms)
-    assert res.root in (S.ROOT_UNKNOWN, S.ROOT_STAGE_PREFIX + "forward")
+    assert res.root == S.ROOT_UNKNOWN
     assert explain(_step(50), 10.0, None).root == S.ROOT_UNKNOWN
 
 
