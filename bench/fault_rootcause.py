@@ -1,9 +1,10 @@
 """Root-cause accuracy per fault of a recorded run (prism's detector run as `prism-otel detect --train`).
 
-    python bench/fault_rootcause.py RUN_DIR [RUN_DIR ...] [--json OUT.json]
+    python bench/fault_rootcause.py RUN_DIR [RUN_DIR ...] [--json OUT.json] [--slow 1.5]
 
 RUN_DIR holds steps.csv (with the signal_<name> columns the pipeline recorded), train.csv, labels.csv
-and meta.json (what `prism-otel simulate` writes; what bench/gpu_faults.py copies to $OUT). Runs
+and meta.json (what `prism-otel simulate` writes; what bench/gpu_faults.py copies to $OUT), or is a
+shipped fault run (prism_otel/simulate/corpus_data/faults/<engine>-<fault>, compressed). Runs
 processors.anomaly.AnomalyProcessor exactly as prism_otel/detect_cli.detect does (background off,
 trained on train.csv, steps judged in order) and keeps each verdict's root cause. Per fault (the
 steps each episode owns, as runscore.score_run): the cause the fault stands for, flagged in-window
@@ -18,37 +19,74 @@ from processors.anomaly import AnomalyProcessor
 from prism_otel.simulate import dataset, rcscore, runscore, stepcsv
 
 
-def offline(run):
+def offline(run, slow=None):
+    """flags and root causes of prism's detector; with ``slow`` (a ratio) also the root cause that
+    processors.rootcause would give every step at least ``slow`` x its expectation, flagged or not (the
+    root cause alone, apart from the detector's recall)."""
+    from processors import rootcause
+
     proc = AnomalyProcessor({"background": False, "alert_file": "none", "alert_log": False})
     _, raw, steps, _ = stepcsv.read(os.path.join(run, "steps.csv"))
     tpath = os.path.join(run, "train.csv")
     if os.path.exists(tpath):
         proc.train([s for s in stepcsv.read(tpath)[2] if s is not None])
-    flags, roots = [], []
+    flags, roots, sflags, sroots = [], [], [], []
     for s in steps:
         v = proc.process(s).verdict if s is not None else None
         ok = v is not None and v.expected_ms is not None
         flags.append(int(ok and v.anomaly))
         roots.append(v.root_cause if ok and v.anomaly else None)
+        if slow:
+            big = ok and s.duration_ms >= slow * v.expected_ms
+            sflags.append(int(big))
+            if big:
+                key = proc._keys.get((s.instance, s.phase))
+                st = rootcause._state(proc).norms.get(s.instance)
+                sroots.append(v.root_cause if v.anomaly else
+                              rootcause.explain(s, v.expected_ms, st, getattr(key, "norms", None)).root)
+            else:
+                sroots.append(None)
     proc.shutdown()
-    return raw, flags, roots
+    return raw, flags, roots, sflags, sroots
+
+
+def materialize(run):
+    """A shipped run (corpus_data/faults/<name>: *.csv.gz) as a plain run directory in a temp dir."""
+    import gzip, shutil, tempfile
+
+    if os.path.exists(os.path.join(run, "steps.csv")):
+        return run
+    d = os.path.join(tempfile.mkdtemp(prefix="prism-rc-"), os.path.basename(os.path.normpath(run)))
+    os.makedirs(d)
+    for n in ("steps.csv", "train.csv", "labels.csv"):
+        with gzip.open(os.path.join(run, n + ".gz"), "rb") as src, open(os.path.join(d, n), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.copy(os.path.join(run, "meta.json"), d)
+    return d
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--json")
+    ap.add_argument("--slow", type=float, default=None, metavar="RATIO",
+                    help="also score the root cause on every step at least RATIO x its expectation (flagged or not)")
     a = ap.parse_args()
     doc = {}
     print(rcscore.HEADER)
     for run in a.runs:
-        raw, flags, roots = offline(run)
+        run = materialize(run)
+        raw, flags, roots, sflags, sroots = offline(run, a.slow)
         labels = runscore._int_rows(dataset.read_csv(os.path.join(run, "labels.csv")))
         meta = json.load(open(os.path.join(run, "meta.json")))
         name = os.path.basename(os.path.normpath(run))
         res = rcscore.score(flags, roots, labels, meta["windows"])
         doc[name] = {"offline": res}
         print("\n".join(rcscore.render(name, res)))
+        if a.slow:
+            res = rcscore.score(sflags, sroots, labels, meta["windows"])
+            doc[name][f"slow{a.slow:g}"] = res
+            print("\n".join(rcscore.render(f"{name} (>= {a.slow:g}x)", res)))
         if raw and raw[0].get("online_anomaly", "") != "" and "online_root_cause" in raw[0]:
             of = [int(r.get("online_anomaly") or 0) for r in raw]
             orr = [r.get("online_root_cause") or None for r in raw]
