@@ -21,7 +21,8 @@ to the extra time exactly, and each goes to the causes that the other signals su
   ``gc`` while its other threads held the CPU and collected, the device's extra time
   (``device.*``), and what is left to the one stage whose excess holds it (``stage.<name>``: a stage
   stalled while the CPU was idle);
-* GC pauses beyond the norm count for ``gc`` directly.
+* GC pauses beyond their norm are measured time: they are taken out of the wait (then the ``off``
+  time) first, as ``gc``.
 
 On an accelerator (device-event timing), the device's own extra time is ``interconnect`` when PCIe
 traffic is far over its norm, ``device.contention`` when other processes run on the device, else
@@ -235,10 +236,17 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
         d_wait = over("wait")
         d_off = extra - d_run - d_wait
         # -- waiting for a CPU --------------------------------------------------------------------
+        # GC pauses are measured time: while a collection holds the interpreter lock the engine's thread
+        # waits (for a CPU or for the lock), so the pauses beyond their norm are taken out of that first
+        gc_left = gc_ex if gc_on else 0.0
         if d_wait > 0:
             thr = min(d_wait, max(0.0, over("throttled"))) if "throttled" in q else 0.0
             add(sc.ROOT_CPU_THROTTLED, thr)
             rest = d_wait - thr
+            g = min(rest, gc_left)
+            add(sc.ROOT_GC, g)
+            gc_left -= g
+            rest -= g
             # who competed for the engine's CPUs more than usual during the step: rates (per ms of the
             # step) over their normal rates, so that a long step does not make steady neighbours look new
             w_in = rate_over("in_cpu")
@@ -264,12 +272,17 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
             blocked = min(d_off, max(0.0, over("blocked")))
             add(sc.ROOT_IO, blocked)
             d_off -= blocked
+            g = min(max(0.0, d_off), gc_left)
+            add(sc.ROOT_GC, g)
+            gc_left -= g
+            d_off -= g
             if gc_on and d_off > 0:  # waiting for the interpreter lock that the collecting threads hold
                 g = min(d_off, rate_over("in_cpu") * y)
                 add(sc.ROOT_GC, g)
                 d_off -= g
             off_left = d_off
-    if gc_on:
+        add(sc.ROOT_GC, gc_left)  # pauses beyond what the thread's own time shows
+    elif gc_on:
         add(sc.ROOT_GC, gc_ex)
     # -- the device ----------------------------------------------------------------------------------
     if "dev" in q and "dev" in f:
