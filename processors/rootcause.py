@@ -14,7 +14,8 @@ to the extra time exactly, and each goes to the causes that the other signals su
 * ``wait`` -> first the cgroup's CFS throttling (``cpu.throttled``); the rest is shared out in
   proportion to who used the engine's CPUs at a higher rate than normal meanwhile: the engine's own other
   threads (``gc`` when its garbage collector ran beyond its norm, else ``cpu.contention``), kernel
-  time while I/O stalled (``io``: pressure stall information), everyone else (``cpu.contention``);
+  time while I/O stalled (``io``: pressure stall information in the step or over the last second),
+  everyone else (``cpu.contention``);
 * ``run`` -> ``cpu.slow`` (the same work took longer on the CPU). Not on a DeepDive step: a profiled
   step is not blamed on the profiler's own cost;
 * ``off`` -> ``cpu.throttled`` when the engine was seen stopped, ``io`` for time blocked in I/O,
@@ -152,13 +153,21 @@ class SignalNorms:
     """What each quantity is on this key's normal steps, as a median fraction of the step's duration
     (PCIe throughput: its median level). A ring of :data:`NORM_ROWS` float32 rows per key (~7 KB)."""
 
-    __slots__ = ("rows", "n", "frac", "added")
+    __slots__ = ("rows", "n", "frac", "added", "io_recent")
 
     def __init__(self) -> None:
         self.rows = np.full((NORM_ROWS, len(_Q)), np.nan, dtype=np.float32)
         self.n = 0
         self.frac: Optional[Dict[str, float]] = None
         self.added = 0
+        self.io_recent = 0.0  # I/O pressure (share of wall time) over about the last second, every step
+
+    def saw(self, y_ms: float, q: Dict[str, float]) -> None:
+        """Every step, normal or not: I/O stalls come in bursts (a writer syncing every few seconds),
+        so the pressure of the last second tells what kind of work the kernel is doing between them."""
+        if "psi_io" in q and y_ms > 0:
+            a = min(1.0, y_ms / 1000.0)
+            self.io_recent += a * (q["psi_io"] / y_ms - self.io_recent)
 
     def add(self, y_ms: float, q: Dict[str, float]) -> None:
         row = self.rows[self.n % NORM_ROWS]
@@ -250,7 +259,9 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
             # who competed for the engine's CPUs more than usual during the step: rates (per ms of the
             # step) over their normal rates, so that a long step does not make steady neighbours look new
             w_in = rate_over("in_cpu")
-            io_on = rate_over("psi_io") > 0.1 or rate_over("iowait") > 0.1
+            psi = max(q["psi_io"] / max(y, 1e-6) if "psi_io" in q else 0.0,
+                      norms.io_recent if norms is not None else 0.0)
+            io_on = psi - f.get("psi_io", 0.0) > 0.05 or rate_over("iowait") > 0.1
             w_sys = rate_over("sys") if io_on else 0.0
             w_usr = rate_over("usr") + (0.0 if io_on else rate_over("sys"))
             total = w_in + w_sys + w_usr
@@ -367,9 +378,11 @@ def attach(owner, step, expected_ms: Optional[float], anomalous: bool, key=None,
     if norms is None:
         norms = st.norms[nk] = SignalNorms()
     y = step.duration_ms
+    q = _quantities(step, step.signals or {})
+    norms.saw(y, q)
     if not anomalous:
         if y <= 1.25 * expected_ms and not step.attributes.get(sc.DEEPDIVE):
-            norms.add(y, _quantities(step, step.signals or {}))
+            norms.add(y, q)
         return None, step
     novel = False
     model = getattr(key, "model", None)
