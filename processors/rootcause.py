@@ -151,11 +151,15 @@ def _quantities(step, sig: Mapping[str, float]) -> Dict[str, float]:
 
 class SignalNorms:
     """What each quantity is on this key's normal steps, as a median fraction of the step's duration
-    (PCIe throughput: its median level). A ring of :data:`NORM_ROWS` float32 rows per key (~7 KB)."""
+    (PCIe throughput: its median level), over a uniform sample (reservoir) of every normal step seen:
+    :data:`NORM_ROWS` float32 rows per instance (~7 KB)."""
 
-    __slots__ = ("rows", "n", "frac", "added", "io_recent")
+    __slots__ = ("rows", "n", "frac", "added", "io_recent", "_rand")
 
     def __init__(self) -> None:
+        import random
+
+        self._rand = random.Random(0).random
         self.rows = np.full((NORM_ROWS, len(_Q)), np.nan, dtype=np.float32)
         self.n = 0
         self.frac: Optional[Dict[str, float]] = None
@@ -170,12 +174,20 @@ class SignalNorms:
             self.io_recent += a * (q["psi_io"] / y_ms - self.io_recent)
 
     def add(self, y_ms: float, q: Dict[str, float]) -> None:
-        row = self.rows[self.n % NORM_ROWS]
+        # a uniform sample of every normal step seen (reservoir), not the most recent ones: a long, mild
+        # fault lets many of its steps through as normal, and a recency window would learn the fault
+        if self.n < NORM_ROWS:
+            slot = self.n
+        else:
+            slot = int(self._rand() * (self.n + 1))
+        self.n += 1
+        self.added += 1
+        if slot >= NORM_ROWS:
+            return
+        row = self.rows[slot]
         for i, name in enumerate(_Q):
             v = q.get(name)
             row[i] = np.nan if v is None else (v if name == "pcie" else v / y_ms)
-        self.n += 1
-        self.added += 1
         if self.n >= NORM_MIN_ROWS and (self.frac is None or self.added >= NORM_EVERY):
             self.added = 0
             rows = self.rows[:min(self.n, NORM_ROWS)]
