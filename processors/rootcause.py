@@ -33,8 +33,8 @@ stall, not the whole step slowing, whose extra time lands mostly in forward).
 
 Ranking: the cause explaining the most extra time is the main one, the next is contributing when it
 explains at least a fifth. A main cause that explains less than :data:`MIN_SHARE` of the extra time
-is not named: ``workload`` when the step lies beyond the workloads the model was fitted on, else
-``unknown``.
+is not named: ``workload`` when the step lies beyond the workloads the model was fitted on and the
+engine's threads show nothing unusual, else ``unknown``.
 """
 
 from __future__ import annotations
@@ -346,7 +346,9 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
     if ranked and ranked[0][1] >= MIN_SHARE * denom:
         root, ms = ranked[0]
     else:
-        root, ms = (sc.ROOT_WORKLOAD if novel else sc.ROOT_UNKNOWN), 0.0
+        # the workload, when the evidence shows the engine's threads running as usual and the step lies
+        # beyond what the model was fitted on; with no evidence to check that against, unknown
+        root, ms = (sc.ROOT_WORKLOAD if novel and have_cpu else sc.ROOT_UNKNOWN), 0.0
     out = Explanation(root, ex, extra, min(1.0, ms / denom))
     if ms and len(ranked) > 1 and ranked[1][1] >= CONTRIBUTING_SHARE * denom:
         out.contributing, out.contributing_share = ranked[1][0], min(1.0, ranked[1][1] / denom)
