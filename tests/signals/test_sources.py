@@ -97,8 +97,8 @@ def test_host_signals_read_what_the_kernel_offers(child):
     src = HostSignals(child.pid, min_interval_ms=5)
     t0, t1 = _drive([src], 1.0)
     got = src.overlap(t0, t1)
-    assert got[sc.SIGNAL_PROC_CPU_MS] > 50  # the busy thread (on a shared machine it gets what it gets)
-    assert got[sc.SIGNAL_HOST_USER_MS] > 50
+    assert got[sc.SIGNAL_PROC_CPU_MS] > 10  # the busy thread (on a shared machine it gets what it gets)
+    assert got[sc.SIGNAL_HOST_USER_MS] > 10
     for reader, key in (("psi cpu", sc.SIGNAL_PSI_CPU_MS), ("cgroup cpu.stat", sc.SIGNAL_CG_THROTTLED_MS)):
         assert (key in got) != (reader in src.unavailable)  # read, or said once why not
 
@@ -215,6 +215,10 @@ def test_pipeline_joins_signals_to_steps():
     pipe.start()
     try:
         for i in range(8):
+            if i == 1:  # the sources start reading with the first step the pipeline builds
+                deadline = time.monotonic() + 10
+                while not steps and time.monotonic() < deadline:
+                    time.sleep(0.005)
             t0 = clock_ns()
             x = 0
             while clock_ns() - t0 < 30_000_000:  # 30 ms on a CPU, on this thread
@@ -240,7 +244,7 @@ def _cgroup_v1_cpu():
 
 @pytest.mark.skipif(_cgroup_v1_cpu() is None, reason="needs a writable cgroup v1 cpu controller (root)")
 def test_cfs_quota_throttling_is_seen_and_named(child):
-    """A real CFS quota: the busy child in a cgroup limited to 20% of a CPU; the cgroup's throttled time is
+    """A real CFS quota: the busy child in a cgroup limited to 2% of a CPU; the cgroup's throttled time is
     evidence, and a step waiting that long is cpu.throttled, not cpu.contention."""
     from processors.rootcause import SignalNorms, _quantities, explain
     from prism_otel.record import StepRecord
@@ -249,9 +253,9 @@ def test_cfs_quota_throttling_is_seen_and_named(child):
     os.mkdir(d)
     try:
         with open(os.path.join(d, "cpu.cfs_period_us"), "w") as f:
-            f.write("20000")
+            f.write("100000")
         with open(os.path.join(d, "cpu.cfs_quota_us"), "w") as f:
-            f.write("4000")
+            f.write("2000")  # 2% of a CPU: throttled in every period even on a busy machine
         with open(os.path.join(d, "cgroup.procs"), "w") as f:
             f.write(str(child.pid))
         host = HostSignals(child.pid, min_interval_ms=5)
@@ -260,8 +264,8 @@ def test_cfs_quota_throttling_is_seen_and_named(child):
         t0, t1 = _drive([host, threads], 1.2)
         sig = {**host.overlap(t0 + int(0.2e9), t1), **threads.overlap(t0 + int(0.2e9), t1)}
         span_ms = (t1 - t0 - 0.2e9) / 1e6
-        assert sig[sc.SIGNAL_CG_NR_THROTTLED] > 10 and sig[sc.SIGNAL_CG_THROTTLED_MS] > 0.3 * span_ms
-        assert sig[sc.SIGNAL_CPU_RUN_MS] < 0.4 * span_ms  # 20% of a CPU, give or take
+        assert sig[sc.SIGNAL_CG_NR_THROTTLED] >= 5 and sig[sc.SIGNAL_CG_THROTTLED_MS] > 0.5 * span_ms
+        assert sig[sc.SIGNAL_CPU_RUN_MS] < 0.1 * span_ms  # 2% of a CPU, give or take
         # the same step judged: 10 ms expected, it took span_ms, the time went to the quota
         norms = SignalNorms()
         normal = {sc.SIGNAL_CPU_RUN_MS: 9.0, sc.SIGNAL_CPU_WAIT_MS: 0.5, sc.SIGNAL_CG_THROTTLED_MS: 0.0,
