@@ -156,6 +156,9 @@ class EngineThreads(IntervalSource):
         else:
             used = sorted(((seen[k][0] - self._first_cpu[k], k) for k in seen), reverse=True)
             total = sum(u for u, _ in used)
+            if total <= 0:  # the first look: nothing to compare yet, so what each thread did in its life
+                used = sorted(((seen[k][0], k) for k in seen), reverse=True)
+                total = sum(u for u, _ in used)
             engine, acc = [], 0
             for u, k in used:
                 if total <= 0 or acc >= self.share * total or len(engine) >= self.max_threads or u <= 0.02 * total:
@@ -183,7 +186,9 @@ class EngineThreads(IntervalSource):
         self.parked = [(k, r) for r, k in parked[:2]]
         self.engine = engine
         self._scan_prev = seen
-        self._last_scan = now
+        # look again soon while the picture is young (the first second picks by lifetime CPU)
+        self._scans = getattr(self, "_scans", 0) + 1
+        self._last_scan = now if self._scans > 3 else now - self.rescan_ns + self.rescan_ns // 5
 
     def read(self) -> Optional[dict]:
         now = time.monotonic_ns()
