@@ -87,7 +87,7 @@ def main():
             res = rcscore.score(sflags, sroots, labels, meta["windows"])
             doc[name][f"slow{a.slow:g}"] = res
             print("\n".join(rcscore.render(f"{name} (>= {a.slow:g}x)", res)))
-        if raw and raw[0].get("online_anomaly", "") != "" and "online_root_cause" in raw[0]:
+        if raw and "online_root_cause" in raw[0] and any(r.get("online_anomaly", "") != "" for r in raw):
             of = [int(r.get("online_anomaly") or 0) for r in raw]
             orr = [r.get("online_root_cause") or None for r in raw]
             res = rcscore.score(of, orr, labels, meta["windows"])
