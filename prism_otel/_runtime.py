@@ -192,6 +192,9 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
             pipeline = Pipeline(RECORDER, provider, _instance_id(), procs, **pipeline_limits(),
                                 model_name=model_name, provider_name=framework_name())
             pipeline.start()
+        from prism_otel import signals  # evidence for root cause: the GC hook here, /proc sources in the pipeline
+
+        signals.start(pipeline, os.getpid(), RECORDER)
         insts = []
         # set before instrumenting: an instrumentor's first contact may look at current()
         _state = Runtime(provider, own, embedded, pipeline, insts)

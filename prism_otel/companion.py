@@ -371,6 +371,9 @@ def main(argv=None) -> int:
     recorder = Recorder(_runtime._env_int(sc.ENV_RING_SIZE, 65536))
     pipeline = Pipeline(recorder, provider, instance, procs, **_runtime.pipeline_limits(),
                         provider_name=_runtime.framework_name())
+    from prism_otel import signals  # evidence for root cause, read here from /proc about the engine
+
+    signals.start(pipeline, engine_pid)
     pipeline.start()
 
     def stats_loop() -> None:

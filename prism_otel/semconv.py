@@ -69,6 +69,42 @@ BATCH_STEPS_SINCE_CHANGE = "prism.batch.steps_since_change"
 SIGNAL_PREFIX = "prism.signal."
 SIGNAL_GC_MS = "gc.ms"  # garbage-collection pause time of the engine process inside the step
 SIGNAL_GC_COUNT = "gc.count"
+# the engine's threads (prism_otel.signals.proc: /proc/<pid>/task/<tid>/{schedstat,stat,status}), summed over
+# the threads that do the engine's work, inside the step
+SIGNAL_CPU_RUN_MS = "cpu.run_ms"  # on a CPU
+SIGNAL_CPU_WAIT_MS = "cpu.wait_ms"  # runnable, waiting in a run queue for a CPU
+SIGNAL_CPU_NVCSW = "cpu.nvcsw"  # involuntary context switches (preempted)
+SIGNAL_CPU_THREADS = "cpu.threads"  # how many threads these sums are over
+SIGNAL_CPU_STOPS = "cpu.stops"  # job-control stops of the engine's processes (SIGSTOP/SIGCONT), seen on its parked threads
+SIGNAL_CPU_STOPPED_MS = "cpu.stopped_ms"  # time the engine's threads were seen stopped (state T; from outside only)
+SIGNAL_CPU_BLOCKED_MS = "cpu.blocked_ms"  # time the engine's threads were seen in uninterruptible sleep (state D: I/O)
+# the cgroup's CPU controller (cpu.stat) and pressure stall information (/proc/pressure/*, or the cgroup's own)
+SIGNAL_CG_THROTTLED_MS = "cgroup.throttled_ms"
+SIGNAL_CG_NR_THROTTLED = "cgroup.nr_throttled"
+SIGNAL_PSI_CPU_MS = "psi.cpu_some_ms"
+SIGNAL_PSI_MEM_MS = "psi.memory_some_ms"
+SIGNAL_PSI_IO_MS = "psi.io_some_ms"
+SIGNAL_PSI_IO_FULL_MS = "psi.io_full_ms"
+# the CPUs the engine may run on (/proc/stat): time each kind of work took there, summed over those CPUs
+SIGNAL_HOST_USER_MS = "host.user_ms"
+SIGNAL_HOST_SYSTEM_MS = "host.system_ms"
+SIGNAL_HOST_IOWAIT_MS = "host.iowait_ms"
+SIGNAL_HOST_IDLE_MS = "host.idle_ms"
+SIGNAL_HOST_STEAL_MS = "host.steal_ms"
+SIGNAL_PROC_CPU_MS = "process.cpu_ms"  # CPU time of the engine's processes, all their threads (/proc/<pid>/stat)
+# the engine processes' own I/O (/proc/<pid>/io)
+SIGNAL_IO_READ_KB = "io.read_kb"
+SIGNAL_IO_WRITE_KB = "io.write_kb"
+# NVML (prism_otel.signals.nvml), the engine's device: latest sample at or before the step's end
+SIGNAL_GPU_SM_CLOCK_MHZ = "gpu.sm_clock_mhz"
+SIGNAL_GPU_SM_CLOCK_MAX_MHZ = "gpu.sm_clock_max_mhz"
+SIGNAL_GPU_MEM_CLOCK_MHZ = "gpu.mem_clock_mhz"
+SIGNAL_GPU_THROTTLE = "gpu.throttle_reasons"  # NVML clocks-event reason bits (idle left out)
+SIGNAL_GPU_OTHER_PROCS = "gpu.other_processes"  # compute processes on the device other than the engine's
+SIGNAL_GPU_UTIL_PCT = "gpu.util_pct"
+SIGNAL_GPU_PCIE_MBPS = "gpu.pcie_mbps"  # PCIe TX + RX throughput of the device
+SIGNAL_GPU_MEM_USED_MB = "gpu.mem_used_mb"
+SIGNAL_GPU_OTHER_MEM_MB = "gpu.other_mem_mb"  # device memory used by the other processes
 
 
 def signal_attribute(name: str) -> str:
@@ -86,6 +122,30 @@ ANOMALY_SCORE = "prism.anomaly.score"
 ANOMALY_ROOT_CAUSE = "prism.anomaly.root_cause"
 ANOMALY_TEST = "prism.anomaly.test"  # which test flagged the step: point | window | shift
 ANOMALY_TESTS = ("point", "window", "shift")
+# root cause (processors/rootcause.py): the vocabulary and the evidence behind it
+ROOT_CPU_CONTENTION = "cpu.contention"  # waiting for a CPU
+ROOT_CPU_THROTTLED = "cpu.throttled"  # stopped, or over its CPU quota
+ROOT_CPU_SLOW = "cpu.slow"  # on a CPU longer for the same work (memory bandwidth, caches, frequency)
+ROOT_GC = "gc"
+ROOT_IO = "io"
+ROOT_STAGE_PREFIX = "stage."  # stage.<name>: one stage stalled while the CPU was idle
+ROOT_DEVICE_SLOW = "device.slow"
+ROOT_DEVICE_CONTENTION = "device.contention"
+ROOT_INTERCONNECT = "interconnect"
+ROOT_WORKLOAD = "workload"  # the model expected it
+ROOT_UNKNOWN = "unknown"
+ROOT_CAUSES = (ROOT_CPU_CONTENTION, ROOT_CPU_THROTTLED, ROOT_CPU_SLOW, ROOT_GC, ROOT_IO, ROOT_DEVICE_SLOW,
+               ROOT_DEVICE_CONTENTION, ROOT_INTERCONNECT, ROOT_WORKLOAD, ROOT_UNKNOWN)  # plus stage.<name>
+EVIDENCE_PREFIX = "prism.anomaly.evidence."
+EVIDENCE_EXTRA_MS = "prism.anomaly.evidence.extra_ms"  # observed - expected step time
+EVIDENCE_EXPLAINED = "prism.anomaly.evidence.explained"  # share of the extra time the main cause explains
+EVIDENCE_CONTRIBUTING = "prism.anomaly.evidence.contributing"  # the second cause, when it explains enough
+EVIDENCE_CONTRIBUTING_EXPLAINED = "prism.anomaly.evidence.contributing_explained"
+
+
+def evidence_attribute(name: str) -> str:
+    """prism.anomaly.evidence.<name>: ms each candidate cause explains, and the signals it rests on."""
+    return EVIDENCE_PREFIX + name
 LATENCY_EXPECTED_MS = "prism.latency.expected_ms"
 ALERT_EVENT = "prism.alert"
 SLO_PREFIX = "prism.slo."
@@ -240,6 +300,9 @@ ENV_DEEPDIVE_AT_STEP = "PRISM_OTEL_DEEPDIVE_AT_STEP"  # comma list of step indic
 ENV_DEEPDIVE_PROFILER = "PRISM_OTEL_DEEPDIVE_PROFILER"  # "0": never start a torch.profiler window
 ENV_DEVICE_HEALTH = "PRISM_OTEL_DEVICE_HEALTH"  # "0": no NVML sampling
 ENV_DEVICE_HEALTH_INTERVAL_S = "PRISM_OTEL_DEVICE_HEALTH_INTERVAL_S"  # NVML sampling period (default 0.5)
+ENV_SIGNALS = "PRISM_OTEL_SIGNALS"  # "0": no evidence sources (root cause from stages and GC alone); "gc": GC pauses only
+ENV_SIGNALS_INTERVAL_MS = "PRISM_OTEL_SIGNALS_INTERVAL_MS"  # shortest time between two /proc readings (default 20)
+ENV_GC_HOOK = "PRISM_OTEL_GC_HOOK"  # "0": no gc.callbacks hook in the engine process
 
 # --- multi-rank steps (issue 9) -----------------------------------------------------------------
 RANK = "prism.rank"  # on a rank's step record / `prism.rank.<n>` child span: the rank

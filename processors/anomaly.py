@@ -38,6 +38,7 @@ from processors.baseline_store import SAMPLE_ROWS, PersistentBaselines
 from processors.features import PrevTracker, step_features
 from processors.fit_worker import FitWorker, fit_model
 from processors.model import FitParams
+from processors import rootcause
 from processors.rootcause import StageNorms
 from processors.verdict import KeyVerdict, VerdictParams
 
@@ -165,6 +166,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         if out is None:
             return step
         expected, score, anomalous, alert, root, test = out
+        root, step = rootcause.attach(self, step, expected, anomalous, self._keys.get((inst, phase)), x)
         v = step.verdict
         if v is None:
             v = Verdict(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert, test=test)
@@ -372,6 +374,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         self._prev.forget(instance)
         self._last_start.pop(instance, None)
         self._alarmed.pop(instance, None)
+        rootcause.forget(self, instance)
 
     def shutdown(self) -> None:
         t = self._thread

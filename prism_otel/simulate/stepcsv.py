@@ -4,7 +4,8 @@ Columns: ``instance,start_ns,duration_us,phase,batch_size,prefill_tokens,decode_
 context_tokens,max_context_tokens``. Only ``start_ns`` and ``duration_us`` are required; a missing
 ``instance`` reads as ``default``, missing counts as 0, a missing ``phase`` is derived from the token
 counts (``decode`` when there are none). Optional ``stage_<name>_us`` columns give stage durations
-(laid end to end from the step start). Extra columns are carried through untouched.
+(laid end to end from the step start); optional ``signal_<name>`` columns the evidence joined to the step
+(``StepRecord.signals``, for root cause). Extra columns are carried through untouched.
 
 A row that cannot be read (a non-number, NaN, a negative value) becomes ``None`` in the parsed list
 with its reason counted, so callers keep row order and lose nothing else.
@@ -23,6 +24,7 @@ COLUMNS = ("instance", "start_ns", "duration_us", "phase", "batch_size", "prefil
 REQUIRED = ("start_ns", "duration_us")
 _COUNTS = ("batch_size", "prefill_tokens", "decode_tokens", "context_tokens", "max_context_tokens")
 STAGE_PREFIX, STAGE_SUFFIX = "stage_", "_us"
+SIGNAL_PREFIX = "signal_"
 
 
 def _num(text: Optional[str]) -> float:
@@ -39,8 +41,12 @@ def parse_row(row: Dict[str, str], index: int) -> Tuple[Optional[StepRecord], Op
         counts = [_num(row.get(c)) for c in _COUNTS]
         stages = [(k[len(STAGE_PREFIX):-len(STAGE_SUFFIX)], _num(v)) for k, v in row.items()
                   if k and k.startswith(STAGE_PREFIX) and k.endswith(STAGE_SUFFIX) and v not in (None, "")]
+        signals = {k[len(SIGNAL_PREFIX):]: float(v) for k, v in row.items()
+                   if k and k.startswith(SIGNAL_PREFIX) and v not in (None, "")}
     except (TypeError, ValueError):
         return None, "unparsable"
+    if any(not math.isfinite(v) for v in signals.values()):
+        signals = {k: v for k, v in signals.items() if math.isfinite(v)}  # evidence is optional: drop, keep the step
     vals = [start, dur] + counts + [v for _, v in stages]
     if any(not math.isfinite(v) for v in vals):
         return None, "non_finite"
@@ -60,7 +66,7 @@ def parse_row(row: Dict[str, str], index: int) -> Tuple[Optional[StepRecord], Op
         t = t1
     return StepRecord(instance=(row.get("instance") or "default").strip() or "default", index=index,
                       start_ns=start_ns, end_ns=end_ns, phase=phase, batch_size=b, prefill_tokens=pre,
-                      decode_tokens=dec, context_tokens=ctx, max_context_tokens=mx, stages=st), None
+                      decode_tokens=dec, context_tokens=ctx, max_context_tokens=mx, stages=st, signals=signals), None
 
 
 def read(path: str) -> Tuple[List[str], List[Dict[str, str]], List[Optional[StepRecord]], Dict[str, int]]:

@@ -69,7 +69,7 @@ def test_stage_stall_names_the_stage(shapes_run):
     s, _, _, flags, verdicts = shapes_run
     a = next(e for e in EPISODES if e.kind == "stall")
     causes = [verdicts[i].root_cause for i in range(a.start, a.start + a.length) if flags[i]]
-    assert causes and causes.count("stage:" + a.stage) / len(causes) >= 0.9
+    assert causes and causes.count("stage." + a.stage) / len(causes) >= 0.9
 
 
 def test_verdict_fields(shapes_run):

