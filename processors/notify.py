@@ -188,7 +188,7 @@ class AlertmanagerOutbox(Outbox):
                "peak_ratio": f"{inc.get('peak_ratio', 0):.2f}", "steps_affected": str(inc.get("steps_affected", 0)),
                "phases": ",".join(inc.get("phases", {})), "stages": ",".join(s["stage"] for s in inc.get("stages", []))}
         for k, v in (inc.get("evidence") or {}).items():
-            ann["evidence." + k] = str(v)
+            ann[_label_name("evidence_" + k)] = str(v)
         body = {"labels": labels, "annotations": ann, "startsAt": rfc3339(inc["start_ns"])}
         if self.generator_url:
             body["generatorURL"] = self.generator_url
@@ -232,6 +232,13 @@ class AlertmanagerOutbox(Outbox):
         # a firing alert that did not get through goes out with the next re-send; say so once per failure
         logger.warning("prism-otel: Alertmanager at %s did not take an incident (%s); counted, re-sent while "
                        "the incident is open", self.url, exc)
+
+
+def _label_name(name: str) -> str:
+    """Alertmanager takes label and annotation names that match ``[a-zA-Z_][a-zA-Z0-9_]*`` only (it
+    refuses the whole alert with HTTP 400 otherwise): every other character becomes ``_``."""
+    out = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in name)
+    return out if out and not out[0].isdigit() else "_" + out
 
 
 def default_incident_dir() -> str:

@@ -192,3 +192,17 @@ def test_collector_processor_config():
     assert p.opened == 1
     p.forget_instance("h:1")  # an evicted instance's open incident closes
     assert p.closed_count == 1 and p.events[-1]["incident"]["close_reason"] == "evicted"
+
+
+def test_alertmanager_names_are_valid_label_names():
+    """Alertmanager refuses a whole alert (HTTP 400) whose annotation names are not label names; evidence
+    keys from the root cause (cpu.slow_ms, ...) carry dots."""
+    import re
+
+    ob = notify.AlertmanagerOutbox("http://127.0.0.1:9/api/v2/alerts")
+    inc = {"id": "i-1", "instance": "vm:1", "start_ns": 1, "close_ns": 2, "root_cause": "cpu.slow",
+           "evidence": {"cpu.slow_ms": 3.5, "extra_ms": 4.0, "9lives": 1, "wait.run_queue_ms": 2}}
+    body = ob.alert({"event": sc.INCIDENT_EVENT_CLOSE, "incident": inc})
+    names = list(body["labels"]) + list(body["annotations"])
+    assert all(re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", n) for n in names), names
+    assert body["annotations"]["evidence_cpu_slow_ms"] == "3.5"
