@@ -7,7 +7,8 @@ prompt and output lengths, each held once closed-loop and once with tidal open-l
 is injected while recording: every step is normal, the natural hiccups included.
 
 On disk (``<dir>/<engine>-<size>/``): ``steps.csv.gz`` (the ``prism-otel detect`` columns, stage
-durations, and ``workload``: the configuration the step belongs to), ``segments.jsonl`` (each
+durations, ``workload``: the configuration the step belongs to, and what changed since the previous
+step as the hooks knew it, where they did: ``stepcsv.CHANGE_COLUMNS``), ``segments.jsonl`` (each
 configuration's wall-clock bounds, requests, throughput) and ``meta.json`` (versions, machine, grid).
 ``prism-otel corpus build`` records one; ``make corpus`` records every one shipped in
 ``prism_otel/simulate/corpus_data`` (docs/detection.md).
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional
 
 from prism_otel.simulate import dataset
 from prism_otel.simulate.segments import Segment
+from prism_otel.simulate.stepcsv import CHANGE_COLUMNS
 from prism_otel.simulate.workload import Lengths
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus_data")
@@ -60,6 +62,17 @@ def grid(segment_s: float = 10.0, seed: int = 0) -> List[Segment]:
         out.append(Segment(f"{base}-closed", "closed", c, p, o, segment_s, seed=seed * 100 + 2 * i + 1))
         out.append(Segment(f"{base}-tidal", "tidal", c, p, o, segment_s, seed=seed * 100 + 2 * i + 2))
     return out
+
+
+def machine_kind(meta: dict) -> str:
+    """``gpu`` when a corpus's meta.json says it was recorded on an accelerator (a ``device`` or ``gpu``
+    entry, a CUDA torch), else ``cpu``."""
+    mach = meta.get("machine") or {}
+    vers = meta.get("versions") or {}
+    if meta.get("device") or mach.get("gpu") or mach.get("device") or meta.get("options", {}).get("device") in (
+            "cuda", "gpu") or "cu" in str(vers.get("torch", "")).split("+")[-1]:
+        return "gpu"
+    return "cpu"
 
 
 def group_of(workload: str) -> str:
@@ -115,7 +128,7 @@ def assign(rows: List[dict], records: List[dict]) -> List[dict]:
     return out
 
 
-_KEEP = dataset.STEP_COLUMNS + ("workload",)
+_KEEP = dataset.STEP_COLUMNS + ("workload",) + CHANGE_COLUMNS
 
 
 def write_steps(path: str, rows: List[dict]) -> None:
