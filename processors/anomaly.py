@@ -60,6 +60,11 @@ logger = logging.getLogger(__name__)
 GROUP_ATTRIBUTES = (sc.RES_FRAMEWORK, sc.RES_FRAMEWORK_VERSION, sc.GEN_AI_REQUEST_MODEL, sc.RES_DEVICE_KIND,
                     sc.RES_DEVICE_NAME, sc.RES_SERVICE_NAME)
 MAX_RESOURCES = 1 << 16
+# memory bounds (tracemalloc, tests/processors/test_detector_state.py): an instance's verdict state and
+# context, measured at ~14 KB after 300 steps, with room; a model of its own, and each training row it keeps
+INSTANCE_BYTES = 32_000
+GROUP_BYTES = 400_000
+GROUP_BYTES_PER_ROW = 450
 BARS_ROWS = 2000  # a model whose bars came from this many training steps keeps them in its refits
 
 
@@ -133,7 +138,7 @@ class CellMemory:
 class _Group:
     """The model of one group (an instance, or instances with one resource) and its training memory."""
 
-    __slots__ = ("name", "model", "norms", "memory", "clean", "novel", "drift", "fitting", "fits", "seen")
+    __slots__ = ("name", "model", "norms", "memory", "clean", "novel", "drift", "fitting", "fits", "seen", "members")
 
     def __init__(self, name, cfg: AnomalyConfig) -> None:
         self.name = name
@@ -146,6 +151,7 @@ class _Group:
         self.fitting = False
         self.fits = 0
         self.seen = 0
+        self.members = 0  # instances judged with it
 
     def rows(self) -> list:
         return self.memory.rows()
@@ -400,9 +406,17 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         ``model_scope: resource`` instances that report the same ones share a model."""
         if self.cfg.model_scope != "resource" or instance in self._resource:
             return
-        key = tuple(str(resource.get(a, "") or "") for a in GROUP_ATTRIBUTES)
-        if any(key) and len(self._resource) < MAX_RESOURCES:
-            self._resource[instance] = key
+        if len(self._resource) < MAX_RESOURCES:
+            self._resource[instance] = tuple(str(resource.get(a, "") or "") for a in GROUP_ATTRIBUTES)
+
+    def instance_bytes(self, steps: int) -> int:
+        """An upper bound of what an instance costs after ``steps`` steps, for a memory budget (the
+        collector's per-instance share): its verdict state and step context, and with its own model (the
+        instance scope, or an instance that never reported a resource) that model and its training memory.
+        A shared model is counted once per resource, not per instance (:data:`GROUP_BYTES_PER_ROW`)."""
+        if self.cfg.model_scope == "resource":
+            return INSTANCE_BYTES
+        return INSTANCE_BYTES + GROUP_BYTES + GROUP_BYTES_PER_ROW * min(steps, self.cfg.max_train)
 
     def _key(self, inst: str) -> _Key:
         k = self._keys.get(inst)
@@ -412,6 +426,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             g = self._groups.get(gname)
             if g is None:
                 g = self._new_group(gname)
+            g.members += 1
             k = self._keys[inst] = _Key(inst, g, self._vp)
         return k
 
@@ -538,8 +553,11 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         instances share it): the collector evicts idle instances to stay within its memory budget. Its
         next step starts it afresh."""
         k = self._keys.pop(instance, None)
-        if k is not None and k.group.name == ("instance", instance):
-            self._groups.pop(k.group.name, None)
+        if k is not None:
+            g = k.group
+            g.members -= 1
+            if g.members <= 0 and not g.fitting:  # the last instance of its model: the model goes too
+                self._groups.pop(g.name, None)
         self._ctx.forget(instance)
         self._last_start.pop(instance, None)
         self._resource.pop(instance, None)
