@@ -39,13 +39,19 @@ MIXES = {
     "longout": (Lengths(median=24, sigma=0.5, min=4, max=200), Lengths(median=96, sigma=0.4, min=24, max=160)),
     "mixed": (Lengths(median=64, sigma=0.9, min=4, max=400), Lengths(median=32, sigma=0.9, min=2, max=160)),
 }
-# what each recorded corpus is: (engine kind, model size, engine options)
+# what each recorded corpus is: (engine kind, model size, engine options). Two options shape the machine
+# the engine runs on, not the engine: ``cpus`` pins the engine (and every process it starts) to those
+# cores; ``neighbour_cpus`` keeps a busy process on each of those cores for the whole recording.
 CORPORA = {
     "transformers-tiny": ("transformers", "tiny", {"threads": 1}),
     "transformers-small": ("transformers", "small", {"threads": 1}),
     "transformers_serve-small": ("transformers_serve", "small", {"threads": 1}),
     "vllm-small": ("vllm", "small", {"threads": 1, "max_num_seqs": 64}),
+    # the same engine and model as transformers-small on another machine load: a neighbour keeps one of the
+    # two cores busy (one machine's noise must not be the whole training signal)
+    "transformers-small-neighbour": ("transformers", "small", {"threads": 1, "neighbour_cpus": [1]}),
 }
+LOAD_OPTIONS = ("cpus", "neighbour_cpus")
 
 
 def grid(segment_s: float = 10.0, seed: int = 0) -> List[Segment]:
@@ -90,15 +96,25 @@ def build(name: str, out_dir: str, segment_s: float = 10.0, log=print) -> dict:
     os.makedirs(os.path.join(out_dir, "otlp"), exist_ok=True)
     out_dir = os.path.abspath(out_dir)
     segs = grid(segment_s)
-    eng = ENGINES[kind](_resolve_model(size), out_dir, dict(options))
+    eng = ENGINES[kind](_resolve_model(size), out_dir, {k: v for k, v in options.items() if k not in LOAD_OPTIONS})
     log(f"corpus {name}: {len(segs)} workload configurations x {segment_s:g} s on {kind} ({size})")
     t0 = time.time()
+    mine = os.sched_getaffinity(0)
+    neighbours = [_busy(c) for c in options.get("neighbour_cpus", ())]
+    load0 = os.getloadavg()
     try:
+        if options.get("cpus"):
+            os.sched_setaffinity(0, set(options["cpus"]))  # the engine and its children inherit it
         eng.start_segments([s.to_dict() for s in segs])
+        os.sched_setaffinity(0, mine)
         eng.wait_ready()
         eng.finish(timeout=len(segs) * (segment_s + 120))
     finally:
+        os.sched_setaffinity(0, mine)
         eng.close()
+        for p in neighbours:
+            p.kill()
+            p.wait()
     seg_path = os.path.join(out_dir, "segments.jsonl")
     records = [json.loads(ln) for ln in open(seg_path)] if os.path.exists(seg_path) else []
     if len(records) != len(segs):
@@ -108,10 +124,19 @@ def build(name: str, out_dir: str, segment_s: float = 10.0, log=print) -> dict:
     write_steps(os.path.join(out_dir, "steps.csv.gz"), rows)
     meta = {"name": name, "engine": kind, "model": size, "options": options, "segment_s": segment_s,
             "segments": len(records), "steps": len(rows), "seconds": round(time.time() - t0, 1),
-            "versions": _versions(kind), "machine": _machine()}
+            "versions": _versions(kind), "machine": dict(_machine(), loadavg_before=list(load0))}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def _busy(cpu: int):
+    """A neighbour: a process that keeps core ``cpu`` busy until it is killed."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
 
 
 def assign(rows: List[dict], records: List[dict]) -> List[dict]:

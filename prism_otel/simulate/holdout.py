@@ -178,8 +178,9 @@ def _lag_big(stream: Stream, flags: np.ndarray, big: float = 1.5) -> List[int]:
 
 
 def quick_corpora(found: Dict[str, str]) -> Dict[str, str]:
-    """One corpus per engine and machine kind (the one with the fewest steps): what ``eval --quick`` and
-    the test suite's held-out check judge, flat windows only."""
+    """One corpus per engine and machine kind (a recording on an unloaded machine before one made under a
+    neighbour's load, then the one with the fewest steps): what ``eval --quick`` and the test suite's
+    held-out check judge, flat windows only."""
     import json
     import os
 
@@ -191,7 +192,8 @@ def quick_corpora(found: Dict[str, str]) -> Dict[str, str]:
         except (OSError, ValueError):
             meta = {}
         kind = f"{meta.get('engine', name)}/{cp.machine_kind(meta)}"
-        n = int(meta.get("steps", 1 << 30))
+        loaded = any(k in (meta.get("options") or {}) for k in cp.LOAD_OPTIONS)
+        n = (int(loaded), int(meta.get("steps", 1 << 30)))
         if kind not in best or n < best[kind][0]:
             best[kind] = (n, name)
     return {name: found[name] for _, name in sorted(best.values(), key=lambda v: v[1])}

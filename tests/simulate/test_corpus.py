@@ -18,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_shipped_corpora_are_there_and_well_formed():
     have = corpus.available()
-    assert set(have) == set(corpus.CORPORA), "every corpus is shipped (`make corpus` records them again)"
+    # every corpus we record is shipped (`make corpus` records them again); a corpus recorded elsewhere (a
+    # GPU one) is picked up from its directory with no code change, and held to the same form
+    assert set(corpus.CORPORA) <= set(have), "every corpus is shipped"
     for name, path in have.items():
         meta = json.load(open(os.path.join(path, "meta.json")))
         assert meta["name"] == name and meta["segments"] == len(corpus.grid())
