@@ -37,7 +37,7 @@ import numpy as np
 
 from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_CLASSES, N_FEATURES, NEW_TOKENS
 from processors.gbm import fit_trees, huber_line
-from processors.verdict import VerdictParams, calibrate
+from processors.verdict import VerdictParams, calibrate, events_apart
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,11 @@ class LatencyModel:
             self._init = float(trees["init"])
             self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
             self._value, self._roots, self._depth = trees["value"], trees["roots"], int(trees["depth"])
+
+    @property
+    def events_apart(self) -> bool:
+        """Whether event steps are judged apart (:func:`processors.verdict.events_apart`)."""
+        return events_apart(self.scales)
 
     # -- scoring ----------------------------------------------------------------------------------
     def excess(self, x) -> float:

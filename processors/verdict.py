@@ -56,12 +56,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from processors.features import N_CLASSES, ORDINARY, step_class
+from processors.features import EVENT, N_CLASSES, ORDINARY, step_class
 
 TESTS = ("point", "pair", "window", "stay", "shift")
 NAME = {"point": "point", "pair": "window", "window": "window", "stay": "window", "shift": "shift"}  # semconv
+BARS = ("point", "pair", "window", "stay", "stay_event")
 MAX_CELLS = 64  # workload cells an instance remembers a bias for (least recently seen out)
 OFF = 1e9  # a bar that never fires (the test is off)
+APART = 3.0  # event steps are judged apart when their scale is this many times the ordinary steps' (events_apart)
 GATE = 1.5  # a step pulls the level by at most this many of its class scales
 
 # the injection recipe (prism_otel.simulate.holdout's): magnitudes, and lengths per shape
@@ -69,8 +71,9 @@ _MAGNITUDES = (1.3, 1.5, 2.0, 3.0)
 _GRID = {"point": (4.0, 5.0, 6.0, 8.0, 10.0, 13.0, 17.0, 22.0),
          "pair": (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 11.0),
          "window": (2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, OFF),
-         "stay": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, OFF)}
-_START = {"point": 8.0, "pair": 4.0, "window": 4.0, "stay": 2.0}
+         "stay": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, OFF),
+         "stay_event": (-0.5, 0.0, 0.5, 1.0, 2.0, OFF)}
+_START = {"point": 8.0, "pair": 4.0, "window": 4.0, "stay": 2.0, "stay_event": 1.0}
 
 
 @dataclass
@@ -89,6 +92,19 @@ class VerdictParams:
     bias_rate: float = 0.01
     max_bias: float = 0.2
     scale_floor: float = 0.004
+
+
+def events_apart(scales: Sequence[float]) -> bool:
+    """Whether event steps are judged apart: when their residual scale is :data:`APART` times the ordinary
+    steps' or more (a GPU server's batch changes), an event step's tail says little, so it neither makes nor
+    breaks a pair, a window or a run, teaches the level nothing and keeps cells of its own. Where batch
+    changes cost about what other steps cost (these CPU engines: 1.2-2x), they are steps like any other."""
+    return scales[EVENT] >= APART * scales[ORDINARY]
+
+
+def cell_key(x: Sequence[float], event: bool) -> int:
+    """The verdict's cell of a step: its workload cell, event steps apart when they are judged apart."""
+    return 2 * cell_of(x) + event
 
 
 def cell_of(x: Sequence[float]) -> int:
@@ -173,7 +189,7 @@ class KeyVerdict:
         self.p = params
         self.cells = Cells(params)
         self.lvl = _Level(params)
-        self.zs: deque = deque(maxlen=params.short)
+        self.zs: deque = deque(maxlen=params.short - 1)  # the z of the last informative steps before this one
         self.ws: deque = deque(maxlen=params.long_window)
         self.n = 0
         self.shift = 0.0
@@ -189,14 +205,14 @@ class KeyVerdict:
         ``test``: on an anomalous step, ``point``, ``window`` or ``shift``."""
         p = self.p
         lim = model.limits
-        c = cell_of(x)
+        cls = step_class(x)
+        event = cls == EVENT and model.events_apart
+        c = cell_key(x, event)
         e = self.cells.get(c, model.cells.get(c))
         e[2] += 1
         w = u - e[0] if e[1] else u
         v = w - self.lvl.value
-        cls = step_class(x)
         z = v / model.scales[cls]
-        self.zs.append(z)
         self.ws.append(w)
         self.n += 1
         fired = None
@@ -204,21 +220,23 @@ class KeyVerdict:
         if z > lim["point"] and v > p.min_point:
             fired = "point"
         if v > p.min_shift:
+            # two in a row: this step and the last informative one (an event step's own tail says little,
+            # so event steps neither make nor break a pair, a window or a run unless they are over the bar)
             t = lim["pair"]
             pz = self.zprev
             if fired is None and z > t and pz > t:
                 fired = "pair"
-            s = (pz if pz < z else z) / t
-            if s > score:
-                score = s
+            sc = (pz if pz < z else z) / t
+            if sc > score:
+                score = sc
             t = lim["window"]
-            if len(self.zs) == self.zs.maxlen and z > 0.5 * t and t < OFF:
-                m = _median(self.zs)
+            if not event and len(self.zs) == self.zs.maxlen - 1 and z > 0.5 * t and t < OFF:
+                m = _median(tuple(self.zs) + (z,))
                 if fired is None and m > t:
                     fired = "window"
                 if m / t > score:
                     score = m / t
-            if fired is None and self.prev_flag and z > lim["stay"]:
+            if fired is None and self.prev_flag and z > lim["stay_event" if event else "stay"]:
                 fired = "stay"
         if len(self.ws) == self.ws.maxlen:
             if self.n % 4 == 0 or not self.shift:
@@ -234,14 +252,19 @@ class KeyVerdict:
         anomalous = fired is not None
         if fired is not None and score < 1.0:
             score = 1.0  # the stay test keeps an episode flagged under the bars that opened it
-        self.zprev = z
-        self.prev_flag = anomalous
+        if not event:
+            self.zprev = z
+            self.zs.append(z)
+        if not event or anomalous:
+            self.prev_flag = anomalous
         self.run = self.run + 1 if anomalous else 0
         # learn from steps that fire nothing, outside an episode (a slowdown's steps must not teach the
-        # level or the cells), each at most GATE scales from the level (the unflagged steps of a slowdown
-        # move it slowly); after `release` flagged steps in a row, from every step again
+        # level or the cells); the level from informative steps only, each at most GATE scales from it (the
+        # unflagged steps of a slowdown move it slowly); after `release` flagged steps in a row, from every
+        # step again
         if (not anomalous and not self.alarm) or self.run > p.release:
-            self.lvl.add(w, model.scales[cls])
+            if not event:
+                self.lvl.add(w, model.scales[cls])
             self.cells.learn(e, u)
         rising = self._alarm(anomalous)
         return score, anomalous, rising, (NAME[fired] if anomalous else None)
@@ -275,7 +298,7 @@ def _quantile_limit(values, alpha: float, floor: float) -> float:
     return max(floor, lim)
 
 
-def _replay(residuals, X, p: VerdictParams, scales0) -> tuple:
+def _replay(residuals, X, p: VerdictParams, scales0, apart: bool) -> tuple:
     """The training residuals through the cells and the level, as live steps go: (w, v, class) per step
     and the cells learned."""
     n = len(residuals)
@@ -285,13 +308,15 @@ def _replay(residuals, X, p: VerdictParams, scales0) -> tuple:
     v = np.empty(n)
     cls = np.empty(n, dtype=np.int64)
     for i, (u, x) in enumerate(zip(residuals, X)):
-        e = cells.get(cell_of(x))
+        c = step_class(x)
+        event = apart and c == EVENT
+        e = cells.get(cell_key(x, event))
         e[2] += 1
         wi = u - e[0] if e[1] else u
         vi = wi - lvl.value
-        c = step_class(x)
         w[i], v[i], cls[i] = wi, vi, c
-        lvl.add(wi, scales0[c])
+        if not event:
+            lvl.add(wi, scales0[c])
         cells.learn(e, u)
     return w, v, cls, cells.known()
 
@@ -342,33 +367,44 @@ def _rolling_median(a: np.ndarray, k: int) -> np.ndarray:
 
 
 class _Case:
-    """One injected copy of the training stretch, with what the rule needs precomputed."""
+    """One injected copy of the training stretch, with what the rule needs precomputed (the same tests
+    as :meth:`KeyVerdict.judge`, vectorised: event steps neither make nor break a pair, a window or a run
+    unless they are over the bar)."""
 
     def __init__(self, v, w, cls, scales, mult, p: VerdictParams, shift_lim: float) -> None:
         lm = np.log(mult)
+        n = len(v)
         self.v = v + lm
-        self.z = self.v / np.asarray(scales)[cls]
-        self.zp = np.concatenate([[-np.inf], self.z[:-1]])
-        self.zmin2 = np.minimum(self.z, self.zp)
-        self.m3 = _rolling_median(self.z, p.short)
+        self.z = z = self.v / np.asarray(scales)[cls]
+        self.inf = inf = (cls != EVENT) | (not events_apart(scales))
+        idx = np.arange(n)
+        last = np.maximum.accumulate(np.where(inf, idx, -1))  # the last informative step, this one included
+        prev = np.concatenate([[-1], last[:-1]])
+        zp = np.where(prev >= 0, z[np.maximum(prev, 0)], -np.inf)
+        self.zmin2 = np.minimum(z, zp)
+        m3 = np.full(n, -np.inf)
+        zi = z[inf]
+        m3[inf] = _rolling_median(zi, p.short)
+        self.m3 = m3
         wi = w + lm
         shift = _rolling_median(wi, p.long_window)
         self.shift = (shift > shift_lim) & (wi > 0.5 * shift_lim) & (_rolling_median(wi, 3) > shift_lim)
         self.big = self.v > p.min_point
         self.over = self.v > p.min_shift
         self.lab = np.where(mult >= 1.1, 1, np.where(mult > 1.0, -1, 0))
-        self.idx = np.arange(len(v))
+        self.idx = idx
 
     def flags(self, t: Dict[str, float]) -> np.ndarray:
-        z, over = self.z, self.over
+        z, over, inf = self.z, self.over, self.inf
         trig = ((z > t["point"]) & self.big) | ((self.zmin2 > t["pair"]) & over) | self.shift
         if t["window"] < OFF:
             trig |= (self.m3 > t["window"]) & (z > 0.5 * t["window"]) & over
-        ok = trig | ((z > t["stay"]) & over)
+        stay = trig | (np.where(inf, z > t["stay"], z > t["stay_event"]) & over)
+        cont = stay | ~inf  # an event step does not end a run
         idx = self.idx
-        run_start = np.maximum.accumulate(np.where(ok, -1, idx)) + 1
+        run_start = np.maximum.accumulate(np.where(cont, -1, idx)) + 1
         last_trig = np.maximum.accumulate(np.where(trig, idx, -1))
-        return ok & (last_trig >= run_start)
+        return stay & (last_trig >= run_start)
 
 
 def _score(cases: Sequence[_Case], t: Dict[str, float]) -> Tuple[float, float]:
@@ -416,12 +452,14 @@ def calibrate(residuals: Sequence[float], X: Sequence[Sequence[float]], p: Verdi
     r = np.asarray(residuals, dtype=np.float64)
     X = np.asarray(X, dtype=np.float64)
     if len(r) == 0:
-        return {"point": 8.0, "pair": 4.0, "window": 4.0, "stay": 2.0, "shift": max(p.min_shift, 0.1)}, \
-            [1.0] * N_CLASSES, {}
+        return dict(_START, shift=max(p.min_shift, 0.1)), [1.0] * N_CLASSES, {}
     cls0 = np.fromiter((step_class(x) for x in X), dtype=np.int64, count=len(X))
     scales0 = _scales(r, cls0, p.scale_floor)
-    w, v, cls, cells = _replay(r, X, p, scales0)
+    w, v, cls, cells = _replay(r, X, p, scales0, events_apart(scales0))
     scales = _scales(v, cls, p.scale_floor)
+    if events_apart(scales) != events_apart(scales0):  # the level moved the ratio across: replay as judged
+        w, v, cls, cells = _replay(r, X, p, scales0, events_apart(scales))
+        scales = _scales(v, cls, p.scale_floor)
     shift_lim = _quantile_limit(_rolling_median(w, p.long_window)[p.long_window - 1:], p.alpha, p.min_shift)
     rng = np.random.default_rng(seed)
     cases = []
