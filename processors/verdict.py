@@ -213,8 +213,9 @@ class KeyVerdict:
         w = u - e[0] if e[1] else u
         v = w - self.lvl.value
         z = v / model.scales[cls]
-        self.ws.append(w)
-        self.n += 1
+        if not event:
+            self.ws.append(w)
+            self.n += 1
         fired = None
         score = z / lim["point"]
         if z > lim["point"] and v > p.min_point:
@@ -230,7 +231,7 @@ class KeyVerdict:
             if sc > score:
                 score = sc
             t = lim["window"]
-            if not event and len(self.zs) == self.zs.maxlen - 1 and z > 0.5 * t and t < OFF:
+            if not event and len(self.zs) == self.zs.maxlen and z > 0.5 * t and t < OFF:
                 m = _median(tuple(self.zs) + (z,))
                 if fired is None and m > t:
                     fired = "window"
@@ -238,7 +239,7 @@ class KeyVerdict:
                     score = m / t
             if fired is None and self.prev_flag and z > lim["stay_event" if event else "stay"]:
                 fired = "stay"
-        if len(self.ws) == self.ws.maxlen:
+        if not event and len(self.ws) == self.ws.maxlen:
             if self.n % 4 == 0 or not self.shift:
                 self.shift = _median(self.ws)
             t = lim["shift"]
@@ -386,9 +387,11 @@ class _Case:
         zi = z[inf]
         m3[inf] = _rolling_median(zi, p.short)
         self.m3 = m3
-        wi = w + lm
-        shift = _rolling_median(wi, p.long_window)
-        self.shift = (shift > shift_lim) & (wi > 0.5 * shift_lim) & (_rolling_median(wi, 3) > shift_lim)
+        wi = (w + lm)[inf]  # the shift test sees the informative steps
+        sh = np.zeros(n, dtype=bool)
+        sh[inf] = (_rolling_median(wi, p.long_window) > shift_lim) & (wi > 0.5 * shift_lim) & \
+            (_rolling_median(wi, 3) > shift_lim)
+        self.shift = sh
         self.big = self.v > p.min_point
         self.over = self.v > p.min_shift
         self.lab = np.where(mult >= 1.1, 1, np.where(mult > 1.0, -1, 0))
@@ -460,7 +463,8 @@ def calibrate(residuals: Sequence[float], X: Sequence[Sequence[float]], p: Verdi
     if events_apart(scales) != events_apart(scales0):  # the level moved the ratio across: replay as judged
         w, v, cls, cells = _replay(r, X, p, scales0, events_apart(scales))
         scales = _scales(v, cls, p.scale_floor)
-    shift_lim = _quantile_limit(_rolling_median(w, p.long_window)[p.long_window - 1:], p.alpha, p.min_shift)
+    inf = (cls != EVENT) | (not events_apart(scales))
+    shift_lim = _quantile_limit(_rolling_median(w[inf], p.long_window)[p.long_window - 1:], p.alpha, p.min_shift)
     rng = np.random.default_rng(seed)
     cases = []
     if len(r) >= 200:
