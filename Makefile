@@ -18,7 +18,7 @@ lock_for = $(if $(RELOCK),,-c $(LOCKS)/$(1).txt)
 TF_OLDEST := 5.10.4
 TF_CHANGED := 5.5.0
 
-.PHONY: demo test test-fast lock corpus clean
+.PHONY: demo test test-fast lock corpus clean tools
 
 $(VENV)/.installed: pyproject.toml $(LOCKS)/main.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -26,12 +26,34 @@ $(VENV)/.installed: pyproject.toml $(LOCKS)/main.txt
 	$(VPY) -m pip install -q $(TORCH)
 	# `transformers serve` needs accelerate, which requires torch: it is in no extra (no extra may pull
 	# torch) and goes in here, after the pinned torch, so it installs nothing more.
-	$(VPY) -m pip install -q $(call lock_for,main) -e ".[transformers,collector,dev]" accelerate
+	$(VPY) -m pip install -q $(call lock_for,main) -e ".[transformers,collector,dev,prometheus]" accelerate
 	touch $@
 
+# A tiny engine under load, a real fault injected halfway, the incident as it opens and closes, the
+# per-stage summary, and the HTML report of the run (examples/demo.py says what it does; about a minute).
 demo: $(VENV)/.installed
 	cd /tmp && rm -rf prism-demo && mkdir prism-demo && cd prism-demo && \
-	  $(CURDIR)/$(VENV)/bin/prism-otel run -- $(CURDIR)/$(VPY) $(CURDIR)/examples/cb_demo.py
+	  $(CURDIR)/$(VPY) $(CURDIR)/examples/demo.py
+
+# Servers and a browser the tests drive for real: Prometheus, Alertmanager and headless Chromium,
+# Debian's packages at the versions requirements/debian.txt pins, installed with apt-get (as root,
+# like CI; no service is started: the tests start their own on loopback ports). `apt-get update` runs
+# only when a pinned version is not in the package lists yet (a fresh machine).
+TOOLS := .tools
+DEB_LOCK := $(LOCKS)/debian.txt
+DEB_PINS = $(shell grep -E '^[a-z0-9.+-]+=' $(DEB_LOCK))
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+$(TOOLS)/.installed: $(DEB_LOCK)
+	@missing=""; for pin in $(DEB_PINS); do \
+	  [ "$$(dpkg-query -W -f='$${Version}' $${pin%%=*} 2>/dev/null)" = "$${pin#*=}" ] || missing="$$missing $$pin"; done; \
+	if [ -n "$$missing" ]; then echo "installing$$missing"; \
+	  $(APT_INSTALL) $$missing || { $(SUDO) apt-get update -q && $(APT_INSTALL) $$missing; } || { \
+	    echo "WARNING: a pinned Debian version is gone from the archive; installing the current ones" \
+	      "(update $(DEB_LOCK) to what apt-cache policy shows)"; $(APT_INSTALL) $$(for p in $$missing; do echo $${p%%=*}; done); }; fi
+	prometheus --version >/dev/null && prometheus-alertmanager --version >/dev/null && chromium --version >/dev/null
+	mkdir -p $(TOOLS) && touch $@
+tools: $(TOOLS)/.installed
 
 # Extra environments some test tiers need (each builds from this repo's files and its lock file).
 EXTRA_ENVS :=
@@ -88,7 +110,7 @@ ENGINE_TESTS := tests/test_core_transformers.py tests/test_transformers_serve.py
   tests/test_engine_threads.py \
   tests/attach/test_attach_cb.py
 
-test: $(VENV)/.installed $(EXTRA_ENVS)
+test: $(VENV)/.installed $(EXTRA_ENVS) $(TOOLS)/.installed
 	$(VPY) -m pytest -q tests
 	$(OLD_VENV)/bin/python -m pytest -q -p no:cacheprovider $(ENGINE_TESTS)
 
@@ -111,4 +133,4 @@ corpus: $(VENV)/.installed $(VLLM_VENV)/.installed
 	$(VENV)/bin/prism-otel corpus build faults
 
 clean:
-	rm -rf $(VENV) .venv-* prism-out
+	rm -rf $(VENV) .venv-* prism-out $(TOOLS)

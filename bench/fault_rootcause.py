@@ -1,52 +1,101 @@
-"""Top-1 root cause of prism's offline detector (the same run as `prism-otel detect --train`) per fault.
+"""Root-cause accuracy per fault of a recorded run (prism's detector run as `prism-otel detect --train`).
 
-    python bench/fault_rootcause.py RUN_DIR [EXPECTED=stage:forward] [OUT.json]
+    python bench/fault_rootcause.py RUN_DIR [RUN_DIR ...] [--json OUT.json] [--slow 1.5]
 
-RUN_DIR holds steps.csv, train.csv, labels.csv, meta.json (what bench/gpu_faults.py copies to $OUT).
-Runs processors.anomaly.AnomalyProcessor exactly as prism_otel/detect_cli.detect does (background off,
-trained on train.csv, steps judged in order) and keeps each verdict's root_cause; checks the anomaly
-flags against verdicts.csv when present. Per fault (steps each episode owns, as runscore.score_run):
-flagged in-window steps, the root causes named on them, and top-1 accuracy = flagged in-window steps
-whose root cause is EXPECTED / flagged in-window steps (a step with no root cause counts as a miss).
+RUN_DIR holds steps.csv (with the signal_<name> columns the pipeline recorded), train.csv, labels.csv
+and meta.json (what `prism-otel simulate` writes; what bench/gpu_faults.py copies to $OUT), or is a
+shipped fault run (prism_otel/simulate/corpus_data/faults/<engine>-<fault>, compressed). Runs
+processors.anomaly.AnomalyProcessor exactly as prism_otel/detect_cli.detect does (background off,
+trained on train.csv, steps judged in order) and keeps each verdict's root cause. Per fault (the
+steps each episode owns, as runscore.score_run): the cause the fault stands for, flagged in-window
+steps, top-1 accuracy (flagged in-window steps whose main root cause is that cause / flagged
+in-window steps), the false positives of its segment and the share of them that say unknown or
+workload. When the engine ran with in-process detection, the root causes on its own spans
+(online_root_cause) are scored the same way on its own flags.
 """
-import collections, csv, json, os, sys
+import argparse, csv, json, os, sys
 sys.path.insert(0, os.environ.get("PRISM_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from processors.anomaly import AnomalyProcessor
-from prism_otel.simulate import dataset, runscore, stepcsv
+from prism_otel.simulate import dataset, rcscore, runscore, stepcsv
 
-run = sys.argv[1]
-expected = sys.argv[2] if len(sys.argv) > 2 else "stage:forward"
-proc = AnomalyProcessor({"background": False, "alert_file": "none", "alert_log": False})
-_, raw, steps, _ = stepcsv.read(os.path.join(run, "steps.csv"))
-_, _, tsteps, _ = stepcsv.read(os.path.join(run, "train.csv"))
-proc.train([s for s in tsteps if s is not None])
-flags, roots = [], []
-for s in steps:
-    v = proc.process(s).verdict if s is not None else None
-    ok = v is not None and v.expected_ms is not None
-    flags.append(int(ok and v.anomaly))
-    roots.append(v.root_cause if ok and v.anomaly else None)
-proc.shutdown()
-vpath = os.path.join(run, "verdicts.csv")
-if os.path.exists(vpath):
-    with open(vpath, newline="") as f:
-        ref = [int(float(r["anomaly"] or 0)) for r in csv.DictReader(f)]
-    same = sum(a == b for a, b in zip(ref, flags))
-    print(f"# flags agree with verdicts.csv on {same}/{len(ref)} rows")
-labels = runscore._int_rows(dataset.read_csv(os.path.join(run, "labels.csv")))
-meta = json.load(open(os.path.join(run, "meta.json")))
-owner = runscore.segments(labels, meta["windows"])
-out = {}
-print(f"{'fault':18s} {'anom':>5s} {'flagged':>8s} {'w/ cause':>8s} {'top1':>6s}  causes on flagged in-window steps (expected {expected})")
-for fault in list(dict.fromkeys(w["fault"] for w in meta["windows"])) + ["all"]:
-    idx = [i for i, o in enumerate(owner) if (fault == "all" or o == fault) and labels[i]["anomaly"]]
-    fl = [i for i in idx if flags[i]]
-    c = collections.Counter(roots[i] or "none" for i in fl)
-    top1 = c.get(expected, 0) / len(fl) if fl else float("nan")
-    named = sum(v for k, v in c.items() if k != "none")
-    fp = [i for i, o in enumerate(owner) if (fault == "all" or o == fault) and not labels[i]["anomaly"] and flags[i]]
-    cfp = collections.Counter(roots[i] or "none" for i in fp)
-    out[fault] = dict(anomalous=len(idx), flagged=len(fl), causes=dict(c), top1=top1, fp_causes=dict(cfp))
-    print(f"{fault:18s} {len(idx):5d} {len(fl):8d} {named:8d} {top1:6.3f}  {dict(c.most_common())}   (false positives: {dict(cfp.most_common())})")
-if len(sys.argv) > 3:
-    json.dump(out, open(sys.argv[3], "w"), indent=1)
+
+def offline(run, slow=None):
+    """flags and root causes of prism's detector; with ``slow`` (a ratio) also the root cause that
+    processors.rootcause would give every step at least ``slow`` x its expectation, flagged or not (the
+    root cause alone, apart from the detector's recall)."""
+    from processors import rootcause
+
+    proc = AnomalyProcessor({"background": False, "alert_file": "none", "alert_log": False})
+    _, raw, steps, _ = stepcsv.read(os.path.join(run, "steps.csv"))
+    tpath = os.path.join(run, "train.csv")
+    if os.path.exists(tpath):
+        proc.train([s for s in stepcsv.read(tpath)[2] if s is not None])
+    flags, roots, sflags, sroots = [], [], [], []
+    for s in steps:
+        v = proc.process(s).verdict if s is not None else None
+        ok = v is not None and v.expected_ms is not None
+        flags.append(int(ok and v.anomaly))
+        roots.append(v.root_cause if ok and v.anomaly else None)
+        if slow:
+            big = ok and s.duration_ms >= slow * v.expected_ms
+            sflags.append(int(big))
+            if big:
+                key = proc._keys.get((s.instance, s.phase))
+                st = rootcause._state(proc).norms.get(s.instance)
+                sroots.append(v.root_cause if v.anomaly else
+                              rootcause.explain(s, v.expected_ms, st, getattr(key, "norms", None)).root)
+            else:
+                sroots.append(None)
+    proc.shutdown()
+    return raw, flags, roots, sflags, sroots
+
+
+def materialize(run):
+    """A shipped run (corpus_data/faults/<name>: *.csv.gz) as a plain run directory in a temp dir."""
+    import gzip, shutil, tempfile
+
+    if os.path.exists(os.path.join(run, "steps.csv")):
+        return run
+    d = os.path.join(tempfile.mkdtemp(prefix="prism-rc-"), os.path.basename(os.path.normpath(run)))
+    os.makedirs(d)
+    for n in ("steps.csv", "train.csv", "labels.csv"):
+        with gzip.open(os.path.join(run, n + ".gz"), "rb") as src, open(os.path.join(d, n), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.copy(os.path.join(run, "meta.json"), d)
+    return d
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--json")
+    ap.add_argument("--slow", type=float, default=None, metavar="RATIO",
+                    help="also score the root cause on every step at least RATIO x its expectation (flagged or not)")
+    a = ap.parse_args()
+    doc = {}
+    print(rcscore.HEADER)
+    for run in a.runs:
+        run = materialize(run)
+        raw, flags, roots, sflags, sroots = offline(run, a.slow)
+        labels = runscore._int_rows(dataset.read_csv(os.path.join(run, "labels.csv")))
+        meta = json.load(open(os.path.join(run, "meta.json")))
+        name = os.path.basename(os.path.normpath(run))
+        res = rcscore.score(flags, roots, labels, meta["windows"])
+        doc[name] = {"offline": res}
+        print("\n".join(rcscore.render(name, res)))
+        if a.slow:
+            res = rcscore.score(sflags, sroots, labels, meta["windows"])
+            doc[name][f"slow{a.slow:g}"] = res
+            print("\n".join(rcscore.render(f"{name} (>= {a.slow:g}x)", res)))
+        if raw and "online_root_cause" in raw[0] and any(r.get("online_anomaly", "") != "" for r in raw):
+            of = [int(r.get("online_anomaly") or 0) for r in raw]
+            orr = [r.get("online_root_cause") or None for r in raw]
+            res = rcscore.score(of, orr, labels, meta["windows"])
+            doc[name]["online"] = res
+            print("\n".join(rcscore.render(name + " (online)", res)))
+    if a.json:
+        json.dump(doc, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,11 +11,14 @@ same GPU: also the stand-in for locking the GPU clock low, which is not allowed 
 ``pcie_saturation`` (pinned host<->device copies both ways) and ``gpu_mem_churn`` (random-size
 device allocations written and freed back to the driver), each for a while with normal load around.
 
-Prints one table: per fault, steps in the window, median step latency in and out, the effect
+Prints two tables: per fault, steps in the window, median step latency in and out, the effect
 (latency over same-shape steps outside faults), and per-fault detection scores for prism
 (``prism-otel detect`` trained on the warm-up) and the baselines a user would otherwise use
-(static p99 threshold, rolling z-score, LatencyPrism's rule). Writes gpu_faults.json and the run's
-steps.csv, labels.csv, train.csv and meta.json to $OUT when $OUT is set.
+(static p99 threshold, rolling z-score, LatencyPrism's rule); then the root cause per fault
+(bench/fault_rootcause.py on the same run: gpu_sm_contention and gpu_mem_churn stand for
+device.contention, pcie_saturation for interconnect; NVML evidence needs nvidia-ml-py, else the GPU
+signals are "unavailable" and only the device time is evidence). Writes gpu_faults.json, rootcause.json
+and the run's steps.csv, labels.csv, train.csv and meta.json to $OUT when $OUT is set.
 """
 
 from __future__ import annotations
@@ -87,14 +90,24 @@ def main() -> None:
     lines.append("effect: median step latency over same-shape steps outside the faults; F1 per fault on the steps "
                  "each episode owns (window + half the gaps around it)")
     print("\n".join(lines), flush=True)
+    # root cause on the same run (bench/fault_rootcause.py's table): per fault, the cause it stands for,
+    # top-1 accuracy on the flagged in-window steps, and what the false positives say
+    import subprocess
+
+    rc_json = os.path.join(out, "rootcause.json")
+    rc = subprocess.run([sys.executable, os.path.join(HERE, "fault_rootcause.py"), out, "--json", rc_json],
+                        capture_output=True, text=True)
+    print(rc.stdout, rc.stderr[-2000:], flush=True)
+    lines += [""] + rc.stdout.splitlines()
     dest = os.environ.get("OUT")
     if dest:
         with open(os.path.join(dest, "gpu_faults.json"), "w") as f:
             json.dump({"effects": meta["effects"], "recovery": meta["recovery"], "scores": scores,
                        "windows": meta["windows"], "versions": meta["versions"], "machine": meta["machine"],
                        "steps": meta["steps"], "table": lines}, f, indent=1, default=str)
-        for n in ("steps.csv", "labels.csv", "train.csv", "meta.json"):
-            shutil.copy(os.path.join(out, n), dest)
+        for n in ("steps.csv", "labels.csv", "train.csv", "meta.json", "rootcause.json"):
+            if os.path.exists(os.path.join(out, n)):
+                shutil.copy(os.path.join(out, n), dest)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,12 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
             rec.supervisor = companion.check
         rec.on_control = _deepdive_control
         rec.on_signal = _deepdive_signal
+        from prism_otel import signals
+
+        # evidence for root cause: here only the gc.callbacks hook (GC pauses go through the ring like any
+        # record); the /proc, cgroup, PSI and NVML sources are polled where the pipeline runs: the
+        # companion, or, with the application's own provider, this process's pipeline thread
+        signals.start(pipeline if mode == "inprocess" else None, os.getpid(), rec)
         if mode == "companion":  # in-process, the device processor installed it and reads the flag itself
             _install_deepdive_signal(rec)
         insts: list = []
@@ -269,6 +275,12 @@ def stop(timeout: float = 10.0) -> None:
                 logger.debug("uninstrument failed", exc_info=True)
         rec = st.recorder
         rec.supervisor = None
+        try:
+            from prism_otel.signals import gc_hook
+
+            gc_hook.uninstall()  # no pipeline reads GC pauses any more
+        except Exception:  # noqa: BLE001
+            pass
         if st.pid != os.getpid():
             rec.detach()
             return

@@ -18,7 +18,7 @@ def _bootstrap_dir() -> str:
 def run_command(argv: List[str]) -> int:
     """Run CMD with our bootstrap on PYTHONPATH (replaces this process, as opentelemetry-instrument does)."""
     if not argv:
-        print("prism-otel run: missing command (usage: prism-otel run -- CMD ARGS...)", file=sys.stderr)
+        print(f"prism-otel run: missing command (usage: {RUN_USAGE})", file=sys.stderr)
         return 2
     exe = shutil.which(argv[0])
     if exe is None:
@@ -32,16 +32,39 @@ def run_command(argv: List[str]) -> int:
     return 0  # not reached
 
 
+RUN_USAGE = "prism-otel run [--] CMD [ARGS...]"
+RUN_HELP = f"""usage: {RUN_USAGE}
+
+Run CMD with prism-otel loaded in every Python process it starts (our bootstrap goes on PYTHONPATH and
+the command replaces this process, as opentelemetry-instrument does). Options after CMD are CMD's own.
+
+With no exporter configured, spans go to ./prism-out (PRISM_OTEL_OUT_DIR) and a per-stage summary is
+printed at exit; OTEL_TRACES_EXPORTER / OTEL_EXPORTER_OTLP_ENDPOINT send them over OTLP instead, and
+OTEL_METRICS_EXPORTER=prometheus|otlp turns the metrics on. Incidents are printed as they open and close
+(PRISM_OTEL_ALERTMANAGER_URL, PRISM_OTEL_ALERT_WEBHOOK deliver them too). docs/configuration.md lists
+every variable.
+
+example: prism-otel run -- python -m vllm.entrypoints.openai.api_server --model ...
+"""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         rest = argv[1:]
+        if rest and rest[0] in ("-h", "--help"):  # `run --help` is ours; `run -- CMD --help` is CMD's
+            print(RUN_HELP, end="")
+            return 0
         if rest and rest[0] == "--":
             rest = rest[1:]
         return run_command(rest)
+    from prism_otel import __version__
+
     parser = argparse.ArgumentParser(prog="prism-otel", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"prism-otel {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("run", help="run a command with prism-otel loaded in every Python process: run -- CMD ARGS")
+    sub.add_parser("run", help=f"run a command with prism-otel loaded in every Python process: {RUN_USAGE}",
+                   usage=RUN_USAGE)
     from prism_otel import cli_ext
 
     cli_ext.register(sub)

@@ -1,4 +1,6 @@
-"""Sub-commands added by other parts (detect, eval, collector, attach, simulate): each registers here."""
+"""Sub-commands added by other parts (detect, eval, collector, attach, simulate, corpus, report, dashboard,
+alerts): each
+registers here."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ _MODULES = (
     "prism_otel.attach.cli",  # attach, detach, status
     "prism_otel.simulate.cli",  # simulate
     "prism_otel.simulate.corpus_cli",  # corpus
+    "prism_otel.report.cli",  # report
+    "prism_otel.report.dashboard",  # dashboard
+    "prism_otel.alerts_cli",  # alerts
 )
 
 

@@ -558,6 +558,7 @@ def _exporter_drops(telemetry) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     path, instance, engine_pid = argv[0], argv[1], int(argv[2])
+    config.set_engine_pid(engine_pid)
     lower_priority()  # the engine wins the CPU where both want it
     try:
         ring = Ring.open(path)
@@ -582,6 +583,9 @@ def main(argv=None) -> int:
     reader = RingReader(ring)
     procs = build_processors(ring, sink)
     pipeline = Pipeline(reader, None, instance, procs, sink=sink, **limits, provider_name=config.framework_name())
+    from prism_otel import signals  # evidence for root cause, read here from /proc about the engine
+
+    signals.start(pipeline, engine_pid)
     # Steps make many short-lived acyclic objects (records, tuples, bytes): reference counting frees
     # them. The cyclic collector's full passes over everything imported cost more than the work they
     # find here, so what start-up made is frozen out of them and collections come less often.

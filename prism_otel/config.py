@@ -87,19 +87,35 @@ def framework_name() -> str:
     return next(iter(frameworks()), "prism")
 
 
-def resource(pid: Optional[int] = None):
+_engine_pid: Optional[int] = None  # set by the companion: the engine process it serves
+
+
+def set_engine_pid(pid: Optional[int]) -> None:
+    global _engine_pid
+    _engine_pid = pid
+
+
+def engine_pid() -> int:
+    """The engine process this process describes: itself, or, in a companion, its engine."""
+    return _engine_pid or os.getpid()
+
+
+def resource(pid: Optional[int] = None, fw: Optional[Dict[str, str]] = None):
     """The SDK ``Resource`` of an engine process (``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME`` and
-    ours). The companion builds it for the engine's pid, so both describe the same process."""
+    ours). The companion builds it for the engine's pid, so both describe the same process. ``fw``:
+    the engines (name -> version; by default those installed here): the first names ``service.name``
+    unless the environment gives one."""
     from opentelemetry.sdk.resources import Resource
 
     attrs = {"process.pid": pid or os.getpid(), "service.instance.id": instance_id(pid)}
-    fw = frameworks()
+    fw = frameworks() if fw is None else fw
     if fw:
         name, ver = next(iter(fw.items()))
         attrs[sc.RES_FRAMEWORK] = name
         attrs[sc.RES_FRAMEWORK_VERSION] = ver
-    if not os.environ.get(sc.OTEL_SERVICE_NAME):
-        attrs["service.name"] = "prism-otel"
+    if not os.environ.get(sc.OTEL_SERVICE_NAME) and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        # the engine (vllm, transformers), not this tool: an APM lists services by this name
+        attrs["service.name"] = next(iter(fw), "prism-otel")
     return Resource.create(attrs)
 
 

@@ -14,7 +14,8 @@ of counters), configured the way the OpenTelemetry SDK reads the same variables:
 * ``OTEL_BSP_MAX_QUEUE_SIZE`` (spans, 2048), ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512),
   ``OTEL_BSP_SCHEDULE_DELAY`` (ms, 5000): the batching (``BatchSettings``);
 * with none of these set, the embedded default writes OTLP/JSON lines under ``./prism-out/``
-  (``PRISM_OTEL_OUT_DIR``), one request per line, and a per-stage summary is printed at exit.
+  (``PRISM_OTEL_OUT_DIR``), one request per line, rotated at ``PRISM_OTEL_OUT_MAX_MB`` (64) with
+  ``PRISM_OTEL_OUT_FILES`` (4) files kept, and a per-stage summary is printed at exit.
 """
 
 from __future__ import annotations
@@ -218,12 +219,113 @@ def _otlp_http(telemetry, batch: BatchSettings):
     return QueuedBytes(OTLPHTTPExporter(_settings("otlp_http", telemetry), cfg), "otlp_http")
 
 
-def file_exporter(path: str, telemetry):
-    """OTLP/JSON lines, one request per line (the embedded default's format)."""
-    from prism_otel.collector.exporters.file import FileExporter, FileExporterConfig
+def file_exporter(path: str, telemetry, max_bytes: int = 0, keep: int = 4):
+    """OTLP/JSON lines, one request per line (the embedded default's format); rotated past ``max_bytes``
+    (0: never) with at most ``keep`` files kept."""
+    from prism_otel.collector.exporters.file import FileExporterConfig
 
     cfg = FileExporterConfig(path=path, format="json", append=True, flush_interval=0.0)
-    return QueuedBytes(FileExporter(_settings("file", telemetry), cfg), "file")
+    return QueuedBytes(_rotating_file_class()(_settings("file", telemetry), cfg, max_bytes, keep), "file")
+
+
+_ROTATING = None
+
+
+def _rotating_file_class():
+    """The collector's ``file`` exporter, bounded on disk: when the file would pass ``max_bytes`` it is
+    rotated (``traces-<pid>.jsonl`` becomes ``traces-<pid>.1.jsonl``, ``.1`` becomes ``.2``, ...) and at
+    most ``keep`` files are kept, the oldest removed: ``max_bytes * keep`` at most (``PRISM_OTEL_OUT_MAX_MB``,
+    64 MB, and ``PRISM_OTEL_OUT_FILES``, 4, for the embedded default; a busy engine writes a few hundred
+    KB a second). Every line stays a whole export request."""
+    global _ROTATING
+    if _ROTATING is not None:
+        return _ROTATING
+    from prism_otel.collector.exporters.file import FileExporter
+    from prism_otel.otlp_json import request_to_json
+
+    class RotatingFileExporter(FileExporter):
+        def __init__(self, settings, cfg, max_bytes: int = 0, keep: int = 4) -> None:
+            super().__init__(settings, cfg)
+            self.max_bytes = max(0, int(max_bytes))
+            self.keep = max(1, int(keep))
+            self.rotations = 0
+            self._size = 0
+
+        def start(self, host) -> None:
+            super().start(host)
+            self._size = self._fh.tell()
+
+        def _rotated(self, n: int) -> str:
+            stem, ext = os.path.splitext(self.cfg.path)
+            return f"{stem}.{n}{ext}"
+
+        def _rotate(self) -> None:
+            self._fh.close()
+            path = self.cfg.path
+            if self.keep == 1:
+                os.remove(path)
+            else:
+                oldest = self._rotated(self.keep - 1)
+                if os.path.exists(oldest):
+                    os.remove(oldest)
+                for n in range(self.keep - 2, 0, -1):
+                    if os.path.exists(self._rotated(n)):
+                        os.replace(self._rotated(n), self._rotated(n + 1))
+                os.replace(path, self._rotated(1))
+            self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._size = 0
+            self.rotations += 1
+
+        def send(self, item) -> None:
+            if not self.max_bytes or self.cfg.format != "json":
+                return super().send(item)
+            line = request_to_json(item.request) + "\n"
+            n = len(line.encode("utf-8")) if not line.isascii() else len(line)
+            with self._lock:
+                if self._size and self._size + n > self.max_bytes:
+                    self._rotate()
+                self._fh.write(line)
+                self._fh.flush()
+                self._size += n
+
+    _ROTATING = RotatingFileExporter
+    return _ROTATING
+
+
+class OTLPJSONFileExporter(QueuedBytes):
+    """The embedded default: OTLP/JSON lines in ``directory`` (``filename``: ``traces-<pid>.jsonl``),
+    rotated past ``max_bytes`` with ``keep`` files kept (see :func:`_rotating_file_class`)."""
+
+    def __init__(self, directory: str, filename: Optional[str] = None, max_bytes: int = 0, keep: int = 4,
+                 telemetry=None) -> None:
+        from prism_otel.collector.exporters.file import FileExporterConfig
+        from prism_otel.collector.telemetry import Telemetry
+
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, filename or f"traces-{os.getpid()}.jsonl")
+        cfg = FileExporterConfig(path=self.path, format="json", append=True, flush_interval=0.0)
+        tel = telemetry if telemetry is not None else Telemetry()
+        super().__init__(_rotating_file_class()(_settings("file", tel), cfg, max_bytes, keep), "file")
+
+    @property
+    def rotations(self) -> int:
+        return self.inner.rotations
+
+
+def _env_mb(name: str, default: float) -> int:
+    try:
+        return int(float(os.environ.get(name, default)) * 1024 * 1024)
+    except ValueError:
+        logger.warning("prism-otel: %s is not a number; using %g", name, default)
+        return int(default * 1024 * 1024)
+
+
+def _env_n(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        logger.warning("prism-otel: %s is not an integer; using %d", name, default)
+        return default
 
 
 def _named(name: str, telemetry, batch: BatchSettings):
@@ -256,9 +358,8 @@ def exporters_from_env(pid: Optional[int] = None, telemetry=None) -> Tuple[list,
                       or os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)):
         names = "otlp"
     if not names:
-        out = config.out_dir()
-        os.makedirs(out, exist_ok=True)
-        return [file_exporter(os.path.join(out, f"traces-{pid or os.getpid()}.jsonl"), telemetry)], [], True
+        return [OTLPJSONFileExporter(config.out_dir(), f"traces-{pid or os.getpid()}.jsonl",
+                                     _env_mb(sc.ENV_OUT_MAX_MB, 64.0), _env_n(sc.ENV_OUT_FILES, 4), telemetry)], [], True
     byte_exps: List = []
     sdk_exps: List = []
     for n in names.split(","):

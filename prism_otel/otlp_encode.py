@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from prism_otel import semconv as sc
+from prism_otel.ecosystem import error_description, latency_attributes
 from prism_otel.record import RequestRecord, StepRecord
 from prism_otel.spans import step_attributes
 
@@ -275,8 +276,10 @@ class OTLPSink:
                                          sc.LATENCY_EXPECTED_MS: float(v.expected_ms or 0.0),
                                          sc.STEP_DURATION_MS: step.duration_ms}, b"\x1a"))
             events = b"\x5a" + _vlen(len(ev)) + ev  # Span field 11
+        err = error_description(step)  # PRISM_OTEL_SPAN_ERROR=1: anomalous steps light up APM error views
         body = (head + b"\x12\x08" + sid + self._step_name + _TIMES(0x39, step.start_ns, 0x41, step.end_ns)
-                + self.enc.attributes(attrs) + events + b"".join(links) + _STATUS_UNSET + _FLAGS_LOCAL)
+                + self.enc.attributes(attrs) + events + b"".join(links)
+                + (_status_error(err) if err else _STATUS_UNSET) + _FLAGS_LOCAL)
         out.append(b"\x12" + _vlen(len(body)) + body)
         policy = self.policy
         if policy is None:
@@ -339,7 +342,12 @@ class OTLPSink:
         sid = bits[16:]
         ptid = None
         if isinstance(parent, tuple) and parent[0] and parent[1]:
-            tid, ptid, remote = parent[0].to_bytes(16, "big"), parent[1].to_bytes(8, "big"), bool(parent[3])
+            if len(parent) > 4 and parent[4]:
+                # ids made for this request in vLLM's front end (instrumentation/vllm/_join.py): they are
+                # this span's own (a root), and vLLM's llm_request span is its child
+                tid, sid, remote, parent = parent[0].to_bytes(16, "big"), parent[1].to_bytes(8, "big"), False, None
+            else:
+                tid, ptid, remote = parent[0].to_bytes(16, "big"), parent[1].to_bytes(8, "big"), bool(parent[3])
         else:
             tid, remote = bits[:16], False
         sampled = True
@@ -362,6 +370,7 @@ class OTLPSink:
                 attrs[key] = val
         if rec.slo_violations:
             attrs[sc.SLO_VIOLATED] = list(rec.slo_violations)
+        attrs.update(latency_attributes(rec))  # vLLM's / SGLang's gen_ai.latency.* keys (prism_otel.ecosystem)
         dropped = total_steps - len(step_contexts)
         if dropped > 0:
             attrs[sc.REQUEST_LINKS_DROPPED] = dropped
@@ -441,6 +450,12 @@ class OTLPSink:
                 e.shutdown(max(0.5, deadline - time.monotonic()))
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _status_error(description: str) -> bytes:
+    """Span field 15: Status with a message (field 2) and code ERROR (field 3), in field order."""
+    body = _field(b"\x12", description.encode("utf-8", "replace")) + b"\x18\x02"
+    return b"\x7a" + _vlen(len(body)) + body
 
 
 def _link(tid: bytes, sid: bytes) -> bytes:

@@ -137,12 +137,8 @@ class Pipeline:
         # evidence sources joined to each step (prism_otel.signals): polled once per pass
         self.signal_sources: list = [self.gc_pauses]
         meter = metrics.get_meter(sc.SCOPE)
-        self._m_step = meter.create_histogram(sc.METRIC_STEP_DURATION, unit="s")
+        # step, stage, request and anomaly metrics are recorded by the metrics processor (prism_otel.metrics)
         self._m_dropped = meter.create_counter(sc.METRIC_DROPPED)
-        self._m_anomaly = meter.create_counter(sc.METRIC_ANOMALY_COUNT)
-        self._m_ttft = meter.create_histogram(sc.METRIC_TTFT, unit="s")
-        self._m_tpot = meter.create_histogram(sc.METRIC_TPOT, unit="s")
-        self._m_dur = meter.create_histogram(sc.METRIC_REQUEST_DURATION, unit="s")
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -370,12 +366,6 @@ class Pipeline:
         if r.last_link is not None:
             links.append(r.last_link)
         self.sink.close_request(r.span, rec, links, r.n_steps)
-        attrs = {sc.GEN_AI_OPERATION_NAME: sc.GEN_AI_OPERATION_TEXT_COMPLETION}
-        self._m_dur.record(rec.duration_ms / 1e3, attrs)
-        if rec.ttft_ms is not None:
-            self._m_ttft.record(rec.ttft_ms / 1e3, attrs)
-        if rec.tpot_ms is not None:
-            self._m_tpot.record(rec.tpot_ms / 1e3, attrs)
 
     def _finalize_finishing(self, now: Optional[int] = None, force: bool = False) -> None:
         if not self._finishing:
@@ -461,10 +451,6 @@ class Pipeline:
                 r.last_link = step_ctx
         if self._finishing:
             self._finalize_finishing()
-        self._m_step.record(step.duration_ms / 1e3, {sc.STEP_PHASE: step.phase})
-        v = step.verdict
-        if v is not None and v.alert:
-            self._m_anomaly.add(1, {sc.STEP_PHASE: step.phase})
         if len(self.handoff_ns) < 100000:
             self.handoff_ns.append(clock_ns() - t1)
         if self.on_step is not None:

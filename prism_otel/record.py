@@ -244,7 +244,7 @@ STAGE_ITEM = "Iqq"  # stage name number, t0, t1
 # STAGE: header, key, name number, t0, t1
 STAGE_REC = struct.Struct("<IHBBIIQIqq")
 # REQUEST: header, request number, event, status, has_parent, parent flags (bit 0 sampled, bit 1
-# remote), t, prompt tokens, max tokens (NONE_I64: absent), parent trace id, parent span id
+# remote, bit 2 own: ids made for this request, marked tracestate prism=root: instrumentation/vllm/_join), t, prompt tokens, max tokens (NONE_I64: absent), parent trace id, parent span id
 REQUEST_REC = struct.Struct("<IHBBIIIBBBBqqq16s8s")
 # SPAN: header, name number, has_attrs, t0, t1; then attributes
 SPAN_FIXED = struct.Struct("<IHBBIIIHxxqq")
@@ -337,7 +337,7 @@ class RawRequest(NamedTuple):
     t: int
     prompt_tokens: Optional[int]
     max_tokens: Optional[int]
-    parent: Optional[Tuple[int, int, int, bool]]  # (trace id, span id, trace flags, remote)
+    parent: Optional[Tuple[int, int, int, bool, bool]]  # (trace id, span id, trace flags, remote, own)
     status: Optional[str]
 
 
@@ -452,7 +452,8 @@ def decode(buf, off: int, kind: int, s: Callable[[int], str], cached: Optional[C
          sid) = REQUEST_REC.unpack_from(buf, off)
         parent = None
         if has_parent:
-            parent = (int.from_bytes(tid, "big"), int.from_bytes(sid, "big"), pflags & 1, bool(pflags & 2))
+            parent = (int.from_bytes(tid, "big"), int.from_bytes(sid, "big"), pflags & 1, bool(pflags & 2),
+                      bool(pflags & 4))
         return RawRequest(s(rid), EVENTS[event], t, _opt(prompt), _opt(mxt), parent,
                           STATUSES[status] if status else None)
     if kind == STAGE:

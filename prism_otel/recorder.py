@@ -247,6 +247,8 @@ class Recorder:
         that runs while this thread is inside a flush never waits on it."""
         q = self._q
         if not q:
+            if self._w is None:
+                return  # nothing recorded yet (no ring): a pause joins no step, and must not start a companion
             self._q_t0 = t1
         if len(q) < _QUEUE_MAX:
             q.append((_KGC, t0, t1, generation, collected))
@@ -391,7 +393,7 @@ class Recorder:
         pflags = 0
         if parent is not None:
             tid, sid = parent[0].to_bytes(16, "big"), parent[1].to_bytes(8, "big")
-            pflags = (parent[2] & 1) | (2 if parent[3] else 0)
+            pflags = (parent[2] & 1) | (2 if parent[3] else 0) | (4 if len(parent) > 4 and parent[4] else 0)
         rid = self._ids_get(request_id) or self._strs.intern(request_id)
         off, rseq, pos = self._reserve(80)
         R.REQUEST_REC.pack_into(self._view, off, rseq, _MAGIC, _KREQUEST, 0, 80, pos & 0xFFFFFFFF, rid,
@@ -524,7 +526,9 @@ def _status_code(status: Optional[str]) -> int:
 
 
 def _parent_ids(parent) -> Optional[tuple]:
-    """(trace id, span id, flags, remote) of a parent given as a Context, SpanContext or tuple."""
+    """(trace id, span id, flags, remote, own) of a parent given as a Context, SpanContext or tuple.
+    ``own``: the ids were made for this request (``tracestate: prism=root``, instrumentation/vllm/_join):
+    the request span takes them as its own context instead of as its parent's."""
     if isinstance(parent, tuple):
         return parent
     from opentelemetry import trace
@@ -532,4 +536,5 @@ def _parent_ids(parent) -> Optional[tuple]:
     ctx = parent if hasattr(parent, "trace_id") else trace.get_current_span(parent).get_span_context()
     if not ctx.is_valid:
         return None
-    return ctx.trace_id, ctx.span_id, int(ctx.trace_flags), bool(ctx.is_remote)
+    ts = ctx.trace_state
+    return ctx.trace_id, ctx.span_id, int(ctx.trace_flags), bool(ctx.is_remote), bool(ts) and ts.get("prism") == "root"

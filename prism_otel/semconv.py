@@ -69,6 +69,42 @@ BATCH_STEPS_SINCE_CHANGE = "prism.batch.steps_since_change"
 SIGNAL_PREFIX = "prism.signal."
 SIGNAL_GC_MS = "gc.ms"  # garbage-collection pause time of the engine process inside the step
 SIGNAL_GC_COUNT = "gc.count"
+# the engine's threads (prism_otel.signals.proc: /proc/<pid>/task/<tid>/{schedstat,stat,status}), summed over
+# the threads that do the engine's work, inside the step
+SIGNAL_CPU_RUN_MS = "cpu.run_ms"  # on a CPU
+SIGNAL_CPU_WAIT_MS = "cpu.wait_ms"  # runnable, waiting in a run queue for a CPU
+SIGNAL_CPU_NVCSW = "cpu.nvcsw"  # involuntary context switches (preempted)
+SIGNAL_CPU_THREADS = "cpu.threads"  # how many threads these sums are over
+SIGNAL_CPU_STOPS = "cpu.stops"  # job-control stops of the engine's processes (SIGSTOP/SIGCONT), seen on its parked threads
+SIGNAL_CPU_STOPPED_MS = "cpu.stopped_ms"  # time the engine's threads were seen stopped (state T; from outside only)
+SIGNAL_CPU_BLOCKED_MS = "cpu.blocked_ms"  # time the engine's threads were seen in uninterruptible sleep (state D: I/O)
+# the cgroup's CPU controller (cpu.stat) and pressure stall information (/proc/pressure/*, or the cgroup's own)
+SIGNAL_CG_THROTTLED_MS = "cgroup.throttled_ms"
+SIGNAL_CG_NR_THROTTLED = "cgroup.nr_throttled"
+SIGNAL_PSI_CPU_MS = "psi.cpu_some_ms"
+SIGNAL_PSI_MEM_MS = "psi.memory_some_ms"
+SIGNAL_PSI_IO_MS = "psi.io_some_ms"
+SIGNAL_PSI_IO_FULL_MS = "psi.io_full_ms"
+# the CPUs the engine may run on (/proc/stat): time each kind of work took there, summed over those CPUs
+SIGNAL_HOST_USER_MS = "host.user_ms"
+SIGNAL_HOST_SYSTEM_MS = "host.system_ms"
+SIGNAL_HOST_IOWAIT_MS = "host.iowait_ms"
+SIGNAL_HOST_IDLE_MS = "host.idle_ms"
+SIGNAL_HOST_STEAL_MS = "host.steal_ms"
+SIGNAL_PROC_CPU_MS = "process.cpu_ms"  # CPU time of the engine's processes, all their threads (/proc/<pid>/stat)
+# the engine processes' own I/O (/proc/<pid>/io)
+SIGNAL_IO_READ_KB = "io.read_kb"
+SIGNAL_IO_WRITE_KB = "io.write_kb"
+# NVML (prism_otel.signals.nvml), the engine's device: latest sample at or before the step's end
+SIGNAL_GPU_SM_CLOCK_MHZ = "gpu.sm_clock_mhz"
+SIGNAL_GPU_SM_CLOCK_MAX_MHZ = "gpu.sm_clock_max_mhz"
+SIGNAL_GPU_MEM_CLOCK_MHZ = "gpu.mem_clock_mhz"
+SIGNAL_GPU_THROTTLE = "gpu.throttle_reasons"  # NVML clocks-event reason bits (idle left out)
+SIGNAL_GPU_OTHER_PROCS = "gpu.other_processes"  # compute processes on the device other than the engine's
+SIGNAL_GPU_UTIL_PCT = "gpu.util_pct"
+SIGNAL_GPU_PCIE_MBPS = "gpu.pcie_mbps"  # PCIe TX + RX throughput of the device
+SIGNAL_GPU_MEM_USED_MB = "gpu.mem_used_mb"
+SIGNAL_GPU_OTHER_MEM_MB = "gpu.other_mem_mb"  # device memory used by the other processes
 
 
 def signal_attribute(name: str) -> str:
@@ -86,6 +122,30 @@ ANOMALY_SCORE = "prism.anomaly.score"
 ANOMALY_ROOT_CAUSE = "prism.anomaly.root_cause"
 ANOMALY_TEST = "prism.anomaly.test"  # which test flagged the step: point | window | shift
 ANOMALY_TESTS = ("point", "window", "shift")
+# root cause (processors/rootcause.py): the vocabulary and the evidence behind it
+ROOT_CPU_CONTENTION = "cpu.contention"  # waiting for a CPU
+ROOT_CPU_THROTTLED = "cpu.throttled"  # stopped, or over its CPU quota
+ROOT_CPU_SLOW = "cpu.slow"  # on a CPU longer for the same work (memory bandwidth, caches, frequency)
+ROOT_GC = "gc"
+ROOT_IO = "io"
+ROOT_STAGE_PREFIX = "stage."  # stage.<name>: one stage stalled while the CPU was idle
+ROOT_DEVICE_SLOW = "device.slow"
+ROOT_DEVICE_CONTENTION = "device.contention"
+ROOT_INTERCONNECT = "interconnect"
+ROOT_WORKLOAD = "workload"  # the model expected it
+ROOT_UNKNOWN = "unknown"
+ROOT_CAUSES = (ROOT_CPU_CONTENTION, ROOT_CPU_THROTTLED, ROOT_CPU_SLOW, ROOT_GC, ROOT_IO, ROOT_DEVICE_SLOW,
+               ROOT_DEVICE_CONTENTION, ROOT_INTERCONNECT, ROOT_WORKLOAD, ROOT_UNKNOWN)  # plus stage.<name>
+EVIDENCE_PREFIX = "prism.anomaly.evidence."
+EVIDENCE_EXTRA_MS = "prism.anomaly.evidence.extra_ms"  # observed - expected step time
+EVIDENCE_EXPLAINED = "prism.anomaly.evidence.explained"  # share of the extra time the main cause explains
+EVIDENCE_CONTRIBUTING = "prism.anomaly.evidence.contributing"  # the second cause, when it explains enough
+EVIDENCE_CONTRIBUTING_EXPLAINED = "prism.anomaly.evidence.contributing_explained"
+
+
+def evidence_attribute(name: str) -> str:
+    """prism.anomaly.evidence.<name>: ms each candidate cause explains, and the signals it rests on."""
+    return EVIDENCE_PREFIX + name
 LATENCY_EXPECTED_MS = "prism.latency.expected_ms"
 ALERT_EVENT = "prism.alert"
 SLO_PREFIX = "prism.slo."
@@ -119,7 +179,7 @@ METRIC_TTFT = _gm.GEN_AI_SERVER_TIME_TO_FIRST_TOKEN
 METRIC_TPOT = _gm.GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN
 METRIC_REQUEST_DURATION = _gm.GEN_AI_SERVER_REQUEST_DURATION
 METRIC_STEP_DURATION = "prism.step.duration"
-METRIC_ANOMALY_COUNT = "prism.anomaly.count"
+METRIC_ANOMALY_COUNT = "prism.anomaly.count"  # counter: anomalous steps, by phase and root cause
 METRIC_DROPPED = "prism.dropped"
 METRIC_HOOK_ERRORS = "prism.hook.errors"
 DROP_REASON = "reason"
@@ -260,6 +320,9 @@ ENV_DEEPDIVE_AT_STEP = "PRISM_OTEL_DEEPDIVE_AT_STEP"  # comma list of step indic
 ENV_DEEPDIVE_PROFILER = "PRISM_OTEL_DEEPDIVE_PROFILER"  # "0": never start a torch.profiler window
 ENV_DEVICE_HEALTH = "PRISM_OTEL_DEVICE_HEALTH"  # "0": no NVML sampling
 ENV_DEVICE_HEALTH_INTERVAL_S = "PRISM_OTEL_DEVICE_HEALTH_INTERVAL_S"  # NVML sampling period (default 0.5)
+ENV_SIGNALS = "PRISM_OTEL_SIGNALS"  # "0": no evidence sources (root cause from stages and GC alone); "gc": GC pauses only
+ENV_SIGNALS_INTERVAL_MS = "PRISM_OTEL_SIGNALS_INTERVAL_MS"  # shortest time between two /proc readings (default 20)
+ENV_GC_HOOK = "PRISM_OTEL_GC_HOOK"  # "0": no gc.callbacks hook in the engine process
 
 # --- multi-rank steps (issue 9) -----------------------------------------------------------------
 RANK = "prism.rank"  # on a rank's step record / `prism.rank.<n>` child span: the rank
@@ -289,6 +352,8 @@ SLO_TARGET_REQUEST = "request"
 METRIC_SLO_ATTAINMENT = "prism.slo.attainment"  # gauge: fraction within target over the rolling window
 METRIC_SLO_BURN_RATE = "prism.slo.burn_rate"  # gauge: (1 - attainment) / (1 - objective)
 METRIC_SLO_VIOLATIONS = "prism.slo.violations"  # counter, by prism.slo.target
+METRIC_SLO_CHECKED = "prism.slo.checked"  # counter, by prism.slo.target: records checked (violations / checked = error ratio)
+METRIC_SLO_OBJECTIVE = "prism.slo.objective"  # gauge, by prism.slo.target: the objective (0.99)
 ENV_BASELINE_KEY = "PRISM_OTEL_BASELINE_KEY"  # "model=...,hardware=...,framework=...,parallelism=...,versions=..."
 ENV_ALERT_FILE = "PRISM_OTEL_ALERT_FILE"  # alert JSON lines: "stderr" (default), a path, or "none"
 ENV_ALERT_WEBHOOK = "PRISM_OTEL_ALERT_WEBHOOK"  # http(s) URL: each alert POSTed as JSON (bounded, own thread)
@@ -303,3 +368,57 @@ ENV_SLO_WINDOW_S = "PRISM_OTEL_SLO_WINDOW_S"  # rolling window of attainment and
 COLLECTOR_CORRUPT_RECORDS = "prism.collector.queue.corrupt_records"  # persistent-queue records unreadable: settled
 COLLECTOR_INSTANCES_EVICTED = "prism.collector.instances_evicted"  # per-instance detector state forgotten (reason)
 COLLECTOR_EXPORT_UNCERTAIN = "prism.collector.export_uncertain_spans"  # sends that timed out: the backend may have them
+
+# --- incidents, metrics, report (issue 25) -------------------------------------------------------
+# Incidents: anomalous steps grouped into one episode per instance (processors.incidents).
+INCIDENT_EVENT_OPEN = "prism.incident.open"  # event names of the incident log, webhook and stderr line
+INCIDENT_EVENT_CLOSE = "prism.incident.close"
+INCIDENT_ALERTNAME = "PrismLatencyIncident"  # Alertmanager alertname label (docs/alerting.md)
+ENV_ALERTMANAGER_URL = "PRISM_OTEL_ALERTMANAGER_URL"  # e.g. http://127.0.0.1:9093: incidents POSTed to /api/v2/alerts
+ENV_INCIDENT_CONFIG = "PRISM_OTEL_INCIDENT_CONFIG"  # comma list of incident-processor key=value overrides
+ENV_INCIDENT_DIR = "PRISM_OTEL_INCIDENT_DIR"  # where each process appends incidents-<pid>.jsonl (`prism-otel alerts`)
+ENV_SPAN_ERROR = "PRISM_OTEL_SPAN_ERROR"  # "1": an anomalous step span gets status ERROR with a one-line description
+INCIDENT_LOG_PREFIX = "incidents-"  # incidents-<pid>.jsonl
+# Metrics (prism_otel.metrics): names as OTel instruments; Prometheus sees dots as underscores plus unit
+# suffixes (prism_step_duration_seconds_bucket, prism_anomaly_steps_total, ...): docs/metrics.md.
+METRIC_STAGE_DURATION = "prism.stage.duration"  # histogram, s, by prism.stage.name (a sample: 1 step in N)
+METRIC_STAGE_TIME = "prism.stage.time"  # counter, s, by prism.stage.name: every step's stage time (shares, means)
+ENV_METRICS_STAGE_SAMPLE = "PRISM_OTEL_METRICS_STAGE_SAMPLE"  # the stage histogram records 1 step in N (8)
+METRIC_LATENCY_RATIO = "prism.step.latency_ratio"  # histogram, 1: observed / expected, judged steps, by phase
+METRIC_STEP_TIME = "prism.step.time"  # counter, s: step time observed, judged steps (rate ratio = aggregate ratio)
+METRIC_STEP_EXPECTED_TIME = "prism.step.expected_time"  # counter, s: step time the detector expected
+METRIC_STEPS = "prism.steps"  # counter: steps, by phase and prism.judged (true: the detector had a model)
+METRIC_INCIDENTS = "prism.incidents"  # counter: incidents opened, by main root cause (at close: final cause)
+METRIC_INCIDENTS_OPEN = "prism.incidents.open"  # up-down counter: incidents open now
+METRIC_TOKENS = "prism.tokens"  # counter: tokens computed, by prism.token.type (prefill | decode): rate = tokens/s
+METRIC_REQUESTS = "prism.requests"  # counter: finished requests, by prism.request.status
+JUDGED = "prism.judged"  # metric attribute: "true" | "false"
+TOKEN_TYPE = "prism.token.type"  # metric attribute: prefill | decode
+OTEL_METRICS_EXPORTER = "OTEL_METRICS_EXPORTER"  # standard: otlp | prometheus | console | none (comma list)
+OTEL_EXPORTER_OTLP_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+OTEL_EXPORTER_OTLP_METRICS_PROTOCOL = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
+OTEL_METRIC_EXPORT_INTERVAL = "OTEL_METRIC_EXPORT_INTERVAL"  # standard: ms between OTLP metric exports
+OTEL_EXPORTER_PROMETHEUS_HOST = "OTEL_EXPORTER_PROMETHEUS_HOST"  # standard: the prometheus reader's bind address
+OTEL_EXPORTER_PROMETHEUS_PORT = "OTEL_EXPORTER_PROMETHEUS_PORT"  # standard: its port (9464)
+ENV_OUT_MAX_MB = "PRISM_OTEL_OUT_MAX_MB"  # embedded default: rotate a traces file past this size (64 MB)
+ENV_OUT_FILES = "PRISM_OTEL_OUT_FILES"  # embedded default: files kept per process, the current one included (4)
+ENV_VLLM_PLUGIN = "PRISM_OTEL_VLLM_PLUGIN"  # "1": the vLLM plugin starts prism-otel even when nothing else asked for it
+# NVIDIA Dynamo's forward-pass metrics (its ForwardPassMetrics: scheduled_requests / queued_requests), per step
+# span under one prefix: prism.fpm.scheduled.<field>, prism.fpm.queued.<field> (docs/spans.md, "Ecosystem fields")
+FPM_PREFIX = "prism.fpm."
+FPM_SCHEDULED = "scheduled."
+FPM_QUEUED = "queued."
+FPM_NUM_PREFILL_REQUESTS = "num_prefill_requests"
+FPM_SUM_PREFILL_TOKENS = "sum_prefill_tokens"
+FPM_VAR_PREFILL_LENGTH = "var_prefill_length"
+FPM_SUM_PREFILL_KV_TOKENS = "sum_prefill_kv_tokens"
+FPM_NUM_DECODE_REQUESTS = "num_decode_requests"
+FPM_SUM_DECODE_KV_TOKENS = "sum_decode_kv_tokens"
+FPM_VAR_DECODE_KV_TOKENS = "var_decode_kv_tokens"
+# vLLM's and SGLang's request-span latency keys (seconds), on our request spans too
+GEN_AI_LATENCY_TIME_IN_QUEUE = "gen_ai.latency.time_in_queue"
+GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN = "gen_ai.latency.time_to_first_token"
+GEN_AI_LATENCY_E2E = "gen_ai.latency.e2e"
+GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL = "gen_ai.latency.time_in_model_prefill"
+GEN_AI_LATENCY_TIME_IN_MODEL_DECODE = "gen_ai.latency.time_in_model_decode"
+GEN_AI_LATENCY_TIME_IN_MODEL_INFERENCE = "gen_ai.latency.time_in_model_inference"

@@ -28,6 +28,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from prism_otel import semconv as sc
+from prism_otel.ecosystem import error_description, fpm_attributes, latency_attributes
 from prism_otel.record import RequestRecord, StepRecord
 
 
@@ -63,6 +64,7 @@ def step_attributes(step: StepRecord) -> dict:
     n_children = len(step.stages) + len(step.kernel_groups)
     if n_children:
         attrs[sc.STEP_CHILDREN] = n_children  # lets a collector know when a step's children are all in
+    attrs.update(fpm_attributes(step))  # Dynamo's forward-pass fields (prism_otel.ecosystem)
     for k, v in step.attributes.items():
         attrs[k] = v
     v = step.verdict
@@ -167,7 +169,9 @@ class SpanMaterializer:
             events = (Event(sc.ALERT_EVENT, {sc.ANOMALY_SCORE: float(v.score or 0.0),
                                              sc.LATENCY_EXPECTED_MS: float(v.expected_ms or 0.0),
                                              sc.STEP_DURATION_MS: step.duration_ms}, timestamp=step.end_ns),)
-        self._emit(sc.STEP_SPAN, ctx, None, attrs, step.start_ns, step.end_ns, links, events)
+        err = error_description(step)  # PRISM_OTEL_SPAN_ERROR=1: anomalous steps light up APM error views
+        status = trace.Status(trace.StatusCode.ERROR, err) if err else _OK
+        self._emit(sc.STEP_SPAN, ctx, None, attrs, step.start_ns, step.end_ns, links, events, status)
         return ctx
 
     def _rank(self, trace_id: int, parent: SpanContext, r: StepRecord) -> None:
@@ -210,16 +214,22 @@ class SpanMaterializer:
             attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = prompt_tokens
         if max_tokens is not None:
             attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
-        if isinstance(parent, tuple):  # (trace id, span id, flags, remote) from the ring
+        if isinstance(parent, tuple):  # (trace id, span id, flags, remote[, own]) from the ring
+            ts = trace.TraceState([("prism", "root")]) if len(parent) > 4 and parent[4] else None
             parent = trace.set_span_in_context(trace.NonRecordingSpan(
-                SpanContext(parent[0], parent[1], bool(parent[3]), TraceFlags(parent[2]))))
+                SpanContext(parent[0], parent[1], bool(parent[3]), TraceFlags(parent[2] & 1), trace_state=ts)))
         parent_ctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
+        own_id = None
         if parent_ctx is not None and parent_ctx.is_valid:
             trace_id = parent_ctx.trace_id
+            if parent_ctx.trace_state.get("prism") == "root":
+                # ids made for this request in vLLM's front end (instrumentation/vllm/_join.py): they are
+                # this span's own, and vLLM's llm_request span is its child
+                own_id, parent_ctx, parent = parent_ctx.span_id, None, None
         else:
             parent_ctx, trace_id = None, self._ids.generate_trace_id()
         sampled = self._sample(trace_id, name, parent, attrs)
-        ctx = SpanContext(trace_id, self._ids.generate_span_id(), False, _SAMPLED if sampled else _UNSAMPLED)
+        ctx = SpanContext(trace_id, own_id or self._ids.generate_span_id(), False, _SAMPLED if sampled else _UNSAMPLED)
         return _RequestHandle(ctx, parent_ctx, name, attrs, arrival_ns, sampled)
 
     def close_request(self, handle: _RequestHandle, rec: RequestRecord, step_contexts: Sequence,
@@ -236,6 +246,7 @@ class SpanMaterializer:
                 attrs[key] = val
         if rec.slo_violations:
             attrs[sc.SLO_VIOLATED] = list(rec.slo_violations)
+        attrs.update(latency_attributes(rec))  # vLLM's / SGLang's gen_ai.latency.* keys (prism_otel.ecosystem)
         dropped = total_steps - len(step_contexts)
         if dropped > 0:
             attrs[sc.REQUEST_LINKS_DROPPED] = dropped

@@ -44,6 +44,7 @@ class StageStats:
         self.steps: Dict[str, _Series] = {}
         self.tokens = 0
         self.anomalies = 0
+        self.judged = 0
 
     def add(self, step: StepRecord) -> None:
         self._series(self.steps, step.phase).add(step.end_ns - step.start_ns)
@@ -56,7 +57,10 @@ class StageStats:
         for group, ns in step.kernel_groups.items():
             self._series(stages, "kernels." + group).add(ns)
         self.tokens += step.tokens
-        if step.verdict is not None and step.verdict.anomaly:
+        v = step.verdict
+        if v is not None and v.expected_ms is not None:
+            self.judged += 1
+        if v is not None and v.anomaly:
             self.anomalies += 1
 
     @staticmethod
@@ -69,7 +73,10 @@ class StageStats:
     def render(self) -> str:
         total_step_ns = sum(s.total_ns for s in self.steps.values()) or 1
         nsteps = sum(s.n for s in self.steps.values())
-        lines = [f"prism-otel: {nsteps} steps, {self.tokens} tokens, {self.anomalies} anomalous steps",
+        unjudged = nsteps - self.judged
+        lines = [f"prism-otel: {nsteps} steps, {self.tokens} tokens; {self.judged} judged by the detector, "
+                 f"{self.anomalies} of them anomalous"
+                 + (f"; {unjudged} not judged (no model for their phase yet: not known to be healthy)" if unjudged else ""),
                  f"{'':2}{'stage':<22}{'count':>8}{'mean ms':>10}{'p50 ms':>10}{'p99 ms':>10}{'share':>8}"]
 
         def row(name: str, s: _Series) -> str:
@@ -80,4 +87,10 @@ class StageStats:
             lines.append(row("step[" + name + "]", s))
         for name, s in sorted(self.stages.items(), key=lambda kv: -kv[1].total_ns):
             lines.append(row(name, s))
+        try:
+            from processors.incidents import summary_lines
+
+            lines += summary_lines(judged=self.judged)
+        except ImportError:
+            pass
         return "\n".join(lines)

@@ -176,7 +176,9 @@ def step_from_span(span, resource: Mapping[str, Any], children: Iterable[ChildIn
         kv_usage=float(kv) if kv is not None else None, stages=stages, kernel_groups=kernels,
         device_ns=int(round(dev * 1e6)) if dev is not None else None,
         request_ids=_strs(a, sc.BATCH_REQUEST_IDS),
-        verdict=verdict, attributes={k: v for k, v in a.items() if k not in _KNOWN}, change=change,
+        verdict=verdict, change=change,
+        # prism.fpm.* are derived from the fields above when the span is rendered (prism_otel.ecosystem)
+        attributes={k: v for k, v in a.items() if k not in _KNOWN and not k.startswith(sc.FPM_PREFIX)},
         signals=signals)
 
 

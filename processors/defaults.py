@@ -83,10 +83,10 @@ def anomaly_config_from_env() -> dict:
     cfg: Dict[str, object] = dict(_pairs(sc.ENV_DETECT_CONFIG))
     if os.environ.get(sc.ENV_BASELINE_DIR):
         cfg["baseline_dir"] = os.environ[sc.ENV_BASELINE_DIR]
-    if os.environ.get(sc.ENV_ALERT_FILE):
-        cfg["alert_file"] = os.environ[sc.ENV_ALERT_FILE]
-    if os.environ.get(sc.ENV_ALERT_WEBHOOK):
-        cfg["alert_webhook"] = os.environ[sc.ENV_ALERT_WEBHOOK]
+    # the detector's own per-step alerts are off: incidents (processors.incidents) are what notifies, and
+    # PRISM_OTEL_ALERT_FILE / PRISM_OTEL_ALERT_WEBHOOK configure their delivery
+    cfg.setdefault("alert_file", "none")
+    cfg.setdefault("alert_log", False)
     return cfg
 
 
@@ -106,8 +106,11 @@ def in_process_processors(model_name: Optional[Callable[[], Optional[str]]] = No
     from processors.slo import SLOConfig, SLOProcessor
 
     try:
-        # in an engine process fits go to a worker process (a companion has no engine to protect)
-        acfg = AnomalyConfig.from_dict({"fit_process": os.environ.get(sc.ENV_ROLE) != sc.ROLE_COMPANION,
+        # in an engine process every fit goes to a worker process, the first one too (its steps wait
+        # unjudged until it comes back): nothing is fitted on the engine's interpreter. A companion has no
+        # engine to protect: it fits its first model inline and judges every later step
+        in_engine = os.environ.get(sc.ENV_ROLE) != sc.ROLE_COMPANION
+        acfg = AnomalyConfig.from_dict({"fit_process": in_engine, "fit_inline": not in_engine,
                                         **anomaly_config_from_env()})
     except ValueError as exc:
         raise ValueError(f"{sc.ENV_DETECT_CONFIG} (or {sc.ENV_BASELINE_DIR}, {sc.ENV_ALERT_FILE}, "
@@ -136,4 +139,23 @@ def in_process_processors(model_name: Optional[Callable[[], Optional[str]]] = No
             procs.append(SLOProcessor(SLOConfig.from_dict(scfg)))
         except ValueError as exc:
             raise ValueError(f"PRISM_OTEL_SLO_*: {exc}") from None
-    return procs
+    return procs + reporting_processors()
+
+
+def reporting_processors() -> list:
+    """What runs after detection: incidents (grouped anomalous steps, delivered) and metrics."""
+    from processors.incidents import IncidentConfig, IncidentProcessor, incident_config_from_env
+    from prism_otel import metrics
+
+    try:
+        icfg = IncidentConfig.from_dict(incident_config_from_env())
+    except ValueError as exc:
+        raise ValueError(f"{sc.ENV_INCIDENT_CONFIG} (or {sc.ENV_ALERT_FILE}, {sc.ENV_ALERT_WEBHOOK}, "
+                         f"{sc.ENV_ALERTMANAGER_URL}): {exc}") from None
+    inc = IncidentProcessor(icfg, service=metrics.service_name())
+    out: list = [inc]
+    m = metrics.metrics_processor()
+    if m is not None:
+        inc.on_event = m.on_incident
+        out.append(m)
+    return out

@@ -106,6 +106,7 @@ class SLOProcessor(StepProcessor):
         self.windows: Dict[str, _Window] = {t: _Window(w, config.max_records) for t in TARGETS}
         self._lock = threading.Lock()
         self._m_viol = None
+        self._m_checked = None
         if config.metrics:
             self._register_metrics(meter_provider)
 
@@ -116,6 +117,7 @@ class SLOProcessor(StepProcessor):
             return step
         ok = (step.end_ns - step.start_ns) / 1e6 <= lim
         self.windows[sc.SLO_TARGET_STEP].add(step.end_ns, ok)
+        self._check(sc.SLO_TARGET_STEP)
         if ok:
             return step
         self._count(sc.SLO_TARGET_STEP)
@@ -138,10 +140,14 @@ class SLOProcessor(StepProcessor):
                 continue
             ok = val <= lim
             self.windows[target].add(t, ok)
+            self._check(target)
             if not ok:
                 viol.append(target)
                 self._count(target)
         self.windows[sc.SLO_TARGET_REQUEST].add(t, not viol)
+        self._check(sc.SLO_TARGET_REQUEST)
+        if viol:
+            self._count(sc.SLO_TARGET_REQUEST)
         if not viol:
             return request
         return dataclasses.replace(request, slo_violations=tuple(request.slo_violations) + tuple(
@@ -158,6 +164,10 @@ class SLOProcessor(StepProcessor):
     def _count(self, target: str) -> None:
         if self._m_viol is not None:
             self._m_viol.add(1, {sc.SLO_TARGET: target})
+
+    def _check(self, target: str) -> None:
+        if self._m_checked is not None:
+            self._m_checked.add(1, {sc.SLO_TARGET: target})
 
     def _register_metrics(self, provider) -> None:
         from opentelemetry import metrics
@@ -181,6 +191,20 @@ class SLOProcessor(StepProcessor):
         meter.create_observable_gauge(sc.METRIC_SLO_BURN_RATE, callbacks=[_obs(self.burn_rate)], unit="1",
                                       description="error-budget burn rate: (1 - attainment) / (1 - objective)")
         self._m_viol = meter.create_counter(sc.METRIC_SLO_VIOLATIONS, description="records over their SLO target")
+        # violations / checked over any window is the error ratio the multi-window burn-rate alerts use
+        # (otel-config/prometheus/prism-rules.yml); the objective is exported so the rules need no copy of it
+        self._m_checked = meter.create_counter(sc.METRIC_SLO_CHECKED, description="records checked against an SLO target")
+        objective = self.cfg.objective
+        targets = [t for t, lim in ((sc.SLO_TARGET_TTFT, self.cfg.ttft_ms), (sc.SLO_TARGET_TPOT, self.cfg.tpot_ms),
+                                    (sc.SLO_TARGET_STEP, self.cfg.step_ms)) if lim is not None]
+        if self.cfg.ttft_ms is not None or self.cfg.tpot_ms is not None:
+            targets.append(sc.SLO_TARGET_REQUEST)
+
+        def _objective(_options):
+            return [Observation(objective, {sc.SLO_TARGET: t}) for t in targets]
+
+        meter.create_observable_gauge(sc.METRIC_SLO_OBJECTIVE, callbacks=[_objective], unit="1",
+                                      description="fraction within target the SLO promises")
 
     def stats(self) -> dict:
         return {t: {"attainment": w.attainment(), "window": w.n, "total": w.total, "violations": w.total_bad}

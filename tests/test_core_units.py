@@ -92,6 +92,65 @@ def test_request_links_are_bounded_first_and_last():
     assert req.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
 
 
+def test_request_parent_through_the_ring_keeps_remote_and_front_end_ids():
+    """A caller's context stays the parent (remote); ids vLLM's front end made for a request (tracestate
+    prism=root, instrumentation/vllm/_join.py) come through the ring as the request span's own."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    from prism_otel.instrumentation.vllm._join import new_root_headers
+    from prism_otel.otlp_encode import OTLPSink
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    own = new_root_headers()
+    _, tid, sid, _ = own["traceparent"].split("-")
+    own_ctx = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        int(tid, 16), int(sid, 16), True, TraceFlags(1), TraceState([("prism", "root")]))))
+    caller = trace.set_span_in_context(NonRecordingSpan(SpanContext(0xABC, 0xDEF, True, TraceFlags(1))))
+    for sdk in (True, False):
+        if sdk:
+            rec, p, exp = make_pipeline()
+        else:
+            class Keep:
+                payloads = []
+
+                def export(self, payload, n):
+                    self.payloads.append(payload)
+
+                def shutdown(self, timeout=None):
+                    pass
+
+            keep = Keep()
+            rec = Recorder(1024)
+            p = Pipeline(rec, None, "test", [], sink=OTLPSink({"service.name": "t"}, [keep], batch_spans=100))
+        t = clock_ns()
+        rec.request("own", "arrive", t, parent=own_ctx)
+        rec.request("child", "arrive", t, parent=caller)
+        step(rec, 1, (("own", 1, True), ("child", 1, True)), t + 10)
+        rec.request("own", "finish", t + 3_000_000)
+        rec.request("child", "finish", t + 3_000_000)
+        p.process_pending()
+        p.stop()
+        if sdk:
+            got = {s.attributes[sc.REQUEST_ID]: (s.context.trace_id, s.context.span_id,
+                                                 s.parent.span_id if s.parent else None)
+                   for s in exp.get_finished_spans() if sc.REQUEST_ID in s.attributes}
+        else:
+            p.sink.flush()
+            got = {}
+            for pl in keep.payloads:
+                for rs in ExportTraceServiceRequest.FromString(pl).resource_spans:
+                    for ss in rs.scope_spans:
+                        for s in ss.spans:
+                            ids = {a.key: a.value.string_value for a in s.attributes}
+                            if sc.REQUEST_ID in ids:
+                                got[ids[sc.REQUEST_ID]] = (int.from_bytes(s.trace_id, "big"),
+                                                           int.from_bytes(s.span_id, "big"),
+                                                           int.from_bytes(s.parent_span_id, "big") or None)
+        assert got["own"] == (int(tid, 16), int(sid, 16), None), sdk
+        assert got["child"][0] == 0xABC and got["child"][2] == 0xDEF and got["child"][1] != 0xDEF, sdk
+
+
 def test_finish_before_its_last_step_keeps_the_last_token():
     """transformers finishes a request inside the step's update stage, so the finish reaches the ring
     just before that step; a poll in between must not close the span one token short. A finish that

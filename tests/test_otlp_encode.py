@@ -56,10 +56,15 @@ def _steps():
     return [plain, alert, joined]
 
 
+OWN = (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, 1, True, True)
+
+
 def _run(sink):
-    """Requests r1 (a root) and r2 (child of a remote caller), three steps, a detached stage."""
+    """Requests r1 (a root), r2 (child of a remote caller) and r3 (ids made for it in vLLM's front end,
+    tracestate prism=root: its own), three steps, a detached stage."""
     r1 = sink.open_request("r1", T - MS, None, 5, 32)
     r2 = sink.open_request("r2", T - MS, (0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, 1, True), 7, None)
+    r3 = sink.open_request("r3", T - MS, OWN, 2, None)
     links = []
     for st in _steps():
         links.append(sink.step(st, [r1.get_span_context(), r2.get_span_context()]))
@@ -69,6 +74,7 @@ def _run(sink):
                          slo_violations=("ttft",))
     sink.close_request(r1, rec1, links[:2], 3)
     sink.close_request(r2, rec2, links, 3)
+    sink.close_request(r3, RequestRecord("i-1", "r3", T - MS, T + 2 * MS, status="aborted"), [], 0)
 
 
 def _flat(req: ExportTraceServiceRequest):
@@ -113,9 +119,22 @@ def _same_trace_structure(spans):
             assert s.trace_id == ids[s.parent_span_id].trace_id
     r2 = next(s for s, _, _ in spans if attrs_of(s.attributes).get(sc.REQUEST_ID) == "r2")
     assert r2.trace_id.hex() == "4bf92f3577b34da6a3ce929d0e0e4736" and r2.parent_span_id.hex() == "00f067aa0ba902b7"
+    r3 = next(s for s, _, _ in spans if attrs_of(s.attributes).get(sc.REQUEST_ID) == "r3")
+    assert r3.trace_id.hex() == f"{OWN[0]:032x}" and r3.span_id.hex() == f"{OWN[1]:016x}" and not r3.parent_span_id
 
 
-def test_encoder_matches_the_sdk_path():
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=[False, True], ids=["status_unset", "span_error"])
+def span_error(request, monkeypatch):
+    from prism_otel import ecosystem
+
+    monkeypatch.setattr(ecosystem, "_ERROR", request.param)  # PRISM_OTEL_SPAN_ERROR=1: anomalous steps ERROR
+    return request.param
+
+
+def test_encoder_matches_the_sdk_path(span_error):
     resource = Resource.create({"service.name": "t", "process.pid": 1})
     exp = InMemorySpanExporter()
     tp = TracerProvider(resource=resource)
@@ -134,8 +153,13 @@ def test_encoder_matches_the_sdk_path():
     assert len(keep.payloads) == 1
     ours = _flat(ExportTraceServiceRequest.FromString(keep.payloads[0]))
 
-    # 3 steps, 3 stages, 3 kernel groups, a rank and its kernel group, a detached stage, 2 requests
-    assert len(ours) == len(sdk) == 14
+    # 3 steps, 3 stages, 3 kernel groups, a rank and its kernel group, a detached stage, 3 requests
+    assert len(ours) == len(sdk) == 15
+    alert = next(s for s, _, _ in ours if attrs_of(s.attributes).get(sc.STEP_INDEX) == 2)
+    assert (alert.status.code == 2 and "root cause stage.forward" in alert.status.message) if span_error else \
+        alert.status.code == 0
+    r1 = next(s for s, _, _ in ours if attrs_of(s.attributes).get(sc.REQUEST_ID) == "r1")
+    assert attrs_of(r1.attributes)["gen_ai.latency.e2e"] == 0.013
     _same_trace_structure(ours)
     _same_trace_structure(sdk)
     a, b = _canon(ours), _canon(sdk)

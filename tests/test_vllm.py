@@ -291,3 +291,9 @@ def test_openai_server_with_vllm_tracing(vllm_python, model_dir, tmp_path):
     traced = [r for r in g["requests"] if r.trace_id == trace_id]
     assert len(traced) == 1 and traced[0].parent_id == "00f067aa0ba902b7"
     assert [s.trace_id for s in vllm_req].count(trace_id) == 1
+    # Every other request is one trace, not two: our request span (engine core) is its root and vLLM's
+    # llm_request (front end) its child (prism_otel/instrumentation/vllm/_join.py).
+    ours = {(r.trace_id, r.span_id) for r in g["requests"] if r.trace_id != trace_id}
+    assert all(not r.parent_id for r in g["requests"] if r.trace_id != trace_id)
+    joined = [(s.trace_id, s.parent_id) for s in vllm_req if s.trace_id != trace_id]
+    assert len(joined) == n - 1 and set(joined) == ours

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List
 
@@ -38,6 +39,9 @@ def register(sub) -> None:
     a.add_argument("--no-probe", action="store_true",
                    help="skip the import check (the handshake still reports an import failure)")
     a.add_argument("--json", action="store_true", help="print the handshake documents as JSON")
+    a.add_argument("--follow", "-f", action="store_true",
+                   help="then print the target's incidents here as they open and close, until it exits or Ctrl-C "
+                   "(`prism-otel alerts --pid PID --follow`)")
     d = sub.add_parser("detach", help="stop prism-otel in a process it was attached to, leaving it as it was")
     d.add_argument("pid", type=int)
     d.add_argument("--tree", action="store_true", help="also every descendant with an engine loaded")
@@ -94,8 +98,14 @@ def _targets(pid: int, with_tree: bool):
 def _run_each(args, action: str) -> int:
     from prism_otel import attach as at
 
+    follow = action == "attach" and getattr(args, "follow", False)
     try:
-        env = at.config_env(_overrides(args)) if action == "attach" else None
+        over = _overrides(args) if action == "attach" else {}
+        if follow and sc.ENV_INCIDENT_DIR not in over and not os.environ.get(sc.ENV_INCIDENT_DIR):
+            from processors.notify import runtime_incident_dir
+
+            over[sc.ENV_INCIDENT_DIR] = runtime_incident_dir()  # where this terminal follows them
+        env = at.config_env(over) if action == "attach" else None
         targets, skipped = _targets(args.pid, args.tree)
     except at.Refused as exc:
         print(f"prism-otel {action}: refused: {exc}", file=sys.stderr)
@@ -127,6 +137,16 @@ def _run_each(args, action: str) -> int:
             print(f"{verb}: {_summary(doc)}")
     if args.json:
         print(json.dumps(docs, indent=1, default=repr))
+    if follow and rc == RC_OK and targets:
+        from prism_otel import alerts_cli
+
+        pids = [t.pid for t in targets]
+        dirs = alerts_cli.search_dirs([env.get(sc.ENV_INCIDENT_DIR) or over[sc.ENV_INCIDENT_DIR]])
+        print(f"following incidents of {', '.join(map(str, pids))} (Ctrl-C to stop)", flush=True)
+        try:
+            alerts_cli.follow(pids, dirs, True)
+        except KeyboardInterrupt:
+            pass
     return rc
 
 

@@ -1,4 +1,4 @@
-"""The ``prism_anomaly``, ``prism_slo`` and ``prism_fleet`` collector processors.
+"""The ``prism_anomaly``, ``prism_slo``, ``prism_incidents`` and ``prism_fleet`` collector processors.
 
 Each wraps one step processor from ``processors/`` (the same code the in-process pipeline runs).
 The prism processors of a pipeline share one :class:`~processors.assembler.StepAssembler`: spans
@@ -11,6 +11,7 @@ processors:
   prism_anomaly: {}                       # assembly + workload-aware detection, default settings
   prism_slo: {step_ms: 200}               # keys of the SLO processor
   prism_fleet: {threshold: 1.25, min_steps: 32}
+  prism_incidents: {alertmanager_url: "http://alertmanager:9093"}   # incidents of the judged steps
 ```
 
 Per-instance state: :func:`instances_for` bounds what the processors keep per engine instance by
@@ -142,6 +143,20 @@ class PrismSLOConfig(_Wrapped):
     names = ("SLOProcessor", "SLOConfig")
 
 
+class PrismIncidentsConfig(_Wrapped):
+    """Incidents from the steps the collector judged (docs/alerting.md); after ``prism_anomaly``."""
+
+    module = "processors.incidents"
+    names = ("IncidentProcessor", "IncidentConfig")
+
+    @classmethod
+    def from_yaml(cls, body: Any, path: str) -> "_Wrapped":
+        body = dict(body or {}) if isinstance(body, dict) or body is None else body
+        if isinstance(body, dict):
+            body.setdefault("log_per_engine", False)  # one collector, many engines: incidents-<collector pid>.jsonl
+        return super().from_yaml(body, path)
+
+
 def _make_wrapped(settings, cfg: _Wrapped):
     return cfg.create(settings)
 
@@ -160,7 +175,11 @@ def forget_instance(p: Any, instance: str) -> None:
 
 def instance_cost(processors: Sequence[Any]) -> Callable[[int], int]:
     """Estimated bytes the processors keep for an instance after ``steps`` steps."""
-    cfg = next((getattr(p, "cfg", None) for p in processors if type(p).__name__ == "AnomalyProcessor"), None)
+    det = next((p for p in processors if type(p).__name__ == "AnomalyProcessor"), None)
+    own = getattr(det, "instance_bytes", None)
+    if own is not None:  # the detector's own bound (a model shared by the instances of a resource is not theirs)
+        return lambda steps: INSTANCE_BASE_BYTES + own(steps)
+    cfg = getattr(det, "cfg", None)
     if cfg is None:  # fleet / SLO only: a bounded window per instance
         return lambda steps: INSTANCE_BASE_BYTES + 16 * min(steps, 4096)
     max_rows, fit_at = getattr(cfg, "max_train", 4000), getattr(cfg, "min_train", 200)
@@ -188,5 +207,6 @@ def factories() -> List[Factory]:
     return [
         Factory("prism_anomaly", PROCESSOR, PrismAnomalyConfig, _make_wrapped),
         Factory("prism_slo", PROCESSOR, PrismSLOConfig, _make_wrapped),
+        Factory("prism_incidents", PROCESSOR, PrismIncidentsConfig, _make_wrapped),
         Factory("prism_fleet", PROCESSOR, PrismFleetConfig, _make_fleet),
     ]

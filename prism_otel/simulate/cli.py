@@ -45,7 +45,7 @@ def _list() -> int:
     for name, cls in all_faults().items():
         params = ", ".join(f"{k}={v}" for k, v in cls.defaults.items())
         gpu = " [GPU]" if cls.gpu else ""
-        print(f"{name:18s}{gpu} {cls.summary}  (params: {params})")
+        print(f"{name:18s}{gpu} {cls.summary}  (root cause: {cls.cause_for()}; params: {params})")
     return RC_OK
 
 

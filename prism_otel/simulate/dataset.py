@@ -5,7 +5,8 @@ which writes OTLP/JSON lines (``traces-<pid>.jsonl``) under the run's ``otlp/`` 
 ``prism.step`` span becomes one row, in start order, with the columns ``prism-otel detect`` reads
 (:data:`STEP_COLUMNS`) followed by extras: the step index, the host-stage durations of its child
 ``prism.stage.*`` spans (``stage_<name>_us``) and the in-process detector's verdict when it ran
-(``online_anomaly``, ``online_score``, ``online_expected_us``; empty otherwise).
+(``online_anomaly``, ``online_score``, ``online_expected_us``, ``online_root_cause``; empty otherwise) and the
+evidence the pipeline joined to the step (``signal_<name>``: ``prism.signal.<name>``, see prism_otel.signals).
 
 Labels: a step is anomalous (``anomaly=1``, ``fault=<name>``; ``label`` repeats ``anomaly`` for readers
 of the ``label`` column, :mod:`prism_otel.simulate.stepcsv`) when its ``[start, end]`` overlaps an
@@ -28,10 +29,14 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from prism_otel import semconv as sc
 from prism_otel.otlp_json import request_from_json, request_to_dict
+from prism_otel.simulate.stepcsv import CHANGE_COLUMNS
 
 STEP_COLUMNS = ("instance", "start_ns", "duration_us", "phase", "batch_size", "prefill_tokens", "decode_tokens",
                 "context_tokens", "max_context_tokens")
+SIGNAL_COLUMN_PREFIX = "signal_"  # signal_<name>: StepRecord.signals (prism.signal.<name>), read back by stepcsv
 LABEL_COLUMNS = ("index", "start_ns", "end_ns", "anomaly", "fault", "label", "scored")
+_CHANGE = (sc.BATCH_REQUESTS_JOINED, sc.BATCH_REQUESTS_LEFT, sc.BATCH_TOKENS_JOINED, sc.BATCH_SIZE_BEFORE,
+           sc.BATCH_STEPS_SINCE_CHANGE)
 _FEATURES = {sc.BATCH_SIZE: "batch_size", sc.BATCH_PREFILL_TOKENS: "prefill_tokens",
              sc.BATCH_DECODE_TOKENS: "decode_tokens", sc.BATCH_CONTEXT_TOKENS: "context_tokens",
              sc.BATCH_MAX_CONTEXT_TOKENS: "max_context_tokens"}
@@ -100,9 +105,16 @@ def steps_from_spans(spans: Sequence[dict]) -> List[dict]:
                "phase": a.get(sc.STEP_PHASE, ""), "index": a.get(sc.STEP_INDEX, "")}
         for attr, col in _FEATURES.items():
             row[col] = int(a.get(attr, 0) or 0)
+        if all(attr in a for attr in _CHANGE):  # what changed since the previous step, as the hooks knew it
+            for attr, col in zip(_CHANGE, CHANGE_COLUMNS):
+                row[col] = int(a[attr] or 0)
         for stage, ns in children.get(s["span_id"], {}).items():
             row[f"stage_{stage}_us"] = round(ns / 1e3, 3)
+        for k, v in a.items():  # evidence over the step (prism.signal.*): signal_<name> columns
+            if k.startswith(sc.SIGNAL_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[SIGNAL_COLUMN_PREFIX + k[len(sc.SIGNAL_PREFIX):]] = v
         row["online_anomaly"] = "" if sc.ANOMALY not in a else int(bool(a[sc.ANOMALY]))
+        row["online_root_cause"] = a.get(sc.ANOMALY_ROOT_CAUSE, "")
         row["online_score"] = a.get(sc.ANOMALY_SCORE, "")
         exp = a.get(sc.LATENCY_EXPECTED_MS)
         row["online_expected_us"] = "" if exp is None else round(float(exp) * 1e3, 3)
@@ -132,7 +144,8 @@ def write_csv(path: str, rows: Sequence[dict], first: Sequence[str]) -> None:
             if k not in first and k not in extra:
                 extra.append(k)
     stage_cols = sorted(k for k in extra if k.startswith("stage_"))
-    extra = [k for k in extra if not k.startswith("stage_")] + stage_cols
+    signal_cols = sorted(k for k in extra if k.startswith(SIGNAL_COLUMN_PREFIX))
+    extra = [k for k in extra if not k.startswith(("stage_", SIGNAL_COLUMN_PREFIX))] + stage_cols + signal_cols
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(first) + extra, restval="", extrasaction="ignore")
         w.writeheader()

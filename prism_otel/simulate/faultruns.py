@@ -7,7 +7,10 @@ engine's recovery after each episode is set aside), ``train.csv.gz`` (the warm-u
 (the injectors' reports, effect sizes, recovery). ``prism-otel corpus build faults`` records them.
 
 Scored twice per detector: online from a cold start (the warm-up is judged as part of the stream and
-the detector learns as it goes), and with ``--train`` (the warm-up fits a baseline first).
+the detector learns as it goes), and with ``--train`` (the warm-up fits a baseline first). For prism,
+the root cause too (:mod:`prism_otel.simulate.rcscore`): on the steps flagged inside the fault's windows,
+the share whose main root cause is the one the fault stands for, and what the false positives say.
+The runs carry the evidence the pipeline joined to each step (``signal_<name>`` columns).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from prism_otel.simulate import corpus as cp
+from prism_otel.simulate import rcscore
 from prism_otel.simulate.baselines import BASELINES
 from prism_otel.simulate.stepcsv import parse_row
 from prism_otel.simulate.suite import Score, prism_flags
 from prism_otel.simulate.synthetic import Stream
 
-FAULTS = ("cpu_contention", "cpu_throttle", "membw_contention", "gc_storm", "stage_stall")
+FAULTS = ("cpu_contention", "cpu_throttle", "membw_contention", "gc_storm", "stage_stall", "io_stall")
 ENGINES = ("transformers", "vllm")
 FAULT_DIR = os.path.join(cp.DATA_DIR, "faults")
 _FILES = ("steps.csv", "labels.csv", "train.csv")
@@ -72,7 +76,7 @@ def stream(name: str, path: str) -> Stream:
     labs = _read(os.path.join(path, "labels.csv.gz"))
     train = [s for s in (parse_row(r, i + 1)[0] for i, r in enumerate(_read(os.path.join(path, "train.csv.gz"))))
              if s is not None]
-    steps, labels = [], []
+    steps, labels, lrows = [], [], []
     for i, (r, lb) in enumerate(zip(rows, labs)):
         s, _ = parse_row(r, i + 1)
         if s is None:
@@ -80,12 +84,15 @@ def stream(name: str, path: str) -> Stream:
         steps.append(s)
         v = int(lb["anomaly"])
         labels.append(-1 if lb.get("scored", "1") == "0" else v)
+        lrows.append({"anomaly": v, "start_ns": s.start_ns, "end_ns": s.end_ns, "fault": lb.get("fault", ""),
+                      "scored": lb.get("scored", "1")})
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     fault = meta["scenario"]["faults"][0]["fault"]
     return Stream(name=name, steps=steps, labels=labels, slowdown=[0.0] * len(steps), train=train,
                   meta={"shape": fault, "fault": fault, "engine": meta["scenario"]["engine"]["kind"],
-                        "effect": meta["effects"].get(fault, {}).get("ratio")})
+                        "effect": meta["effects"].get(fault, {}).get("ratio"), "windows": meta["windows"],
+                        "label_rows": lrows})
 
 
 def _cold(s: Stream) -> Stream:
@@ -107,7 +114,9 @@ def evaluate(runs: Dict[str, str], detectors: Optional[Sequence[str]] = None, pr
             row = {}
             for mode, st in (("train", s), ("cold", _cold(s))):
                 if n == "prism":
-                    flags = prism_flags(st, prism_config)[0]
+                    flags, roots, _ = prism_flags(st, prism_config)
+                    if mode == "train":
+                        res["root_cause"] = rcscore.score(flags, roots, s.meta["label_rows"], s.meta["windows"])
                 elif not st.train:
                     flags = None  # a baseline needs its warm-up: not scored cold
                 else:
@@ -136,4 +145,10 @@ def render(result: dict) -> str:
             lines.append(f"{rname:<30} {eff:>6} {n:<18} {tr.get('f1', 0):>10.3f} "
                          f"{'-' if co is None else format(co['f1'], '.3f'):>8} {tr.get('fpr', 0) * 100:>6.2f}% "
                          f"{lag:>5} {tr.get('set_aside_flagged', 0):>8} of {r['set_aside']:<8}")
+    rc = [(rname, r["root_cause"]) for rname, r in result.items() if r.get("root_cause")]
+    if rc:
+        lines += ["", "root cause on the steps prism flagged (--train): top-1 = flagged in-window steps naming the "
+                      "fault's cause; hon. = false positives saying unknown or workload", rcscore.HEADER]
+        for rname, r in rc:
+            lines += rcscore.render(rname, {k: v for k, v in r.items() if k != "all"})
     return "\n".join(lines)

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from prism_otel import semconv as sc
 from prism_otel.simulate import deliver
 
 
@@ -133,6 +134,11 @@ class Fault:
     summary = ""  # one line: the real failure this stands for
     defaults: dict = {}
     gpu = False
+    cause = ""  # the root cause (semconv.ROOT_*) this fault stands for: what a correct diagnosis names
+
+    @classmethod
+    def cause_for(cls, params: Optional[dict] = None) -> str:
+        return cls.cause
 
     def __init__(self, target: Target, params: Optional[dict] = None, max_s: float = 300.0) -> None:
         params = dict(params or {})
@@ -276,6 +282,7 @@ class WorkerFault(Fault):
 
 class CpuContention(WorkerFault):
     name = "cpu_contention"
+    cause = sc.ROOT_CPU_CONTENTION
     summary = ("noisy neighbour on the engine's cores: busy processes (dense AVX-512 matrix products) pinned "
                "to every core the engine may run on")
     defaults = {"per_core": 2, "matrix": 96}
@@ -287,17 +294,22 @@ class CpuContention(WorkerFault):
 
 class MembwContention(WorkerFault):
     name = "membw_contention"
+    cause = sc.ROOT_CPU_SLOW
     summary = ("memory-bandwidth and last-level-cache contention: streaming copies of arrays far larger than "
-               "the LLC, one process per engine core")
-    defaults = {"per_core": 1, "mb": 96}
+               "the LLC, one process per engine core (policy: normal, they also time-slice the engine's cores; "
+               "policy: idle, SCHED_IDLE, only bandwidth and cache)")
+    defaults = {"per_core": 1, "mb": 96, "policy": "normal"}
 
     def specs(self):
-        return [("stream", {"cpu": c, "mb": float(self.params["mb"])})
+        if self.params["policy"] not in ("idle", "normal"):
+            raise ValueError(f"membw_contention: policy is idle or normal, got {self.params['policy']!r}")
+        return [("stream", {"cpu": c, "mb": float(self.params["mb"]), "policy": self.params["policy"]})
                 for c in self.target.cpus() for _ in range(int(self.params["per_core"]))]
 
 
 class CpuThrottle(WorkerFault):
     name = "cpu_throttle"
+    cause = sc.ROOT_CPU_THROTTLED
     summary = ("CPU frequency capping / thermal throttling / a CFS quota: the engine's processes are stopped "
                "and continued on a duty cycle (SIGSTOP/SIGCONT), so it gets run_fraction of wall time")
     defaults = {"period_ms": 20.0, "run_fraction": 0.3}
@@ -317,6 +329,7 @@ class CpuThrottle(WorkerFault):
 
 class IoStall(WorkerFault):
     name = "io_stall"
+    cause = sc.ROOT_IO
     summary = ("a neighbour hammering the engine's disk (checkpoint dump, log flood): large writes through the "
                "page cache, synced and dropped every sync_mb, on the engine's cores and filesystem (kernel copies, "
                "writeback, journal)")
@@ -386,6 +399,11 @@ class StageStall(InTargetFault):
                "method behind that stage sleeps sleep_ms per call, patched live into the running engine")
     defaults = {"stage": "update", "sleep_ms": 40.0, "every": 1, "target": ""}
 
+    @classmethod
+    def cause_for(cls, params: Optional[dict] = None) -> str:
+        p = {**cls.defaults, **(params or {})}
+        return sc.ROOT_STAGE_PREFIX + (p.get("stage") or "")
+
     def kwargs(self) -> dict:
         target = self.params["target"] or self.target.stage_targets.get(self.params["stage"])
         if not target:
@@ -396,6 +414,7 @@ class StageStall(InTargetFault):
 
 class GcStorm(InTargetFault):
     name = kind = "gc_storm"
+    cause = sc.ROOT_GC
 
     def pids(self) -> List[int]:
         return self.target.compute()  # vLLM: the EngineCore and its model workers
@@ -412,3 +431,11 @@ def all_faults() -> Dict[str, type]:
     from prism_otel.simulate import gpu
 
     return {**CPU_FAULTS, **gpu.GPU_FAULTS}
+
+
+def expected_cause(fault: str, params: Optional[dict] = None) -> str:
+    """The root cause a correct diagnosis names for an episode of ``fault`` with ``params``."""
+    cls = all_faults().get(fault)
+    if cls is None:
+        raise ValueError(f"unknown fault {fault!r}")
+    return cls.cause_for(params)

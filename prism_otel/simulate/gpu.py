@@ -28,6 +28,7 @@ from __future__ import annotations
 import random
 import time
 
+from prism_otel import semconv as sc
 from prism_otel.simulate.faults import WorkerFault
 
 
@@ -110,6 +111,7 @@ class _GpuFault(WorkerFault):
 
 class GpuSmContention(_GpuFault):
     name = "gpu_sm_contention"
+    cause = sc.ROOT_DEVICE_CONTENTION
     summary = ("another tenant's kernels on the engine's GPU (Tensor-Core GEMM loop); also the stand-in for "
                "GPU clock capping, which may not be changed on a shared GPU")
     defaults = {"device": 0, "n": 8192, "duty": 1.0, "procs": 1}
@@ -121,6 +123,7 @@ class GpuSmContention(_GpuFault):
 
 class PcieSaturation(_GpuFault):
     name = "pcie_saturation"
+    cause = sc.ROOT_INTERCONNECT
     summary = "host<->device link saturated by pinned-memory copies in both directions (a co-located job's I/O)"
     defaults = {"device": 0, "mb": 512, "procs": 1}
 
@@ -130,6 +133,7 @@ class PcieSaturation(_GpuFault):
 
 class GpuMemChurn(_GpuFault):
     name = "gpu_mem_churn"
+    cause = sc.ROOT_DEVICE_CONTENTION  # another tenant's allocations and DRAM traffic on the device
     summary = ("device-memory churn: random-size allocations written and freed back to the driver in a loop "
                "(VRAM fragmentation, driver page management, DRAM traffic)")
     defaults = {"device": 0, "min_mb": 64, "max_mb": 2048, "live": 4}

@@ -178,8 +178,17 @@ def _machine() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     except OSError:
         pass
-    return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "affinity": sorted(os.sched_getaffinity(0)), "loadavg": list(os.getloadavg())}
+    out = {"host": platform.node(), "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+           "affinity": sorted(os.sched_getaffinity(0)), "loadavg": list(os.getloadavg())}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name(0)
+            out["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001 - no torch, or no usable device: a CPU machine
+        pass
+    return out
 
 
 def _sleep_until(t_ns: int) -> None:

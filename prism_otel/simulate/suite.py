@@ -180,7 +180,7 @@ class Score:
                 for i in range(first, end):
                     if f[i] and lab[i] == 1:
                         self.rc_total += 1
-                        self.rc_hits += root[i] == "stage:" + a.stage
+                        self.rc_hits += root[i] == sc.ROOT_STAGE_PREFIX + a.stage
 
     def summary(self) -> dict:
         p = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0

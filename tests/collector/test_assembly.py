@@ -34,7 +34,7 @@ def _full_step() -> StepRecord:
     return dataclasses.replace(
         base, kv_usage=0.375, kernel_groups={"attention": 1_234_567, "gemm": 5_000_001, "norm": 17},
         device_ns=9_876_543, request_ids=("r1", "r2", "r3"), attributes={"engine.extra": "x", "engine.n": 5},
-        verdict=Verdict(expected_ms=7.25, score=0.72, anomaly=True, root_cause="stage:forward", alert=True,
+        verdict=Verdict(expected_ms=7.25, score=0.72, anomaly=True, root_cause="stage.forward", alert=True,
                         slo_violations=("step",)),
         stages={**base.stages, "forward": fwd}, change=BatchChange(1, 2, 17, 4, 0),
         signals={"gc.ms": 1.25, "gc.count": 2})
@@ -67,7 +67,7 @@ def test_assembler_tags_step_and_forwards_everything_once():
     steps = [make_step(i) for i in range(5)]
     req = to_request(render(steps))
     n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
-    cap = Capture(Verdict(expected_ms=5.0, score=0.9, anomaly=True, root_cause="stage:forward"))
+    cap = Capture(Verdict(expected_ms=5.0, score=0.9, anomaly=True, root_cause="stage.forward"))
     a = StepAssembler([cap], wait_s=10)
     out = a.process(req, source=1)
     assert [src for _, src in out] == [{1: n}]
@@ -75,7 +75,7 @@ def test_assembler_tags_step_and_forwards_everything_once():
     assert all(set(s.stages) == {"schedule", "forward", "sample"} for s in cap.seen)
     fwd = [s for rs in out[0][0].resource_spans for ss in rs.scope_spans for s in ss.spans]
     tagged = [asm.attrs_of(s.attributes) for s in fwd if asm.is_step(s)]
-    assert len(tagged) == 5 and all(t[sc.ANOMALY] is True and t[sc.ANOMALY_ROOT_CAUSE] == "stage:forward"
+    assert len(tagged) == 5 and all(t[sc.ANOMALY] is True and t[sc.ANOMALY_ROOT_CAUSE] == "stage.forward"
                                     for t in tagged)
     assert a.held == 0
 

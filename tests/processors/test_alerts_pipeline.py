@@ -57,7 +57,7 @@ def test_verdicts_and_alerts_on_step_spans(tmp_path):
     causes = [sp.attributes.get(sc.ANOMALY_ROOT_CAUSE) for sp in steps
               if stall.start <= sp.attributes[sc.STEP_INDEX] - 1 < stall.start + stall.length
               and sp.attributes[sc.ANOMALY]]
-    assert causes.count("stage:" + stall.stage) >= 0.9 * len(causes)
+    assert causes.count("stage." + stall.stage) >= 0.9 * len(causes)
     lines = [json.loads(x) for x in alerts_file.read_text().splitlines()]
     assert len(lines) == 4
     assert {line["event"] for line in lines} == {sc.ALERT_EVENT}

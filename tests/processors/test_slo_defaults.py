@@ -9,6 +9,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prism_otel import semconv as sc
 from prism_otel.record import RequestRecord, StepRecord
 from processors.anomaly import AnomalyProcessor
+from processors.incidents import IncidentProcessor
 from processors.defaults import in_process_processors
 from processors.slo import SLOConfig, SLOProcessor
 
@@ -93,10 +94,13 @@ def test_defaults_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(sc.ENV_ALERT_FILE, "none")
     monkeypatch.setenv(sc.ENV_DETECT_CONFIG, "alpha=0.001,min_train=300")
     monkeypatch.setenv(sc.ENV_SLO_TTFT_MS, "250")
+    monkeypatch.delenv(sc.OTEL_METRICS_EXPORTER, raising=False)
     procs = in_process_processors()
-    assert [type(p) for p in procs] == [AnomalyProcessor, SLOProcessor]
-    a, s = procs
+    assert [type(p) for p in procs] == [AnomalyProcessor, SLOProcessor, IncidentProcessor]
+    a, s, inc = procs
+    # the detector's per-step alerts are off; PRISM_OTEL_ALERT_FILE configures the incidents
     assert (a.cfg.alpha, a.cfg.min_train, a.cfg.baseline_dir, a.cfg.alert_file) == (0.001, 300, str(tmp_path), "none")
+    assert inc.cfg.stderr is False and not inc.cfg.file
     assert s.cfg.ttft_ms == 250.0 and s.cfg.tpot_ms is None
     # the key resolves on the first step (model given by the environment), the rest is detected
     a.process(_step(1, 10))
@@ -104,10 +108,35 @@ def test_defaults_from_environment(monkeypatch, tmp_path):
     assert a.baseline_key["hardware"]
 
 
+def test_no_fit_on_the_engines_interpreter(monkeypatch):
+    """In an engine's own process every fit, the first one too, goes to the fit worker (fit_inline off); a
+    companion, a process of its own, fits its first model inline so that it judges every later step."""
+    monkeypatch.delenv(sc.ENV_ROLE, raising=False)
+    a = in_process_processors()[0]
+    try:
+        assert a.cfg.fit_process and not a.cfg.fit_inline
+    finally:
+        a.shutdown()
+    monkeypatch.setenv(sc.ENV_ROLE, sc.ROLE_COMPANION)
+    a = in_process_processors()[0]
+    try:
+        assert a.cfg.fit_inline and not a.cfg.fit_process
+    finally:
+        a.shutdown()
+    monkeypatch.setenv(sc.ENV_DETECT_CONFIG, "fit_inline=true")  # a user may still ask for it
+    monkeypatch.delenv(sc.ENV_ROLE)
+    a = in_process_processors()[0]
+    try:
+        assert a.cfg.fit_inline
+    finally:
+        a.shutdown()
+
+
 def test_defaults_without_slo_targets_run_detection_only(monkeypatch):
     for v in (sc.ENV_SLO_TTFT_MS, sc.ENV_SLO_TPOT_MS, sc.ENV_SLO_STEP_MS):
         monkeypatch.delenv(v, raising=False)
-    assert [type(p) for p in in_process_processors()] == [AnomalyProcessor]
+    monkeypatch.delenv(sc.OTEL_METRICS_EXPORTER, raising=False)
+    assert [type(p) for p in in_process_processors()] == [AnomalyProcessor, IncidentProcessor]
 
 
 @pytest.mark.parametrize("var, value", [(sc.ENV_DETECT_CONFIG, "alpha=-2"), (sc.ENV_DETECT_CONFIG, "oops"),

@@ -49,6 +49,23 @@ def step_features(bp) -> tuple:
             Reqs(ids, qs, quiet or frozenset()))
 
 
+def _name_model(model, rec) -> None:
+    """``gen_ai.request.model`` of the request spans: the model's name (a local directory: its last part),
+    sent once to the pipeline as a ``META`` record (unless ``start(model_name=...)`` gave one)."""
+    try:
+        if rec.names.get("model_name"):
+            return
+        name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+        if name.startswith("/") or name.startswith("."):
+            import os
+
+            name = os.path.basename(name.rstrip("/"))
+        if name:
+            rec.meta("model_name", name)
+    except Exception:  # noqa: BLE001 - the name is cosmetic
+        pass
+
+
 def wrap_prepare(g, rec):
     """Stage ``schedule``, and the features of the batch it prepared (read here, so that a step is
     still recorded where the forward hook point changed and was skipped)."""
@@ -72,6 +89,7 @@ def wrap_generation_step(g, rec):
         dev = getattr(instance, "_prism_dev", False)
         model = args[0] if args else kwargs.get("model")
         if dev is False:
+            _name_model(model, rec)  # once per batch processor: request spans are named after the model
             dev = instance._prism_dev = timing.accelerator_of(model)
             # events go on the stream CB computes on (it runs the forward on a stream of its own)
             instance._prism_stream = getattr(instance.inputs_and_outputs, "compute_stream", None) if dev else None

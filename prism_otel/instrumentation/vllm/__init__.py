@@ -47,7 +47,7 @@ import logging
 from prism_otel.instrumentation import STATUS
 from prism_otel.instrumentation._patch import HookPoint
 from prism_otel.instrumentation.base import EngineInstrumentor
-from prism_otel.instrumentation.vllm import _engine, _frontend, _runner, _tracing
+from prism_otel.instrumentation.vllm import _engine, _frontend, _join, _runner, _tracing
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ RUNNER_V2 = "vllm.v1.worker.gpu.model_runner"
 OUTPUT = "vllm.v1.engine.output_processor"
 CORE = "vllm.v1.engine.core"
 TRACING = "vllm.tracing"
+SERVING = "vllm.entrypoints.serve.engine.serving"
 
 _SO = ("scheduler_output",)
 _GO = ("grammar_output",)
@@ -92,6 +93,8 @@ HOOK_POINTS = (
     HookPoint(OUTPUT, "OutputProcessor.process_outputs", _frontend.wrap_process_outputs,
               ("engine_core_outputs", "engine_core_timestamp")),
     HookPoint(CORE, "EngineCore.shutdown", _engine.wrap_engine_shutdown),
+    # our request span joins vLLM's own trace (--otlp-traces-endpoint) instead of starting a second one
+    HookPoint(SERVING, "BaseServing._get_trace_headers", _join.wrap_get_trace_headers, ("headers",)),
 )
 
 

@@ -30,6 +30,7 @@ from prism_otel import semconv as sc
 logger = logging.getLogger(__name__)
 
 _EXPORTED = set()  # normalised endpoints the shared provider already exports to
+ACTIVE = False  # vLLM's tracer set-up ran in this process (its tracing is on): _join gives requests a trace
 
 
 def _norm(endpoint: str) -> str:
@@ -69,7 +70,10 @@ def _provider_for(st):
 
 def wrap_init_otel_tracer(original):
     def init_otel_tracer(instrumenting_module_name, otlp_traces_endpoint, extra_attributes=None):
+        global ACTIVE
         from prism_otel import _runtime
+
+        ACTIVE = True
 
         st = _runtime.current()
         if st is None:
