@@ -40,7 +40,7 @@ from prism_otel.record import Recorder, StepFeatures, clock_ns  # noqa: E402
 from prism_otel.simulate import suite as S  # noqa: E402
 from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate  # noqa: E402
 from processors.anomaly import AnomalyProcessor  # noqa: E402
-from processors.features import PrevTracker, step_features  # noqa: E402
+from processors.features import StepContext  # noqa: E402
 from processors.model import fit  # noqa: E402
 
 QUIET = {"alert_file": "none", "alert_log": False}
@@ -49,6 +49,12 @@ QUIET = {"alert_file": "none", "alert_log": False}
 def _q(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _features(steps) -> list:
+    ctx = StepContext()
+    return [ctx.features(x.instance, x.batch_size, x.prefill_tokens, x.decode_tokens, x.context_tokens,
+                         x.max_context_tokens, x.start_ns, x.end_ns, x.change) for x in steps]
 
 
 def accuracy(size: str, seed: int) -> dict:
@@ -66,17 +72,12 @@ def verdict_cost(n: int = 20000) -> dict:
     proc = AnomalyProcessor({**QUIET, "background": True})  # refits on their own thread, as live
     proc.train(s.train)
     # the alternative: a per-step sklearn GBDT (LatencyPrism's settings) on the same features
-    pt, X = PrevTracker(), []
-    for x in s.train:
-        X.append(step_features(x.batch_size, x.prefill_tokens, x.decode_tokens, x.context_tokens,
-                               x.max_context_tokens, pt.prev(x.instance, x.start_ns, x.end_ns)))
-        pt.update(x.instance, x.batch_size, x.tokens, x.end_ns)
+    X = _features(s.train)
     gbr = GradientBoostingRegressor(n_estimators=200, max_depth=4, learning_rate=0.1, random_state=42)
     gbr.fit(np.array(X), np.array([x.duration_ms for x in s.train]))
     ours, theirs, ratio = [], [], []
     pc = time.perf_counter_ns
-    rows = [np.array([step_features(x.batch_size, x.prefill_tokens, x.decode_tokens, x.context_tokens,
-                                    x.max_context_tokens, None)]) for x in s.steps]
+    rows = [np.array([r]) for r in _features(s.steps)]
     block = 100  # paired by blocks of steps (interleaving every call would let sklearn evict our caches)
     for b0 in range(0, len(s.steps) - block + 1, block):
         mine, alt = [], []
@@ -103,12 +104,7 @@ def refit_cost(reps: int = 5) -> dict:
 
     s = simulate(PROFILES["gpu1b_overlap"], WORKLOADS["chat"], 3000, seed=8, n_train=3000, instance="bench")
     rows = [x for x in s.train if x.phase == "decode"][:1000]
-    pt, X = PrevTracker(), []
-    for x in rows:
-        X.append(step_features(x.batch_size, x.prefill_tokens, x.decode_tokens, x.context_tokens,
-                               x.max_context_tokens, pt.prev(x.instance, x.start_ns, x.end_ns)))
-        pt.update(x.instance, x.batch_size, x.tokens, x.end_ns)
-    X = np.array(X)
+    X = np.array(_features(rows))
     y = np.array([x.duration_ms for x in rows])
     fit(X, y)  # imports and caches warm
     ours, theirs, during = [], [], []
@@ -146,17 +142,15 @@ _FIRST_FIT = """
 import sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
-from processors.features import PrevTracker, step_features
+from processors.features import StepContext
 from processors.model import fit
 from prism_otel.simulate import corpus, holdout
 t1 = time.perf_counter()
 steps, _ = holdout.load(corpus.available()["transformers-small"])
-rows = [x for x in steps if x.phase == "decode"][:{n}]
-pt, X = PrevTracker(), []
-for x in rows:
-    X.append(step_features(x.batch_size, x.prefill_tokens, x.decode_tokens, x.context_tokens,
-                           x.max_context_tokens, pt.prev(x.instance, x.start_ns, x.end_ns)))
-    pt.update(x.instance, x.batch_size, x.tokens, x.end_ns)
+rows = steps[:{n}]
+ctx = StepContext()
+X = [ctx.features(x.instance, x.batch_size, x.prefill_tokens, x.decode_tokens, x.context_tokens,
+                  x.max_context_tokens, x.start_ns, x.end_ns) for x in rows]
 import numpy as np
 t2 = time.perf_counter()
 fit(np.array(X), np.array([(x.end_ns - x.start_ns) / 1e6 for x in rows]))

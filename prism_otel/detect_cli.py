@@ -47,6 +47,9 @@ def register(sub) -> None:
                    help="recorded corpora (default: the shipped ones; `prism-otel corpus list`)")
     e.add_argument("--no-corpus", action="store_true", help="skip the real-data corpus")
     e.add_argument("--only-corpus", metavar="NAME", default=None, help="score only this corpus (comma list); `faults`: only the recorded fault runs")
+    e.add_argument("--quick", action="store_true",
+                   help="the quick held-out check: one corpus per engine and machine, flat windows, prism and "
+                        "gbdt_median3 (what the test suite holds to docs/benchmarks.md)")
 
 
 def dispatch(args) -> Optional[int]:
@@ -129,6 +132,20 @@ def eval_command(args) -> int:
 
     dets = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
     headline = None
+    if args.quick:
+        try:
+            found = corpus.available(args.corpus)
+            if args.only_corpus:
+                found = {n: p for n, p in found.items() if n in args.only_corpus.split(",")}
+            found = holdout.quick_corpora(found)
+            if not found:
+                raise ValueError(f"no recorded corpus under {args.corpus or corpus.DATA_DIR}")
+            res = holdout.evaluate(found, dets or ["prism", "gbdt_median3"], shapes=("flat",))
+        except (OSError, ValueError) as exc:
+            print(f"prism-otel eval: {exc}", file=sys.stderr)
+            return 2
+        _emit(args, {"corpus": res})
+        return 0
     if not args.no_corpus and not (args.no_synthetic and args.runs):  # --no-synthetic --runs: those alone
         try:
             found = corpus.available(args.corpus)

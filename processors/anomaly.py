@@ -1,13 +1,26 @@
 """Workload-aware anomaly detection: the processor that sets each step's verdict.
 
-Per (instance, phase) it keeps an expected-latency model (:mod:`processors.model`), a verdict
-state (:mod:`processors.verdict`) and a bounded buffer of normal steps. ``process`` runs on the
-caller's thread (pipeline or collector) and costs tens of microseconds: features, one model
-evaluation, the tests, and a copy of the step with its :class:`~prism_otel.record.Verdict`. Fitting
-happens elsewhere: on a thread of the processor's own (``background=True``, live) or inline at the
-same points of the stream (``background=False``, offline tools, for reproducible results). Steps
-that are flagged, that fall in an alarm, or that look suspicious are kept out of the training data,
-so an anomaly does not teach the model that it is normal.
+Per engine instance it keeps a verdict state (:mod:`processors.verdict`: a few bounded deques and the
+biases of the workload cells it has seen, a few kilobytes) and a step context (the previous step, for
+the features). The expected-latency model (:mod:`processors.model`, one for every judged phase) and its
+training memory belong to a *model group*: the instance itself, or, with ``model_scope: resource``, every
+instance that reports the same resource (framework and version, model, device, service; the collector
+passes it through ``observe_resource``), so a fleet of replicas learns one model and each replica's
+state stays small.
+
+``process`` runs on the caller's thread (pipeline or collector) and costs tens of microseconds:
+features, one model evaluation, the tests, and a copy of the step with its
+:class:`~prism_otel.record.Verdict`; ``process_many`` judges a batch of steps with one vectorised model
+evaluation per group. Fitting happens on a thread of the processor's own or in the fit worker process
+(``background``, ``fit_process``), or inline at the same points of the stream (``background=False``,
+offline tools, for reproducible results). A group's first model is fitted inline on the thread that
+reaches ``min_train`` steps when ``fit_inline`` is on (no step goes unjudged after that); with it off
+(the default in an engine's own process) it is fitted like any refit and the steps wait unjudged until
+it comes back. Steps that are flagged, that fall in an alarm, or that look suspicious are kept out of
+the training memory, so an anomaly does not teach the model that it is normal.
+
+The training memory is bounded per workload cell (:class:`CellMemory`): when full, the oldest step of
+the largest cell goes, so every workload seen stays in the fit however long ago it ran.
 
 Baselines persist by key (:mod:`processors.baseline`); a process that finds one judges its first
 steps. Bad steps (non-finite or negative numbers, a clock that went backwards or jumped) are counted
@@ -20,11 +33,11 @@ import dataclasses
 import logging
 import math
 import queue
-import random
 import threading
 import time
+from array import array
 from collections import deque
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,62 +45,137 @@ from prism_otel import semconv as sc
 from prism_otel.record import StepRecord, Verdict
 from processors import baseline as bl
 from processors.alerts import AlertSink
-from processors.base import StepProcessor
 from processors.anomaly_config import AnomalyConfig
+from processors.base import StepProcessor
 from processors.baseline_store import SAMPLE_ROWS, PersistentBaselines
-from processors.features import PrevTracker, step_features
+from processors.features import EVENT, N_FEATURES, StepContext, step_class
 from processors.fit_worker import FitWorker, fit_model
-from processors.model import FitParams
 from processors import rootcause
+from processors.model import FitParams, LatencyModel
 from processors.rootcause import StageNorms
-from processors.verdict import KeyVerdict, VerdictParams
+from processors.verdict import KeyVerdict, VerdictParams, cell_of
 
 logger = logging.getLogger(__name__)
 
+# resource attributes that make instances one model group with model_scope: resource
+GROUP_ATTRIBUTES = (sc.RES_FRAMEWORK, sc.RES_FRAMEWORK_VERSION, sc.GEN_AI_REQUEST_MODEL, sc.RES_DEVICE_KIND,
+                    sc.RES_DEVICE_NAME, sc.RES_SERVICE_NAME)
+MAX_RESOURCES = 1 << 16
+# memory bounds (tracemalloc, tests/processors/test_detector_state.py): an instance's verdict state and
+# context, measured at ~14 KB after 300 steps, with room; a model of its own, and each training row it keeps
+INSTANCE_BYTES = 32_000
+GROUP_BYTES = 400_000
+GROUP_BYTES_PER_ROW = 450
+BARS_ROWS = 2000  # a model whose bars came from this many training steps keeps them in its refits
 
 
-class _Key:
-    """Model, verdict state and training buffer of one (instance, phase)."""
+class CellMemory:
+    """Training steps, bounded per workload cell: at most ``cap`` rows; when full, the oldest row of the
+    largest cell is dropped (not the oldest row overall), so a workload that ran once stays in every
+    later fit. Rows are compact (features and stage durations as float32 arrays)."""
 
-    __slots__ = ("instance", "phase", "model", "norms", "verdict", "recent", "reservoir", "evicted", "clean",
-                 "novel", "drift", "fitting", "fits", "last_alert_ns", "ref_limits")
+    __slots__ = ("cap", "_cells", "_n", "_seq", "_big", "_evictions", "stage_names")
 
-    def __init__(self, instance: str, phase: str, cfg: AnomalyConfig, vp: VerdictParams) -> None:
-        self.instance, self.phase = instance, phase
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._cells: Dict[int, deque] = {}
+        self._n = 0
+        self._seq = 0
+        self._big: Optional[int] = None
+        self._evictions = 0
+        self.stage_names: List[str] = []
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, x, y: float, stages, weight: float = 1.0) -> None:
+        c = cell_of(x) * 2 + (step_class(x) == EVENT)  # event steps are a cell of their own
+        st = None
+        if stages:
+            names = self.stage_names
+            for n in stages:
+                if n not in names:
+                    names.append(n)
+            st = array("f", [stages.get(n, math.nan) for n in names])
+        d = self._cells.get(c)
+        if d is None:
+            d = self._cells[c] = deque()
+        d.append((self._seq, array("f", x), float(y), st, weight))
+        self._seq += 1
+        self._n += 1
+        big = self._big
+        if big is None or big not in self._cells or len(d) > len(self._cells[big]):
+            self._big = c
+        while self._n > self.cap:
+            self._evict()
+
+    def _evict(self) -> None:
+        self._evictions += 1
+        if self._evictions % 256 == 0 or self._big not in self._cells:
+            self._big = max(self._cells, key=lambda k: len(self._cells[k]))
+        d = self._cells[self._big]
+        d.popleft()
+        self._n -= 1
+        if not d:
+            del self._cells[self._big]
+            self._big = max(self._cells, key=lambda k: len(self._cells[k])) if self._cells else None
+
+    def rows(self) -> list:
+        """Every row as ``(x tuple, y, stages dict or None, weight)``, in the order they came."""
+        allr = sorted((r for d in self._cells.values() for r in d), key=lambda r: r[0])
+        names = self.stage_names
+        out = []
+        for _, x, y, st, w in allr:
+            sd = None
+            if st is not None:
+                sd = {n: float(v) for n, v in zip(names, st) if not math.isnan(v)}
+            out.append((tuple(x), y, sd, w))
+        return out
+
+    def cells(self) -> int:
+        return len(self._cells)
+
+
+class _Group:
+    """The model of one group (an instance, or instances with one resource) and its training memory."""
+
+    __slots__ = ("name", "model", "norms", "memory", "clean", "novel", "drift", "fitting", "fits", "seen", "members")
+
+    def __init__(self, name, cfg: AnomalyConfig) -> None:
+        self.name = name
         self.model: Optional[LatencyModel] = None
         self.norms: Optional[StageNorms] = None
-        self.verdict = KeyVerdict(vp)
-        cap_res = cfg.max_train // 4
-        self.recent: deque = deque(maxlen=cfg.max_train - cap_res)
-        self.reservoir: list = []
-        self.evicted = 0
+        self.memory = CellMemory(cfg.max_train)
         self.clean = 0  # normal steps added since the last fit started
         self.novel = 0  # of which beyond the model's training envelope
         self.drift = 0.0  # slow average of the residual of normal steps: a stale model drifts off zero
         self.fitting = False
         self.fits = 0
-        self.last_alert_ns = -(1 << 62)
-        # the limits of the first model, fitted on every step (nothing was flagged yet): a refit sees only
-        # the steps the detector let through, whose quiet tail would pull its limits down, so a refit's
-        # limits never go under these
-        self.ref_limits: Optional[Dict[str, float]] = None
-
-    def add(self, row: tuple, cap_res: int, rng: random.Random) -> None:
-        rec = self.recent
-        if len(rec) == rec.maxlen:
-            old = rec[0]
-            self.evicted += 1
-            if len(self.reservoir) < cap_res:
-                self.reservoir.append(old)
-            else:
-                j = rng.randrange(self.evicted)
-                if j < cap_res:
-                    self.reservoir[j] = old
-        rec.append(row)
-        self.clean += 1
+        self.seen = 0
+        self.members = 0  # instances judged with it
 
     def rows(self) -> list:
-        return list(self.reservoir) + list(self.recent)
+        return self.memory.rows()
+
+
+class _Key:
+    """Verdict state of one instance."""
+
+    __slots__ = ("instance", "group", "verdict", "last_alert_ns", "alarmed")
+
+    def __init__(self, instance: str, group: _Group, vp: VerdictParams) -> None:
+        self.instance = instance
+        self.group = group
+        self.verdict = KeyVerdict(vp)
+        self.last_alert_ns = -(1 << 62)
+        self.alarmed = False
+
+    @property
+    def model(self):
+        return self.group.model
+
+    def rows(self) -> list:
+        return self.group.rows()
 
 
 class AnomalyProcessor(PersistentBaselines, StepProcessor):
@@ -104,26 +192,26 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             config = AnomalyConfig.from_dict(config or {})
         self.cfg: AnomalyConfig = config
         c = config
-        self._vp = VerdictParams(alpha=c.alpha, short=c.short, window=c.window, long_window=c.long_window,
-                                 min_point=c.min_point, min_shift=c.min_shift, clear_steps=c.clear_steps,
-                                 cell_min_steps=c.cell_min_steps,
+        self._vp = VerdictParams(alpha=c.alpha, target_fpr=c.target_fpr, short=c.short, long_window=c.long_window,
+                                 level_rate=c.level_rate, max_level=c.max_level, min_point=c.min_point,
+                                 min_shift=c.min_shift, clear_steps=c.clear_steps, cell_min_steps=c.cell_min_steps,
                                  bias_rate=c.bias_rate, max_bias=c.max_bias)
         self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, verdict=self._vp)
         self._phases = c.phase_set()
-        self._keys: Dict[Tuple[str, str], _Key] = {}
-        self._prev = PrevTracker()
+        self._keys: Dict[str, _Key] = {}
+        self._groups: Dict[tuple, _Group] = {}
+        self._resource: Dict[str, tuple] = {}
+        self._ctx = StepContext()
         self._last_start: Dict[str, int] = {}
-        self._rng = random.Random(0)
-        self._cap_res = c.max_train // 4
         self._max_step_ns = int(c.max_step_s * 1e9)
         self.train_seen: Dict[str, int] = {}  # phase -> normal steps offered to train()
-        self._seeds: Dict[str, tuple] = {}  # phase -> (model, norms, rows): baseline for new keys
-        self._alarmed: Dict[str, set] = {}  # instance -> phases whose alarm is up
-        self._latest: Dict[str, _Key] = {}
+        self._seed: Optional[tuple] = None  # (model, norms, rows): baseline for new groups
+        self._latest: Optional[_Group] = None
         self._dirty = False
         self.bad: Dict[str, int] = {}
         self.fit_errors = 0
         self.fit_seconds: list = []
+        self.refits: Dict[str, int] = {}  # why refits were scheduled: due, novel, drift
         self.alerts = 0
         self.baseline_key = bl.normalize_key(c.baseline_key)
         self.baseline_loaded = False
@@ -141,32 +229,74 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
 
     # -- the per-step path -------------------------------------------------------------------------
     def process(self, step: StepRecord) -> StepRecord:
-        if self._resolver is not None:
-            self._resolve_key()
-        phase = step.phase
-        if phase not in self._phases:
+        x = self._prepare(step)
+        if x is None:
             return step
+        k = self._key(step.instance)
+        m = k.group.model
+        pred = m.expect(x) if m is not None else 0.0
+        return self._finish(step, k, x, pred, m)
+
+    def process_many(self, steps: Sequence[StepRecord]) -> List[StepRecord]:
+        """Judge ``steps`` in order, as ``process`` would one by one (the same verdicts), with one
+        vectorised model evaluation per model group instead of one per step."""
+        if self._resolver is not None:
+            for _ in steps:
+                if self._resolver is None:
+                    break
+                self._resolve_key()
+        xs: List[Optional[tuple]] = []
+        for s in steps:
+            xs.append(self._prepare(s, resolve=False))
+        out: List[StepRecord] = []
+        cache: Dict[int, Tuple[object, np.ndarray, Dict[int, int]]] = {}  # group id -> (model, preds, pos)
+        for i, (s, x) in enumerate(zip(steps, xs)):
+            if x is None:
+                out.append(s)
+                continue
+            k = self._key(s.instance)
+            g = k.group
+            m = g.model
+            pred = 0.0
+            if m is not None:
+                ent = cache.get(id(g))
+                if ent is None or ent[0] is not m:
+                    idx = [j for j in range(i, len(steps)) if xs[j] is not None and self._key(steps[j].instance).group is g]
+                    preds = m.predict_many(np.asarray([xs[j] for j in idx], dtype=np.float64))
+                    ent = cache[id(g)] = (m, preds, {j: n for n, j in enumerate(idx)})
+                pred = float(ent[1][ent[2][i]])
+            out.append(self._finish(s, k, x, pred, m))
+        return out
+
+    def _prepare(self, step: StepRecord, resolve: bool = True) -> Optional[tuple]:
+        """Validate a step and compute its features (in stream order: the context moves on); None when it
+        is not judged."""
+        if resolve and self._resolver is not None:
+            self._resolve_key()
+        if step.phase not in self._phases:
+            return None
         if step.attributes.get(sc.DEEPDIVE):  # a profiled step costs the profiler's time too: not judged
             self.bad["deepdive"] = self.bad.get("deepdive", 0) + 1
-            return step
+            return None
         reason = self._check(step.instance, step.start_ns, step.end_ns, step.batch_size, step.prefill_tokens,
                              step.decode_tokens, step.context_tokens, step.max_context_tokens)
         if reason is not None:
             self.bad[reason] = self.bad.get(reason, 0) + 1
-            return step
-        inst = step.instance
-        prev = self._prev.prev(inst, step.start_ns, step.end_ns)
-        self._prev.update(inst, step.batch_size, step.prefill_tokens + step.decode_tokens, step.end_ns)
-        x = step_features(step.batch_size, step.prefill_tokens, step.decode_tokens, step.context_tokens,
-                          step.max_context_tokens, prev)
+            return None
+        return self._ctx.features(step.instance, step.batch_size, step.prefill_tokens, step.decode_tokens,
+                                  step.context_tokens, step.max_context_tokens, step.start_ns, step.end_ns,
+                                  step.change)
+
+    def _finish(self, step: StepRecord, k: _Key, x: tuple, pred: float, m) -> StepRecord:
         stages = None
         if step.stages:
             stages = {n: (b - a) / 1e6 for n, (a, b) in step.stages.items()}
-        out = self.judge(inst, phase, x, (step.end_ns - step.start_ns) / 1e6, stages, step.end_ns, step.index)
+        out = self._judge(k, step.phase, x, (step.end_ns - step.start_ns) / 1e6, stages, step.end_ns, step.index,
+                          pred, m)
         if out is None:
             return step
         expected, score, anomalous, alert, root, test = out
-        root, step = rootcause.attach(self, step, expected, anomalous, self._keys.get((inst, phase)), x)
+        root, step = rootcause.attach(self, step, expected, anomalous, k.group, x)
         v = step.verdict
         if v is None:
             v = Verdict(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert, test=test)
@@ -193,58 +323,73 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         return None
 
     def judge(self, inst: str, phase: str, x: tuple, y_ms: float, stages, end_ns: int = 0, index: int = 0):
-        """Judge one (validated) step; returns (expected_ms, score, anomalous, alert, root_cause, test) or None."""
-        k = self._keys.get((inst, phase))
-        if k is None:
-            k = self._new_key(inst, phase)
-        m = k.model
+        """Judge one (validated) step from its features; returns (expected_ms, score, anomalous, alert,
+        root_cause, test) or None."""
+        k = self._key(inst)
+        m = k.group.model
+        return self._judge(k, phase, x, y_ms, stages, end_ns, index, m.expect(x) if m is not None else 0.0, m)
+
+    def _judge(self, k: _Key, phase: str, x: tuple, y_ms: float, stages, end_ns: int, index: int, pred: float, m):
+        g = k.group
+        g.seen += 1
         out = None
         clean = True
         novel_row = False
         if m is not None:
-            pred = m.expect(x)
             r = math.log(y_ms / pred)
             novel = m.excess(x)  # past the training envelope: an extrapolation (learned sooner, weighted up)
-            score, anomalous, rising, test = k.verdict.judge(r - m.center, x, m)
+            vd = k.verdict
+            score, anomalous, rising, test = vd.judge(r - m.center, x, m)
             expected = pred * math.exp(m.center)
             root = None
-            if anomalous and stages and self.cfg.root_cause and k.norms is not None:
-                root = k.norms.hint(stages, expected, int(x[0]))
+            if anomalous and stages and self.cfg.root_cause and g.norms is not None:
+                root = g.norms.hint(stages, expected, int(x[0]))
             alert = False
-            alarmed = self._alarmed.setdefault(inst, set())
-            if k.verdict.alarm:
-                if rising and not alarmed:  # one alert per instance incident, whichever phase saw it first
+            if vd.alarm:
+                if rising and not k.alarmed:  # one alert per instance incident
                     alert = self._alert(k, phase, end_ns, index, y_ms, expected, score, root)
-                alarmed.add(phase)
+                k.alarmed = True
             else:
-                alarmed.discard(phase)
+                k.alarmed = False
             if novel > 0.02:
                 # new workload: learn it, unless the step is anomalous or an episode is going on
-                clean = not anomalous and not k.verdict.alarm
-                k.novel += clean
+                clean = not anomalous and not vd.alarm
+                g.novel += clean
                 novel_row = True
             else:
-                clean = not anomalous and not k.verdict.alarm and r - m.center < 3.0 * m.scale
+                clean = not anomalous and not vd.alarm and r - m.center < 3.0 * m.scale
                 if clean:
-                    k.drift += 0.02 * (r - m.center - k.drift)
+                    g.drift += 0.02 * (r - m.center - g.drift)
             out = (expected, score, anomalous, alert, root, test)
         if clean:
-            k.add((x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0), self._cap_res, self._rng)
-            if m is None and not k.fitting and k.clean >= self.cfg.min_train:
-                # no blind start: the first model is fitted now, on this thread (a few hundred rows: tens
-                # of milliseconds), so that every later step of the key is judged however fast steps come
-                k.fitting = True
-                self._fit_key(k)
+            g.memory.add(x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0)
+            g.clean += 1
+            if m is None and not g.fitting and g.clean >= self.cfg.min_train:
+                g.fitting = True
+                if self.cfg.fit_inline or not self.cfg.background:
+                    # no blind start: the first model is fitted now, on this thread (a few hundred rows: a
+                    # fraction of a second), so that every later step of the group is judged
+                    self._fit_group(g)
+                else:
+                    self._schedule(g)  # the steps wait unjudged until it comes back
                 return out
-            if not k.fitting and (k.clean >= self._refit_due(k) or k.novel >= self.cfg.novelty_refit or (
-                    k.clean >= self.cfg.min_train // 4 and m is not None and abs(k.drift) > max(0.5 * m.scale, 0.01))):
-                self._schedule(k)
+            if not g.fitting:
+                why = None
+                if g.clean >= self._refit_due(g):
+                    why = "due"
+                elif g.novel >= self.cfg.novelty_refit:
+                    why = "novel"
+                elif g.clean >= self.cfg.min_train // 4 and m is not None and abs(g.drift) > max(m.scale, 0.03):
+                    why = "drift"  # the level and the cells absorb a few percent; a model this far off is stale
+                if why is not None:
+                    self.refits[why] = self.refits.get(why, 0) + 1
+                    self._schedule(g)
         return out
 
-    def _refit_due(self, k: _Key) -> int:
-        if k.model is None:
+    def _refit_due(self, g: _Group) -> int:
+        if g.model is None:
             return self.cfg.min_train
-        return max(self.cfg.min_train, min(self.cfg.refit_every, k.model.n_train))
+        return max(self.cfg.min_train, min(self.cfg.refit_every, g.model.n_train))
 
     def _alert(self, k: _Key, phase, end_ns, index, y_ms, expected, score, root) -> bool:
         gap = self.cfg.alert_min_interval_s * 1e9
@@ -260,120 +405,167 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         self.sink.emit(payload)
         return True
 
-    def _new_key(self, inst: str, phase: str) -> _Key:
-        k = _Key(inst, phase, self.cfg, self._vp)
-        seed = self._seeds.get(phase)
-        if seed is not None:
-            k.model, k.norms, rows = seed
-            k.reservoir = list(rows[-self._cap_res:])
-        self._keys[(inst, phase)] = k
+    # -- instances and groups ----------------------------------------------------------------------
+    def observe_resource(self, instance: str, resource) -> None:
+        """The resource attributes an instance reports (the collector's assembly calls this): with
+        ``model_scope: resource`` instances that report the same ones share a model."""
+        if self.cfg.model_scope != "resource" or instance in self._resource:
+            return
+        if len(self._resource) < MAX_RESOURCES:
+            self._resource[instance] = tuple(str(resource.get(a, "") or "") for a in GROUP_ATTRIBUTES)
+
+    def instance_bytes(self, steps: int) -> int:
+        """An upper bound of what an instance costs after ``steps`` steps, for a memory budget (the
+        collector's per-instance share): its verdict state and step context, and with its own model (the
+        instance scope, or an instance that never reported a resource) that model and its training memory.
+        A shared model is counted once per resource, not per instance (:data:`GROUP_BYTES_PER_ROW`)."""
+        if self.cfg.model_scope == "resource":
+            return INSTANCE_BYTES
+        return INSTANCE_BYTES + GROUP_BYTES + GROUP_BYTES_PER_ROW * min(steps, self.cfg.max_train)
+
+    def _key(self, inst: str) -> _Key:
+        k = self._keys.get(inst)
+        if k is None:
+            res = self._resource.get(inst)
+            gname = ("resource",) + res if res is not None else ("instance", inst)
+            g = self._groups.get(gname)
+            if g is None:
+                g = self._new_group(gname)
+            g.members += 1
+            k = self._keys[inst] = _Key(inst, g, self._vp)
         return k
 
+    def _new_group(self, name) -> _Group:
+        g = _Group(name, self.cfg)
+        if self._seed is not None:
+            g.model, g.norms, rows = self._seed
+            for r in rows[-(self.cfg.max_train // 4):]:
+                g.memory.add(r[0], r[1], r[2] if len(r) > 2 else None, r[3] if len(r) > 3 else 1.0)
+        self._groups[name] = g
+        return g
+
     # -- fitting -----------------------------------------------------------------------------------
-    def _schedule(self, k: _Key) -> None:
-        k.fitting = True
+    def _schedule(self, g: _Group) -> None:
+        g.fitting = True
         if not self.cfg.background:
-            self._fit_key(k)
+            self._fit_group(g)
             return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._fit_loop, name="prism-otel-fit", daemon=True)
             self._thread.start()
-        self._q.put(k)
+        self._q.put(g)
 
     def _fit_loop(self) -> None:
         while True:
-            k = self._q.get()
-            if k is None:
+            g = self._q.get()
+            if g is None:
                 return
-            self._fit_key(k)
+            self._fit_group(g)
 
-    def _fit_key(self, k: _Key) -> None:
+    def _fit_group(self, g: _Group) -> None:
         try:
-            rows = k.rows()
-            taken, novel = k.clean, k.novel
-            model, norms = self._fit_rows(rows)
-            if k.ref_limits is None:  # the first fit, or the first refit of a seeded / loaded baseline
-                k.ref_limits = dict((k.model or model).limits)
-            model.limits = {t: max(v, k.ref_limits.get(t, 0.0)) for t, v in model.limits.items()}
-            k.model, k.norms = model, norms
-            k.clean -= taken
-            k.novel -= novel
-            k.drift = 0.0
-            k.fits += 1
+            rows = g.rows()
+            taken, novel = g.clean, g.novel
+            old = g.model
+            keep = None
+            if old is not None and (old.bars_rows >= BARS_ROWS or len(rows) < 2 * old.bars_rows):
+                # the calibration stays: it came from enough steps, or from not many fewer (a refit sees only
+                # the steps the detector let through: their thinner tail would lower the bars refit by refit)
+                keep = ({"limits": old.limits, "scales": old.scales, "cells": old.cells, "scale": old.scale},
+                        old.bars_rows)
+            model, norms = self._fit_rows(rows, keep)
+            if old is not None and keep is None:
+                # a refit sees only the steps the detector let through: their thinner tail must not pull the
+                # scales and the shift limit down refit by refit (a tenth at most per refit)
+                model.limits["shift"] = max(model.limits["shift"], 0.9 * old.limits.get("shift", 0.0))
+                model.scales = tuple(max(a, 0.9 * b) for a, b in zip(model.scales, old.scales))
+            g.model, g.norms = model, norms
+            g.clean -= taken
+            g.novel -= novel
+            g.drift = 0.0
+            g.fits += 1
             self.fit_seconds.append(model.fit_s)
             with self._lock:
-                self._latest[k.phase] = k
+                self._latest = g
                 self._dirty = True
             if self.cfg.baseline_dir:
                 self.save_baseline()
         except Exception:  # noqa: BLE001 - a failed fit keeps the old model; counted, retried later
             self.fit_errors += 1
-            k.clean = k.novel = 0
-            logger.debug("prism-otel: fit failed for %s/%s", k.instance, k.phase, exc_info=True)
+            g.clean = g.novel = 0
+            logger.debug("prism-otel: fit failed for %s", g.name, exc_info=True)
         finally:
-            k.fitting = False
+            g.fitting = False
 
-    def _fit_rows(self, rows: list) -> tuple:
-        X = np.asarray([r[0] for r in rows], dtype=np.float64)
+    def _fit_rows(self, rows: list, keep=None) -> tuple:
+        X = np.asarray([r[0] for r in rows], dtype=np.float64).reshape(-1, N_FEATURES)
         y = np.asarray([r[1] for r in rows], dtype=np.float64)
         w = np.asarray([r[3] if len(r) > 3 else 1.0 for r in rows], dtype=np.float64)
         stage_rows = [r[2] for r in rows] if self.cfg.root_cause and any(r[2] for r in rows) else None
-        args = (X, y, self._fp, w if (w != 1.0).any() else None, stage_rows, self.cfg.root_cause_min_z)
+        fp = self._fp if keep is None else dataclasses.replace(self._fp, keep=keep[0], bars_rows=keep[1])
+        args = (X, y, fp, w if (w != 1.0).any() else None, stage_rows, self.cfg.root_cause_min_z)
         if self._worker is not None:
             return self._worker.fit(*args)
         return fit_model(*args)
 
     def train(self, steps: Iterable[StepRecord]) -> Dict[str, int]:
-        """Fit a baseline per phase on known-normal steps now (offline ``--train``); returns rows per phase.
+        """Fit a baseline on known-normal steps now (offline ``--train``); returns the rows fitted per phase.
 
-        The result seeds every (instance, phase) seen afterwards, exactly as a loaded baseline does.
-        """
-        prev = PrevTracker()
-        rows: Dict[str, list] = {}
+        The result seeds every instance seen afterwards, exactly as a loaded baseline does. The rows go
+        through the same cell-bounded memory as live steps (``max_train``)."""
+        ctx = StepContext()
+        mem = CellMemory(self.cfg.max_train)
+        last: Dict[str, int] = {}
+        seen: Dict[str, int] = {}
         for s in steps:
             if s.phase not in self._phases:
                 continue
             if self._check("\0train:" + s.instance, s.start_ns, s.end_ns, s.batch_size, s.prefill_tokens,
                            s.decode_tokens, s.context_tokens, s.max_context_tokens) is not None:
                 continue
-            p = prev.prev(s.instance, s.start_ns, s.end_ns)
-            prev.update(s.instance, s.batch_size, s.prefill_tokens + s.decode_tokens, s.end_ns)
-            x = step_features(s.batch_size, s.prefill_tokens, s.decode_tokens, s.context_tokens,
-                              s.max_context_tokens, p)
+            x = ctx.features(s.instance, s.batch_size, s.prefill_tokens, s.decode_tokens, s.context_tokens,
+                             s.max_context_tokens, s.start_ns, s.end_ns, s.change)
             st = {n: (b - a) / 1e6 for n, (a, b) in s.stages.items()} if s.stages else None
-            rows.setdefault(s.phase, []).append((x, (s.end_ns - s.start_ns) / 1e6, st))
-        out = {}
-        for phase, rs in rows.items():
-            if len(rs) < max(30, self.cfg.min_train // 4):
-                continue
-            self.train_seen[phase] = len(rs)
-            rs = rs[-self.cfg.max_train:]  # the most recent (spreading blocks over the file measured worse)
-            model, norms = self._fit_rows(rs)
-            self._seeds[phase] = (model, norms, rs[-SAMPLE_ROWS:])
-            for (_, ph), k in self._keys.items():
-                if ph == phase:
-                    k.model, k.norms = model, norms
-            out[phase] = len(rs)
-        return out
+            mem.add(x, (s.end_ns - s.start_ns) / 1e6, st)
+            seen[s.phase] = seen.get(s.phase, 0) + 1
+            last[s.instance] = s.start_ns
+        if len(mem) < max(30, self.cfg.min_train // 4):
+            return {}
+        self.train_seen = dict(seen)
+        rs = mem.rows()
+        model, norms = self._fit_rows(rs)
+        self._seed = (model, norms, rs[-SAMPLE_ROWS:])
+        for g in self._groups.values():
+            g.model, g.norms = model, norms
+        kept: Dict[str, int] = {}
+        for x, _, _, _ in rs:
+            ph = "decode" if x[1] == 0 else ("prefill" if x[2] == 0 else "mixed")
+            kept[ph] = kept.get(ph, 0) + 1
+        return {ph: kept.get(ph, 0) for ph in seen}
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no fit is queued or running (tests, benchmarks)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self._q.empty() and not any(k.fitting for k in list(self._keys.values())):
+            if self._q.empty() and not any(g.fitting for g in list(self._groups.values())):
                 return True
             time.sleep(0.005)
         return False
 
     # -- lifecycle and introspection ---------------------------------------------------------------
     def forget_instance(self, instance: str) -> None:
-        """Drop everything kept for ``instance`` (models, verdict state, training rows): the collector
-        evicts idle instances to stay within its memory budget. Its next step starts it afresh."""
-        for key in [k for k in self._keys if k[0] == instance]:
-            del self._keys[key]
-        self._prev.forget(instance)
+        """Drop everything kept for ``instance`` (verdict state, context; its model too unless other
+        instances share it): the collector evicts idle instances to stay within its memory budget. Its
+        next step starts it afresh."""
+        k = self._keys.pop(instance, None)
+        if k is not None:
+            g = k.group
+            g.members -= 1
+            if g.members <= 0 and not g.fitting:  # the last instance of its model: the model goes too
+                self._groups.pop(g.name, None)
+        self._ctx.forget(instance)
         self._last_start.pop(instance, None)
-        self._alarmed.pop(instance, None)
+        self._resource.pop(instance, None)
         rootcause.forget(self, instance)
 
     def shutdown(self) -> None:
@@ -389,8 +581,10 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         self.sink.close()
 
     def stats(self) -> dict:
-        return {"keys": len(self._keys), "models": sum(1 for k in self._keys.values() if k.model is not None),
-                "fits": sum(k.fits for k in self._keys.values()), "fit_errors": self.fit_errors,
+        return {"keys": len(self._keys), "groups": len(self._groups),
+                "models": sum(1 for g in self._groups.values() if g.model is not None),
+                "fits": sum(g.fits for g in self._groups.values()), "refits": dict(self.refits),
+                "fit_errors": self.fit_errors,
                 "alerts": self.alerts, "bad": dict(self.bad),
                 "fit_worker_fits": self._worker.remote_fits if self._worker else 0,
                 "fit_worker_failures": self._worker.failures if self._worker else 0, "baseline_loaded": self.baseline_loaded,

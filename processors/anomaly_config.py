@@ -19,15 +19,19 @@ class AnomalyConfig:
     max_train: int = 4000
     background: bool = True
     fit_process: bool = False
+    fit_inline: bool = True
+    model_scope: str = "resource"
     alpha: float = 0.002
+    target_fpr: float = 0.005
     short: int = 3
-    window: int = 8
     long_window: int = 32
+    level_rate: float = 0.1
+    max_level: float = 0.2
     min_point: float = 0.405
     min_shift: float = 0.08
     clear_steps: int = 8
     cell_min_steps: int = 0
-    bias_rate: float = 0.02
+    bias_rate: float = 0.01
     max_bias: float = 0.2
     novelty_refit: int = 50
     novelty_weight: float = 4.0
@@ -47,15 +51,20 @@ class AnomalyConfig:
     alert_min_interval_s: float = 0.0
 
     def validate(self, where: str = "") -> None:
-        positive(where, alpha=self.alpha, min_point=self.min_point, min_shift=self.min_shift,
-                 min_train=self.min_train, refit_every=self.refit_every, max_train=self.max_train, short=self.short,
-                 window=self.window, long_window=self.long_window, clear_steps=self.clear_steps,
+        positive(where, alpha=self.alpha, target_fpr=self.target_fpr, min_point=self.min_point,
+                 min_shift=self.min_shift, min_train=self.min_train, refit_every=self.refit_every,
+                 max_train=self.max_train, short=self.short, long_window=self.long_window,
+                 level_rate=self.level_rate, max_level=self.max_level, clear_steps=self.clear_steps,
                  bias_rate=self.bias_rate, max_bias=self.max_bias, n_trees=self.n_trees,
                  tree_depth=self.tree_depth, alert_queue=self.alert_queue, alert_timeout_s=self.alert_timeout_s,
                  max_step_s=self.max_step_s)
         pre = where + "." if where else ""
         if not self.alpha < 0.5:
             raise ValueError(f"{pre}alpha: must be < 0.5 (a false-alarm rate per test), got {self.alpha}")
+        if not self.target_fpr < 0.5:
+            raise ValueError(f"{pre}target_fpr: must be < 0.5 (a false-positive rate), got {self.target_fpr}")
+        if self.model_scope not in ("instance", "resource"):
+            raise ValueError(f"{pre}model_scope: must be 'instance' or 'resource', got {self.model_scope!r}")
         if self.cell_min_steps < 0:
             raise ValueError(f"{pre}cell_min_steps: must be >= 0, got {self.cell_min_steps}")
         if self.bias_rate > 1:

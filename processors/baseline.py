@@ -2,7 +2,7 @@
 
 The key is what must match for a latency model to carry over: model, hardware, framework,
 parallelism and versions (a dict of strings; missing fields are empty). One JSON file per key in
-the baseline directory, named by a hash of the key, holds per phase the fitted model (plain
+the baseline directory, named by a hash of the key, holds the fitted model (plain
 numbers: :meth:`LatencyModel.to_dict`), the stage norms and a bounded sample of the normal steps it
 was fitted on (so later refits still cover workloads the new process has not seen yet). No
 pickle: a baseline file is data, safe to share, and readable with numpy alone. Writes are atomic
@@ -22,7 +22,7 @@ from typing import Dict, Mapping, Optional
 logger = logging.getLogger(__name__)
 
 KEY_FIELDS = ("model", "hardware", "framework", "parallelism", "versions")
-FORMAT = 2  # 2: per-test limits calibrated on the residuals (processors.verdict); format 1 files are ignored
+FORMAT = 3  # 3: one model for every phase, scales per step class, bars chosen by injection; older files are ignored
 
 
 def normalize_key(key: Optional[Mapping[str, str]]) -> Dict[str, str]:
@@ -43,7 +43,7 @@ def path_for(directory: str, key: Mapping[str, str]) -> str:
 
 
 def load(directory: str, key: Mapping[str, str]) -> Optional[dict]:
-    """The stored ``{"phases": {...}}`` for ``key``, or None (missing, unreadable, or another key)."""
+    """The stored ``{"model": {...}}`` for ``key``, or None (missing, unreadable, or another key)."""
     path = path_for(directory, key)
     try:
         with open(path, encoding="utf-8") as f:
@@ -59,10 +59,10 @@ def load(directory: str, key: Mapping[str, str]) -> Optional[dict]:
     return doc
 
 
-def save(directory: str, key: Mapping[str, str], phases: Mapping[str, dict]) -> str:
+def save(directory: str, key: Mapping[str, str], model: Mapping[str, object]) -> str:
     os.makedirs(directory, exist_ok=True)
     path = path_for(directory, key)
-    doc = {"format": FORMAT, "key": normalize_key(key), "saved_at": time.time(), "phases": dict(phases)}
+    doc = {"format": FORMAT, "key": normalize_key(key), "saved_at": time.time(), "model": dict(model)}
     fd, tmp = tempfile.mkstemp(prefix=".baseline-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -18,7 +18,7 @@ SAMPLE_ROWS = 2000  # normal steps stored with a baseline
 
 
 class PersistentBaselines:
-    """Needs ``cfg``, ``baseline_key``, ``_seeds``, ``_keys``, ``_latest``, ``_lock``, ``_dirty``,
+    """Needs ``cfg``, ``baseline_key``, ``_seed``, ``_groups``, ``_latest``, ``_lock``, ``_dirty``,
     ``_resolver`` and ``_resolve_tries`` from the processor."""
 
     def _resolve_key(self) -> None:
@@ -34,53 +34,49 @@ class PersistentBaselines:
             self.baseline_key = bl.normalize_key(key)
         if self.cfg.baseline_dir:
             self._load_baseline()
-            for (_, phase), k in self._keys.items():  # keys seen while the key was being resolved
-                seed = self._seeds.get(phase)
-                if seed is not None and k.model is None:
-                    k.model, k.norms = seed[0], seed[1]
+            seed = self._seed
+            for g in self._groups.values():  # groups seen while the key was being resolved
+                if seed is not None and g.model is None:
+                    g.model, g.norms = seed[0], seed[1]
 
     def _load_baseline(self) -> None:
         doc = bl.load(self.cfg.baseline_dir, self.baseline_key)
         if doc is None:
             return
-        for phase, d in doc.get("phases", {}).items():
-            try:
-                model = LatencyModel.from_dict(d["model"])
-                norms = StageNorms.from_dict(d["stages"]) if d.get("stages") else None
-                s = d.get("sample") or {}
-                stage_rows = s.get("S") or [None] * len(s.get("y", []))
-                rows = [(tuple(x), float(y), st) for x, y, st in zip(s.get("X", []), s.get("y", []), stage_rows)]
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("prism-otel: baseline phase %s unusable: %s", phase, exc)
-                continue
-            self._seeds[phase] = (model, norms, rows)
-        self.baseline_loaded = bool(self._seeds)
+        d = doc.get("model")
+        if not isinstance(d, dict):
+            return
+        try:
+            model = LatencyModel.from_dict(d["model"])
+            norms = StageNorms.from_dict(d["stages"]) if d.get("stages") else None
+            s = d.get("sample") or {}
+            stage_rows = s.get("S") or [None] * len(s.get("y", []))
+            rows = [(tuple(x), float(y), st) for x, y, st in zip(s.get("X", []), s.get("y", []), stage_rows)]
+            if any(len(r[0]) != len(model.ranges or r[0]) for r in rows):
+                raise ValueError("sample rows do not match the model's features")
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("prism-otel: baseline unusable: %s", exc)
+            return
+        self._seed = (model, norms, rows)
+        self.baseline_loaded = True
 
     def save_baseline(self) -> Optional[str]:
-        """Write the latest model of each phase (and a sample of its normal steps) under the key."""
+        """Write the latest model (and a sample of its normal steps) under the key."""
         if not self.cfg.baseline_dir:
             return None
         with self._lock:
-            latest = dict(self._latest)
+            g = self._latest
             self._dirty = False
-        phases = {}
-        for phase, k in latest.items():
-            if k.model is None:
-                continue
-            rows = k.rows()[-SAMPLE_ROWS:]
-            phases[phase] = {"model": k.model.to_dict(), "stages": k.norms.to_dict() if k.norms else None,
-                             "sample": {"X": [list(r[0]) for r in rows], "y": [r[1] for r in rows],
-                                        "S": [r[2] for r in rows]}}
-        for phase, (model, norms, rows) in self._seeds.items():
-            if phase not in phases:  # keep what was loaded for phases not refitted here
-                phases[phase] = {"model": model.to_dict(), "stages": norms.to_dict() if norms else None,
-                                 "sample": {"X": [list(r[0]) for r in rows], "y": [r[1] for r in rows],
-                                            "S": [r[2] for r in rows]}}
-        if not phases:
+        if g is not None and g.model is not None:
+            model, norms, rows = g.model, g.norms, g.rows()[-SAMPLE_ROWS:]
+        elif self._seed is not None:  # keep what was loaded when nothing was refitted here
+            model, norms, rows = self._seed
+        else:
             return None
+        doc = {"model": model.to_dict(), "stages": norms.to_dict() if norms else None,
+               "sample": {"X": [list(r[0]) for r in rows], "y": [r[1] for r in rows], "S": [r[2] for r in rows]}}
         try:
-            return bl.save(self.cfg.baseline_dir, self.baseline_key, phases)
+            return bl.save(self.cfg.baseline_dir, self.baseline_key, doc)
         except OSError as exc:
             logger.warning("prism-otel: could not save baseline in %s: %s", self.cfg.baseline_dir, exc)
             return None
-

@@ -111,8 +111,11 @@ def in_process_processors() -> list:
     from processors.slo import SLOConfig, SLOProcessor
 
     try:
-        # in an engine process fits go to a worker process (a companion has no engine to protect)
-        acfg = AnomalyConfig.from_dict({"fit_process": os.environ.get(sc.ENV_ROLE) != sc.ROLE_COMPANION,
+        # in an engine process every fit goes to a worker process, the first one too (its steps wait
+        # unjudged until it comes back): nothing is fitted on the engine's interpreter. A companion has no
+        # engine to protect: it fits its first model inline and judges every later step
+        in_engine = os.environ.get(sc.ENV_ROLE) != sc.ROLE_COMPANION
+        acfg = AnomalyConfig.from_dict({"fit_process": in_engine, "fit_inline": not in_engine,
                                         **anomaly_config_from_env()})
     except ValueError as exc:
         raise ValueError(f"{sc.ENV_DETECT_CONFIG} (or {sc.ENV_BASELINE_DIR}, {sc.ENV_ALERT_FILE}, "

@@ -110,6 +110,12 @@ def fit_trees(X: np.ndarray, z: np.ndarray, n_trees: int = 100, depth: int = 3, 
     w0 = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     init = float(np.average(z, weights=w0)) if n else 0.0
     Xb, edges = _bins(X.astype(np.float32).astype(np.float64), max_bins)
+    # only features that can split anything are histogrammed (a constant column costs as much as any)
+    live = np.asarray([j for j, e in enumerate(edges) if len(e)], dtype=np.intp)
+    if len(live) == 0:
+        live = np.zeros(1, dtype=np.intp)
+    Xb = np.ascontiguousarray(Xb[:, live])
+    edges = [edges[j] for j in live]
     nedge = np.asarray([len(e) for e in edges], dtype=np.int64)
     rng = np.random.default_rng(seed)
     F = np.full(n, init)
@@ -127,7 +133,7 @@ def fit_trees(X: np.ndarray, z: np.ndarray, n_trees: int = 100, depth: int = 3, 
         child = np.empty(2 * m, dtype=np.intp)
         child[0::2] = np.where(leaf, ids, lft) + off
         child[1::2] = np.where(leaf, ids, rgt) + off
-        feats.append(f)
+        feats.append(live[f])
         thrs.append(t)
         childs.append(child)
         vals.append(v)

@@ -35,9 +35,9 @@ from typing import Optional
 
 import numpy as np
 
-from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_FEATURES, NEW_TOKENS
+from processors.features import AVG_CONTEXT, LINEAR_COLUMNS, N_CLASSES, N_FEATURES, NEW_TOKENS
 from processors.gbm import fit_trees, huber_line
-from processors.verdict import VerdictParams, calibrate
+from processors.verdict import VerdictParams, calibrate, events_apart
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ class FitParams:
     min_leaf: int = 15
     scale_floor: float = 0.004  # smallest residual scale accepted (log units, ~0.4%)
     verdict: VerdictParams = field(default_factory=VerdictParams)  # how the test limits are calibrated
+    # a refit of a calibrated model: keep its calibration ({"limits", "scales", "cells", "scale"}: no
+    # out-of-fold fits, no search), only the latency model is fitted again
+    keep: Optional[dict] = None
+    bars_rows: int = 0  # the training steps the kept bars came from
 
 
 class LatencyModel:
@@ -58,7 +62,7 @@ class LatencyModel:
     :func:`processors.verdict.calibrate`). Immutable once built."""
 
     def __init__(self, cols, coef, intercept, floor_ms, trees, center, scale, limits, n_train, ranges=None,
-                 fit_s=0.0, lo=None, piece2=None, cond_hi=None, cells=None) -> None:
+                 fit_s=0.0, lo=None, piece2=None, cond_hi=None, cells=None, scales=None, bars_rows=0) -> None:
         self.cols = tuple(int(c) for c in cols)
         self.coef = tuple(float(c) for c in coef)
         self.lo = tuple(float(v) for v in lo) if lo is not None else tuple(0.0 for _ in self.cols)
@@ -67,12 +71,17 @@ class LatencyModel:
         self.trees = trees  # None or dict of numpy arrays (feat, thr, child, value, roots, depth, init)
         self.center = float(center)  # median out-of-fold log residual
         self.scale = float(scale)  # robust sigma of it
-        self.limits = {str(k): float(v) for k, v in (limits or {}).items()}  # test -> limit on the residual
+        # test -> its bar (processors.verdict.calibrate): point / pair / window / stay in units of the
+        # step's class scale, shift a log-ratio
+        self.limits = {str(k): float(v) for k, v in (limits or {}).items()}
+        # residual scale of each step class (processors.features.step_class): event, after, ordinary
+        self.scales = tuple(float(v) for v in scales) if scales is not None else (self.scale,) * N_CLASSES
         self.n_train = int(n_train)
+        self.bars_rows = int(bars_rows or n_train)  # the training steps the bars were chosen on
         # workload cell -> residual bias in the training steps (processors.verdict.calibrate)
-        self.cells = {tuple(int(v) for v in k): float(b) for k, b in (cells or {}).items()}
+        self.cells = {int(k): float(b) for k, b in (cells or {}).items()}
         self.ranges = ranges
-        self.fit_s = fit_s
+        self.fit_s = fit_s  # CPU seconds the fit took on its thread (its wall time adds whatever else runs)
         self._lin = tuple(zip(self.cols, self.coef, self.lo))
         # optional second affine piece: base = max(piece 1, piece 2) (overlap: max(device, host))
         self.piece2 = None if piece2 is None else [float(v) for v in piece2]  # intercept, coefs
@@ -89,6 +98,11 @@ class LatencyModel:
             self._init = float(trees["init"])
             self._feat, self._thr, self._child = trees["feat"], trees["thr"], trees["child"]
             self._value, self._roots, self._depth = trees["value"], trees["roots"], int(trees["depth"])
+
+    @property
+    def events_apart(self) -> bool:
+        """Whether event steps are judged apart (:func:`processors.verdict.events_apart`)."""
+        return events_apart(self.scales)
 
     # -- scoring ----------------------------------------------------------------------------------
     def excess(self, x) -> float:
@@ -161,13 +175,15 @@ class LatencyModel:
                 "floor_ms": self.floor_ms, "center": self.center, "scale": self.scale, "limits": dict(self.limits),
                 "n_train": self.n_train, "ranges": self.ranges, "trees": _trees_to_dict(self.trees),
                 "piece2": self.piece2, "cond_hi": {str(k): list(v) for k, v in self.cond_hi.items()},
-                "cells": [list(k) + [b] for k, b in self.cells.items()]}
+                "cells": [[k, b] for k, b in self.cells.items()], "scales": list(self.scales),
+                "bars_rows": self.bars_rows}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatencyModel":
         return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], _trees_from_dict(d.get("trees")), d["center"],
                    d["scale"], d["limits"], d["n_train"], d.get("ranges"), lo=d.get("lo"), piece2=d.get("piece2"),
-                   cond_hi=d.get("cond_hi"), cells={tuple(c[:3]): c[3] for c in d.get("cells") or ()})
+                   cond_hi=d.get("cond_hi"), cells={int(c[0]): c[1] for c in d.get("cells") or ()},
+                   scales=d.get("scales"), bars_rows=d.get("bars_rows", 0))
 
 
 def _trees_to_dict(t: Optional[dict]) -> Optional[dict]:
@@ -325,14 +341,19 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=Non
     ``weights``: per-row weight of the tree correction (rows of a workload new to the model count more,
     so one refit learns the region instead of averaging it away)."""
     p = p or FitParams()
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     X = np.asarray(X, dtype=np.float64).reshape(-1, N_FEATURES)
     y = np.asarray(y, dtype=np.float64)
     n = len(y)
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
     with_trees = n >= 4 * p.min_leaf
-    # out-of-fold residuals: two folds of alternating time blocks
+    if p.keep is not None:
+        final = _fit_once(X, y, p, with_trees, weights)
+        k = p.keep
+        center = float(np.median(np.log(y / final.predict_many(X))))
+        return _finish(final, X, center, k["scale"], dict(k["limits"]), k["scales"], k["cells"], p.bars_rows, t0)
+    # out-of-fold residuals: two folds of alternating time blocks (sixteenths of the stream)
     blk = max(8, n // 16)
     fold = (np.arange(n) // blk) % 2 == 0
     oof = np.empty(n)
@@ -345,8 +366,13 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=Non
     center = float(np.median(r))
     dev = r - center
     scale = max(p.scale_floor, 1.4826 * float(np.median(np.abs(dev))))
-    limits, cells = calibrate(dev, X, p.verdict)
+    limits, scales, cells = calibrate(dev, X, p.verdict)
     final = _fit_once(X, y, p, with_trees, weights)
+    return _finish(final, X, center, scale, limits, scales, cells, n, t0)
+
+
+def _finish(final, X, center, scale, limits, scales, cells, bars_rows, t0) -> LatencyModel:
+    n = len(X)
     # the envelope's edges are sparse: novelty starts past the 99th percentile, not the maximum
     ranges = [[float(a), float(q), float(b)] for a, q, b in zip(X.min(axis=0), np.percentile(X, 99, axis=0),
                                                                X.max(axis=0))]
@@ -356,8 +382,8 @@ def fit(X: np.ndarray, y: np.ndarray, p: Optional[FitParams] = None, weights=Non
         near = np.abs(bins - b) <= 1
         cond[int(b)] = (float(X[near, AVG_CONTEXT].max()), float(X[near, NEW_TOKENS].max()))
     model = LatencyModel(final.cols, final.coef, final.intercept, final.floor_ms, final.trees, center, scale, limits,
-                         n, ranges, time.perf_counter() - t0, lo=final.lo, piece2=final.piece2, cond_hi=cond,
-                         cells=cells)
+                         n, ranges, time.thread_time() - t0, lo=final.lo, piece2=final.piece2, cond_hi=cond,
+                         cells=cells, scales=scales, bars_rows=bars_rows)
     return model
 
 

@@ -154,12 +154,10 @@ class SignalNorms:
     (PCIe throughput: its median level), over a uniform sample (reservoir) of every normal step seen:
     :data:`NORM_ROWS` float32 rows per instance (~7 KB)."""
 
-    __slots__ = ("rows", "n", "frac", "added", "io_recent", "_rand")
+    __slots__ = ("rows", "n", "frac", "added", "io_recent", "_seed")
 
     def __init__(self) -> None:
-        import random
-
-        self._rand = random.Random(0).random
+        self._seed = 0x2545F491  # a 32-bit LCG for the reservoir: random.Random's state alone is 2.5 KB per instance
         self.rows = np.full((NORM_ROWS, len(_Q)), np.nan, dtype=np.float32)
         self.n = 0
         self.frac: Optional[Dict[str, float]] = None
@@ -179,7 +177,8 @@ class SignalNorms:
         if self.n < NORM_ROWS:
             slot = self.n
         else:
-            slot = int(self._rand() * (self.n + 1))
+            self._seed = (self._seed * 1664525 + 1013904223) & 0xFFFFFFFF
+            slot = int(self._seed / 4294967296.0 * (self.n + 1))
         self.n += 1
         self.added += 1
         if slot >= NORM_ROWS:
@@ -379,6 +378,16 @@ def forget(owner, instance: str) -> None:
         st.norms.pop(instance, None)
 
 
+def _novel(key, x) -> bool:
+    model = getattr(key, "model", None)
+    if model is None or x is None:
+        return False
+    try:
+        return model.excess(x) > 0.02
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def attach(owner, step, expected_ms: Optional[float], anomalous: bool, key=None, x=None):
     """Learn from a normal step, or explain an anomalous one: returns ``(root_cause, step)``, the step
     carrying ``prism.anomaly.evidence.*`` when it is anomalous. ``owner``: the processor whose state this
@@ -390,22 +399,22 @@ def attach(owner, step, expected_ms: Optional[float], anomalous: bool, key=None,
     nk = step.instance  # one set of norms per engine: how its threads are scheduled does not depend on the phase
     norms = st.norms.get(nk)
     if norms is None:
-        norms = st.norms[nk] = SignalNorms()
-    y = step.duration_ms
-    q = _quantities(step, step.signals or {})
-    norms.saw(y, q)
-    if not anomalous:
-        if y <= 1.25 * expected_ms and not step.attributes.get(sc.DEEPDIVE):
-            norms.add(y, q)
-        return None, step
-    novel = False
-    model = getattr(key, "model", None)
-    if model is not None and x is not None:
-        try:
-            novel = model.excess(x) > 0.02
-        except Exception:  # noqa: BLE001
-            novel = False
-    res = explain(step, expected_ms, norms, getattr(key, "norms", None), novel)
+        if not step.signals and step.device_ns is None:
+            # no evidence joined (a CSV, a collector fed by engines without signals): nothing to learn, and
+            # no ~7 KB reservoir per instance
+            if not anomalous:
+                return None, step
+        else:
+            norms = st.norms[nk] = SignalNorms()
+    if norms is not None:
+        y = step.duration_ms
+        q = _quantities(step, step.signals or {})
+        norms.saw(y, q)
+        if not anomalous:
+            if y <= 1.25 * expected_ms and not step.attributes.get(sc.DEEPDIVE):
+                norms.add(y, q)
+            return None, step
+    res = explain(step, expected_ms, norms, getattr(key, "norms", None), _novel(key, x))
     attrs = {k: v for k, v in step.attributes.items() if not k.startswith(sc.EVIDENCE_PREFIX)}
     attrs.update(res.attributes())
     return res.root, dataclasses.replace(step, attributes=attrs)

@@ -107,7 +107,9 @@ def test_eval_json_small_suite():
     assert set(dets) == {"prism", "static_threshold", "zscore", "latencyprism_rule", "gbdt_median3"}
     for m in dets.values():
         assert set(m) == {"precision", "recall", "f1", "fpr", "lag_batches", "lag_ms"}
-    assert dets["prism"]["f1"] > 0.97
+    # (drifts over 300-600 steps move the instance's level before the shift test catches them: F1 0.955 with
+    # the level, 0.985 without it, which flagged 5x more normal steps on the real-data corpus)
+    assert dets["prism"]["f1"] > 0.95
     assert all(dets["prism"]["f1"] > m["f1"] for n, m in dets.items() if n != "prism")
 
 

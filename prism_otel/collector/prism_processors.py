@@ -175,7 +175,11 @@ def forget_instance(p: Any, instance: str) -> None:
 
 def instance_cost(processors: Sequence[Any]) -> Callable[[int], int]:
     """Estimated bytes the processors keep for an instance after ``steps`` steps."""
-    cfg = next((getattr(p, "cfg", None) for p in processors if type(p).__name__ == "AnomalyProcessor"), None)
+    det = next((p for p in processors if type(p).__name__ == "AnomalyProcessor"), None)
+    own = getattr(det, "instance_bytes", None)
+    if own is not None:  # the detector's own bound (a model shared by the instances of a resource is not theirs)
+        return lambda steps: INSTANCE_BASE_BYTES + own(steps)
+    cfg = getattr(det, "cfg", None)
     if cfg is None:  # fleet / SLO only: a bounded window per instance
         return lambda steps: INSTANCE_BASE_BYTES + 16 * min(steps, 4096)
     max_rows, fit_at = getattr(cfg, "max_train", 4000), getattr(cfg, "min_train", 200)

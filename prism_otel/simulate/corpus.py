@@ -7,7 +7,8 @@ prompt and output lengths, each held once closed-loop and once with tidal open-l
 is injected while recording: every step is normal, the natural hiccups included.
 
 On disk (``<dir>/<engine>-<size>/``): ``steps.csv.gz`` (the ``prism-otel detect`` columns, stage
-durations, and ``workload``: the configuration the step belongs to), ``segments.jsonl`` (each
+durations, ``workload``: the configuration the step belongs to, and what changed since the previous
+step as the hooks knew it, where they did: ``stepcsv.CHANGE_COLUMNS``), ``segments.jsonl`` (each
 configuration's wall-clock bounds, requests, throughput) and ``meta.json`` (versions, machine, grid).
 ``prism-otel corpus build`` records one; ``make corpus`` records every one shipped in
 ``prism_otel/simulate/corpus_data`` (docs/detection.md).
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional
 
 from prism_otel.simulate import dataset
 from prism_otel.simulate.segments import Segment
+from prism_otel.simulate.stepcsv import CHANGE_COLUMNS
 from prism_otel.simulate.workload import Lengths
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus_data")
@@ -37,17 +39,37 @@ MIXES = {
     "longout": (Lengths(median=24, sigma=0.5, min=4, max=200), Lengths(median=96, sigma=0.4, min=24, max=160)),
     "mixed": (Lengths(median=64, sigma=0.9, min=4, max=400), Lengths(median=32, sigma=0.9, min=2, max=160)),
 }
-# what each recorded corpus is: (engine kind, model size, engine options)
+# what each recorded corpus is: (engine kind, model size, engine options). Two options shape the machine
+# the engine runs on, not the engine: ``cpus`` pins the engine (and every process it starts) to those
+# cores; ``neighbour_cpus`` keeps a busy process on each of those cores for the whole recording.
 CORPORA = {
     "transformers-tiny": ("transformers", "tiny", {"threads": 1}),
     "transformers-small": ("transformers", "small", {"threads": 1}),
     "transformers_serve-small": ("transformers_serve", "small", {"threads": 1}),
     "vllm-small": ("vllm", "small", {"threads": 1, "max_num_seqs": 64}),
+    # the same engine and model as transformers-small on another machine load: a neighbour keeps one of the
+    # two cores busy (one machine's noise must not be the whole training signal)
+    "transformers-small-neighbour": ("transformers", "small", {"threads": 1, "neighbour_cpus": [1]}),
     # recorded on a lent GPU machine (bench/device/gpu_corpus.sh): a ~1.2 B random-weight Llama in bf16
     "transformers-gpu-1b": ("transformers", "1b", {"threads": 2, "device": "cuda", "dtype": "bfloat16",
                                                    "cb": {"num_blocks": 4096, "page_size": 32,
                                                           "max_batch_tokens": 1024}}),
 }
+LOAD_OPTIONS = ("cpus", "neighbour_cpus")
+
+
+def recordable_here(name: str) -> bool:
+    """Whether this machine can record corpus ``name``: a GPU corpus needs a lent GPU machine
+    (bench/device/gpu_corpus.sh); until one is recorded it is simply not shipped."""
+    device = CORPORA[name][2].get("device", "cpu")
+    if device == "cpu":
+        return True
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def grid(segment_s: float = 10.0, seed: int = 0) -> List[Segment]:
@@ -66,6 +88,17 @@ def grid(segment_s: float = 10.0, seed: int = 0) -> List[Segment]:
     return out
 
 
+def machine_kind(meta: dict) -> str:
+    """``gpu`` when a corpus's meta.json says it was recorded on an accelerator (a ``device`` or ``gpu``
+    entry, a CUDA torch), else ``cpu``."""
+    mach = meta.get("machine") or {}
+    vers = meta.get("versions") or {}
+    if meta.get("device") or mach.get("gpu") or mach.get("device") or meta.get("options", {}).get("device") in (
+            "cuda", "gpu") or "cu" in str(vers.get("torch", "")).split("+")[-1]:
+        return "gpu"
+    return "cpu"
+
+
 def group_of(workload: str) -> str:
     """The (concurrency, mix) pair of a configuration name: both arrival modes of a pair are held out
     together, so a held-out pair is new in every respect but its engine."""
@@ -81,15 +114,26 @@ def build(name: str, out_dir: str, segment_s: float = 10.0, log=print) -> dict:
     os.makedirs(os.path.join(out_dir, "otlp"), exist_ok=True)
     out_dir = os.path.abspath(out_dir)
     segs = grid(segment_s)
-    eng = ENGINES[kind](_resolve_model(size, options.get("dtype")), out_dir, dict(options))
+    eng = ENGINES[kind](_resolve_model(size, options.get("dtype")), out_dir,
+                        {k: v for k, v in options.items() if k not in LOAD_OPTIONS})
     log(f"corpus {name}: {len(segs)} workload configurations x {segment_s:g} s on {kind} ({size})")
     t0 = time.time()
+    mine = os.sched_getaffinity(0)
+    neighbours = [_busy(c) for c in options.get("neighbour_cpus", ())]
+    load0 = os.getloadavg()
     try:
+        if options.get("cpus"):
+            os.sched_setaffinity(0, set(options["cpus"]))  # the engine and its children inherit it
         eng.start_segments([s.to_dict() for s in segs])
+        os.sched_setaffinity(0, mine)
         eng.wait_ready()
         eng.finish(timeout=len(segs) * (segment_s + 120))
     finally:
+        os.sched_setaffinity(0, mine)
         eng.close()
+        for p in neighbours:
+            p.kill()
+            p.wait()
     seg_path = os.path.join(out_dir, "segments.jsonl")
     records = [json.loads(ln) for ln in open(seg_path)] if os.path.exists(seg_path) else []
     if len(records) != len(segs):
@@ -99,10 +143,19 @@ def build(name: str, out_dir: str, segment_s: float = 10.0, log=print) -> dict:
     write_steps(os.path.join(out_dir, "steps.csv.gz"), rows)
     meta = {"name": name, "engine": kind, "model": size, "options": options, "segment_s": segment_s,
             "segments": len(records), "steps": len(rows), "seconds": round(time.time() - t0, 1),
-            "versions": _versions(kind), "machine": _machine()}
+            "versions": _versions(kind), "machine": dict(_machine(), loadavg_before=list(load0))}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def _busy(cpu: int):
+    """A neighbour: a process that keeps core ``cpu`` busy until it is killed."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
 
 
 def assign(rows: List[dict], records: List[dict]) -> List[dict]:
@@ -119,7 +172,7 @@ def assign(rows: List[dict], records: List[dict]) -> List[dict]:
     return out
 
 
-_KEEP = dataset.STEP_COLUMNS + ("workload",)
+_KEEP = dataset.STEP_COLUMNS + ("workload",) + CHANGE_COLUMNS
 
 
 def write_steps(path: str, rows: List[dict]) -> None:

@@ -40,7 +40,7 @@ def dispatch(args):
         return 0
     if args.name and args.name.startswith("faults"):
         return _faults(args.name, fr)
-    names = list(cp.CORPORA) if args.name == "all" else [args.name]
+    names = [n for n in cp.CORPORA if cp.recordable_here(n)] if args.name == "all" else [args.name]
     if not args.name or any(n not in cp.CORPORA for n in names):
         print(f"prism-otel corpus: give a name ({', '.join(cp.CORPORA)}) or all", file=sys.stderr)
         return 2

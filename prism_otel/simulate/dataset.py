@@ -29,11 +29,14 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 from prism_otel import semconv as sc
 from prism_otel.otlp_json import request_from_json, request_to_dict
+from prism_otel.simulate.stepcsv import CHANGE_COLUMNS
 
 STEP_COLUMNS = ("instance", "start_ns", "duration_us", "phase", "batch_size", "prefill_tokens", "decode_tokens",
                 "context_tokens", "max_context_tokens")
 SIGNAL_COLUMN_PREFIX = "signal_"  # signal_<name>: StepRecord.signals (prism.signal.<name>), read back by stepcsv
 LABEL_COLUMNS = ("index", "start_ns", "end_ns", "anomaly", "fault", "label", "scored")
+_CHANGE = (sc.BATCH_REQUESTS_JOINED, sc.BATCH_REQUESTS_LEFT, sc.BATCH_TOKENS_JOINED, sc.BATCH_SIZE_BEFORE,
+           sc.BATCH_STEPS_SINCE_CHANGE)
 _FEATURES = {sc.BATCH_SIZE: "batch_size", sc.BATCH_PREFILL_TOKENS: "prefill_tokens",
              sc.BATCH_DECODE_TOKENS: "decode_tokens", sc.BATCH_CONTEXT_TOKENS: "context_tokens",
              sc.BATCH_MAX_CONTEXT_TOKENS: "max_context_tokens"}
@@ -102,6 +105,9 @@ def steps_from_spans(spans: Sequence[dict]) -> List[dict]:
                "phase": a.get(sc.STEP_PHASE, ""), "index": a.get(sc.STEP_INDEX, "")}
         for attr, col in _FEATURES.items():
             row[col] = int(a.get(attr, 0) or 0)
+        if all(attr in a for attr in _CHANGE):  # what changed since the previous step, as the hooks knew it
+            for attr, col in zip(_CHANGE, CHANGE_COLUMNS):
+                row[col] = int(a[attr] or 0)
         for stage, ns in children.get(s["span_id"], {}).items():
             row[f"stage_{stage}_us"] = round(ns / 1e3, 3)
         for k, v in a.items():  # evidence over the step (prism.signal.*): signal_<name> columns

@@ -5,7 +5,10 @@ context_tokens,max_context_tokens``. Only ``start_ns`` and ``duration_us`` are r
 ``instance`` reads as ``default``, missing counts as 0, a missing ``phase`` is derived from the token
 counts (``decode`` when there are none). Optional ``stage_<name>_us`` columns give stage durations
 (laid end to end from the step start); optional ``signal_<name>`` columns the evidence joined to the step
-(``StepRecord.signals``, for root cause). Extra columns are carried through untouched.
+(``StepRecord.signals``, for root cause). Optional :data:`CHANGE_COLUMNS` give what changed since the
+instance's previous step as the hooks knew it (:class:`~prism_otel.record.BatchChange`, from request
+ids); where they are absent or empty the detector derives it from consecutive rows. Extra columns
+are carried through untouched.
 
 A row that cannot be read (a non-number, NaN, a negative value) becomes ``None`` in the parsed list
 with its reason counted, so callers keep row order and lose nothing else.
@@ -17,11 +20,12 @@ import csv
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from prism_otel.record import StepRecord, classify_phase
+from prism_otel.record import BatchChange, StepRecord, classify_phase
 
 COLUMNS = ("instance", "start_ns", "duration_us", "phase", "batch_size", "prefill_tokens", "decode_tokens",
            "context_tokens", "max_context_tokens")
 REQUIRED = ("start_ns", "duration_us")
+CHANGE_COLUMNS = ("requests_joined", "requests_left", "tokens_joined", "batch_before", "steps_since_change")
 _COUNTS = ("batch_size", "prefill_tokens", "decode_tokens", "context_tokens", "max_context_tokens")
 STAGE_PREFIX, STAGE_SUFFIX = "stage_", "_us"
 SIGNAL_PREFIX = "signal_"
@@ -43,11 +47,14 @@ def parse_row(row: Dict[str, str], index: int) -> Tuple[Optional[StepRecord], Op
                   if k and k.startswith(STAGE_PREFIX) and k.endswith(STAGE_SUFFIX) and v not in (None, "")]
         signals = {k[len(SIGNAL_PREFIX):]: float(v) for k, v in row.items()
                    if k and k.startswith(SIGNAL_PREFIX) and v not in (None, "")}
+        change = None
+        if all(row.get(c) not in (None, "") for c in CHANGE_COLUMNS):
+            change = [_num(row.get(c)) for c in CHANGE_COLUMNS]
     except (TypeError, ValueError):
         return None, "unparsable"
     if any(not math.isfinite(v) for v in signals.values()):
         signals = {k: v for k, v in signals.items() if math.isfinite(v)}  # evidence is optional: drop, keep the step
-    vals = [start, dur] + counts + [v for _, v in stages]
+    vals = [start, dur] + counts + [v for _, v in stages] + (change or [])
     if any(not math.isfinite(v) for v in vals):
         return None, "non_finite"
     if any(v < 0 for v in vals) or dur <= 0:
@@ -66,7 +73,8 @@ def parse_row(row: Dict[str, str], index: int) -> Tuple[Optional[StepRecord], Op
         t = t1
     return StepRecord(instance=(row.get("instance") or "default").strip() or "default", index=index,
                       start_ns=start_ns, end_ns=end_ns, phase=phase, batch_size=b, prefill_tokens=pre,
-                      decode_tokens=dec, context_tokens=ctx, max_context_tokens=mx, stages=st, signals=signals), None
+                      decode_tokens=dec, context_tokens=ctx, max_context_tokens=mx, stages=st, signals=signals,
+                      change=BatchChange(*(int(v) for v in change)) if change else None), None
 
 
 def read(path: str) -> Tuple[List[str], List[Dict[str, str]], List[Optional[StepRecord]], Dict[str, int]]:
@@ -92,13 +100,17 @@ def read(path: str) -> Tuple[List[str], List[Dict[str, str]], List[Optional[Step
 def write(path: str, steps: Sequence[StepRecord], extra: Optional[Dict[str, Sequence]] = None) -> None:
     """Write steps in the contract's columns (plus stage columns, plus ``extra`` columns)."""
     names = sorted({n for s in steps for n in s.stages})
-    cols = list(COLUMNS) + [STAGE_PREFIX + n + STAGE_SUFFIX for n in names] + list(extra or {})
+    changes = any(s.change is not None for s in steps)
+    cols = list(COLUMNS) + (list(CHANGE_COLUMNS) if changes else []) + \
+        [STAGE_PREFIX + n + STAGE_SUFFIX for n in names] + list(extra or {})
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for i, s in enumerate(steps):
             row = [s.instance, s.start_ns, round((s.end_ns - s.start_ns) / 1000.0, 3), s.phase, s.batch_size,
                    s.prefill_tokens, s.decode_tokens, s.context_tokens, s.max_context_tokens]
+            if changes:
+                row += list(s.change) if s.change is not None else [""] * len(CHANGE_COLUMNS)
             for n in names:
                 iv = s.stages.get(n)
                 row.append("" if iv is None else round((iv[1] - iv[0]) / 1000.0, 3))

@@ -65,15 +65,17 @@ def _feed(processors, instances, steps):
 
 @pytest.mark.parametrize("steps", [1, 10, 100, 250])
 def test_instance_cost_is_an_upper_bound_and_forgetting_frees_it(steps):
-    procs = [AnomalyProcessor({"background": False}), FleetProcessor()]
+    procs = [AnomalyProcessor({"background": False, "max_train": 400}), FleetProcessor()]
     n = max(8, 600 // steps)
-    # warm up: lazy imports, first-fit caches and the fleet's model of the key (a window of 4096 steps,
-    # shared by every instance of the key) are not per-instance state
+    # warm up: lazy imports, first-fit caches, the fleet's model of the key (a window of 4096 steps,
+    # shared by every instance of the key) and the detector's model of the resource (its training memory
+    # filled to max_train, shared by every instance of the resource) are not per-instance state
     _feed(procs, 1, steps)
+    tracemalloc.start()  # before the fills: the rows shared windows drop for new ones are counted too
     _feed([procs[1]], 1, 4200)
+    _feed_one([procs[0]], "warm-fill", 600)
     procs[0]._keys.clear()
     gc.collect()
-    tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     for i in range(n):
         _feed_one(procs, f"inst-{i}", steps)

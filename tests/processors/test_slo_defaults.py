@@ -108,6 +108,30 @@ def test_defaults_from_environment(monkeypatch, tmp_path):
     assert a.baseline_key["hardware"]
 
 
+def test_no_fit_on_the_engines_interpreter(monkeypatch):
+    """In an engine's own process every fit, the first one too, goes to the fit worker (fit_inline off); a
+    companion, a process of its own, fits its first model inline so that it judges every later step."""
+    monkeypatch.delenv(sc.ENV_ROLE, raising=False)
+    a = in_process_processors()[0]
+    try:
+        assert a.cfg.fit_process and not a.cfg.fit_inline
+    finally:
+        a.shutdown()
+    monkeypatch.setenv(sc.ENV_ROLE, sc.ROLE_COMPANION)
+    a = in_process_processors()[0]
+    try:
+        assert a.cfg.fit_inline and not a.cfg.fit_process
+    finally:
+        a.shutdown()
+    monkeypatch.setenv(sc.ENV_DETECT_CONFIG, "fit_inline=true")  # a user may still ask for it
+    monkeypatch.delenv(sc.ENV_ROLE)
+    a = in_process_processors()[0]
+    try:
+        assert a.cfg.fit_inline
+    finally:
+        a.shutdown()
+
+
 def test_defaults_without_slo_targets_run_detection_only(monkeypatch):
     for v in (sc.ENV_SLO_TTFT_MS, sc.ENV_SLO_TPOT_MS, sc.ENV_SLO_STEP_MS):
         monkeypatch.delenv(v, raising=False)

@@ -18,7 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_shipped_corpora_are_there_and_well_formed():
     have = corpus.available()
-    assert set(have) == set(corpus.CORPORA), "every corpus is shipped (`make corpus` records them again)"
+    # every CPU corpus is shipped (`make corpus` records them again); the GPU corpus is recorded on a lent
+    # GPU machine (bench/device/gpu_corpus.sh), picked up from its directory with no code change, and held
+    # to the same form once it is there
+    cpu = {n for n, (_, _, opts) in corpus.CORPORA.items() if opts.get("device", "cpu") == "cpu"}
+    assert cpu <= set(have), "every corpus this machine records is shipped"
     for name, path in have.items():
         meta = json.load(open(os.path.join(path, "meta.json")))
         assert meta["name"] == name and meta["segments"] == len(corpus.grid())
