@@ -24,7 +24,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from prism_otel import semconv as sc
 from prism_otel.record import BatchChange, RequestRecord, StepRecord, Verdict
-from prism_otel.spans import step_attributes
+from prism_otel.spans import verdict_attributes
 
 STAGE = 0
 KERNEL = 1
@@ -333,7 +333,7 @@ def tag_step(span, before: StepRecord, after: StepRecord) -> bool:
     changed = False
     if verdict_changed:
         changed = True
-        new = step_attributes(after)
+        new = verdict_attributes(after.verdict) if after.verdict is not None else {}
         for key in VERDICT_KEYS:
             if key in new:
                 set_attribute(span, key, new[key], index)
