@@ -87,7 +87,7 @@ def fleet_requests(n_inst: int, learn: int, steps: int):
                                    "start_ns": rec.start_ns + t_shift, "end_ns": rec.end_ns + t_shift,
                                    "stages": {n: (a + t_shift, b + t_shift) for n, (a, b) in rec.stages.items()}})
             m.step(rec)
-            if (j + 1) % STEPS_PER_REQUEST == 0 or j == per - 1:
+            if (j + 1) % STEPS_PER_REQUEST == 0 or j == learn - 1 or j == per - 1:  # no request straddles the phases
                 reqs.append((j < learn, encode_spans(exp.get_finished_spans()).SerializeToString()))
                 exp.clear()
         out[inst] = reqs
