@@ -69,17 +69,23 @@ def step_attributes(step: StepRecord) -> dict:
         attrs[k] = v
     v = step.verdict
     if v is not None:
-        attrs[sc.ANOMALY] = bool(v.anomaly)
-        if v.score is not None:
-            attrs[sc.ANOMALY_SCORE] = float(v.score)
-        if v.expected_ms is not None:
-            attrs[sc.LATENCY_EXPECTED_MS] = float(v.expected_ms)
-        if v.root_cause:
-            attrs[sc.ANOMALY_ROOT_CAUSE] = v.root_cause
-        if v.anomaly and v.test:
-            attrs[sc.ANOMALY_TEST] = v.test
-        if v.slo_violations:
-            attrs[sc.SLO_VIOLATED] = list(v.slo_violations)
+        attrs.update(verdict_attributes(v))
+    return attrs
+
+
+def verdict_attributes(v) -> dict:
+    """A :class:`~prism_otel.record.Verdict` as step-span attributes."""
+    attrs = {sc.ANOMALY: bool(v.anomaly)}
+    if v.score is not None:
+        attrs[sc.ANOMALY_SCORE] = float(v.score)
+    if v.expected_ms is not None:
+        attrs[sc.LATENCY_EXPECTED_MS] = float(v.expected_ms)
+    if v.root_cause:
+        attrs[sc.ANOMALY_ROOT_CAUSE] = v.root_cause
+    if v.anomaly and v.test:
+        attrs[sc.ANOMALY_TEST] = v.test
+    if v.slo_violations:
+        attrs[sc.SLO_VIOLATED] = list(v.slo_violations)
     return attrs
 
 

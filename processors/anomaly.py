@@ -66,6 +66,7 @@ MAX_RESOURCES = 1 << 16
 INSTANCE_BYTES = 32_000
 GROUP_BYTES = 400_000
 GROUP_BYTES_PER_ROW = 450
+FLEET_FIT_SHARE = 0.05  # a shared model's refits take at most this share of a core over time
 BARS_ROWS = 2000  # a model whose bars came from this many training steps keeps them in its refits
 
 
@@ -136,10 +137,21 @@ class CellMemory:
         return len(self._cells)
 
 
+def _with_verdict(step: StepRecord, v: Verdict) -> StepRecord:
+    """``dataclasses.replace(step, verdict=v)`` without re-running the constructor (a third of the cost of
+    judging a step in the collector went to copying steps): a shallow copy of a frozen record."""
+    new = object.__new__(StepRecord)
+    d = new.__dict__
+    d.update(step.__dict__)
+    d["verdict"] = v
+    return new
+
+
 class _Group:
     """The model of one group (an instance, or instances with one resource) and its training memory."""
 
-    __slots__ = ("name", "model", "norms", "memory", "clean", "novel", "drift", "fitting", "fits", "seen", "members")
+    __slots__ = ("name", "model", "norms", "memory", "clean", "novel", "drift", "fitting", "fits", "seen", "members",
+                 "fit_ns", "fit_after")
 
     def __init__(self, name, cfg: AnomalyConfig) -> None:
         self.name = name
@@ -153,6 +165,8 @@ class _Group:
         self.fits = 0
         self.seen = 0
         self.members = 0  # instances judged with it
+        self.fit_ns = 0  # step time (end) at which the last fit was asked for
+        self.fit_after = 0.0  # monotonic time before which a shared model does not refit (its fits' CPU share)
 
     def rows(self) -> list:
         return self.memory.rows()
@@ -196,6 +210,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                                  level_rate=c.level_rate, max_level=c.max_level, min_point=c.min_point,
                                  min_shift=c.min_shift, clear_steps=c.clear_steps, cell_min_steps=c.cell_min_steps,
                                  bias_rate=c.bias_rate, max_bias=c.max_bias)
+        self._fleet_gap_ns = int(c.fleet_refit_s * 1e9)
         self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, verdict=self._vp)
         self._phases = c.phase_set()
         self._keys: Dict[str, _Key] = {}
@@ -303,7 +318,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         else:
             v = dataclasses.replace(v, expected_ms=expected, score=score, anomaly=anomalous, root_cause=root,
                                     alert=alert or v.alert, test=test)
-        return dataclasses.replace(step, verdict=v)
+        return _with_verdict(step, v)
 
     def _check(self, inst, start_ns, end_ns, *counts) -> Optional[str]:
         for v in (start_ns, end_ns) + counts:
@@ -366,6 +381,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             g.clean += 1
             if m is None and not g.fitting and g.clean >= self.cfg.min_train:
                 g.fitting = True
+                g.fit_ns = end_ns
                 if self.cfg.fit_inline or not self.cfg.background:
                     # no blind start: the first model is fitted now, on this thread (a few hundred rows: a
                     # fraction of a second), so that every later step of the group is judged
@@ -375,14 +391,22 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 return out
             if not g.fitting:
                 why = None
-                if g.clean >= self._refit_due(g):
+                # a model shared by a fleet hears from every replica: its refits are spaced in step time
+                # (fleet_refit_s; a sixth of it for new workloads) or the fits would take the collector's CPU
+                since = end_ns - g.fit_ns if g.members > 1 else None
+                gap = self._fleet_gap_ns
+                if since is not None and time.monotonic() < g.fit_after:
+                    since = -1  # its last fit's CPU is not paid off yet (FLEET_FIT_SHARE)
+                if g.clean >= self._refit_due(g) and (since is None or since >= gap):
                     why = "due"
-                elif g.novel >= self.cfg.novelty_refit:
+                elif g.novel >= self.cfg.novelty_refit and (since is None or since >= gap // 6):
                     why = "novel"
-                elif g.clean >= self.cfg.min_train // 4 and m is not None and abs(g.drift) > max(m.scale, 0.03):
+                elif (g.clean >= self.cfg.min_train // 4 and m is not None and abs(g.drift) > max(m.scale, 0.03)
+                      and (since is None or since >= gap)):
                     why = "drift"  # the level and the cells absorb a few percent; a model this far off is stale
                 if why is not None:
                     self.refits[why] = self.refits.get(why, 0) + 1
+                    g.fit_ns = end_ns
                     self._schedule(g)
         return out
 
@@ -480,6 +504,8 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 model.limits["shift"] = max(model.limits["shift"], 0.9 * old.limits.get("shift", 0.0))
                 model.scales = tuple(max(a, 0.9 * b) for a, b in zip(model.scales, old.scales))
             g.model, g.norms = model, norms
+            if g.members > 1:
+                g.fit_after = time.monotonic() + model.fit_s / FLEET_FIT_SHARE
             g.clean -= taken
             g.novel -= novel
             g.drift = 0.0

@@ -16,6 +16,7 @@ class AnomalyConfig:
 
     min_train: int = 200
     refit_every: int = 1000
+    fleet_refit_s: float = 30.0
     max_train: int = 4000
     background: bool = True
     fit_process: bool = False
@@ -65,6 +66,8 @@ class AnomalyConfig:
             raise ValueError(f"{pre}target_fpr: must be < 0.5 (a false-positive rate), got {self.target_fpr}")
         if self.model_scope not in ("instance", "resource"):
             raise ValueError(f"{pre}model_scope: must be 'instance' or 'resource', got {self.model_scope!r}")
+        if not self.fleet_refit_s >= 0:
+            raise ValueError(f"{pre}fleet_refit_s: must be >= 0 (seconds of step time), got {self.fleet_refit_s}")
         if self.cell_min_steps < 0:
             raise ValueError(f"{pre}cell_min_steps: must be >= 0, got {self.cell_min_steps}")
         if self.bias_rate > 1:

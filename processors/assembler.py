@@ -53,9 +53,10 @@ _PRISM = "prism."
 
 class _Held:
     __slots__ = ("span", "resource", "res_attrs", "scope", "rs_schema", "ss_schema", "source", "deadline",
-                 "expected", "size")
+                 "expected", "size", "kids")
 
     def __init__(self, span, resource, res_attrs, scope, rs_schema, ss_schema, source, deadline, expected, size=0):
+        self.kids = None
         self.span = span
         self.resource = resource
         self.res_attrs = res_attrs
@@ -146,6 +147,7 @@ class StepAssembler:
         self._released: "OrderedDict[bytes, None]" = OrderedDict()  # recent step keys, to count late children
         self._want_requests = any(_overrides(p, "process_request") for p in self.processors)
         self._resource_hooks = [p for p in self.processors if hasattr(p, "observe_resource")]
+        self._many = {id(p): p.process_many for p in self.processors if callable(getattr(p, "process_many", None))}
         self.instances = instances if instances is not None else Instances(count=self._count, clock=clock)
         self.steps = 0
 
@@ -159,30 +161,59 @@ class StepAssembler:
         else:
             logger.debug("assembly: span %r forwarded unprocessed: %s", span.name, exc)
 
-    def _run_step(self, span, res_attrs, kids) -> None:
-        try:
-            self._run_step_chain(span, res_attrs, kids)
-        except Exception as exc:  # noqa: BLE001 - one span's problem stays that span's
-            self._unjudged(span, exc)
-
-    def _run_step_chain(self, span, res_attrs, kids) -> None:
-        before = asm.step_from_span(span, res_attrs, kids or ())
-        if self.instances.seen(before.instance):
-            for p in self._resource_hooks:
-                p.observe_resource(before.instance, res_attrs)
-        step = before
-        for p in self.processors:
+    def _run_steps(self, items: Sequence[Tuple[Any, Dict[str, Any], Any]]) -> None:
+        """Run the chain on complete steps (``(span, resource attributes, children)``, stream order) and tag
+        their spans. A processor with ``process_many`` judges the batch at once (one vectorised model
+        evaluation per model group: the same verdicts as one by one); the others take it step by step."""
+        spans, steps = [], []
+        for span, res_attrs, kids in items:
             try:
-                out = p.process(step)
-            except Exception:  # noqa: BLE001 - one processor's bug must not stop the stream
-                self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor=getattr(p, "name", type(p).__name__))
-                logger.debug("processor %r failed", p, exc_info=True)
+                before = asm.step_from_span(span, res_attrs, kids or ())
+                if self.instances.seen(before.instance):
+                    for p in self._resource_hooks:
+                        p.observe_resource(before.instance, res_attrs)
+            except Exception as exc:  # noqa: BLE001 - one span's problem stays that span's
+                self._unjudged(span, exc)
                 continue
-            if out is None:  # the processor took the step out of its chain; the span is still forwarded
+            spans.append(span)
+            steps.append(before)
+        if not steps:
+            return
+        out = list(steps)
+        live = list(range(len(out)))  # the steps still in the chain
+        for p in self.processors:
+            if not live:
                 break
-            step = out
-        self.steps += 1
-        asm.tag_step(span, before, step)
+            many = self._many.get(id(p))
+            if many is not None and len(live) > 1:
+                try:
+                    res = many([out[i] for i in live])
+                except Exception:  # noqa: BLE001 - one processor's bug must not stop the stream
+                    self._count(sc.COLLECTOR_PROCESSOR_ERRORS, len(live), processor=getattr(p, "name", type(p).__name__))
+                    logger.debug("processor %r failed on a batch", p, exc_info=True)
+                    continue
+            else:
+                res = []
+                for i in live:
+                    try:
+                        res.append(p.process(out[i]))
+                    except Exception:  # noqa: BLE001
+                        self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor=getattr(p, "name", type(p).__name__))
+                        logger.debug("processor %r failed", p, exc_info=True)
+                        res.append(out[i])
+            keep = []
+            for i, r in zip(live, res):
+                if r is None:  # the processor took the step out of its chain; the span is still forwarded
+                    continue
+                out[i] = r
+                keep.append(i)
+            live = keep
+        for span, before, after in zip(spans, steps, out):
+            self.steps += 1
+            try:
+                asm.tag_step(span, before, after)
+            except Exception as exc:  # noqa: BLE001
+                self._unjudged(span, exc)
 
     def _run_request(self, span, res_attrs) -> None:
         try:
@@ -235,8 +266,12 @@ class StepAssembler:
     def process(self, req: ExportTraceServiceRequest, source: Any = None) -> List[Output]:
         """Assemble, detect and tag ``req`` in place. Returns what may be forwarded now."""
         now = self._clock()
+        if not self.processors:  # nothing to judge: forwarded as received
+            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+            return [(req, {source: n})] if n else []
         touched = self._remember_children(req, now)
         total = held_here = 0
+        ready_now: List[Tuple[Any, Dict[str, Any], Any]] = []
         want_requests = self._want_requests
         for rs in req.resource_spans:
             res_attrs = None
@@ -255,7 +290,7 @@ class StepAssembler:
                         if self._complete(kids, expected):
                             self._children.pop(key, None)
                             self._mark_released(key)
-                            self._run_step(span, res_attrs, kids)
+                            ready_now.append((span, res_attrs, kids))
                         else:
                             self._hold(key, span, rs, res_attrs, ss, source, now, expected)
                             hold_idx.append(i)
@@ -266,6 +301,8 @@ class StepAssembler:
                 for i in reversed(hold_idx):
                     del spans[i]
                 held_here += len(hold_idx)
+        if ready_now:
+            self._run_steps(ready_now)
         out: List[Output] = []
         if total - held_here > 0:
             out.append((req, {source: total - held_here}))
@@ -306,6 +343,7 @@ class StepAssembler:
         groups: Dict[Tuple[bytes, str], Any] = {}
         scopes: Dict[Tuple[int, bytes, str], Any] = {}
         sources: Sources = {}
+        held = []
         for key in keys:
             h = self._held.pop(key, None)
             if h is None:
@@ -313,7 +351,10 @@ class StepAssembler:
             self._held_bytes -= h.size
             entry = self._children.pop(key, None)
             self._mark_released(key)
-            self._run_step(h.span, h.res_attrs, entry[1] if entry else None)
+            held.append(h)
+            h.kids = entry[1] if entry else None
+        self._run_steps([(h.span, h.res_attrs, h.kids) for h in held])
+        for h in held:
             rkey = (h.resource.SerializeToString(deterministic=True), h.rs_schema)
             rs = groups.get(rkey)
             if rs is None:

