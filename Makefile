@@ -107,6 +107,7 @@ EXTRA_ENVS += $(PHOENIX_VENV)/.installed
 
 # The engine tests that also run on the oldest supported transformers (the whole suite runs on the newest).
 ENGINE_TESTS := tests/test_core_transformers.py tests/test_transformers_serve.py tests/test_hooks_inprocess.py \
+  tests/test_engine_threads.py \
   tests/attach/test_attach_cb.py
 
 test: $(VENV)/.installed $(EXTRA_ENVS) $(TOOLS)/.installed

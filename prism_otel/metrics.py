@@ -80,9 +80,9 @@ def service_name() -> str:
         k, _, val = part.partition("=")
         if k.strip() == sc.RES_SERVICE_NAME and val.strip():
             return val.strip()
-    from prism_otel import _runtime
+    from prism_otel import config
 
-    return _runtime.framework_name()
+    return config.framework_name()
 
 
 def _exporter_names() -> list:
@@ -135,9 +135,10 @@ def ensure_meter_provider():
                 logger.error("prism-otel: cannot create metrics exporter %r: %s", n, exc)
         if not readers:
             return None
-        from prism_otel import _runtime
+        from prism_otel import config
 
-        _ours = MeterProvider(metric_readers=readers, resource=_runtime._resource(_runtime._frameworks()))
+        # the engine's resource (in the companion: the engine process's pid and instance, as its spans)
+        _ours = MeterProvider(metric_readers=readers, resource=config.resource(config.engine_pid()))
         metrics.set_meter_provider(_ours)
         return _ours
 
@@ -194,9 +195,9 @@ class StepMetrics:
         self._dur = m.create_histogram(sc.METRIC_REQUEST_DURATION, unit="s", description="request duration",
                                        explicit_bucket_boundaries_advisory=REQUEST_BUCKETS_S)
         if provider_name is None:
-            from prism_otel import _runtime
+            from prism_otel import config
 
-            provider_name = _runtime.framework_name()
+            provider_name = config.framework_name()
         if stage_sample is None:
             try:
                 stage_sample = int(os.environ.get(sc.ENV_METRICS_STAGE_SAMPLE, "8"))

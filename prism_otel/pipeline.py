@@ -1,9 +1,13 @@
-"""The in-process pipeline thread: raw records → `StepRecord` → processors → spans → exporter.
+"""The pipeline: raw records → `StepRecord` / `RequestRecord` → processors → a span sink.
 
-One daemon thread drains the :class:`~prism_otel.record.Recorder` ring, assembles
-:class:`StepRecord` s and :class:`RequestRecord` s, runs the processors, and materialises spans
-(:mod:`prism_otel.spans`) that the tracer provider's span processor hands to its exporter. Nothing
-here runs on the engine's threads. Every structure is bounded; what has to be dropped is counted
+It reads a ring (:class:`~prism_otel.ring.RingReader`: the engine's shared-memory ring in the
+companion process, or a recorder's own ring), assembles :class:`StepRecord` s and
+:class:`RequestRecord` s from the named raw records (:mod:`prism_otel.record`), runs the processors,
+and hands the results to a *sink*: the OTLP encoder (:mod:`prism_otel.otlp_encode`, the companion's
+default) or :class:`~prism_otel.spans.SpanMaterializer` (SDK spans, for an application's own tracer
+provider). :meth:`Pipeline.process_pending` does one pass; the companion calls it from its loop, and
+``start()`` runs it on a thread where the pipeline lives in the engine's process (only when the
+application brought its own provider). Every structure is bounded; what has to be dropped is counted
 by reason (``prism.dropped``).
 """
 
@@ -13,14 +17,14 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable, Dict, List, Optional, Sequence
 
 from opentelemetry import metrics
 
 from prism_otel import semconv as sc
-from prism_otel.record import (GC, REQUEST, SPAN, STAGE, STEP, BatchChange, Pacer, Recorder, RequestRecord,
-                               StepRecord, clock_ns, to_epoch_ns)
+from prism_otel.record import (_EPOCH_OFFSET_NS, DEVICE, GC, META, REQUEST, SPAN, STAGE, STEP, BatchChange, Pacer,
+                               RequestRecord, StepRecord, clock_ns, to_epoch_ns)
 from prism_otel.signals import GcPauses
 from prism_otel.spans import SpanMaterializer
 from prism_otel.stats import StageStats
@@ -28,15 +32,17 @@ from prism_otel.stats import StageStats
 logger = logging.getLogger(__name__)
 
 FINISH_GRACE_NS = 1_000_000_000  # a finish no step covers (an abort while idle) closes its span after this
+HOLD_DEVICE_NS = 2_000_000_000  # a step waits this long for its device record, then goes without it
 
 
 
 class _OpenRequest:
-    __slots__ = ("span", "arrival_ns", "prompt_tokens", "first_sched", "first_token", "last_token", "n_out",
+    __slots__ = ("span", "ctx", "arrival_ns", "prompt_tokens", "first_sched", "first_token", "last_token", "n_out",
                  "n_steps", "links", "last_link", "finish_ns", "status")
 
     def __init__(self, span, arrival_ns: int, prompt_tokens: int) -> None:
         self.span = span
+        self.ctx = span.get_span_context()  # what a step links to (fixed at arrival)
         self.arrival_ns = arrival_ns
         self.prompt_tokens = prompt_tokens
         self.first_sched: Optional[int] = None
@@ -79,26 +85,34 @@ class ChangeTracker:
 
 
 class Pipeline:
-    """Owns the pipeline thread. ``start`` / ``stop`` are idempotent; ``flush`` waits for the ring to empty."""
+    """Raw records in, spans out (see the module docstring). ``process_pending`` does one pass; ``start``
+    runs passes on a thread of this process (the in-process pipeline), ``stop`` drains and closes."""
 
-    def __init__(self, recorder: Recorder, tracer_provider, instance: str,
+    def __init__(self, source, tracer_provider=None, instance: str = "",
                  processors: Sequence = (), max_step_links: int = 128, max_request_links: int = 16,
                  max_open_requests: int = 10000, model_name: Optional[str] = None,
-                 provider_name: str = "prism", on_step: Optional[Callable[[StepRecord], None]] = None) -> None:
-        self.recorder = recorder
+                 provider_name: str = "prism", on_step: Optional[Callable[[StepRecord], None]] = None,
+                 sink=None) -> None:
+        """``source``: a :class:`~prism_otel.ring.RingReader`, or a recorder (its own ring is read).
+        ``sink``: where spans go; by default SDK spans on ``tracer_provider``."""
+        self.reader = source.reader() if hasattr(source, "reader") else source
+        self.recorder = source if hasattr(source, "reader") else None
         self.instance = instance
         self.processors = list(processors)
-        self.materializer = SpanMaterializer(tracer_provider, max_step_links, max_request_links,
-                                             model_name, provider_name)
+        if sink is None:
+            sink = SpanMaterializer(tracer_provider, max_step_links, max_request_links, model_name, provider_name)
+        self.sink = sink
+        self.materializer = sink  # the name instrumentations and benches know (model_name lives on it)
         self.max_open_requests = max_open_requests
+        self.max_request_links = max(1, max_request_links)
         self.on_step = on_step
         self.stats = StageStats()
         self.dropped: Dict[str, int] = {}
         self.processor_errors = 0
-        self.cpu_ns = 0  # CPU time the pipeline thread spent processing (it shares the GIL with the engine)
+        self.cpu_ns = 0  # CPU time spent processing
         self.steps_seen = 0
         self.requests_seen = 0
-        self.handoff_ns: List[int] = []  # step end -> span ended (handed to the exporter), bounded sample
+        self.handoff_ns: List[int] = []  # step end -> span handed to the sink, bounded sample
         self._pending_stages: Dict[object, list] = {}
         self._open: "OrderedDict[str, _OpenRequest]" = OrderedDict()
         self._closed: "OrderedDict[str, None]" = OrderedDict()  # recently closed ids: a late step must not reopen one
@@ -109,15 +123,18 @@ class Pipeline:
         self._finishing: Dict[str, int] = {}
         self._last_step_t1 = 0
         self._step_index = 0
+        self._queue: deque = deque()  # records read, in order, not handled yet (a step awaiting its device)
+        self._devices: Dict[int, object] = {}  # device slot -> RawDevice, read ahead of their steps
+        self._held_since: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.pacer = Pacer()
         self._lock = threading.Lock()  # serialises processing between the thread and flush()
-        self._ring_dropped_reported = 0
+        self._reported = {"ring_full": 0, "lost_string": 0, "bad_record": 0}
         self._changes = ChangeTracker()
         self.gc_pauses = GcPauses()
-        # evidence sources joined to each step (prism_otel.signals): polled once per wake-up
+        # evidence sources joined to each step (prism_otel.signals): polled once per pass
         self.signal_sources: list = [self.gc_pauses]
         meter = metrics.get_meter(sc.SCOPE)
         # step, stage, request and anomaly metrics are recorded by the metrics processor (prism_otel.metrics)
@@ -139,7 +156,7 @@ class Pipeline:
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
         self._thread = None
-        self.process_pending()
+        self.process_pending(final=True)
         with self._lock:
             self._finalize_finishing(force=True)
             for rid in list(self._open):
@@ -157,6 +174,8 @@ class Pipeline:
         self._open.clear()
         self._pending_stages.clear()
         self._finishing.clear()
+        self._queue.clear()
+        self._devices.clear()
         self.start()
 
     def wake(self) -> None:
@@ -164,10 +183,18 @@ class Pipeline:
         self._wake.set()
 
     def flush(self, timeout: float = 5.0) -> bool:
+        """Process everything recorded so far (device timings still running are waited for, up to the hold)."""
         deadline = time.monotonic() + timeout
-        while len(self.recorder) and time.monotonic() < deadline:
+        rec = self.recorder
+        while True:
+            if rec is not None:
+                rec.resolve_device()
             self.process_pending()
-        return not len(self.recorder)
+            if not self._queue and not self.reader.backlog_units:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
 
     # -- the loop -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -180,28 +207,70 @@ class Pipeline:
             self._wake.wait(pacer.wait_s(n, time.monotonic()))
             self._wake.clear()
 
-    def process_pending(self) -> int:
+    def process_pending(self, final: bool = False) -> int:
+        """Read what the ring holds and handle it, in order. Returns how many records were read."""
         total = 0
+        if self.recorder is not None:  # a ring of this process: what its hooks queued goes in first
+            self.recorder.flush()
         with self._lock:
+            reader = self.reader
+            q = self._queue
+            devices = self._devices
             while True:
-                batch = self.recorder.drain()
+                batch = reader.read()
                 if not batch:
                     break
                 total += len(batch)
-                for rec in batch:
-                    try:
-                        self._handle(rec)
-                    except Exception:  # noqa: BLE001 - never let one bad record stop the pipeline
-                        self._drop("bad_record")
-                        logger.debug("failed to process record %r", rec[:3], exc_info=True)
+                for kind, rec in batch:
+                    if kind == DEVICE:
+                        devices[rec.slot] = rec
+                    else:
+                        q.append((kind, rec))
+            if q:
+                self._handle_queue(final)
             if not total:
                 self._finalize_finishing(now=clock_ns())
             self._poll_sources()
-            rd = self.recorder.dropped
-            if rd > self._ring_dropped_reported:
-                self._drop("ring_full", rd - self._ring_dropped_reported)
-                self._ring_dropped_reported = rd
+            self._count_reader()
         return total
+
+    def _count_reader(self) -> None:
+        r = self.reader
+        rep = self._reported
+        for reason, n in (("ring_full", r.dropped), ("lost_string", r.lost_strings), ("bad_record", r.bad)):
+            if n > rep[reason]:
+                self._drop(reason, n - rep[reason])
+                rep[reason] = n
+
+    def _handle_queue(self, final: bool) -> None:
+        q = self._queue
+        devices = self._devices
+        handle = self._handle
+        while q:
+            kind, rec = q[0]
+            dev = None
+            if kind == STEP and rec.device_slot:
+                dev = devices.pop(rec.device_slot, None)
+                if dev is None:
+                    now = clock_ns()
+                    if self._held_since is None:
+                        self._held_since = now
+                    if not final and now - self._held_since < HOLD_DEVICE_NS:
+                        return  # in order: what follows waits with it
+                    self._drop("device_timing_unavailable")
+            self._held_since = None
+            q.popleft()
+            try:
+                if kind == STEP:
+                    self._handle_step(rec, dev)
+                else:
+                    handle(kind, rec)
+            except Exception:  # noqa: BLE001 - never let one bad record stop the pipeline
+                self._drop("bad_record")
+                logger.debug("failed to process record %r", rec, exc_info=True)
+        if len(devices) > 1024:  # device records whose step was lost
+            for k in list(devices)[:-256]:
+                del devices[k]
 
     def _poll_sources(self) -> None:
         sources = self.signal_sources
@@ -229,40 +298,39 @@ class Pipeline:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
         self._m_dropped.add(n, {sc.DROP_REASON: reason})
 
-    def _handle(self, rec: tuple) -> None:
-        kind = rec[0]
-        if kind == STEP:
-            self._handle_step(rec)
+    def _handle(self, kind: int, rec) -> None:
+        if kind == REQUEST:
+            self._handle_request_event(rec)
         elif kind == STAGE:
-            _, key, name, t0, t1 = rec
-            pending = self._pending_stages.setdefault(key, [])
+            pending = self._pending_stages.setdefault(rec.key, [])
             if len(pending) < 64:
-                pending.append((name, t0, t1))
+                pending.append((rec.name, rec.t0, rec.t1))
             if len(self._pending_stages) > 1024:  # stages whose step never came
                 self._pending_stages.pop(next(iter(self._pending_stages)))
                 self._drop("orphan_stage")
-        elif kind == REQUEST:
-            self._handle_request_event(rec)
         elif kind == SPAN:
-            _, name, t0, t1, attrs = rec
-            self.materializer.detached_stage(name, to_epoch_ns(t0), to_epoch_ns(t1), attrs)
+            self.sink.detached_stage(rec.name, to_epoch_ns(rec.t0), to_epoch_ns(rec.t1), rec.attributes)
         elif kind == GC:
-            self.gc_pauses.add(to_epoch_ns(rec[1]), to_epoch_ns(rec[2]), rec[3])
+            self.gc_pauses.add(to_epoch_ns(rec.t0), to_epoch_ns(rec.t1), rec.generation)
+        elif kind == META:
+            if rec.name == "model_name" and rec.value:
+                self.sink.model_name = rec.value
 
     # -- requests -----------------------------------------------------------------------------
-    def _handle_request_event(self, rec: tuple) -> None:
-        _, rid, event, t, info = rec
-        if event == "arrive":
-            self._ensure_request(rid, t, info)
-        elif event == "finish":
+    def _handle_request_event(self, rec) -> None:
+        rid = rec.request_id
+        if rec.event == "arrive":
+            self._ensure_request(rid, rec.t, rec.prompt_tokens, rec.max_tokens, rec.parent)
+        elif rec.event == "finish":
             r = self._open.get(rid)
             if r is not None and r.finish_ns is None:
-                r.finish_ns = to_epoch_ns(t)
-                if info and info.get("status"):
-                    r.status = info["status"]
-                self._finishing[rid] = t
+                r.finish_ns = to_epoch_ns(rec.t)
+                if rec.status:
+                    r.status = rec.status
+                self._finishing[rid] = rec.t
 
-    def _ensure_request(self, rid: str, t_perf: int, info: Optional[dict]) -> _OpenRequest:
+    def _ensure_request(self, rid: str, t_perf: int, prompt_tokens: Optional[int] = None,
+                        max_tokens: Optional[int] = None, parent=None) -> _OpenRequest:
         r = self._open.get(rid)
         if r is not None:
             return r
@@ -270,11 +338,9 @@ class Pipeline:
             old = next(iter(self._open))
             self._close_request(old, status="evicted")
             self._drop("open_requests_full")
-        info = info or {}
         arrival = to_epoch_ns(t_perf)
-        span = self.materializer.open_request(rid, arrival, info.get("parent"), info.get("prompt_tokens", 0),
-                                              info.get("max_tokens"))
-        r = _OpenRequest(span, arrival, info.get("prompt_tokens", 0))
+        span = self.sink.open_request(rid, arrival, parent, prompt_tokens or 0, max_tokens)
+        r = _OpenRequest(span, arrival, prompt_tokens or 0)
         self._open[rid] = r
         self.requests_seen += 1
         return r
@@ -299,7 +365,7 @@ class Pipeline:
         links = list(r.links)
         if r.last_link is not None:
             links.append(r.last_link)
-        self.materializer.close_request(r.span, rec, links, r.n_steps)
+        self.sink.close_request(r.span, rec, links, r.n_steps)
 
     def _finalize_finishing(self, now: Optional[int] = None, force: bool = False) -> None:
         if not self._finishing:
@@ -312,31 +378,41 @@ class Pipeline:
             self._close_request(rid)
 
     # -- steps --------------------------------------------------------------------------------
-    def _handle_step(self, rec: tuple) -> None:
-        _, key, t0, t1, feat, reqs, device, stages = rec[:8]
+    def _handle_step(self, rec, dev) -> None:
+        t0, t1 = rec.t0, rec.t1
+        reqs = rec.requests
         self.pacer.saw_step(t1)
         if t1 > self._last_step_t1:
             self._last_step_t1 = t1
-        stage_map = {}
-        for name, s0, s1 in stages or ():
-            stage_map[name] = (to_epoch_ns(s0), to_epoch_ns(s1))
-        for name, s0, s1 in self._pending_stages.pop(key, ()):
-            stage_map.setdefault(name, (to_epoch_ns(s0), to_epoch_ns(s1)))
-        device_ns, attrs = _device_time(device, stage_map)
+        off = _EPOCH_OFFSET_NS
+        stage_map = {name: (s0 + off, s1 + off) for name, s0, s1 in rec.stages}
+        if self._pending_stages:
+            for name, s0, s1 in self._pending_stages.pop(rec.key, ()):
+                stage_map.setdefault(name, (to_epoch_ns(s0), to_epoch_ns(s1)))
         groups = {}
-        if device is not None and hasattr(device, "details"):  # a DeepDive step: kernel groups + burst attributes
-            groups, extra = device.details()
-            attrs = {**attrs, **extra}
-        if len(rec) > 8 and rec[8]:
-            attrs = {**attrs, **rec[8]}
-        start, end = to_epoch_ns(t0), to_epoch_ns(t1)
+        if rec.device_slot:
+            if dev is None:
+                device_ns, attrs = None, {sc.DEVICE_TIMING: "unavailable"}
+            else:
+                device_ns, attrs = dev.ns, {sc.DEVICE_TIMING: dev.timing}
+                groups = dev.kernel_groups
+                if dev.attributes:
+                    attrs.update(dev.attributes)
+        else:
+            fwd = stage_map.get(sc.STAGE_FORWARD)
+            if fwd is None:
+                device_ns, attrs = None, {}
+            else:
+                device_ns, attrs = fwd[1] - fwd[0], {sc.DEVICE_TIMING: "host"}
+        if rec.attributes:
+            attrs.update(rec.attributes)
+        start, end = t0 + off, t1 + off
         self._step_index += 1
-        step = StepRecord(instance=self.instance, index=self._step_index, start_ns=start, end_ns=end,
-                          phase=feat.phase, batch_size=feat.batch_size, prefill_tokens=feat.prefill_tokens,
-                          decode_tokens=feat.decode_tokens, context_tokens=feat.context_tokens,
-                          max_context_tokens=feat.max_context_tokens, kv_usage=feat.kv_usage, stages=stage_map,
-                          device_ns=device_ns, request_ids=tuple(r[0] for r in reqs), attributes=attrs,
-                          kernel_groups=groups, change=self._changes.change(reqs), signals=self._signals(start, end))
+        feat = rec.features
+        step = StepRecord(self.instance, self._step_index, start, end, feat.phase, feat.batch_size,
+                          feat.prefill_tokens, feat.decode_tokens, feat.context_tokens, feat.max_context_tokens,
+                          feat.kv_usage, stage_map, groups, device_ns, tuple([r[0] for r in reqs]), None, attrs,
+                          (), self._changes.change(reqs), self._signals(start, end))
         for p in self.processors:
             try:
                 step = p.process(step)
@@ -348,12 +424,14 @@ class Pipeline:
         self.stats.add(step)
         # Requests served by this step: open spans as needed, note scheduling and token times.
         ctxs = []
+        served = []
+        opened = self._open
         for rid, _q, new_token in reqs:
-            r = self._open.get(rid)
+            r = opened.get(rid)
             if r is None:
                 if rid in self._closed:  # finished already (e.g. aborted while its batch was in flight)
                     continue
-                r = self._ensure_request(rid, t0, None)  # arrival not seen (attached mid-flight)
+                r = self._ensure_request(rid, t0)  # arrival not seen (attached mid-flight)
             if r.first_sched is None:
                 r.first_sched = start
             if new_token:
@@ -361,19 +439,18 @@ class Pipeline:
                 if r.first_token is None:
                     r.first_token = end
                 r.last_token = end
-            ctxs.append(r.span.get_span_context())
-        step_ctx = self.materializer.step(step, ctxs)
-        cap = self.materializer.max_request_links - 1
-        for rid, _q, _n in reqs:
-            r = self._open.get(rid)
-            if r is None:
-                continue
+            ctxs.append(r.ctx)
+            served.append(r)
+        step_ctx = self.sink.step(step, ctxs)
+        cap = self.max_request_links - 1
+        for r in served:
             r.n_steps += 1
             if len(r.links) < cap:
                 r.links.append(step_ctx)
             else:
                 r.last_link = step_ctx
-        self._finalize_finishing()
+        if self._finishing:
+            self._finalize_finishing()
         if len(self.handoff_ns) < 100000:
             self.handoff_ns.append(clock_ns() - t1)
         if self.on_step is not None:
@@ -381,21 +458,6 @@ class Pipeline:
                 self.on_step(step)
             except Exception:  # noqa: BLE001
                 self.processor_errors += 1
-
-
-def _device_time(device, stage_map) -> tuple:
-    """Device ns of the step's forward: device events when recorded, else the host clock of the forward."""
-    if device is not None:
-        for _ in range(50):  # sync engines have finished the events by the step's end; async ones soon after
-            ns, timing = device.resolve()
-            if timing != "pending":
-                return ns, {sc.DEVICE_TIMING: timing}
-            time.sleep(0.001)
-        return None, {sc.DEVICE_TIMING: "unavailable"}
-    fwd = stage_map.get(sc.STAGE_FORWARD)
-    if fwd is None:
-        return None, {}
-    return fwd[1] - fwd[0], {sc.DEVICE_TIMING: "host"}
 
 
 def replace_verdict(step: StepRecord, **kw) -> StepRecord:

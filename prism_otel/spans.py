@@ -220,6 +220,10 @@ class SpanMaterializer:
             attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = prompt_tokens
         if max_tokens is not None:
             attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        if isinstance(parent, tuple):  # (trace id, span id, flags, remote[, own]) from the ring
+            ts = trace.TraceState([("prism", "root")]) if len(parent) > 4 and parent[4] else None
+            parent = trace.set_span_in_context(trace.NonRecordingSpan(
+                SpanContext(parent[0], parent[1], bool(parent[3]), TraceFlags(parent[2] & 1), trace_state=ts)))
         parent_ctx = trace.get_current_span(parent).get_span_context() if parent is not None else None
         own_id = None
         if parent_ctx is not None and parent_ctx.is_valid:

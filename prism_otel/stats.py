@@ -8,6 +8,7 @@ from typing import Dict, List
 from prism_otel.record import StepRecord
 
 _RESERVOIR = 4096
+_random = random.random
 
 
 class _Series:
@@ -23,8 +24,8 @@ class _Series:
         self.total_ns += ns
         if len(self.sample) < _RESERVOIR:
             self.sample.append(ns)
-        else:
-            j = random.randrange(self.n)
+        else:  # reservoir sampling: replace a random entry with probability _RESERVOIR / n
+            j = int(_random() * self.n)
             if j < _RESERVOIR:
                 self.sample[j] = ns
 
@@ -46,17 +47,28 @@ class StageStats:
         self.judged = 0
 
     def add(self, step: StepRecord) -> None:
-        self.steps.setdefault(step.phase, _Series()).add(step.duration_ns)
+        self._series(self.steps, step.phase).add(step.end_ns - step.start_ns)
+        stages = self.stages
         for name, (t0, t1) in step.stages.items():
-            self.stages.setdefault(name, _Series()).add(t1 - t0)
+            s = stages.get(name)
+            if s is None:
+                s = stages[name] = _Series()
+            s.add(t1 - t0)
         for group, ns in step.kernel_groups.items():
-            self.stages.setdefault("kernels." + group, _Series()).add(ns)
+            self._series(stages, "kernels." + group).add(ns)
         self.tokens += step.tokens
         v = step.verdict
         if v is not None and v.expected_ms is not None:
             self.judged += 1
         if v is not None and v.anomaly:
             self.anomalies += 1
+
+    @staticmethod
+    def _series(d: Dict[str, _Series], key: str) -> _Series:
+        s = d.get(key)
+        if s is None:
+            s = d[key] = _Series()
+        return s
 
     def render(self) -> str:
         total_step_ns = sum(s.total_ns for s in self.steps.values()) or 1

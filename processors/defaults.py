@@ -1,4 +1,4 @@
-"""The processors that run in-process by default (called by ``prism_otel._runtime``): detection and SLO.
+"""The processors that run on every step by default (in the companion, or an in-process pipeline): detection and SLO.
 
 Configured from the environment (names in :mod:`prism_otel.semconv`):
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from prism_otel import semconv as sc
 
@@ -77,13 +77,6 @@ def detected_key() -> Dict[str, str]:
             "parallelism": f"world={os.environ.get('WORLD_SIZE', '1')}"}
 
 
-def _model_name() -> Optional[str]:
-    from prism_otel import _runtime
-
-    st = _runtime.current()
-    if st is None:
-        return None
-    return getattr(st.pipeline.materializer, "model_name", None)
 
 
 def anomaly_config_from_env() -> dict:
@@ -106,7 +99,9 @@ def slo_config_from_env() -> Optional[dict]:
     return cfg
 
 
-def in_process_processors() -> list:
+def in_process_processors(model_name: Optional[Callable[[], Optional[str]]] = None) -> list:
+    """Detection and SLO as the environment configures them. ``model_name``: asked for the served
+    model's name (the engine reports it late), part of the baseline key."""
     from processors.anomaly import AnomalyConfig, AnomalyProcessor
     from processors.slo import SLOConfig, SLOProcessor
 
@@ -129,7 +124,7 @@ def in_process_processors() -> list:
         raise ValueError(f"{sc.ENV_BASELINE_KEY}: {exc}") from None
 
     def resolve() -> Optional[dict]:
-        name = override.get("model") or _model_name()
+        name = override.get("model") or (model_name() if model_name is not None else None)
         if not name:
             return None  # asked again on the next step (the engine names its model late)
         key = {**detected_key(), **override}

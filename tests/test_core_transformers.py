@@ -21,7 +21,7 @@ BIN = os.path.dirname(sys.executable)
 
 def _env(sink=None, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_"))}
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = ROOT  # this checkout, not whatever an editable install points at
     if sink is not None:
         env[sc.OTEL_EXPORTER_OTLP_ENDPOINT] = sink.endpoint
         env["OTEL_EXPORTER_OTLP_INSECURE"] = "true"

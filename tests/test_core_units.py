@@ -12,7 +12,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prism_otel import semconv as sc
 from prism_otel.otlp_json import OTLPJSONError, request_from_json, request_to_json
 from prism_otel.pipeline import Pipeline
-from prism_otel.record import STEP, Recorder, StepFeatures, classify_phase, clock_ns
+from prism_otel.record import GC, StepFeatures, classify_phase, clock_ns
+from prism_otel.recorder import Recorder
+from prism_otel.ring import H_HEAD
 
 
 def make_pipeline(cap=1024, **kw):
@@ -23,18 +25,28 @@ def make_pipeline(cap=1024, **kw):
     return rec, Pipeline(rec, tp, "test", [], **kw), exp
 
 
-def step(rec, key, reqs, t=None):
+def step(rec, key, reqs, t=None, device=None):
     t = t or clock_ns()
-    rec.emit((STEP, key, t, t + 2_000_000, StepFeatures("decode", len(reqs), 0, len(reqs), 10, 10), reqs, None,
-              (("schedule", t, t + 100), ("forward", t + 100, t + 1_900_000))))
+    rec.step(key, t, t + 2_000_000, StepFeatures("decode", len(reqs), 0, len(reqs), 10, 10), reqs, device,
+             (("schedule", t, t + 100), ("forward", t + 100, t + 1_900_000)))
 
 
 def test_ring_overwrites_oldest_and_counts():
-    rec = Recorder(16)
-    for i in range(20):
-        rec.emit((99, i))
-    assert rec.dropped == 4 and len(rec) == 16
-    assert rec.drain()[0] == (99, 4)
+    """A full ring overwrites its oldest records; the reader gets the newest ones, in order, and counts
+    exactly the ones it lost (from the gap in their sequence numbers). The writer never waits."""
+    rec = Recorder(16)  # the smallest ring: 4 KiB of records, about 80 GC records of 48 bytes
+    reader = rec.reader()
+    for i in range(200):
+        rec.gc_pause(i, i + 1, 0, i)
+    rec.flush()
+    got = reader.read()
+    assert got and all(kind == GC for kind, _ in got)
+    collected = [r.collected for _, r in got]
+    assert collected == list(range(200 - len(got), 200)), "the newest records, in order"
+    assert reader.dropped == 200 - len(got) and len(got) < 100
+    rec.gc_pause(500, 501, 0, 500)
+    rec.flush()
+    assert [r.collected for _, r in reader.read()] == [500] and reader.dropped == 200 - len(got)
     with pytest.raises(ValueError):
         Recorder(4)
 
@@ -48,12 +60,17 @@ def test_pipeline_counts_ring_drops_and_survives_bad_records():
     rec, p, exp = make_pipeline(cap=16)
     for i in range(40):
         step(rec, i, (("r1", 1, True),))
-    rec.emit((STEP, "bad"))  # malformed: counted, the rest goes on
+    step(rec, 40, (("r1", 1, True),))
+    rec.flush()
+    ring = rec.ring  # garble that last record's header (a torn write): counted, the rest goes on
+    start = (ring.words[H_HEAD] - 9) % ring.rec_units  # a step with 1 request and 2 stages: 9 units
+    ring.view[ring.rec_off + 16 * start + 4] ^= 0xFF
     step(rec, 1000, (("r1", 1, True),))
     p.process_pending()
-    assert p.dropped["ring_full"] == 26  # 42 records into 16 slots
     assert p.dropped["bad_record"] == 1
-    assert p.steps_seen == 15
+    # 42 records into a ring of 4 KiB (about 15 of these steps): what was not seen was counted
+    assert p.dropped["ring_full"] + p.steps_seen + p.dropped["bad_record"] == 42
+    assert p.dropped["ring_full"] >= 10 and p.steps_seen >= 1
     p.stop()
 
 
@@ -73,6 +90,65 @@ def test_request_links_are_bounded_first_and_last():
     assert linked == order[:3] + [order[-1]]
     assert req.attributes[sc.REQUEST_STEPS] == 10 and req.attributes[sc.REQUEST_LINKS_DROPPED] == 6
     assert req.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == 10
+
+
+def test_request_parent_through_the_ring_keeps_remote_and_front_end_ids():
+    """A caller's context stays the parent (remote); ids vLLM's front end made for a request (tracestate
+    prism=root, instrumentation/vllm/_join.py) come through the ring as the request span's own."""
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    from prism_otel.instrumentation.vllm._join import new_root_headers
+    from prism_otel.otlp_encode import OTLPSink
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    own = new_root_headers()
+    _, tid, sid, _ = own["traceparent"].split("-")
+    own_ctx = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        int(tid, 16), int(sid, 16), True, TraceFlags(1), TraceState([("prism", "root")]))))
+    caller = trace.set_span_in_context(NonRecordingSpan(SpanContext(0xABC, 0xDEF, True, TraceFlags(1))))
+    for sdk in (True, False):
+        if sdk:
+            rec, p, exp = make_pipeline()
+        else:
+            class Keep:
+                payloads = []
+
+                def export(self, payload, n):
+                    self.payloads.append(payload)
+
+                def shutdown(self, timeout=None):
+                    pass
+
+            keep = Keep()
+            rec = Recorder(1024)
+            p = Pipeline(rec, None, "test", [], sink=OTLPSink({"service.name": "t"}, [keep], batch_spans=100))
+        t = clock_ns()
+        rec.request("own", "arrive", t, parent=own_ctx)
+        rec.request("child", "arrive", t, parent=caller)
+        step(rec, 1, (("own", 1, True), ("child", 1, True)), t + 10)
+        rec.request("own", "finish", t + 3_000_000)
+        rec.request("child", "finish", t + 3_000_000)
+        p.process_pending()
+        p.stop()
+        if sdk:
+            got = {s.attributes[sc.REQUEST_ID]: (s.context.trace_id, s.context.span_id,
+                                                 s.parent.span_id if s.parent else None)
+                   for s in exp.get_finished_spans() if sc.REQUEST_ID in s.attributes}
+        else:
+            p.sink.flush()
+            got = {}
+            for pl in keep.payloads:
+                for rs in ExportTraceServiceRequest.FromString(pl).resource_spans:
+                    for ss in rs.scope_spans:
+                        for s in ss.spans:
+                            ids = {a.key: a.value.string_value for a in s.attributes}
+                            if sc.REQUEST_ID in ids:
+                                got[ids[sc.REQUEST_ID]] = (int.from_bytes(s.trace_id, "big"),
+                                                           int.from_bytes(s.span_id, "big"),
+                                                           int.from_bytes(s.parent_span_id, "big") or None)
+        assert got["own"] == (int(tid, 16), int(sid, 16), None), sdk
+        assert got["child"][0] == 0xABC and got["child"][2] == 0xDEF and got["child"][1] != 0xDEF, sdk
 
 
 def test_finish_before_its_last_step_keeps_the_last_token():
@@ -168,52 +244,48 @@ def test_pacer_wakes_about_once_per_step_within_bounds_and_backs_off_when_idle()
     assert f.wait_s(1, 300.1) == 0.05
 
 
-def test_forwarder_holds_steps_whose_device_events_still_run_and_keeps_order(monkeypatch):
-    """An async engine's newest step may still be on the device when the forwarder wakes: it and
-    what follows wait for the next wake-up (no polling sleeps), in order; after the hold limit, or
-    at stop, the step is resolved (or marked unavailable) and sent."""
-    import os
-    import time
-
-    from prism_otel import companion
-    from prism_otel._child import read_frame
+def test_steps_whose_device_events_still_run_wait_for_a_later_hook_and_keep_order(monkeypatch):
+    """An async engine's newest step may still be on the device when it is recorded: the recorder asks
+    its events with a non-blocking query each time it writes (here: at each pipeline pass, which flushes
+    it) and writes their time when they completed; the pipeline holds the step (and what follows, in
+    order) until then. A step whose events never complete goes out after the hold, its device time
+    unavailable."""
+    import prism_otel.pipeline as pl
 
     class Dev:
         def __init__(self, pending):
             self.pending = pending
+            self.queries = 0
 
         def resolve(self):
+            self.queries += 1
             if self.pending > 0:
                 self.pending -= 1
                 return None, "pending"
             return 1234, "event"
 
-    rec = Recorder(64)
-    fw = companion.Forwarder(rec, "test")
-    r, w = os.pipe()
-    fw._wfd = w
-    try:
-        t = clock_ns()
-        feat = StepFeatures("decode", 1, 0, 1, 10, 10)
-        rec.emit((STEP, 1, t, t + 10, feat, (("a", 1, True),), Dev(0), ()))
-        rec.emit((STEP, 2, t + 10, t + 20, feat, (("a", 1, True),), Dev(1), ()))
-        rec.request("a", "finish", t + 25, None)
-        assert fw._send_pending() == 3
-        first = read_frame(r)
-        assert [x[1] for x in first] == [1] and first[0][6].ns == 1234
-        assert len(fw._carry) == 2 and not fw.flush(timeout=0.01)
-        rec.emit((STEP, 3, t + 20, t + 30, feat, (), Dev(0), ()))
-        assert fw._send_pending() == 1  # step 2 is done now: 2, the finish, then 3, in order
-        second = read_frame(r)
-        assert [x[1] for x in second] == [2, "a", 3] and second[0][6].ns == 1234 and not fw._carry
-        rec.emit((STEP, 4, t + 30, t + 40, feat, (), Dev(10**6), ()))  # never completes
-        fw._send_pending()
-        assert fw._carry
-        monkeypatch.setattr(companion, "HOLD_PENDING_S", 0.0)
-        time.sleep(0.01)
-        fw._send_pending()
-        third = read_frame(r)
-        assert third[0][1] == 4 and third[0][6].timing == "unavailable" and not fw._carry
-    finally:
-        os.close(r)
-        os.close(w)
+    rec, p, exp = make_pipeline()
+    seen = []
+    p.on_step = seen.append
+    t = clock_ns()
+    d1, d2 = Dev(0), Dev(2)
+    step(rec, 1, (("a", 1, True),), t, d1)  # completed when recorded
+    step(rec, 2, (("a", 1, True),), t + 10, d2)  # still running
+    rec.request("a", "finish", t + 5_000_000)
+    p.process_pending()
+    assert [s.device_ns for s in seen] == [1234]
+    assert d2.queries == 1, "asked once per flush, never waited on"
+    step(rec, 3, (("a", 1, True),), t + 20)  # the next hook asks again: still running
+    p.process_pending()
+    assert len(seen) == 1, "held, and what follows waits with it"
+    step(rec, 4, (), t + 30)  # ... and again: done now
+    p.process_pending()
+    assert [s.device_ns for s in seen] == [1234, 1234, 1_900_000 - 100, 1_900_000 - 100]
+    assert seen[1].attributes[sc.DEVICE_TIMING] == "event" and seen[2].attributes[sc.DEVICE_TIMING] == "host"
+    step(rec, 5, (), t + 40, Dev(10 ** 6))  # never completes
+    p.process_pending()
+    assert len(seen) == 4
+    monkeypatch.setattr(pl, "HOLD_DEVICE_NS", 0)
+    p.process_pending()
+    assert len(seen) == 5 and seen[4].device_ns is None and seen[4].attributes[sc.DEVICE_TIMING] == "unavailable"
+    p.stop()

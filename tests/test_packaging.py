@@ -76,3 +76,6 @@ def test_built_wheel_contains_and_imports_everything(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(str(target))
     assert (target / "prism_otel" / "bootstrap" / "sitecustomize.py").exists()
+    eps = next(target.glob("prism_otel-*.dist-info")).joinpath("entry_points.txt").read_text()
+    # the anomaly-aware export policy is found by OTEL_TRACES_SAMPLER's standard lookup
+    assert "[opentelemetry_traces_sampler]" in eps and "prism_anomaly = prism_otel.sampling:anomaly_sampler" in eps

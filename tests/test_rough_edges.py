@@ -42,17 +42,17 @@ def test_version_and_run_help():
 
 
 def test_service_name_defaults_to_the_engine(monkeypatch):
-    from prism_otel import _runtime
+    from prism_otel import config
 
     monkeypatch.delenv(sc.OTEL_SERVICE_NAME, raising=False)
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
-    assert _runtime._resource({"transformers": "5.25.0"}).attributes["service.name"] == "transformers"
-    assert _runtime._resource({"vllm": "0.32.0"}).attributes["service.name"] == "vllm"
+    assert config.resource(fw={"transformers": "5.25.0"}).attributes["service.name"] == "transformers"
+    assert config.resource(fw={"vllm": "0.32.0"}).attributes["service.name"] == "vllm"
     monkeypatch.setenv(sc.OTEL_SERVICE_NAME, "my-llm")
-    assert _runtime._resource({"vllm": "0.32.0"}).attributes["service.name"] == "my-llm"
+    assert config.resource(fw={"vllm": "0.32.0"}).attributes["service.name"] == "my-llm"
     monkeypatch.delenv(sc.OTEL_SERVICE_NAME)
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs")
-    assert _runtime._resource({"vllm": "0.32.0"}).attributes["service.name"] == "from-attrs"
+    assert config.resource(fw={"vllm": "0.32.0"}).attributes["service.name"] == "from-attrs"
 
 
 def _mat():
@@ -63,15 +63,16 @@ def _mat():
 
 
 def test_embedded_default_rotates_and_caps(tmp_path):
-    mat, _ = _mat()
-    tp = TracerProvider()
+    from prism_otel.otlp_encode import OTLPSink
+
+    # the embedded default as the companion builds it: the OTLP encoder handing request bytes to the
+    # rotating file exporter, one span per request here
     exp = OTLPJSONFileExporter(str(tmp_path), "traces-7.jsonl", max_bytes=20_000, keep=3)
-    tp.add_span_processor(SimpleSpanProcessor(exp))
-    m = SpanMaterializer(tp)
+    m = OTLPSink({"service.name": "t"}, [exp], batch_spans=1)
     for i in range(400):
         m.step(StepRecord(instance="h:7", index=i, start_ns=10**18 + i * 10**6, end_ns=10**18 + i * 10**6 + 5 * 10**5,
                           phase="decode", batch_size=2, prefill_tokens=0, decode_tokens=2))
-    exp.shutdown()
+    m.shutdown()
     files = sorted(os.listdir(tmp_path))
     assert files == ["traces-7.1.jsonl", "traces-7.2.jsonl", "traces-7.jsonl"] and exp.rotations > 3
     assert all(os.path.getsize(tmp_path / f) <= 20_000 for f in files)

@@ -51,7 +51,7 @@ def model_dir():
 
 def child_env(tmp: Path, sink: OTLPSink = None, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_", "VLLM_"))}
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(ROOT)  # this checkout, not whatever an editable install points at
     env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", PRISM_OTEL_OUT_DIR=str(tmp / "prism-out"),
                OTEL_BSP_SCHEDULE_DELAY="200", PRISM_OTEL_DETECT="0")
     if sink is not None:
@@ -134,6 +134,9 @@ def test_offline_plugin_only(vllm_python, model_dir, tmp_path, baseline):
     chk.tokens_add_up(g["steps"], prompts, gens)
     chk.requests_link_steps(g["steps"], g["requests"], prompts, gens)
     chk.detokenize_joins(g["steps"], g["detok"])
+    # the LLM process and its EngineCore have the threads they have without the plugin (pipelines and
+    # exporters run in the companions)
+    assert report["threads"] == baseline["threads"], (report["threads"], baseline["threads"])
 
 
 def test_offline_opentelemetry_instrument(vllm_python, model_dir, tmp_path, baseline):

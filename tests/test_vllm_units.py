@@ -87,9 +87,11 @@ def test_features_pure_decode_touches_no_request():
 
 
 def test_failing_hook_counts_and_never_breaks_the_engine():
+    from prism_otel.recorder import Recorder
+
     g = HookGuard("test.schedule")
     g.max_errors = 2
-    w = _engine.wrap_schedule(g)
+    w = _engine.wrap_schedule(g, Recorder(1024))
     r = _req("x", 10, 10)
     so = _so([_new(r, 0)], [], {"x": 10})
 
@@ -157,14 +159,15 @@ def test_batch_queue_order_gives_each_batch_its_step():
     from concurrent.futures import Future
 
     from prism_otel import semconv as sc
-    from prism_otel._runtime import RECORDER
     from prism_otel.record import STEP
+    from prism_otel.recorder import Recorder
 
-    RECORDER.drain(1 << 30)
+    rec = Recorder(1024)
+    reader = rec.reader()
     _engine._INFLIGHT.clear()
     g = HookGuard("test.bq")
-    sched_w, exec_w = _engine.wrap_schedule(g), _engine.wrap_execute_model(g)
-    samp_w, upd_w = _engine.wrap_sample_tokens(g), _engine.wrap_update_from_output(g)
+    sched_w, exec_w = _engine.wrap_schedule(g, rec), _engine.wrap_execute_model(g, rec)
+    samp_w, upd_w = _engine.wrap_sample_tokens(g, rec), _engine.wrap_update_from_output(g, rec)
     ra, rb = _req("a", 12, 12), _req("b", 30, 30)
     sched = _Scheduler([ra, rb])
     so_a = _so([_new(ra, 0)], [], {"a": 12})
@@ -189,20 +192,21 @@ def test_batch_queue_order_gives_each_batch_its_step():
     for f in ("xb", "sb"):
         futs[f].set_result(None)
     upd_w(lambda *a, **k: {}, sched, (so_b, None), {})
-    steps = [r for r in RECORDER.drain(1 << 30) if r[0] == STEP]
-    assert [s[1] for s in steps] == [id(so_a), id(so_b)]
+    rec.flush()
+    steps = [r for kind, r in reader.read() if kind == STEP]
+    assert [s.key for s in steps] == [id(so_a), id(so_b)]
     (a, b) = steps
-    assert a[4].prefill_tokens == 12 and b[4].prefill_tokens == 30
-    assert [r[0] for r in a[5]] == ["a"] and [r[0] for r in b[5]] == ["b"]
-    assert a[8][sc.STEP_OVERLAP] == 0 and b[8][sc.STEP_OVERLAP] == 1
+    assert a.features.prefill_tokens == 12 and b.features.prefill_tokens == 30
+    assert [r[0] for r in a.requests] == ["a"] and [r[0] for r in b.requests] == ["b"]
+    assert a.attributes[sc.STEP_OVERLAP] == 0 and b.attributes[sc.STEP_OVERLAP] == 1
     for s in (a, b):
-        stages = {n: (t0, t1) for n, t0, t1 in s[7]}
+        stages = {n: (t0, t1) for n, t0, t1 in s.stages}
         assert list(stages) == [sc.STAGE_SCHEDULE, sc.STAGE_FORWARD, sc.STAGE_SAMPLE, sc.STAGE_UPDATE]
-        assert s[8][sc.STEP_TIMING_SOURCE] == "executor"
-        assert s[2] <= stages[sc.STAGE_SCHEDULE][0] and stages[sc.STAGE_UPDATE][1] == s[3]
+        assert s.attributes[sc.STEP_TIMING_SOURCE] == "executor"
+        assert s.t0 <= stages[sc.STAGE_SCHEDULE][0] and stages[sc.STAGE_UPDATE][1] == s.t1
         assert stages[sc.STAGE_FORWARD][0] <= stages[sc.STAGE_FORWARD][1] <= stages[sc.STAGE_SAMPLE][1] \
             <= stages[sc.STAGE_UPDATE][0]
-    assert b[2] < a[3], "B was scheduled before A finished: the two steps overlap"
+    assert b.t0 < a.t1, "B was scheduled before A finished: the two steps overlap"
     assert not _engine._INFLIGHT and g.errors == 0
 
 

@@ -32,8 +32,6 @@ def _attach(req: dict, added: List[str], doc: dict) -> None:
         if p not in _ADDED_PATHS:
             _ADDED_PATHS.append(p)
     already = _runtime.current() is not None
-    if not already:
-        _runtime.RECORDER.drain(1 << 30)  # records left by a hook that was mid-call at the last detach
     rt = prism_otel.start()
     doc["already"] = already
     doc["sys_path_added"] = list(_ADDED_PATHS)

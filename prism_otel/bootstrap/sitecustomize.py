@@ -25,7 +25,7 @@ def _bootstrap() -> None:
     try:
         import prism_otel
 
-        prism_otel.start()
+        prism_otel.start(lazy=True)  # a companion only for processes that run engine steps
     except Exception as exc:  # noqa: BLE001 - never stop the application from starting
         import sys
 

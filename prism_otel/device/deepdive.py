@@ -305,9 +305,10 @@ class DeepDive:
     def active(self) -> bool:
         return self._session is not None
 
-    def install_signal(self, signame: Optional[str] = None) -> bool:
+    def install_signal(self, signame: Optional[str] = None, on_signal=None) -> bool:
         """Install a handler for ``signame`` (default: $PRISM_OTEL_DEEPDIVE_SIGNAL) that asks for a
-        burst; the handler only sets a flag, which the pipeline thread turns into a request."""
+        burst. The handler only sets a flag: the in-process device processor turns it into a request,
+        or ``on_signal`` (the companion mode's: it flags the recorder, which requests at the next step)."""
         import signal
 
         signame = signame or os.environ.get(sc.ENV_DEEPDIVE_SIGNAL)
@@ -319,7 +320,10 @@ class DeepDive:
             return False
 
         def handler(signum, frame):
-            self.signal_flag = True
+            if on_signal is not None:
+                on_signal()
+            else:
+                self.signal_flag = True
 
         signal.signal(sig, handler)
         return True

@@ -2,27 +2,24 @@
 
 For a model driven by user code (a tensor-parallel loop over ``torch.distributed``, a research
 server): each ``with step(...)`` block becomes one ``prism.step`` through the same hot-path ring as
-the engine instrumentations (one tuple, device events from the same pools, DeepDive bursts on the
+the engine instrumentations (one raw record, device events from the same pools, DeepDive bursts on the
 same terms). The block's body is the step's ``forward`` stage.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional, Sequence
 
 from prism_otel import semconv as sc
-from prism_otel._runtime import RECORDER
 from prism_otel.device import timing
-from prism_otel.record import STEP, StepFeatures, classify_phase, clock_ns
-
-_keys = itertools.count(1)
+from prism_otel.record import StepFeatures, classify_phase, clock_ns
 
 
 class StepScope:
-    __slots__ = ("model", "dev", "stream", "feat", "reqs", "t0", "pair")
+    __slots__ = ("model", "dev", "stream", "feat", "reqs", "t0", "pair", "rec")
 
-    def __init__(self, model, device_type, stream, feat: StepFeatures, reqs: tuple) -> None:
+    def __init__(self, model, device_type, stream, feat: StepFeatures, reqs: tuple, rec) -> None:
+        self.rec = rec
         self.model = model
         self.dev = device_type
         self.stream = stream
@@ -39,8 +36,9 @@ class StepScope:
     def __exit__(self, *exc) -> bool:
         t1 = clock_ns()
         timing.end(self.pair)
-        RECORDER.emit((STEP, ("manual", next(_keys)), self.t0, t1, self.feat, self.reqs, self.pair,
-                       ((sc.STAGE_FORWARD, self.t0, t1),)))
+        rec = self.rec
+        rec.step(rec.new_key(), self.t0, t1, self.feat, self.reqs, self.pair, ((sc.STAGE_FORWARD, self.t0, t1),))
+        rec.flush()  # a user's loop gives no sign of going idle: each step goes out at once
         return False
 
 
@@ -53,4 +51,6 @@ def step(model=None, batch_size: int = 1, prefill_tokens: int = 0, decode_tokens
     feat = StepFeatures(classify_phase(prefill_tokens, decode_tokens), batch_size, prefill_tokens, decode_tokens,
                         context_tokens, 0, None)
     reqs = tuple((rid, 1, True) for rid in request_ids)
-    return StepScope(model, device_type, stream, feat, reqs)
+    from prism_otel import _runtime  # lazy: the lifecycle sits above the device helpers
+
+    return StepScope(model, device_type, stream, feat, reqs, _runtime.recorder())

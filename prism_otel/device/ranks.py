@@ -1,18 +1,19 @@
 """Tensor-parallel steps: the per-rank step records of one logical step, joined on rank 0.
 
 Every rank of a tensor-parallel group runs the same steps in the same order, each in its own
-process with its own prism-otel pipeline. :class:`RankJoin` is a processor (last in the chain):
+process, recording into its own ring. With ``PRISM_OTEL_RANK_JOIN=1`` the join runs outside every
+engine process: rank 0's companion reads the rings of the local ranks too (:class:`RankPeers`, in
+:mod:`prism_otel.companion`), and :class:`RankJoin` is a processor (last in its chain):
 
-* on a rank other than 0 it tags the step with its rank, sends it to rank 0 and takes it out of
-  its own pipeline (no span of its own: the step is rendered once, by the leader);
 * on rank 0 it waits (bounded, ``PRISM_OTEL_RANK_JOIN_TIMEOUT_MS``, 200 ms) for the other ranks'
   records of the same step index and returns one logical step (:func:`join_ranks`): its span is
   the one ``prism.step``, with one ``prism.rank.<n>`` child per rank carrying that rank's times and
-  its kernel groups as ``prism.kernels.*`` children.
+  its kernel groups as ``prism.kernels.*`` children;
+* a rank's own steps, read from its ring, are tagged with the rank and handed to rank 0's join
+  (:class:`LocalTransport`) instead of being rendered (the step is rendered once, by the leader).
 
-The records travel through the torch.distributed store (the rendezvous key-value store every
-process group has): a set per step on the sender, a check/get/delete on the leader, all on the
-pipeline threads. No collective is issued and nothing runs on the engine threads.
+:class:`StoreTransport` (the torch.distributed store) remains for a pipeline an application runs in
+its own processes with its own provider. No collective is issued and nothing runs on engine threads.
 
 Which rank is slow: in a synchronous collective the ranks wait for the last one to arrive, so
 every rank's step takes as long as the slowest one's; what differs is where the time goes. The
@@ -194,12 +195,74 @@ class RankJoin(StepProcessor):
             self.transport.send(step.index, self.rank, pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL))
             return None
         others = self.transport.fetch(step.index, range(1, self.world), self.timeout_s)
-        recs = [step] + [pickle.loads(b) for b in others.values()]
+        recs = [step] + [pickle.loads(b) if isinstance(b, (bytes, bytearray)) else b for b in others.values()]
         missing = [r for r in range(1, self.world) if r not in others]
         if missing:
             self.incomplete += 1
         self.joined += 1
         return join_ranks(recs, self.world, missing)
+
+
+class LocalTransport:
+    """The other ranks' step records, read by this (rank 0's) companion from their rings: ``put`` by the
+    readers of the peers' rings, ``fetch`` by the join, which pumps those readers while it waits."""
+
+    def __init__(self, pump=None) -> None:
+        self._steps: Dict[tuple, StepRecord] = {}
+        self.pump = pump
+        self.sent = 0  # records put (the other ranks' steps)
+        self.received = 0
+        self.late = 0
+
+    def put(self, index: int, rank: int, step: StepRecord) -> None:
+        self._steps[(index, rank)] = step
+        self.sent += 1
+        if len(self._steps) > 4096:  # records whose step was never joined
+            for k in sorted(self._steps)[:1024]:
+                del self._steps[k]
+                self.late += 1
+
+    def fetch(self, index: int, ranks: Iterable[int], timeout_s: float) -> Dict[int, StepRecord]:
+        want = list(ranks)
+        got: Dict[int, StepRecord] = {}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for r in want:
+                s = self._steps.pop((index, r), None)
+                if s is not None:
+                    got[r] = s
+            want = [r for r in want if r not in got]
+            if not want or time.monotonic() >= deadline:
+                break
+            if self.pump is not None:
+                self.pump()
+            if want:
+                time.sleep(0.0005)
+        self.received += len(got)
+        for k in [k for k in self._steps if k[0] < index - 64]:
+            del self._steps[k]
+            self.late += 1
+        return got
+
+
+class RankForward(StepProcessor):
+    """In rank 0's companion, on a peer rank's ring: tag the step with its rank, hand it to the join,
+    render nothing of it."""
+
+    name = "rank-forward"
+
+    def __init__(self, rank: int, world: int, transport: LocalTransport) -> None:
+        self.rank = rank
+        self.world = world
+        self.transport = transport
+        self.forwarded = 0
+
+    def process(self, step: StepRecord) -> Optional[StepRecord]:
+        step = dataclasses.replace(step, attributes={**step.attributes, sc.RANK: self.rank,
+                                                     sc.RANK_WORLD_SIZE: self.world})
+        self.transport.put(step.index, self.rank, step)
+        self.forwarded += 1
+        return None
 
 
 def rank_processors() -> list:

@@ -1,5 +1,6 @@
 """One DeepDive step's group boundaries: device events recorded by the engine thread at module
-(and collective) boundaries, read by the pipeline thread once they completed.
+(and collective) boundaries, read by the recorder at a later step once they completed (``query()``,
+never a wait).
 
 The interval between two consecutive events belongs to the label of the first: the innermost open
 group, ``other`` outside every hooked module, ``sampling`` after the model's forward. Summed per
@@ -151,8 +152,10 @@ class StepTimeline:
         return total, ("host" if self.host else "event")
 
     def _resolve_window(self):
+        if not self.window.done.is_set():
+            return None, "pending"  # the window closes with the burst: asked again at a later step
         total = None
-        groups = self.window.groups_for(self.seq)
+        groups = self.window.groups_for(self.seq, timeout=0)
         if self.events and self.labels[-1] is None:
             try:
                 total = int(self.events[0].elapsed_time(self.events[-1]) * 1e6)

@@ -26,7 +26,7 @@ _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 @dataclass(frozen=True)
 class HookPoint:
-    """``module``'s ``Class.method`` wrapped by ``factory(guard)``.
+    """``module``'s ``Class.method`` wrapped by ``factory(guard, recorder)``.
 
     ``params``: the parameters after ``self`` as this hook point knows them, in order: every required
     one, and the optional ones the wrapper reads from ``args`` by position. ``own``: patch only where the class itself defines the method (a subclass that merely
@@ -70,7 +70,7 @@ def _skip(key: str, why: str) -> None:
     STATUS[key] = ("skipped", why)
 
 
-def patch(module, hp: HookPoint, patched: List[Tuple[str, str]], key: str) -> bool:
+def patch(module, hp: HookPoint, patched: List[Tuple[str, str]], key: str, recorder=None) -> bool:
     """Wrap ``hp`` in the imported ``module`` unless it changed; record it in ``patched``.
     Returns whether it was wrapped. Never raises: a failure is reported under ``key``."""
     if (hp.module, hp.target) in patched:
@@ -87,7 +87,7 @@ def patch(module, hp: HookPoint, patched: List[Tuple[str, str]], key: str) -> bo
         if why:
             _skip(key, why)
             return False
-        wrapt.wrap_function_wrapper(module, hp.target, hp.factory(guard(key)))
+        wrapt.wrap_function_wrapper(module, hp.target, hp.factory(guard(key), recorder))
         patched.append((hp.module, hp.target))
         STATUS.pop(key, None)
         return True

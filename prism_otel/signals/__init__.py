@@ -110,8 +110,8 @@ def start(pipeline, engine_pid: Optional[int] = None, recorder=None, engine_tid:
 
     ``recorder``: the engine process's hot-path recorder, when this runs in the engine process: the
     ``gc.callbacks`` hook is installed to write GC pauses to it. ``pipeline``: a
-    :class:`~prism_otel.pipeline.Pipeline` (anything without ``signal_sources``, e.g. the companion's
-    forwarder, gets none); the sources of :func:`default_sources` are added to it once. Returns the
+    :class:`~prism_otel.pipeline.Pipeline` (anything without ``signal_sources``, e.g. the engine side's
+    companion handle, gets none); the sources of :func:`default_sources` are added to it once. Returns the
     sources added. Never raises."""
     added: list = []
     try:

@@ -99,6 +99,7 @@ def prism(*args, env=None, timeout=120, user=None) -> subprocess.CompletedProces
     """`prism-otel ARGS` as its own process; as ``user`` (another uid, no capabilities) it runs the system
     Python on :func:`readable_site`, since that user cannot read this checkout or its venv."""
     env = dict(env if env is not None else clean_env())
+    env.setdefault("PYTHONPATH", ROOT)  # the command runs this checkout, not whatever an editable install points at
     cmd = [PRISM, *map(str, args)]
     if user is not None:
         env["PYTHONPATH"] = readable_site()
@@ -115,6 +116,7 @@ class Server:
         self.log = open(os.path.join(self.dir, "server.log"), "w")
         env = dict(env if env is not None else clean_env())
         env.pop(sc.ENV_ATTACH_DIR, None)
+        env.setdefault("PYTHONPATH", ROOT)  # the engine imports this checkout when attached
         self.proc = subprocess.Popen([sys.executable, SERVER, self.dir, "--concurrency", str(concurrency)],
                                      env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True)

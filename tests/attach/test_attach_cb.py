@@ -38,8 +38,9 @@ def test_attach_exports_steps_then_detach_stops_them(server_factory, sink):
     assert ["transformers.generation.continuous_batching.continuous_api",
             "ContinuousBatchProcessor._generation_step"] in doc["patched"]
     assert doc["target_env"] == [sc.OTEL_SERVICE_NAME, sc.OTEL_TRACES_EXPORTER]  # restored after start
-    # the default pipeline: a forwarder here, the spans built in a companion process
-    assert "prism-otel-forwarder" in doc["threads"] and "prism-otel-pipeline" not in doc["threads"]
+    # the default pipeline: the hooks here and no thread of ours (the attach agent's aside), the spans
+    # built in a companion process
+    assert [t for t in doc["threads"] if t.startswith("prism-otel") and t != "prism-otel-attach"] == []
 
     spans = sink.wait_for(lambda s: len(_steps(s)) >= 30, timeout=30)
     steps = _steps(spans)
@@ -125,6 +126,8 @@ def test_twenty_cycles_leave_no_threads_or_memory(server_factory, sink, monkeypa
     again = at.attach(srv.pid, env=env)  # attaching twice is harmless
     assert again["already"] and again["patched"] == first["patched"]
     sink.wait_for(lambda s: len(_steps(s)) >= 5, timeout=30)
+    # attached and exporting: the engine has exactly the threads it had before (the agent's is gone)
+    assert settle(threads0) == threads0, f"{srv.threads()} threads while attached, {threads0} before"
     at.detach(srv.pid)
     assert settle(threads0) == threads0
     rss0 = srv.rss_kb()

@@ -21,6 +21,31 @@ from tests.attach.conftest import prism, sink_env
 pytestmark = pytest.mark.vllm
 
 
+def _tree_threads(pid: int, only=None) -> dict:
+    """{pid: threads} of ``pid`` and its descendants (``only``: of these pids)."""
+    import os
+
+    kids = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(p))
+            except OSError:
+                pass
+    out, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            n = len(os.listdir(f"/proc/{p}/task"))
+        except OSError:
+            continue
+        if only is None or p in only:
+            out[p] = n
+        todo += kids.get(p, [])
+    return out
+
+
 def test_attach_tree_to_running_vllm_server(tmp_path, sink):
     from tests import test_vllm as tv
 
@@ -52,6 +77,7 @@ def test_attach_tree_to_running_vllm_server(tmp_path, sink):
         for t in loaders:
             t.start()
         time.sleep(2)
+        threads_before = _tree_threads(srv.proc.pid)  # the API server, its EngineCore (and worker)
 
         env = sink_env(sink, **{sc.ENV_OUT_DIR: str(tmp_path / "prism-out")})
         r = prism("attach", srv.proc.pid, "--tree", "--json", env=env, timeout=300)
@@ -67,6 +93,11 @@ def test_attach_tree_to_running_vllm_server(tmp_path, sink):
         steps = [s for s in spans if s.name == sc.STEP_SPAN]
         assert len(steps) >= 10, f"{len(steps)} step spans; stderr: {r.stderr[-2000:]}"
         assert {s.resource.get("process.pid") for s in steps} <= pids
+        # attached and exporting: every vLLM process has the threads it had before (the agents' are gone)
+        deadline = time.monotonic() + 10
+        while _tree_threads(srv.proc.pid, threads_before) != threads_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _tree_threads(srv.proc.pid, threads_before) == threads_before
         print(f"attached {len(docs)} processes: " + "; ".join(
             f"{d['pid']} {d['instrumentations'].get('vllm', ['-'])[0]} {len(d.get('patched', []))} hooks "
             f"{d['handshake_ms']:.0f} ms" for d in docs) + f"; skipped: {r.stderr.strip()[:300]}")

@@ -1,6 +1,9 @@
 """One rank of a tensor-parallel MLP over torch.distributed (gloo on CPU, NCCL on GPUs), instrumented
 with prism-otel: ``python -m tests.device.tp_worker RANK WORLD PORT OUT_JSON [--straggler R] [--steps N]
-[--deepdive N]``. Rank 0 joins the ranks' steps and writes the spans it exported to OUT_JSON."""
+[--deepdive N]``. Every rank runs prism-otel as a user would (``start()``, the companion pipeline,
+``PRISM_OTEL_RANK_JOIN=1``, the embedded default's OTLP/JSON files under ``PRISM_OTEL_OUT_DIR``): rank
+0's companion joins the ranks' steps, no engine process joins anything. Each rank writes to OUT_JSON
+the spans its own files hold and what prism-otel reports about the join."""
 
 from __future__ import annotations
 
@@ -52,23 +55,20 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--deepdive", type=int, default=0, help="steps in a DeepDive burst on every rank")
     a = ap.parse_args()
+    import glob
+
     import torch
     import torch.distributed as dist
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     import prism_otel
     from prism_otel.device import deepdive, manual
-    from prism_otel.device.ranks import RankJoin
 
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(a.out)), f"prism-out-{a.rank}")
+    os.environ.update({"PRISM_OTEL_RANK_JOIN": "1", "PRISM_OTEL_RANK_JOIN_TIMEOUT_MS": "5000",
+                       "PRISM_OTEL_OUT_DIR": out_dir, "PRISM_OTEL_DETECT": "0"})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world)
-    exp = InMemorySpanExporter()
-    tp = TracerProvider()
-    tp.add_span_processor(SimpleSpanProcessor(exp))
-    join = RankJoin(timeout_ms=5000)
-    rt = prism_otel.start(tracer_provider=tp, processors=[join], instrument=False)
+    rt = prism_otel.start(instrument=False)
     model = build(a.world, a.rank, straggler=a.straggler)
     x = torch.randn(8, 64)
     with torch.no_grad():
@@ -78,15 +78,28 @@ def main() -> None:
         for _ in range(a.steps):
             with manual.step(model, batch_size=8, decode_tokens=8):
                 model(x)
-    rt.pipeline.flush()  # processes every step left in the ring (rank 0 waits for the others' records)
+    assert rt.pipeline.flush(60), "the ring was not processed"  # rank 0's companion reads every rank's ring
+    status = prism_otel.status()
     dist.barrier()
-    spans = [dict(name=s.name, span_id=s.context.span_id, parent=s.parent.span_id if s.parent else None,
-                  start=s.start_time, end=s.end_time, attributes=dict(s.attributes))
-             for s in exp.get_finished_spans()]
-    prism_otel.stop()
+    stats = rt.pipeline.stats()
+    prism_otel.stop(30)
+    from prism_otel.otlp_json import request_from_json
+    from tests.otlp_sink import attrs_of
+
+    spans = []
+    for path in glob.glob(os.path.join(out_dir, "traces-*.jsonl")):
+        with open(path) as f:
+            for line in f:
+                for rs in request_from_json(line).resource_spans:
+                    for ss in rs.scope_spans:
+                        for sp in ss.spans:
+                            spans.append(dict(name=sp.name, span_id=sp.span_id.hex(),
+                                              parent=sp.parent_span_id.hex() or None, start=sp.start_time_unix_nano,
+                                              end=sp.end_time_unix_nano, attributes=attrs_of(sp.attributes)))
+    join = stats.get("rank_join", {})
     with open(a.out, "w") as f:
-        json.dump(dict(rank=a.rank, spans=spans, sent=getattr(join._transport, "sent", 0),
-                       joined=join.joined, incomplete=join.incomplete), f, default=str)
+        json.dump(dict(rank=a.rank, spans=spans, sent=stats.get("rank_sent", 0), joined=join.get("joined", 0),
+                       incomplete=join.get("incomplete", 0), mode=status.get("mode")), f, default=str)
     dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import random
 import sys
+import threading
 import time
 
 
@@ -51,8 +52,14 @@ def run_cb(out: str, n: int, seed: int, model_dir: str, gap_s: float) -> None:
         if r.is_finished():
             results[r.request_id] = list(r.generated_tokens)
     elapsed = time.perf_counter() - t0
+    threads = len(os.listdir("/proc/self/task"))  # while the engine still runs: ours would be among them
+    thread_names = sorted(t.name for t in threading.enumerate())
     mgr.stop(block=True, timeout=60)
-    report = {"pid": os.getpid(), "elapsed_s": elapsed, "requests": [
+    report = {"pid": os.getpid(), "elapsed_s": elapsed, "threads": threads, "thread_names": thread_names,
+              # what of the detector this (the engine's) process imported: a fit needs these
+              "detector_modules": sorted(m for m in sys.modules if m in ("processors.model", "processors.gbm",
+                                                                           "processors.anomaly")),
+              "requests": [
         {"id": rid, "prompt_tokens": len(p), "max_new": m, "generated": results.get(rid)}
         for rid, p, m in zip(rids, prompts, max_new)]}
     if "prism_otel" in sys.modules:  # loaded by `prism-otel run`: what it says of itself

@@ -46,8 +46,31 @@ def main() -> None:
     for o in llm.generate(BATCHED, sps, use_tqdm=False):
         report["batched"].append({"prompt_tokens": len(o.prompt_token_ids),
                                   "output_ids": list(o.outputs[0].token_ids)})
+    report["threads"] = threads_of_tree()
     with open(out, "w") as f:
         json.dump(report, f)
+
+
+def threads_of_tree() -> dict:
+    """Threads of this process and of its children (the engine core), by process title, while the
+    engine still runs: what prism-otel adds to vLLM's processes would show here."""
+    me = os.getpid()
+    out = {"LLM": len(os.listdir(f"/proc/{me}/task"))}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            out.setdefault(title, 0)
+            out[title] += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+    return out
 
 
 if __name__ == "__main__":  # vLLM spawns its engine core: the module must be importable without side effects

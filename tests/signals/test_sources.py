@@ -141,6 +141,7 @@ def test_overlap_spreads_each_interval_and_extrapolates_the_tail():
 
 def test_gc_pauses_go_through_the_ring_to_the_steps():
     rec = Recorder(1024)
+    reader = rec.reader()  # what a companion reads: the raw records in the ring
     hook = gc_hook.install(rec)
     try:
         t0 = clock_ns()
@@ -149,16 +150,18 @@ def test_gc_pauses_go_through_the_ring_to_the_steps():
         t1 = clock_ns()
     finally:
         gc_hook.uninstall()
-    recs = [r for r in rec.drain() if r[0] == GC]
+    rec.flush()
+    recs = [r for k, r in reader.read() if k == GC]
     assert len(recs) >= 2 and hook.pauses >= 2 and hook.errors == 0
-    assert all(t0 <= r[1] <= r[2] <= t1 for r in recs) and {r[3] for r in recs} >= {0, 1}
+    assert all(t0 <= r.t0 <= r.t1 <= t1 for r in recs) and {r.generation for r in recs} >= {0, 1}
     pauses = GcPauses()
     for r in recs:
-        pauses.add(to_epoch_ns(r[1]), to_epoch_ns(r[2]), r[3])
+        pauses.add(to_epoch_ns(r.t0), to_epoch_ns(r.t1), r.generation)
     got = pauses.overlap(to_epoch_ns(t0), to_epoch_ns(t1))
     assert got[sc.SIGNAL_GC_COUNT] == len(recs) and got[sc.SIGNAL_GC_MS] > 0
     gc.collect(0)
-    assert len(rec) == 0  # uninstalled: nothing more
+    rec.flush()
+    assert not [r for k, r in reader.read() if k == GC]  # uninstalled: nothing more
 
 
 def test_gc_hook_never_raises_and_removes_itself():

@@ -23,20 +23,14 @@ steps are then keyed by the batch that ``update_batch`` completes, and marked ``
 
 from __future__ import annotations
 
-from typing import Collection
-
-import wrapt
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-
-from prism_otel.instrumentation import STATUS, UNTESTED, check_version, unwrap_all
-from prism_otel.instrumentation._patch import HookPoint, patch
+from prism_otel.instrumentation._patch import HookPoint
+from prism_otel.instrumentation.base import EngineInstrumentor
 from prism_otel.instrumentation.transformers import _cb, _generate
 
 # Attempted: any 5.x from the first with the continuous-batching API we read. Tested (the suite runs
 # on both ends: .venv-tf-oldest and .venv): below the upper bound of the `transformers` extra.
 SUPPORTED = ">=5.10,<6"
 TESTED = ">=5.10,<5.26"
-_instruments = ("transformers >= 5.10, < 6",)
 
 CB_MODULE = "transformers.generation.continuous_batching.continuous_api"
 SCHED_MODULE = "transformers.generation.continuous_batching.scheduler"
@@ -53,38 +47,12 @@ HOOK_POINTS = (
 )
 
 
-class TransformersInstrumentor(BaseInstrumentor):
+class TransformersInstrumentor(EngineInstrumentor):
     """Patches transformers' continuous-batching and generate loops (see the module docstring)."""
 
-    # BaseInstrumentor is a per-class singleton whose __init__ runs on every construction: state
-    # lives on the class so a second `TransformersInstrumentor()` does not forget what was patched.
-    _active = False
-    _patched: list = []
-
-    def instrumentation_dependencies(self) -> Collection[str]:
-        return _instruments
-
-    def _instrument(self, **kwargs) -> None:
-        if check_version("transformers", ("transformers",), kwargs.get("supported", SUPPORTED), TESTED) is None:
-            return
-        type(self)._active = True
-        type(self)._patched = list(self._patched)
-        for module in {hp.module for hp in HOOK_POINTS}:
-            wrapt.register_post_import_hook(self._on_import, module)
-        STATUS["transformers"] = ("instrumented", UNTESTED.get("transformers", "hooks installed on import"))
-
-    def _on_import(self, module) -> None:
-        if not self._active:
-            return
-        for hp in HOOK_POINTS:
-            if hp.module == module.__name__:
-                patch(module, hp, self._patched, "transformers." + hp.target)
-
-    def _uninstrument(self, **kwargs) -> None:
-        type(self)._active = False
-        unwrap_all(self._patched)
-        STATUS["transformers"] = ("uninstrumented", "")
-
-    @property
-    def patched(self):
-        return list(self._patched)
+    name = "transformers"
+    dists = ("transformers",)
+    supported = SUPPORTED
+    tested = TESTED
+    instruments = ("transformers >= 5.10, < 6",)
+    hook_points = HOOK_POINTS

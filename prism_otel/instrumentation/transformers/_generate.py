@@ -11,20 +11,19 @@ from __future__ import annotations
 import itertools
 
 from prism_otel import semconv as sc
-from prism_otel._runtime import RECORDER
 from prism_otel.device import timing
-from prism_otel.record import REQUEST, STEP, StepFeatures, clock_ns
+from prism_otel.instrumentation.base import SKIP, guarded
+from prism_otel.record import StepFeatures, clock_ns
 
 _calls = itertools.count(1)
-_keys = itertools.count(1)
-_emit = RECORDER.emit
 
 
 class _GenerateCall:
-    __slots__ = ("g", "t_start", "call", "rids", "prompt", "n", "pre_t", "post_t", "pair", "dev", "feat")
+    __slots__ = ("g", "rec", "t_start", "call", "rids", "prompt", "n", "pre_t", "post_t", "pair", "dev", "feat")
 
-    def __init__(self, g, t_start: int, dev) -> None:
+    def __init__(self, g, rec, t_start: int, dev) -> None:
         self.g = g
+        self.rec = rec
         self.t_start = t_start
         self.call = next(_calls)
         self.rids = ()
@@ -41,7 +40,7 @@ class _GenerateCall:
         stages = ((sc.STAGE_FORWARD, self.pre_t, self.post_t), (sc.STAGE_SAMPLE, self.post_t, t))
         reqs = tuple((rid, self.feat.prefill_tokens // len(self.rids) if self.n == 1 else 1, True)
                      for rid in self.rids)
-        _emit((STEP, ("generate", next(_keys)), self.pre_t, t, self.feat, reqs, self.pair, stages))
+        self.rec.step(self.rec.new_key(), self.pre_t, t, self.feat, reqs, self.pair, stages)
         self.post_t = None
 
     def pre(self, module, args, kwargs):
@@ -61,7 +60,7 @@ class _GenerateCall:
                 self.prompt = q
                 self.rids = tuple(f"generate-{self.call}-{i}" for i in range(b))
                 for rid in self.rids:
-                    _emit((REQUEST, rid, "arrive", self.t_start, {"prompt_tokens": q}))
+                    self.rec.request(rid, "arrive", self.t_start, prompt_tokens=q)
                 self.feat = StepFeatures("prefill", b, b * q, 0, b * q, q, None)
             else:
                 pos = self.prompt + self.n
@@ -87,30 +86,25 @@ class _GenerateCall:
         t = clock_ns()
         self._flush(t)
         for rid in self.rids:
-            _emit((REQUEST, rid, "finish", t, None))
+            self.rec.request(rid, "finish", t)
+        self.rec.flush()
 
 
-def wrap_generate(g):
-    def _generate(wrapped, instance, args, kwargs):
-        if g.disabled or getattr(instance, "_prism_generating", False):
-            return wrapped(*args, **kwargs)
-        try:
-            call = _GenerateCall(g, clock_ns(), timing.accelerator_of(instance))
-            handles = (instance.register_forward_pre_hook(call.pre, with_kwargs=True),
-                       instance.register_forward_hook(call.post, with_kwargs=True))
-            instance._prism_generating = True
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-            return wrapped(*args, **kwargs)
-        try:
-            return wrapped(*args, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-            instance._prism_generating = False
-            try:
-                call.finish()
-            except Exception as exc:  # noqa: BLE001
-                g.failed(exc)
+def wrap_generate(g, rec):
+    def before(instance, args, kwargs):
+        if getattr(instance, "_prism_generating", False):
+            return SKIP
+        call = _GenerateCall(g, rec, clock_ns(), timing.accelerator_of(instance))
+        handles = (instance.register_forward_pre_hook(call.pre, with_kwargs=True),
+                   instance.register_forward_hook(call.post, with_kwargs=True))
+        instance._prism_generating = True
+        return call, handles
 
-    return _generate
+    def after(instance, args, kwargs, r, state):
+        call, handles = state
+        for h in handles:
+            h.remove()
+        instance._prism_generating = False
+        call.finish()
+
+    return guarded(g, before, after, always=True)

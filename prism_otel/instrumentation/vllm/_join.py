@@ -32,7 +32,7 @@ def new_root_headers() -> dict:
             "tracestate": f"{TRACESTATE_KEY}={TRACESTATE_ROOT}"}
 
 
-def wrap_get_trace_headers(g):
+def wrap_get_trace_headers(g, rec=None):  # rec: the recorder (unused: this hook records nothing)
     async def _get_trace_headers(wrapped, instance, args, kwargs):
         headers = await wrapped(*args, **kwargs)
         if g.disabled or not _tracing.ACTIVE:

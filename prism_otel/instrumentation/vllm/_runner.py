@@ -20,67 +20,63 @@ Where the runner lives decides how its clocks reach the step:
 
 from __future__ import annotations
 
+from prism_otel.instrumentation.base import SKIP, guarded
 from prism_otel.instrumentation.vllm._engine import ENGINE, _INFLIGHT
 from prism_otel.record import clock_ns
 
 
-def wrap_model_forward(g):
-    def _model_forward(wrapped, instance, args, kwargs):
-        if g.disabled:
-            return wrapped(*args, **kwargs)
-        t0 = clock_ns()
-        r = wrapped(*args, **kwargs)
+def wrap_model_forward(g, rec):
+    def before(instance, args, kwargs):
+        return clock_ns()
+
+    def after(instance, args, kwargs, r, t0):
         instance._prism_fwd = (t0, clock_ns())
-        return r
 
-    return _model_forward
+    return guarded(g, before, after)
 
 
-def _deliver(g, instance, ex, s0, s1, out) -> None:
+def _deliver(instance, ex, s0, s1, out) -> None:
     key, e0, e1, fwd = ex
     t = (e0, fwd[0] if fwd else 0, fwd[1] if fwd else 0, e1, s0, s1)
-    try:
-        if ENGINE.here:
-            b = _INFLIGHT.get(key)
-            if b is not None:
-                b.runner = t
-            return
-        target = getattr(out, "_model_runner_output", out)  # async outputs wrap the real one
-        if getattr(target, "req_ids", None):  # never the shared EMPTY_MODEL_RUNNER_OUTPUT
-            target._prism_t = t
-    except Exception as exc:  # noqa: BLE001
-        g.failed(exc)
+    if ENGINE.here:
+        b = _INFLIGHT.get(key)
+        if b is not None:
+            b.runner = t
+        return
+    target = getattr(out, "_model_runner_output", out)  # async outputs wrap the real one
+    if getattr(target, "req_ids", None):  # never the shared EMPTY_MODEL_RUNNER_OUTPUT
+        target._prism_t = t
 
 
-def wrap_execute_model(g):
-    def execute_model(wrapped, instance, args, kwargs):
-        if g.disabled or kwargs.get("dummy_run"):
-            return wrapped(*args, **kwargs)
+def wrap_execute_model(g, rec):
+    def before(instance, args, kwargs):
+        if kwargs.get("dummy_run"):
+            return SKIP
         so = args[0] if args else kwargs.get("scheduler_output")
         instance._prism_fwd = None
-        t0 = clock_ns()
-        r = wrapped(*args, **kwargs)
+        return id(so), clock_ns()
+
+    def after(instance, args, kwargs, r, state):
         t1 = clock_ns()
-        ex = (id(so), t0, t1, instance._prism_fwd)
+        ex = (state[0], state[1], t1, instance._prism_fwd)
         if r is None:
             instance._prism_exec = ex  # sample_tokens completes the batch
         elif getattr(r, "req_ids", None) is not None:
             instance._prism_exec = None  # a finished output without sampling (pooling, empty)
-            _deliver(g, instance, ex, 0, 0, r)
-        return r
+            _deliver(instance, ex, 0, 0, r)
 
-    return execute_model
+    return guarded(g, before, after)
 
 
-def wrap_sample_tokens(g):
-    def sample_tokens(wrapped, instance, args, kwargs):
+def wrap_sample_tokens(g, rec):
+    def before(instance, args, kwargs):
         ex = getattr(instance, "_prism_exec", None)
-        if g.disabled or ex is None:
-            return wrapped(*args, **kwargs)
+        if ex is None:
+            return SKIP
         instance._prism_exec = None
-        s0 = clock_ns()
-        r = wrapped(*args, **kwargs)
-        _deliver(g, instance, ex, s0, clock_ns(), r)
-        return r
+        return ex, clock_ns()
 
-    return sample_tokens
+    def after(instance, args, kwargs, r, state):
+        _deliver(instance, state[0], state[1], clock_ns(), r)
+
+    return guarded(g, before, after)

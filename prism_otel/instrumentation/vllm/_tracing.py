@@ -6,16 +6,18 @@ vLLM's ``init_otel_tracer(name, endpoint, extra)`` (API server / ``LLM`` process
 one; all of vLLM's spans (``llm_request``, the start-up spans) come from the *global* provider.
 With prism-otel running, the wrapper below replaces that with:
 
-* the global provider becomes prism-otel's provider (if no SDK provider is global yet), so vLLM's
-  spans and ours share one resource, one set of span processors and one exporter pipeline;
+* one provider for the process, with the resource prism-otel's own spans carry (the companion builds
+  the same resource for this process from the same environment), so vLLM's spans and ours describe
+  one process: the application's provider where it passed one to ``start()``, else one made here
+  for vLLM's spans (prism-otel's own spans are exported by the companion and never pass through it);
+* it becomes the global provider if no SDK provider is global yet;
 * the endpoint vLLM was given gets an OTLP exporter on that provider, unless the provider already
-  exports there (prism-otel built it from the same ``OTEL_EXPORTER_OTLP_*`` endpoint, as in every
-  child process, which inherits the variable vLLM wrote);
+  exports there;
 * vLLM's variable is still written, as vLLM does, so its children find the endpoint.
 
-No span is created twice and none is exported twice. Without prism-otel running, or with the
-companion pipeline chosen explicitly (no provider in this process then; in a vLLM environment the
-default is in-process), vLLM's own function runs unchanged.
+No span is created twice and none is exported twice. The exporter's thread is the one vLLM's own
+tracing would start: with prism-otel or without, the process has the same threads. Without
+prism-otel running, vLLM's own function runs unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _norm(endpoint: str) -> str:
     return e.rstrip("/")
 
 
-_ENV = {}  # the OTLP settings in the environment when prism-otel instrumented (its provider's source)
+_ENV = {}  # the OTLP settings in the environment when prism-otel instrumented
 
 
 def note_env_endpoint() -> None:
@@ -49,13 +51,21 @@ def note_env_endpoint() -> None:
                         or os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT))
 
 
-def _seed_exported(st) -> None:
-    """If the shared provider's exporters came from an OTLP endpoint in the environment (ours, or the
-    SDK's under opentelemetry-instrument), that endpoint is already exported to."""
-    ep = _ENV.get("endpoint")
-    names = _ENV.get("exporters") or "otlp"
-    if ep and not st.embedded_default and "otlp" in names:
-        _EXPORTED.add(_norm(ep))
+_OWN = {}  # the provider made here for vLLM's spans (companion mode)
+
+
+def _provider_for(st):
+    """The application's provider, or the one made here once for vLLM's own spans."""
+    if st.provider is not None:
+        return st.provider
+    p = _OWN.get("provider")
+    if p is None:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from prism_otel import config
+
+        p = _OWN["provider"] = TracerProvider(resource=config.resource(), shutdown_on_exit=True)
+    return p
 
 
 def wrap_init_otel_tracer(original):
@@ -66,20 +76,22 @@ def wrap_init_otel_tracer(original):
         ACTIVE = True
 
         st = _runtime.current()
-        if st is None or st.provider is None:  # companion mode: no provider here; vLLM keeps its own
+        if st is None:
             return original(instrumenting_module_name, otlp_traces_endpoint, extra_attributes)
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
 
-        _seed_exported(st)
         os.environ[sc.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT] = otlp_traces_endpoint
-        provider = st.provider
+        provider = _provider_for(st)
         glob = trace.get_tracer_provider()
         if not isinstance(glob, TracerProvider):
             trace.set_tracer_provider(provider)
         elif glob is not provider:
-            logger.warning("prism-otel: another SDK tracer provider is global; vLLM's spans use it, ours do not")
+            # e.g. opentelemetry-instrument's, built from the OTEL_* variables: it exports there already
             provider = glob
+            ep = _ENV.get("endpoint")
+            if ep and "otlp" in (_ENV.get("exporters") or "otlp"):
+                _EXPORTED.add(_norm(ep))
         key = _norm(otlp_traces_endpoint)
         if key not in _EXPORTED:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor

@@ -27,7 +27,7 @@ def register() -> None:
     try:
         import prism_otel
 
-        prism_otel.start()
+        prism_otel.start(lazy=True)  # workers never record: no ring, no companion there
     except Exception as exc:  # noqa: BLE001 - a plugin must never stop vLLM from starting
         import logging
 
