@@ -266,9 +266,6 @@ class StepAssembler:
     def process(self, req: ExportTraceServiceRequest, source: Any = None) -> List[Output]:
         """Assemble, detect and tag ``req`` in place. Returns what may be forwarded now."""
         now = self._clock()
-        if not self.processors:  # nothing to judge: forwarded as received
-            n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
-            return [(req, {source: n})] if n else []
         touched = self._remember_children(req, now)
         total = held_here = 0
         ready_now: List[Tuple[Any, Dict[str, Any], Any]] = []
