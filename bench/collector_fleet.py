@@ -36,6 +36,7 @@ from concurrent import futures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import grpc  # noqa: E402
 import psutil  # noqa: E402
@@ -48,6 +49,7 @@ from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
+import collector_throughput as ct  # noqa: E402  (bench/: the throughput bench's client)
 from prism_otel import semconv as sc  # noqa: E402
 from prism_otel.simulate import corpus  # noqa: E402
 from prism_otel.simulate.stepcsv import parse_row  # noqa: E402
@@ -128,12 +130,7 @@ def _sink_main(port_q, counters) -> None:
     server.wait_for_termination()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = ct._free_port
 
 
 class Collector:
@@ -172,21 +169,7 @@ class Collector:
         t = self.ps.cpu_times()
         return t.user + t.system + t.children_user + t.children_system
 
-    def send(self, reqs, in_flight: int = 4) -> None:
-        pending = list(reqs)
-        active = []
-        while pending or active:
-            while pending and len(active) < in_flight:
-                raw = pending.pop(0)
-                active.append((raw, self.call.future(raw, timeout=120)))
-            raw, f = active.pop(0)
-            try:
-                f.result()
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                time.sleep(0.01)
-                pending.insert(0, raw)
+    send = ct.Collector.send  # closed loop, 4 in flight, a refused request sent again
 
     def stop(self) -> str:
         self.channel.close()

@@ -21,9 +21,9 @@ import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from prism_otel import semconv as sc
-from prism_otel.ecosystem import error_description, latency_attributes
+from prism_otel.ecosystem import error_description
 from prism_otel.record import RequestRecord, StepRecord
-from prism_otel.spans import step_attributes
+from prism_otel.spans import request_end_attributes, step_attributes
 
 _D = struct.Struct("<d").pack
 _Q = struct.Struct("<Q").pack
@@ -361,19 +361,7 @@ class OTLPSink:
         if not handle.sampled:
             return
         attrs = handle.attributes
-        attrs.update({sc.GEN_AI_USAGE_INPUT_TOKENS: rec.prompt_tokens, sc.GEN_AI_USAGE_OUTPUT_TOKENS: rec.output_tokens,
-                      sc.REQUEST_STEPS: total_steps, sc.REQUEST_DURATION_MS: rec.duration_ms,
-                      sc.REQUEST_STATUS: rec.status})
-        for key, val in ((sc.REQUEST_QUEUE_MS, rec.queue_ms), (sc.REQUEST_PREFILL_MS, rec.prefill_ms),
-                         (sc.REQUEST_TTFT_MS, rec.ttft_ms), (sc.REQUEST_TPOT_MS, rec.tpot_ms)):
-            if val is not None:
-                attrs[key] = val
-        if rec.slo_violations:
-            attrs[sc.SLO_VIOLATED] = list(rec.slo_violations)
-        attrs.update(latency_attributes(rec))  # vLLM's / SGLang's gen_ai.latency.* keys (prism_otel.ecosystem)
-        dropped = total_steps - len(step_contexts)
-        if dropped > 0:
-            attrs[sc.REQUEST_LINKS_DROPPED] = dropped
+        attrs.update(request_end_attributes(rec, total_steps, len(step_contexts)))
         status = _STATUS_ERROR if rec.status == "error" else _STATUS_UNSET
         flags = _FLAGS_REMOTE if handle.parent is not None and handle.remote else _FLAGS_LOCAL
         par = b"\x22\x08" + handle.parent if handle.parent is not None else b""

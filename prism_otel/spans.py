@@ -73,6 +73,23 @@ def step_attributes(step: StepRecord) -> dict:
     return attrs
 
 
+def request_end_attributes(rec: RequestRecord, total_steps: int, linked_steps: int) -> dict:
+    """What a request span learns when the request ends (both span encoders add these)."""
+    attrs = {sc.GEN_AI_USAGE_INPUT_TOKENS: rec.prompt_tokens, sc.GEN_AI_USAGE_OUTPUT_TOKENS: rec.output_tokens,
+             sc.REQUEST_STEPS: total_steps, sc.REQUEST_DURATION_MS: rec.duration_ms, sc.REQUEST_STATUS: rec.status}
+    for key, val in ((sc.REQUEST_QUEUE_MS, rec.queue_ms), (sc.REQUEST_PREFILL_MS, rec.prefill_ms),
+                     (sc.REQUEST_TTFT_MS, rec.ttft_ms), (sc.REQUEST_TPOT_MS, rec.tpot_ms)):
+        if val is not None:
+            attrs[key] = val
+    if rec.slo_violations:
+        attrs[sc.SLO_VIOLATED] = list(rec.slo_violations)
+    attrs.update(latency_attributes(rec))  # vLLM's / SGLang's gen_ai.latency.* keys (prism_otel.ecosystem)
+    dropped = total_steps - linked_steps
+    if dropped > 0:
+        attrs[sc.REQUEST_LINKS_DROPPED] = dropped
+    return attrs
+
+
 def verdict_attributes(v) -> dict:
     """A :class:`~prism_otel.record.Verdict` as step-span attributes."""
     attrs = {sc.ANOMALY: bool(v.anomaly)}
@@ -243,19 +260,7 @@ class SpanMaterializer:
         if not handle.sampled:
             return
         attrs = handle.attributes
-        attrs.update({sc.GEN_AI_USAGE_INPUT_TOKENS: rec.prompt_tokens, sc.GEN_AI_USAGE_OUTPUT_TOKENS: rec.output_tokens,
-                      sc.REQUEST_STEPS: total_steps, sc.REQUEST_DURATION_MS: rec.duration_ms,
-                      sc.REQUEST_STATUS: rec.status})
-        for key, val in ((sc.REQUEST_QUEUE_MS, rec.queue_ms), (sc.REQUEST_PREFILL_MS, rec.prefill_ms),
-                         (sc.REQUEST_TTFT_MS, rec.ttft_ms), (sc.REQUEST_TPOT_MS, rec.tpot_ms)):
-            if val is not None:
-                attrs[key] = val
-        if rec.slo_violations:
-            attrs[sc.SLO_VIOLATED] = list(rec.slo_violations)
-        attrs.update(latency_attributes(rec))  # vLLM's / SGLang's gen_ai.latency.* keys (prism_otel.ecosystem)
-        dropped = total_steps - len(step_contexts)
-        if dropped > 0:
-            attrs[sc.REQUEST_LINKS_DROPPED] = dropped
+        attrs.update(request_end_attributes(rec, total_steps, len(step_contexts)))
         status = trace.Status(trace.StatusCode.ERROR) if rec.status == "error" else _OK
         self._emit(handle.name, handle.context, handle.parent, attrs, handle.start, rec.end_ns,
                    [Link(c) for c in step_contexts], (), status)
