@@ -22,6 +22,7 @@ Safety, for every fault:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import signal
@@ -149,8 +150,20 @@ class Fault:
         self.target = target
         self.max_s = float(max_s)
         self.started = False
+        live = []
         for pid in target.pids:
-            check_owned(pid)
+            try:
+                check_owned(pid)
+            except Refused as exc:
+                if "has exited" not in str(exc) and "no such process" not in str(exc):
+                    raise
+                continue  # a short-lived helper of the engine (a launcher that already exited): not a target
+            live.append(pid)
+        if not live:
+            raise Refused(f"{self.name}: every target process has exited ({list(target.pids)})")
+        if len(live) != len(target.pids):
+            target = dataclasses.replace(target, pids=live)
+            self.target = target
         self.info: dict = {}
 
     def prepare(self) -> None:

@@ -32,6 +32,7 @@ from tests import servers
 
 WARMUP, DURATION, AT, FOR = 12.0, 20.0, 6.0, 6.0
 STARVED = 0.15  # run-queue wait per wall second that counts as the engine starved of CPU
+CPU_SLOWER = 1.5  # the engine's own CPU per step over its like that counts as the CPU itself slower
 
 
 class RunQueueWait:
@@ -127,6 +128,29 @@ def _window_story(out_dir, w) -> dict:
                                                                for r in inw)}
 
 
+def _cpu_slower(out_dir, inc) -> float:
+    """How much more CPU the engine thread spent per step on the incident's anomalous steps than on normal
+    steps of the same phase and a similar context (within 25%) outside every window of the run: the
+    engine's own evidence (``prism.signal.cpu.run_ms``). On a shared VM the same work sometimes takes
+    twice the CPU time for seconds (no run-queue wait, no steal reported): a real slowdown, rightly
+    named ``cpu.slow``, that no neighbour process explains."""
+    import statistics
+
+    rows = [r for r in dataset.steps_from_spans(dataset.read_spans(dataset.otlp_files(os.path.join(out_dir, "otlp"))))
+            if r.get("signal_cpu.run_ms") not in (None, "")]
+    inside = [r for r in rows if inc["start_ns"] <= int(r["start_ns"]) <= inc["end_ns"]
+              and str(r.get("online_anomaly")) in ("1", "True")]
+    normal = [r for r in rows if str(r.get("online_anomaly")) in ("0", "False")]
+    ratios = []
+    for r in inside:
+        ctx = float(r["context_tokens"])
+        like = [float(n["signal_cpu.run_ms"]) for n in normal
+                if n["phase"] == r["phase"] and abs(float(n["context_tokens"]) - ctx) <= 0.25 * max(ctx, 1.0)]
+        if len(like) >= 10:
+            ratios.append(float(r["signal_cpu.run_ms"]) / max(statistics.median(like), 1e-6))
+    return statistics.median(ratios) if ratios else 0.0
+
+
 def _judged(out_dir) -> int:
     rows = dataset.steps_from_spans(dataset.read_spans(dataset.otlp_files(os.path.join(out_dir, "otlp"))))
     return sum(1 for r in rows if r.get("online_expected_us") not in (None, ""))
@@ -169,7 +193,8 @@ def test_one_incident_per_fault_window_and_none_when_healthy(tmp_path, monkeypat
     for other, evs in incs.items():
         if other != iid:  # (the incidents that started once scoring began)
             inc = evs[1]["incident"]
-            assert rq.starved(inc["start_ns"], max(inc["end_ns"], inc["start_ns"] + int(1e9))) >= STARVED, inc
+            assert (rq.starved(inc["start_ns"], max(inc["end_ns"], inc["start_ns"] + int(1e9))) >= STARVED
+                    or (inc["root_cause"] == sc.ROOT_CPU_SLOW and _cpu_slower(tmp_path / "fault", inc) >= CPU_SLOWER)), inc
     # the incident log that `prism-otel alerts` follows has the same two events
     (log,) = os.listdir(tmp_path / "incidents-fault")
     with open(tmp_path / "incidents-fault" / log) as f:
@@ -183,7 +208,10 @@ def test_one_incident_per_fault_window_and_none_when_healthy(tmp_path, monkeypat
     for evs in _incidents(hook2, meta2["scored_from_ns"]).values():
         inc = evs[-1]["incident"]
         starved = rq2.starved(inc["start_ns"], max(inc["end_ns"], inc["start_ns"] + int(1e9)))
-        assert starved >= STARVED, f"an incident in the healthy run without CPU starvation ({starved:.2f}): {inc}"
+        slower = _cpu_slower(tmp_path / "healthy", inc)
+        assert starved >= STARVED or (inc["root_cause"] == sc.ROOT_CPU_SLOW and slower >= CPU_SLOWER), (
+            f"an incident in the healthy run without CPU starvation ({starved:.2f}) or a slower CPU "
+            f"({slower:.2f}x): {inc}")
     # and what Alertmanager notified is exactly those incidents, each once firing and once resolved
     ids = set(_incidents(hook2, meta2["scored_from_ns"]))
     got = sorted((a["labels"]["incident_id"], st) for st, a in am2 if a["labels"]["incident_id"] in ids)

@@ -80,7 +80,8 @@ def test_report_renders_in_chromium_and_plots_the_data(run_dir, tmp_path, capsys
     dec = plots["decode"]
     assert int(dec["data-points"]) > 200 and int(dec["data-ink-obs"]) > 500
     st = plots["stage-plot"]
-    assert int(st["data-stages"]) == len(data["stages"]["shares"]) >= 2 and int(st["data-ink-first"]) > 100
+    # the first (largest) stage drew; here it is the stalled one, visible only in the fault window's buckets
+    assert int(st["data-stages"]) == len(data["stages"]["shares"]) >= 2 and int(st["data-ink-first"]) > 30
     assert int(plots["tput-plot"]["data-ink-requests"]) > 100
     assert int(plots["ttft-plot"]["data-points"]) == len(data["ttft"]["ms"]) and int(plots["ttft-plot"]["data-ink-ttft"]) > 0
     assert dom.count('class="incident-row"') == len(data["incidents"])
