@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from prism_otel import semconv as sc
 from prism_otel.ecosystem import error_description
 from prism_otel.record import RequestRecord, StepRecord
-from prism_otel.spans import request_end_attributes, step_attributes
+from prism_otel.spans import request_end_attributes, request_start, step_attributes
 
 _D = struct.Struct("<d").pack
 _Q = struct.Struct("<Q").pack
@@ -328,16 +328,7 @@ class OTLPSink:
 
     def open_request(self, request_id: str, arrival_ns: int, parent=None, prompt_tokens: int = 0,
                      max_tokens: Optional[int] = None) -> _Request:
-        op = sc.GEN_AI_OPERATION_TEXT_COMPLETION
-        name = f"{op} {self.model_name}" if self.model_name else op
-        attrs = {sc.GEN_AI_OPERATION_NAME: op, sc.GEN_AI_PROVIDER_NAME: self.provider_name,
-                 sc.REQUEST_ID: request_id}
-        if self.model_name:
-            attrs[sc.GEN_AI_REQUEST_MODEL] = self.model_name
-        if prompt_tokens:
-            attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = prompt_tokens
-        if max_tokens is not None:
-            attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        name, attrs = request_start(self.model_name, self.provider_name, request_id, prompt_tokens, max_tokens)
         bits = self._bits(192).to_bytes(24, "little")
         sid = bits[16:]
         ptid = None

@@ -74,3 +74,21 @@ def request_from_json(data) -> ExportTraceServiceRequest:
         return json_format.ParseDict(obj, ExportTraceServiceRequest(), ignore_unknown_fields=True)
     except (json_format.ParseError, binascii.Error, TypeError, ValueError) as exc:
         raise OTLPJSONError(str(exc)) from exc
+
+
+def any_value(v: dict):
+    """An OTLP/JSON ``AnyValue`` (a dict) as a Python value (ints from their string form; kvlists and
+    bytes as None)."""
+    for k in ("stringValue", "boolValue", "doubleValue"):
+        if k in v:
+            return v[k]
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "arrayValue" in v:
+        return [any_value(x) for x in v["arrayValue"].get("values", [])]
+    return None
+
+
+def attributes(items) -> dict:
+    """An OTLP/JSON attribute list as a dict."""
+    return {a.get("key", ""): any_value(a.get("value", {})) for a in items or ()}

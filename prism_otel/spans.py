@@ -19,7 +19,7 @@ Link policy (documented in docs/spans.md):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -71,6 +71,20 @@ def step_attributes(step: StepRecord) -> dict:
     if v is not None:
         attrs.update(verdict_attributes(v))
     return attrs
+
+
+def request_start(model_name: str, provider_name: str, request_id: str, prompt_tokens: int,
+                  max_tokens: Optional[int]) -> Tuple[str, dict]:
+    """A request span's name and the attributes it has from its arrival (both span encoders use these)."""
+    op = sc.GEN_AI_OPERATION_TEXT_COMPLETION
+    attrs = {sc.GEN_AI_OPERATION_NAME: op, sc.GEN_AI_PROVIDER_NAME: provider_name, sc.REQUEST_ID: request_id}
+    if model_name:
+        attrs[sc.GEN_AI_REQUEST_MODEL] = model_name
+    if prompt_tokens:
+        attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = prompt_tokens
+    if max_tokens is not None:
+        attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+    return (f"{op} {model_name}" if model_name else op), attrs
 
 
 def request_end_attributes(rec: RequestRecord, total_steps: int, linked_steps: int) -> dict:
@@ -227,16 +241,7 @@ class SpanMaterializer:
     # -- requests -----------------------------------------------------------------------------
     def open_request(self, request_id: str, arrival_ns: int, parent: Optional[Context] = None,
                      prompt_tokens: int = 0, max_tokens: Optional[int] = None) -> _RequestHandle:
-        op = sc.GEN_AI_OPERATION_TEXT_COMPLETION
-        name = f"{op} {self.model_name}" if self.model_name else op
-        attrs = {sc.GEN_AI_OPERATION_NAME: op, sc.GEN_AI_PROVIDER_NAME: self.provider_name,
-                 sc.REQUEST_ID: request_id}
-        if self.model_name:
-            attrs[sc.GEN_AI_REQUEST_MODEL] = self.model_name
-        if prompt_tokens:
-            attrs[sc.GEN_AI_USAGE_INPUT_TOKENS] = prompt_tokens
-        if max_tokens is not None:
-            attrs[sc.GEN_AI_REQUEST_MAX_TOKENS] = max_tokens
+        name, attrs = request_start(self.model_name, self.provider_name, request_id, prompt_tokens, max_tokens)
         if isinstance(parent, tuple):  # (trace id, span id, flags, remote[, own]) from the ring
             ts = trace.TraceState([("prism", "root")]) if len(parent) > 4 and parent[4] else None
             parent = trace.set_span_in_context(trace.NonRecordingSpan(

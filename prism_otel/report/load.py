@@ -13,6 +13,7 @@ import json
 import os
 from typing import Dict, Iterable, List
 
+from prism_otel import otlp_json
 from prism_otel import semconv as sc
 from prism_otel.otlp_json import OTLPJSONError, request_from_json, request_to_dict
 from prism_otel.record import StepRecord, Verdict
@@ -20,21 +21,6 @@ from prism_otel.record import StepRecord, Verdict
 
 class NoData(ValueError):
     """Nothing prism-otel wrote was found in the inputs."""
-
-
-def _value(v: dict):
-    for k in ("stringValue", "boolValue", "doubleValue"):
-        if k in v:
-            return v[k]
-    if "intValue" in v:
-        return int(v["intValue"])
-    if "arrayValue" in v:
-        return [_value(x) for x in v["arrayValue"].get("values", [])]
-    return None
-
-
-def _attrs(items) -> dict:
-    return {a.get("key", ""): _value(a.get("value", {})) for a in items or ()}
 
 
 def input_files(paths: Iterable[str]) -> List[str]:
@@ -100,14 +86,14 @@ def load(paths: Iterable[str]) -> Loaded:
                 out.skip(where, f"not an OTLP/JSON export request: {exc}")
                 continue
             for rs in doc.get("resourceSpans", []):
-                res = _attrs(rs.get("resource", {}).get("attributes"))
+                res = otlp_json.attributes(rs.get("resource", {}).get("attributes"))
                 for ss in rs.get("scopeSpans", []):
                     for s in ss.get("spans", []):
                         out.spans.append({"name": s.get("name", ""), "span_id": s.get("spanId", ""),
                                           "parent_id": s.get("parentSpanId", ""),
                                           "start_ns": int(s.get("startTimeUnixNano", 0)),
                                           "end_ns": int(s.get("endTimeUnixNano", 0)),
-                                          "attrs": _attrs(s.get("attributes")), "resource": res,
+                                          "attrs": otlp_json.attributes(s.get("attributes")), "resource": res,
                                           "status": (s.get("status") or {}).get("code", 0)})
         if len(out.spans) + len(out.incident_events) > n_before:
             out.files.append(path)

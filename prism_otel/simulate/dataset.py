@@ -27,6 +27,7 @@ import glob
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from prism_otel import otlp_json
 from prism_otel import semconv as sc
 from prism_otel.otlp_json import request_from_json, request_to_dict
 from prism_otel.simulate.stepcsv import CHANGE_COLUMNS
@@ -40,21 +41,6 @@ _CHANGE = (sc.BATCH_REQUESTS_JOINED, sc.BATCH_REQUESTS_LEFT, sc.BATCH_TOKENS_JOI
 _FEATURES = {sc.BATCH_SIZE: "batch_size", sc.BATCH_PREFILL_TOKENS: "prefill_tokens",
              sc.BATCH_DECODE_TOKENS: "decode_tokens", sc.BATCH_CONTEXT_TOKENS: "context_tokens",
              sc.BATCH_MAX_CONTEXT_TOKENS: "max_context_tokens"}
-
-
-def _value(v: dict):
-    for k in ("stringValue", "boolValue", "doubleValue"):
-        if k in v:
-            return v[k]
-    if "intValue" in v:
-        return int(v["intValue"])
-    if "arrayValue" in v:
-        return [_value(x) for x in v["arrayValue"].get("values", [])]
-    return None
-
-
-def _attrs(items) -> dict:
-    return {a["key"]: _value(a.get("value", {})) for a in items or ()}
 
 
 def read_spans(paths: Iterable[str]) -> List[dict]:
@@ -71,14 +57,14 @@ def read_spans(paths: Iterable[str]) -> List[dict]:
                 except ValueError as exc:
                     raise ValueError(f"{path}:{n}: not an OTLP/JSON export request: {exc}") from exc
                 for rs in doc.get("resourceSpans", []):
-                    res = _attrs(rs.get("resource", {}).get("attributes"))
+                    res = otlp_json.attributes(rs.get("resource", {}).get("attributes"))
                     for ss in rs.get("scopeSpans", []):
                         for s in ss.get("spans", []):
                             out.append({"name": s.get("name", ""), "span_id": s.get("spanId", ""),
                                         "parent_id": s.get("parentSpanId", ""),
                                         "start_ns": int(s.get("startTimeUnixNano", 0)),
                                         "end_ns": int(s.get("endTimeUnixNano", 0)),
-                                        "attrs": _attrs(s.get("attributes")), "resource": res})
+                                        "attrs": otlp_json.attributes(s.get("attributes")), "resource": res})
     return out
 
 
