@@ -107,6 +107,22 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
+def _serving(workdir: str, name: str, argv: List[str]):
+    """Run a Prometheus-family server (``argv`` plus its listen address on a free loopback port) until its
+    ``/-/ready`` answers; yields its base URL, stops it after."""
+    port = free_port()
+    log = open(os.path.join(workdir, f"{name}.log"), "wb")  # noqa: SIM115
+    proc = subprocess.Popen(argv + [f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/-/ready", proc=proc)
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@contextlib.contextmanager
 def alertmanager(workdir: str, webhook_url: str, group_wait: str = "1s", group_interval: str = "1s"):
     """A real Alertmanager whose one route sends every notification (firing and resolved) to
     ``webhook_url``, one group per ``incident_id``. Yields its base URL."""
@@ -126,18 +142,9 @@ receivers:
       - url: {webhook_url}
         send_resolved: true
 """)
-    port = free_port()
-    log = open(os.path.join(workdir, "alertmanager.log"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen([exe, f"--config.file={cfg}", f"--storage.path={workdir}/data",
-                             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/-/ready", proc=proc)
+    with _serving(workdir, "alertmanager", [exe, f"--config.file={cfg}", f"--storage.path={workdir}/data",
+                                             "--cluster.listen-address="]) as url:
         yield url
-    finally:
-        _stop(proc)
-        log.close()
 
 
 @contextlib.contextmanager
@@ -156,15 +163,5 @@ def prometheus(workdir: str, targets: List[str], interval: str = "1s", rule_file
     static_configs:
       - targets: {json.dumps(list(targets))}
 """)
-    port = free_port()
-    log = open(os.path.join(workdir, "prometheus.log"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen([exe, f"--config.file={cfg}", f"--storage.tsdb.path={workdir}/data",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url + "/-/ready", proc=proc)
+    with _serving(workdir, "prometheus", [exe, f"--config.file={cfg}", f"--storage.tsdb.path={workdir}/data"]) as url:
         yield url
-    finally:
-        _stop(proc)
-        log.close()

@@ -168,6 +168,16 @@ def _done_setter(b, slot):
     return done
 
 
+def _end_when_done(r, b, attr: str) -> None:
+    """Set ``b.<attr>`` to the end of the call that returned ``r``: now, or when ``r`` (a future: vLLM's
+    async scheduling) is done."""
+    add = getattr(r, "add_done_callback", None)
+    if add is None:
+        setattr(b, attr, clock_ns())
+    else:
+        add(_done_setter(b, attr))
+
+
 def wrap_execute_model(g, rec):
     def before(instance, args, kwargs):
         so = args[0] if args else kwargs.get("scheduler_output")
@@ -179,11 +189,7 @@ def wrap_execute_model(g, rec):
         return b
 
     def after(instance, args, kwargs, r, b):
-        add = getattr(r, "add_done_callback", None)
-        if add is None:
-            b.x1 = clock_ns()
-        else:
-            add(_done_setter(b, "x1"))
+        _end_when_done(r, b, "x1")
 
     return guarded(g, before, after)
 
@@ -197,11 +203,7 @@ def wrap_sample_tokens(g, rec):
         return b
 
     def after(instance, args, kwargs, r, b):
-        add = getattr(r, "add_done_callback", None)
-        if add is None:
-            b.s1 = clock_ns()
-        else:
-            add(_done_setter(b, "s1"))
+        _end_when_done(r, b, "s1")
 
     return guarded(g, before, after)
 
