@@ -19,6 +19,7 @@ import time
 from typing import Dict, Iterable, List, Optional
 
 from prism_otel import semconv as sc
+from prism_otel.ring import pid_alive  # the engine is gone: nothing more will be logged
 
 
 def register(sub) -> None:
@@ -82,20 +83,6 @@ def _files(dirs: List[str], pids: List[int]) -> List[str]:
     return sorted({f for f in out if os.path.isfile(f)})
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return True
-
-
 def follow(pids: List[int], dirs: List[str], keep_following: bool, as_json: bool = False, out=None,
            poll_s: float = 0.3, stop_after_s: Optional[float] = None) -> int:
     """Print the events of the incident logs; with ``keep_following``, new ones too. Returns how many."""
@@ -132,7 +119,7 @@ def follow(pids: List[int], dirs: List[str], keep_following: bool, as_json: bool
                 out.flush()
         if not keep_following:
             return n
-        if pids and not any(_alive(p) for p in pids):
+        if pids and not any(pid_alive(p) for p in pids):
             if gone_at is None:
                 gone_at = time.monotonic()  # one more round: the last events of a process that just exited
             elif time.monotonic() - gone_at > 2 * poll_s:

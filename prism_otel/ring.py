@@ -464,7 +464,7 @@ def pid_alive(pid: int) -> bool:
         return True
     try:  # a zombie is dead for our purposes
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
 

@@ -137,16 +137,6 @@ class CellMemory:
         return len(self._cells)
 
 
-def _with_verdict(step: StepRecord, v: Verdict) -> StepRecord:
-    """``dataclasses.replace(step, verdict=v)`` without re-running the constructor (a third of the cost of
-    judging a step in the collector went to copying steps): a shallow copy of a frozen record."""
-    new = object.__new__(StepRecord)
-    d = new.__dict__
-    d.update(step.__dict__)
-    d["verdict"] = v
-    return new
-
-
 class _Group:
     """The model of one group (an instance, or instances with one resource) and its training memory."""
 
@@ -318,7 +308,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         else:
             v = dataclasses.replace(v, expected_ms=expected, score=score, anomaly=anomalous, root_cause=root,
                                     alert=alert or v.alert, test=test)
-        return _with_verdict(step, v)
+        return step.with_verdict(v)
 
     def _check(self, inst, start_ns, end_ns, *counts) -> Optional[str]:
         for v in (start_ns, end_ns) + counts:
