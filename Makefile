@@ -18,7 +18,7 @@ lock_for = $(if $(RELOCK),,-c $(LOCKS)/$(1).txt)
 TF_OLDEST := 5.10.4
 TF_CHANGED := 5.5.0
 
-.PHONY: demo test test-fast lock corpus clean tools
+.PHONY: demo test test-fast lint lock corpus clean tools
 
 $(VENV)/.installed: pyproject.toml $(LOCKS)/main.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -110,9 +110,14 @@ ENGINE_TESTS := tests/test_core_transformers.py tests/test_transformers_serve.py
   tests/test_engine_threads.py \
   tests/attach/test_attach_cb.py
 
-test: $(VENV)/.installed $(EXTRA_ENVS) $(TOOLS)/.installed
+test: $(VENV)/.installed $(EXTRA_ENVS) $(TOOLS)/.installed lint
 	$(VPY) -m pytest -q tests
 	$(OLD_VENV)/bin/python -m pytest -q -p no:cacheprovider $(ENGINE_TESTS)
+
+# ruff over the tree and pyright over the packages ([tool.ruff], [tool.pyright] in pyproject.toml)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyright --pythonpath $(VPY)
 
 test-fast: $(VENV)/.installed
 	$(VPY) -m pytest -q tests -m "not vllm and not slow"

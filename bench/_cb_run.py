@@ -13,10 +13,10 @@ def main() -> None:
     # closed loop: at most `conc` requests in flight, the next one sent when one finishes (0: all at once)
     conc = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     import torch
+    from _cb_load import serve, workload
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from _cb_load import serve, workload
-    from prism_otel.tiny_models import cb_config
+    from prism_eval.tiny_models import cb_config
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -2,7 +2,7 @@
 ``after`` parts (everything of ours that runs on an engine thread: features, clocks, the ring write,
 device-event queries, the control word) timed with the thread's CPU clock, in a real engine.
 
-``install()`` must run before prism-otel instruments (it wraps the one guarded-hook helper, which
+``install()`` must run before prism-otel instruments (it wraps the two guarded-hook helpers, which
 every hook is built with); ``hook_cpu_ns()`` is the total so far, ``step_records()`` how many steps
 the recorder wrote. The timing itself is outside the timed region (a few hundred ns per hook call are
 not counted), so this slightly underestimates.
@@ -53,6 +53,12 @@ def install() -> None:
 
     guarded._selftimed = True
     base.guarded = guarded
+    orig_cb = base.guarded_callback
+
+    def guarded_callback(g, fn):
+        return orig_cb(g, _timed(fn, g.name))
+
+    base.guarded_callback = guarded_callback
     step = Recorder.step
 
     def counted(self, *a, **k):

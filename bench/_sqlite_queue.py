@@ -28,7 +28,6 @@ import sqlite3
 import threading
 import time
 import zlib
-from typing import List, Optional
 
 from prism_otel.collector.errors import CorruptRecord
 
@@ -56,7 +55,7 @@ class SQLiteQueue:
         self.path = os.path.join(directory, DB_NAME)
         self.fsync = fsync
         self._lock = threading.Lock()
-        self.corrupt_at_open: List[int] = []  # seqs that could not be salvaged from a malformed database
+        self.corrupt_at_open: list[int] = []  # seqs that could not be salvaged from a malformed database
         try:
             self._db = self._open(self.path)
             self.cursor, self.next_seq = self._bounds()

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 
 
 def main() -> None:
+    from _vllm_fakes import Runner, Sched
     from vllm.sampling_params import SamplingParams
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
@@ -51,17 +52,6 @@ def main() -> None:
         def usage(self):
             return 1.0 - self.free / self.total
 
-    class Sched:
-        def __init__(self, reqs):
-            self.requests = {r.request_id: r for r in reqs}
-            self.kv_cache_manager = KV()
-            self.waiting = []
-            self.finished_req_ids = set()
-
-    class Runner:
-        _prism_exec = None
-        _prism_fwd = None
-
     out = {}
     sp = SamplingParams(max_tokens=128)
     for batch in [int(b) for b in sys.argv[1:]]:
@@ -69,7 +59,7 @@ def main() -> None:
         for r in reqs:
             r.num_computed_tokens = r.num_prompt_tokens + 10  # decoding: prompt done, 10 tokens out
             r.is_prefill_chunk = False
-        sched = Sched(reqs)
+        sched = Sched(reqs, kv=KV())
         cached = CachedRequestData(req_ids=[r.request_id for r in reqs], resumed_req_ids=set(), new_token_ids=[],
                                    all_token_ids={}, new_block_ids=[None] * batch,
                                    num_computed_tokens=[r.num_computed_tokens - 1 for r in reqs],

@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import Future
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -30,11 +29,8 @@ def proc_cpu_s(pid: int) -> float:
 
 def main() -> None:
     mode, batch, steps, step_ms = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
-    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
-    from vllm.v1.outputs import ModelRunnerOutput
-    from vllm.v1.request import Request
+    from _vllm_fakes import Runner, Sched, Stub, decode_batches
+    from _vllm_fakes import rotate as fake_rotate
 
     import prism_otel
     from prism_otel.instrumentation._hooks import guard
@@ -51,44 +47,8 @@ def main() -> None:
     def wrap(factory, name):
         return factory(guard(name), rec) if two else factory(guard(name))
 
-    class KV:
-        usage = 0.1
-
-    class Sched:
-        def __init__(self):
-            self.requests = {}
-            self.kv_cache_manager = KV()
-            self.waiting = []
-            self.finished_req_ids = set()
-
-    class Runner:
-        _prism_exec = None
-        _prism_fwd = None
-
-    sp = SamplingParams(max_tokens=64)
     sched = Sched()
-    state = {"gen": 0}
-
-    def new_batch():
-        g = state["gen"]
-        state["gen"] += 1
-        reqs = [Request(f"cmpl-{g:04d}-{i:02d}-0123456789abcdef", list(range(3, 43 + i % 7)), sp, None)
-                for i in range(batch)]
-        for r in reqs:
-            r.num_computed_tokens = r.num_prompt_tokens + 10
-            r.is_prefill_chunk = False
-        ids = [r.request_id for r in reqs]
-        cached = CachedRequestData(req_ids=ids, resumed_req_ids=set(), new_token_ids=[], all_token_ids={},
-                                   new_block_ids=[None] * batch,
-                                   num_computed_tokens=[r.num_computed_tokens - 1 for r in reqs],
-                                   num_output_tokens=[10] * batch)
-        so = SchedulerOutput(scheduled_new_reqs=[], scheduled_cached_reqs=cached,
-                             num_scheduled_tokens={i: 1 for i in ids}, total_num_scheduled_tokens=batch,
-                             scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={}, finished_req_ids=set(),
-                             free_encoder_mm_hashes=[])
-        mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={i: n for n, i in enumerate(ids)})
-        ecos = {0: EngineCoreOutputs(outputs=[EngineCoreOutput(request_id=i, new_token_ids=[7]) for i in ids])}
-        return reqs, so, mro, ecos
+    new_batch = decode_batches(batch)
 
     on = mode == "on"
     which = set(os.environ.get("BENCH_HOOKS", "engine,runner,front").split(","))
@@ -109,36 +69,14 @@ def main() -> None:
     def call(w, f, inst, *args):
         return w(f, inst, args, {}) if w is not None else f(*args)
 
-    def f_sched(*a, **k):
-        return cur["so"]
-
-    def f_exec(*a, **k):
-        fut = Future()
-        fut.set_result(None)
-        return fut
-
-    def f_samp(*a, **k):
-        return cur["mro"]
-
-    def f_upd(*a, **k):
-        return cur["ecos"]
-
-    def noop(*a, **k):
-        return None
+    stub = Stub(cur)
+    f_sched, f_exec, f_samp, f_upd, noop = stub.schedule, stub.execute, stub.sample, stub.update, stub.noop
 
     def inner_exec(*a, **k):
         call(r_fwd, noop, runner)
 
     def rotate():
-        old = cur.get("reqs", [])
-        sched.finished_req_ids = {r.request_id for r in old}
-        reqs, so, mro, ecos = new_batch()
-        cur.update(reqs=reqs, so=so, mro=mro, ecos=ecos)
-        sched.requests = {r.request_id: r for r in reqs}
-        now = time.time()
-        for r in reqs:
-            r.arrival_time = now
-            call(w_add, noop, sched, r)
+        fake_rotate(sched, cur, new_batch, lambda r: call(w_add, noop, sched, r))
 
     _engine.ENGINE.here = True
     tick = step_ms / 1e3

@@ -41,13 +41,14 @@ def engine(model_dir: str, mode: str, pairs: int, block: int, conc: int) -> None
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     import prism_otel
-    from prism_otel.tiny_models import cb_config
+    from prism_eval.tiny_models import cb_config
 
     sys.path.insert(0, HERE)
     import _selftime
 
     _selftime.install()  # times our hooks' parts on the engine thread (before prism-otel instruments)
-    from _cb_load import serve as _serve, workload as _workload
+    from _cb_load import serve as _serve
+    from _cb_load import workload as _workload
     from _threads import companion_cpu_s, mean_step_ms, our_threads_cpu_ns
 
     torch.set_num_threads(1)
@@ -134,7 +135,7 @@ def main() -> None:
     if a.engine:
         engine(a.engine[0], a.engine[1], a.pairs, a.block, a.concurrency)
         return
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model_dir = tiny_models.build(tiny_models.default_dir(a.size), a.size)
     tmp = tempfile.mkdtemp()

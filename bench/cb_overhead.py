@@ -51,12 +51,12 @@ def one_run(model_dir: str, n: int, mode: str, endpoint: str) -> dict:
 def hook_cost_us(model_dir: str, batch: int) -> float:
     """Added host time per CB step: our three wrappers + feature extraction on a real batch."""
     import torch
+    from opentelemetry.sdk.trace import TracerProvider
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.generation.continuous_batching import continuous_api as ca
 
     import prism_otel
-    from prism_otel import tiny_models
-    from opentelemetry.sdk.trace import TracerProvider
+    from prism_eval import tiny_models
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -122,7 +122,7 @@ def main() -> None:
     EXTRA_ENV["PRISM_OTEL_DETECT"] = a.detect
     CONCURRENCY[0] = a.concurrency
     sys.path.insert(0, os.path.dirname(HERE))
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model_dir = tiny_models.build(tiny_models.default_dir(a.size), a.size)
     tmp = tempfile.mkdtemp()

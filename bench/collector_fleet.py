@@ -38,21 +38,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import collector_throughput as ct  # noqa: E402  (bench/: the throughput bench's client)
 import grpc  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
-    ExportTraceServiceRequest, ExportTraceServiceResponse)
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.resources import Resource  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
-import collector_throughput as ct  # noqa: E402  (bench/: the throughput bench's client)
+from prism_eval.simulate import corpus  # noqa: E402
+from prism_eval.simulate.stepcsv import parse_row  # noqa: E402
 from prism_otel import semconv as sc  # noqa: E402
-from prism_otel.simulate import corpus  # noqa: E402
-from prism_otel.simulate.stepcsv import parse_row  # noqa: E402
 from prism_otel.spans import SpanMaterializer  # noqa: E402
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

@@ -49,7 +49,9 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans  # noqa: E402
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
-    ExportTraceServiceRequest, ExportTraceServiceResponse)
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk.resources import Resource  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
@@ -251,7 +253,7 @@ def main() -> None:
         ASM = "in-process: decode, assemble, encode (no processors)"
         rows = {"floor: protobuf decode + encode": [], ASM: [], "in-process: decode, assemble, detect, tag, encode": []}
         rows.update({k: [] for k in cols})
-        for r, reqs in enumerate(rounds):
+        for reqs in rounds:
             fl = floor_rate(reqs)
             rows["floor: protobuf decode + encode"].append((fl, 1.0))
             ba = inprocess_rate(bare, reqs)

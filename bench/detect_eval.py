@@ -4,7 +4,7 @@ Compares prism's detector with what a user would otherwise run, in the same proc
 
 * accuracy: prism vs ``static_threshold``, ``zscore`` and ``latencyprism_rule`` (LatencyPrism's
   detector reimplemented from its paper) on the labelled synthetic suite (``--size full``: 24 streams,
-  96k judged steps; see ``prism_otel/simulate/suite.py``);
+  96k judged steps; see ``prism_eval/simulate/suite.py``);
 * verdict cost per step on the calling thread: ``AnomalyProcessor.process`` (features, compiled
   trees, tests, verdict copy) vs one ``sklearn`` ``predict`` per step (what a per-step GBDT costs
   done the obvious way), timed in alternating blocks of 100 steps; the ratio of block medians, its
@@ -36,9 +36,10 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/bench/", 1)[0])
 
-from prism_otel.record import Recorder, StepFeatures, clock_ns  # noqa: E402
-from prism_otel.simulate import suite as S  # noqa: E402
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate  # noqa: E402
+from prism_eval.simulate import suite as S  # noqa: E402
+from prism_eval.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate  # noqa: E402
+from prism_otel.record import StepFeatures, clock_ns  # noqa: E402
+from prism_otel.recorder import Recorder  # noqa: E402
 from processors.anomaly import AnomalyProcessor  # noqa: E402
 from processors.features import StepContext  # noqa: E402
 from processors.model import fit  # noqa: E402
@@ -144,7 +145,7 @@ t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
 from processors.features import StepContext
 from processors.model import fit
-from prism_otel.simulate import corpus, holdout
+from prism_eval.simulate import corpus, holdout
 t1 = time.perf_counter()
 steps, _ = holdout.load(corpus.available()["transformers-small"])
 rows = steps[:{n}]

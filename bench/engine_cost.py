@@ -1,7 +1,7 @@
 """CPU per vLLM step that prism-otel costs, all its processes together, now vs before issue 23.
 
     .venv/bin/python bench/engine_cost.py [--batches 16] [--steps 2000] [--step-ms 2.7] [--pairs 3]
-                                          [--detect 0]
+                                          [--detect 0] [--no-before] [--arm "LABEL:KEY=VALUE[;KEY=VALUE]"]
 
 Each run is a child (bench/_vllm_steps.py, .venv-vllm's python) that serves a paced stream of
 vLLM CPU engine steps (one every ``--step-ms``, batch ``--batches``, requests turning over every
@@ -15,7 +15,10 @@ to a counting server in another process. Three arms per pair, order rotating:
   pipeline and the SDK's batch span processor on threads of the engine process;
 * ``now, no signals`` (``--signals-arm``): this checkout with ``PRISM_OTEL_SIGNALS=0``: the companion
   reads no root-cause evidence from /proc, cgroup, PSI or NVML (issue 24's readers run in the companion;
-  the difference to ``now`` is their cost; the gc.callbacks hook stays in the engine in both).
+  the difference to ``now`` is their cost; the gc.callbacks hook stays in the engine in both);
+* ``--arm "LABEL:KEY=VALUE;..."``: this checkout with those environment variables set (repeatable; e.g.
+  ``--arm refit4000:PRISM_OTEL_DETECT_CONFIG=refit_every=4000`` with ``--detect 1``). ``--no-before`` leaves
+  the ``before`` arm out.
 
 Reported per step: CPU of the engine process above ``off`` (for ``now``, the hooks alone: there is
 no thread of ours), CPU of the companion process, and their sum (all of prism-otel's processes),
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -66,6 +70,9 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="git revision of 'before' (default: bench/_baseline.py)")
     ap.add_argument("--signals-arm", action="store_true",
                     help="a fourth arm: this checkout with PRISM_OTEL_SIGNALS=0 (the evidence readers' cost)")
+    ap.add_argument("--arm", action="append", default=[], metavar="LABEL:KEY=VALUE[;KEY=VALUE]",
+                    help="another arm: this checkout with these environment variables")
+    ap.add_argument("--no-before", action="store_true", help="leave the 'before' arm out")
     a = ap.parse_args()
     import _baseline
 
@@ -77,9 +84,16 @@ def main() -> None:
         while not os.path.exists(portfile) or not open(portfile).read():
             time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{open(portfile).read()}"
-        arms = [("off", ROOT, "off", None), ("now", ROOT, "on", None), ("before", before, "on", None)]
+        arms: list[tuple[str, str, str, Optional[dict]]] = [("off", ROOT, "off", None), ("now", ROOT, "on", None)]
+        if not a.no_before:
+            arms.append(("before", before, "on", None))
         if a.signals_arm:
             arms.append(("nosig", ROOT, "on", {"PRISM_OTEL_SIGNALS": "0"}))
+        for spec in a.arm:
+            label, _, kv = spec.partition(":")
+            # values may hold '=' and ',' of their own (a detector config): KEY=VALUE pairs split at ';'
+            extra = dict(item.split("=", 1) for item in kv.split(";") if item)
+            arms.append((label, ROOT, "on", extra))
         k = len(arms)
         table = {}
         for b in [int(x) for x in a.batches.split(",")]:
@@ -105,7 +119,7 @@ def main() -> None:
                     for r, off in zip(res[name], res["off"])]
 
         rows = {}
-        for name in [n for n in ("now", "before", "nosig") if n in res]:
+        for name in [n for n in res if n != "off"]:
             eng = per_step(name, "cpu_s")
             comp = per_step(name, "companion_cpu_s")
             rows[name] = (eng, comp, [x + y for x, y in zip(eng, comp)])
@@ -117,11 +131,19 @@ def main() -> None:
             r = [x / y for x, y in zip(rows["before"][i], rows["now"][i]) if y > 0]
             return f"{statistics.median(r):.1f}x" if r else "-"
 
-        print(f"| batch {b}: engine process (above the same loop without prism-otel) | {cell(rows['now'][0])} | "
-              f"{cell(rows['before'][0])} | {ratio(0)} |")
-        print(f"| batch {b}: companion process | {cell(rows['now'][1])} | {cell(rows['before'][1])} | |")
-        print(f"| batch {b}: all of prism-otel's processes (target <= 60 us) | {cell(rows['now'][2])} | "
-              f"{cell(rows['before'][2])} | {ratio(2)} |")
+        if "before" in rows:
+            print(f"| batch {b}: engine process (above the same loop without prism-otel) | {cell(rows['now'][0])} | "
+                  f"{cell(rows['before'][0])} | {ratio(0)} |")
+            print(f"| batch {b}: companion process | {cell(rows['now'][1])} | {cell(rows['before'][1])} | |")
+            print(f"| batch {b}: all of prism-otel's processes (target <= 60 us) | {cell(rows['now'][2])} | "
+                  f"{cell(rows['before'][2])} | {ratio(2)} |")
+        else:
+            print(f"| batch {b}: engine process (above the same loop without prism-otel) | {cell(rows['now'][0])} | | |")
+            print(f"| batch {b}: companion process | {cell(rows['now'][1])} | | |")
+            print(f"| batch {b}: all of prism-otel's processes (target <= 60 us) | {cell(rows['now'][2])} | | |")
+        for label in [n for n in rows if n not in ("now", "before", "nosig")]:
+            print(f"| batch {b}: arm {label}: engine / companion / all | {cell(rows[label][0])} / "
+                  f"{cell(rows[label][1])} / {cell(rows[label][2])} | | |")
         if "nosig" in rows:
             sig = [x - y for x, y in zip(rows["now"][1], rows["nosig"][1])]
             print(f"| batch {b}: companion without the evidence readers (PRISM_OTEL_SIGNALS=0) | "

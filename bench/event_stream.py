@@ -9,7 +9,7 @@ carry the tail (p99 about 0.76). Our CPU corpora do not have that shape (their b
 what other steps cost), so this stream is built to have it: continuous batching with requests joining and
 leaving, workload runs of four load levels, ordinary noise 4.5%, batch changes 0-3x slower (half-normal,
 sigma 0.4 in log), and rare lone 1.5-2.5x spikes. Training on one stream, judging another with the eval's
-recipe (flat 1.3-3x over 10-50 steps, ramps, 3-8-step bursts; ``prism_otel.simulate.holdout``) injected,
+recipe (flat 1.3-3x over 10-50 steps, ramps, 3-8-step bursts; ``prism_eval.simulate.holdout``) injected,
 every detector in the same run.
 
 A world we built, not a claim: it checks that the detector's handling of event steps does what it is
@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from prism_eval.simulate import holdout  # noqa: E402
+from prism_eval.simulate.baselines import BASELINES  # noqa: E402
+from prism_eval.simulate.suite import Score, prism_flags  # noqa: E402
+from prism_eval.simulate.synthetic import Stream  # noqa: E402
 from prism_otel.record import StepRecord  # noqa: E402
-from prism_otel.simulate import holdout  # noqa: E402
-from prism_otel.simulate.baselines import BASELINES  # noqa: E402
-from prism_otel.simulate.suite import Score, prism_flags  # noqa: E402
-from prism_otel.simulate.synthetic import Stream  # noqa: E402
 
 
 def stream(n: int, seed: int, join_p: float = 0.05, event_sigma: float = 0.4, sigma: float = 0.045) -> list:

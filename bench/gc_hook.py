@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prism_otel.record import Recorder  # noqa: E402
+from prism_otel.recorder import Recorder  # noqa: E402
 from prism_otel.signals import gc_hook  # noqa: E402
 
 

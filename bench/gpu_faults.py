@@ -4,7 +4,7 @@
     python bench/gpu_faults.py --smoke    # the same code path on a CPU, tiny model, CPU faults (no numbers)
 
 Runs the library scenario ``gpu-faults-1b`` through ``prism-otel simulate``'s own runner: a ~1.2B
-random-weight Llama (prism_otel.tiny_models "1b", bf16) served by transformers continuous batching
+random-weight Llama (prism_eval.tiny_models "1b", bf16) served by transformers continuous batching
 on CUDA, under prism-otel (``prism-otel run``), fed by a tidal open-loop workload through the engine
 API; after a fault-free warm-up, ``gpu_sm_contention`` (a competing process of bf16 GEMMs on the
 same GPU: also the stand-in for locking the GPU clock low, which is not allowed on a shared GPU),
@@ -36,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from prism_otel.simulate import runscore, scenario  # noqa: E402
+from prism_eval.simulate import scenario  # noqa: E402
 
 
 def smoke_scenario() -> scenario.Scenario:

@@ -3,7 +3,7 @@
     python bench/gpu_validate.py            # on the GPU machine (see docs/benchmarks.md for the call)
     python bench/gpu_validate.py --smoke    # the same code paths on a CPU with the tiny model (no numbers)
 
-Against a ~1.2B-parameter random-weight Llama (prism_otel.tiny_models SIZES["1b"], built on the
+Against a ~1.2B-parameter random-weight Llama (prism_eval.tiny_models SIZES["1b"], built on the
 device at start, bf16) served by transformers, it measures in one process:
 
 A. Sentinel overhead vs no instrumentation: paired runs (order alternating) of ``generate`` (batch
@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+
 from _threads import companion_cpu_s, our_threads_cpu_ns  # noqa: E402 - bench/ is on sys.path when run as a script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +77,7 @@ class Env:
         self.size = "tiny" if a.smoke else "1b"
         from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-        from prism_otel.tiny_models import SIZES
+        from prism_eval.tiny_models import SIZES
 
         torch.manual_seed(0)
         cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False, **SIZES[self.size])
@@ -172,7 +173,7 @@ def _overhead_rows(sec: str, ratios, ta, steps_per_run: float) -> None:
     med = statistics.median(ratios)
     lo, hi = q(ratios)
     slower = sum(r > 1 for r in ratios)
-    row(sec, f"off: wall per run, median [IQR] of {len(ta)}", "%.3f s [%.3f, %.3f]" % (statistics.median(ta), *q(ta)))
+    row(sec, f"off: wall per run, median [IQR] of {len(ta)}", "{:.3f} s [{:.3f}, {:.3f}]".format(statistics.median(ta), *q(ta)))
     row(sec, f"Sentinel vs off, {len(ratios)} ABBA pairs: median [IQR]; pairs slower on",
         f"{100 * (med - 1):+.2f}% [{100 * (lo - 1):+.2f}, {100 * (hi - 1):+.2f}]; {slower}/{len(ratios)}")
 

@@ -21,7 +21,8 @@ from opentelemetry.trace import Link, set_span_in_context
 
 from prism_otel import semconv as sc
 from prism_otel.pipeline import Pipeline
-from prism_otel.record import STEP, Recorder, StepFeatures, clock_ns
+from prism_otel.record import STEP, StepFeatures, clock_ns
+from prism_otel.recorder import Recorder
 
 
 class _Discard(SpanExporter):

@@ -37,6 +37,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 from _sqlite_queue import SQLiteQueue  # noqa: E402
+
 from prism_otel.collector.errors import CorruptRecord  # noqa: E402
 from prism_otel.collector.wal import WAL  # noqa: E402
 

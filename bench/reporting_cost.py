@@ -12,11 +12,11 @@ reported as the median of 5 runs with min-max, and as a share of the step time a
     python bench/reporting_cost.py
 """
 
+import os
 import random
 import statistics
 import sys
 import time
-import os
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -28,9 +28,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = ap.parse_args()
+    from prism_eval.simulate import scenario
     from prism_otel import semconv as sc
     from prism_otel.cli import main as cli
-    from prism_otel.simulate import scenario
     from tests import servers
 
     tmp = tempfile.mkdtemp(prefix="prism-shots-")

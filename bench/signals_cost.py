@@ -96,7 +96,6 @@ def main() -> None:
     print(f"reader CPU per step of {a.step_ms} ms: {per_on:.1f} us with the sources, {per_off:.1f} us for the loop "
           f"alone: the sources cost {per_on - per_off:.1f} us per step "
           f"({(per_on - per_off) / (a.step_ms * 1e3) * 100:.2f}% of a core; {nsteps[True]} steps)")
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0], ratios[0], ratios[0])
     print(f"engine loop throughput, observed / not: {statistics.median(ratios):.4f} "
           f"(spread {min(ratios):.4f}-{max(ratios):.4f}, {len(ratios)} paired rounds of {a.seconds:g} s)")
     print(f"readings: {', '.join(f'{n} {s.stats()}' for n, s in zip(names, srcs))}")

@@ -13,11 +13,11 @@ and ``--warmup`` fault-free seconds first (the detector's training steps, train.
 * prism: ``prism-otel detect --input steps.csv --train train.csv`` (the project's online detector,
   run offline in stream order as it runs live): precision, recall, F1, false-positive rate, lag;
 * the detectors a user would otherwise reach for, on the same steps
-  (:mod:`prism_otel.simulate.baselines`: static p99 threshold, rolling z-score, LatencyPrism's rule);
+  (:mod:`prism_eval.simulate.baselines`: static p99 threshold, rolling z-score, LatencyPrism's rule);
 * online: the verdicts the in-process pipeline put on the spans during the run, when it ran one.
 
 Per-fault scores use the steps each episode owns (its window plus half of the gaps around it), as if
-each fault had had a run of its own (prism_otel/simulate/runscore.py); the same episodes are also
+each fault had had a run of its own (prism_eval/simulate/runscore.py); the same episodes are also
 written one directory each under ``<keep>/by_fault/<fault>/`` for ``prism-otel eval --runs``.
 ``--runs DIR`` re-scores runs kept earlier (``--keep``) without running engines again.
 
@@ -37,7 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from prism_otel.simulate import runscore, scenario  # noqa: E402
+from prism_eval.simulate import runscore, scenario  # noqa: E402
 
 CPU_FAULTS = ["cpu_contention", "cpu_throttle", "membw_contention", "gc_storm", "stage_stall", "io_stall"]
 
@@ -62,7 +62,7 @@ def make_scenario(engine: str, rounds: int, episode: float, gap: float, warmup: 
 
 def baseline_verdicts(run_dir: str) -> dict:
     try:
-        from prism_otel.simulate import baselines, stepcsv
+        from prism_eval.simulate import baselines, stepcsv
     except ImportError:
         return {}
     _, _, steps, _ = stepcsv.read(os.path.join(run_dir, "steps.csv"))

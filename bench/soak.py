@@ -33,7 +33,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,8 +49,10 @@ import psutil  # noqa: E402
 import requests  # noqa: E402
 import yaml  # noqa: E402
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc  # noqa: E402
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,  # noqa: E402
-                                                                      ExportTraceServiceResponse)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: E402
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 from prism_otel import semconv as sc  # noqa: E402
 
@@ -355,7 +356,7 @@ class SlowClients:
     def _never(self):
         self.stop.wait(600)
         return
-        yield  # noqa: unreachable
+        yield  # unreachable
 
     def _run(self) -> None:
         socks, calls, channels = [], [], []

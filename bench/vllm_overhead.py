@@ -156,7 +156,7 @@ def main() -> None:
         offline(a)
         return
     sys.path.insert(0, ROOT)
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model = tiny_models.build(tiny_models.default_dir(a.size), a.size)
     tmp = tempfile.mkdtemp(prefix="vllm-bench-")
@@ -222,7 +222,7 @@ def main() -> None:
 def offline(a) -> None:
     """LLM.generate, fresh processes, off/on ABBA; the generate call timed (tokens per second)."""
     sys.path.insert(0, ROOT)
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model = tiny_models.build(tiny_models.default_dir(a.size), a.size)
     tmp = tempfile.mkdtemp(prefix="vllm-offline-")

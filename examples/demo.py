@@ -4,7 +4,7 @@
    4 requests a second): the detector learns what each step should cost from the first few hundred
    steps and judges every step after that, within seconds.
 2. Halfway, injects a real fault into the running engine with prism-otel's simulation toolkit
-   (prism_otel/simulate/faults.py): a stage stall, the ``update`` stage of every step sleeping 20 ms
+   (prism_eval/simulate/faults.py): a stage stall, the ``update`` stage of every step sleeping 20 ms
    (a lock wait or a blocking call in the engine), patched live into the process; it is undone 10 s later.
 3. prism-otel prints the incident when it opens and when it closes, with its root cause; at exit, the
    per-stage summary: steps judged and not judged, and the incidents.
@@ -36,7 +36,7 @@ def main() -> int:
     ap.add_argument("--fault-s", type=float, default=10.0, help="how long the fault lasts")
     args = ap.parse_args()
 
-    from prism_otel.simulate import engines, faults
+    from prism_eval.simulate import engines, faults
 
     out_dir = os.path.abspath("prism-out")
     ready = os.path.abspath(".demo-ready.json")

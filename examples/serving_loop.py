@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=8.0, help="requests per second (Poisson arrivals)")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of traffic (0: until Ctrl-C)")
-    ap.add_argument("--size", default="tiny", help="tiny model size (prism_otel.tiny_models)")
+    ap.add_argument("--size", default="tiny", help="tiny model size (prism_eval.tiny_models)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--ready", help="write this file (pid, start time) once the engine serves")
@@ -37,7 +37,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     torch.set_num_threads(args.threads)
     model_dir = tiny_models.build(tiny_models.default_dir(args.size), args.size)

@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--port", type=int, default=8011)
     args = ap.parse_args()
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model = tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
     exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable), "transformers")

@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8012)
     ap.add_argument("--otlp-traces-endpoint", help="turn vLLM's own tracing on too")
     args = ap.parse_args()
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model = tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))

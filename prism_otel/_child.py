@@ -55,8 +55,21 @@ def read_frame(fd: int):
 
 
 def lower_priority(niceness: int = 10) -> None:
-    """Let the engine win the CPU over this process (best effort)."""
+    """Let the engine win the CPU over this process (best effort).
+
+    ``nice`` alone is not enough where the kernel groups processes by session (``sched_autogroup``, on by
+    default in most distributions): the CPU is first shared between sessions, and a process's niceness
+    counts only inside its own. The companion starts its own session, so with autogroup its nice 10 did
+    nothing against the engine's session. A session leader therefore also sets its session group's nice
+    (``/proc/self/autogroup``; raising it needs no privilege). A process that shares a session with
+    others (the engine's, a shell's) leaves the group alone: that would slow them too."""
     try:
         os.nice(niceness)
+    except (AttributeError, OSError):
+        pass
+    try:
+        if os.getsid(0) == os.getpid():
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(niceness))
     except (AttributeError, OSError):
         pass

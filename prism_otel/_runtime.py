@@ -21,24 +21,28 @@ import logging
 import os
 import sys
 import threading
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Optional
 
-from prism_otel import config
+from prism_otel import config, engines
 from prism_otel import semconv as sc
-from prism_otel.recorder import Recorder
+from prism_otel.recorder import Recorder, process_recorder, process_recorder_if_made
+
+if TYPE_CHECKING:
+    from prism_otel.companion import CompanionHandle
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.RLock()
-_state: Optional["Runtime"] = None
-_recorder: Optional[Recorder] = None
+_state: Optional[Runtime] = None
 
 
 class Runtime:
     """What ``start`` set up in this process."""
 
     def __init__(self, mode: str, recorder: Recorder, pipeline, provider=None, own_sink: bool = False,
-                 embedded_default: bool = False, instrumentors=None, companion=None) -> None:
+                 embedded_default: bool = False, instrumentors=None,
+                 companion: Optional[CompanionHandle] = None) -> None:
         self.mode = mode  # "companion" or "inprocess"
         self.recorder = recorder
         self.pipeline = pipeline  # a Pipeline (in-process) or the CompanionHandle
@@ -51,13 +55,12 @@ class Runtime:
 
 
 def recorder() -> Recorder:
-    """The process's recorder (instrumentors get it at ``instrument()``; ``device.manual`` asks here)."""
-    global _recorder
-    if _recorder is None:
-        with _lock:
-            if _recorder is None:
-                _recorder = Recorder(config.ring_capacity(), opener=_open_ring)
-    return _recorder
+    """The process's recorder (:func:`prism_otel.recorder.process_recorder`), its ring opened by this
+    runtime (instrumentors get it at ``instrument()``)."""
+    rec = process_recorder()
+    if rec.opener is not _open_ring:
+        rec.opener = _open_ring
+    return rec
 
 
 def _open_ring():
@@ -70,57 +73,32 @@ def _open_ring():
     return st.companion.open()
 
 
-def _instrumentor_classes() -> list:
-    """Our instrumentors, found through their ``opentelemetry_instrumentor`` entry points (``prism_*``),
-    as (name, class); ``PRISM_OTEL_INSTRUMENTATIONS`` keeps only the ones it names."""
-    from importlib.metadata import entry_points
+class _Lifecycle:
+    """The runtime as an instrumentation sees it (:class:`prism_otel.instrumentation.base.Lifecycle`):
+    handed to each instrumentor at ``instrument(lifecycle=...)``, so no hook imports this module."""
 
-    from prism_otel.instrumentation.base import EngineInstrumentor
+    def flush(self, timeout: float = 5.0) -> bool:
+        return flush(timeout)
 
-    out = []
-    for ep in entry_points(group="opentelemetry_instrumentor"):
-        if not ep.name.startswith("prism_"):
-            continue
-        try:
-            cls = ep.load()
-        except Exception:  # noqa: BLE001 - one engine's import problem must not stop the others
-            logger.warning("prism-otel: instrumentor %s could not be loaded", ep.name, exc_info=True)
-            continue
-        if isinstance(cls, type) and issubclass(cls, EngineInstrumentor) and cls not in [c for _, c in out]:
-            out.append((cls.name, cls))
-    if not out:  # not installed (a checkout on sys.path): the engines that ship with us
-        from prism_otel.instrumentation.transformers import TransformersInstrumentor
-        from prism_otel.instrumentation.vllm import VLLMInstrumentor
+    def stop(self, timeout: float = 10.0) -> None:
+        stop(timeout)
 
-        out = [("transformers", TransformersInstrumentor), ("vllm", VLLMInstrumentor)]
-    wanted = os.environ.get(sc.ENV_INSTRUMENTATIONS)
-    if wanted:
-        keep = {w.strip() for w in wanted.split(",")}
-        out = [(n, c) for n, c in out if n in keep]
-    return out
+    def current(self) -> Optional[Runtime]:
+        return current()
+
+
+LIFECYCLE = _Lifecycle()
 
 
 def default_processors(model_name=None, detect: bool = True) -> list:
-    """Detection and SLO (when on and ``detect``), then the device processors (DeepDive triggers, device
-    health), which need the verdicts. An in-process pipeline gets no detection by default: a model fit
-    must never run in the engine's interpreter (the application passes processors to have them there)."""
-    procs: list = []
-    if detect and config.detect_enabled():
-        try:
-            from processors.defaults import in_process_processors
+    """The registered processor components this process runs (:func:`prism_otel.wiring.processor_chain`):
+    detection, SLO, incidents and metrics when on and ``detect``, then the device processors (DeepDive
+    triggers, device health), which need the verdicts, and any other registered component. An in-process
+    pipeline gets no detection by default: a model fit must never run in the engine's interpreter (the
+    application passes processors to have them there)."""
+    from prism_otel import wiring
 
-            procs = in_process_processors(model_name=model_name)
-        except ImportError:
-            pass
-        except Exception:  # noqa: BLE001 - detection must never stop tracing from starting
-            logger.warning("prism-otel: detection processors unavailable", exc_info=True)
-    try:
-        from prism_otel.device.processor import device_processors
-
-        procs += device_processors()
-    except Exception:  # noqa: BLE001 - device extras must never stop tracing from starting
-        logger.warning("prism-otel: device processors unavailable", exc_info=True)
-    return procs
+    return wiring.processor_chain(sc.ROLE_ENGINE, model_name, detect=detect)
 
 
 def _deepdive_control(code: int, force: bool, step_index: Optional[int]) -> None:
@@ -139,7 +117,7 @@ def _deepdive_signal() -> None:
 def _inprocess_pipeline(rec: Recorder, provider, processors, model_name):
     """A pipeline thread in this process: on the application's provider (SDK spans), or, asked for
     explicitly, with the OTLP encoder and the exporters the environment names."""
-    from prism_otel.pipeline import Pipeline
+    from prism_otel import wiring
     from prism_otel.ring import Ring
 
     rec.detach()
@@ -153,9 +131,8 @@ def _inprocess_pipeline(rec: Recorder, provider, processors, model_name):
                        config.framework_name())
     else:
         from prism_otel.collector.telemetry import Telemetry
-        from prism_otel.companion import build_sink
 
-        sink, embedded, _ = build_sink(os.getpid(), Telemetry(), limits)
+        sink, embedded, _ = wiring.span_sink(os.getpid(), Telemetry(), limits)
         sink.model_name = model_name
     if processors is None:
         procs = default_processors(lambda: sink.model_name, detect=False)
@@ -164,9 +141,8 @@ def _inprocess_pipeline(rec: Recorder, provider, processors, model_name):
                         "companion only; pass processors= to run them here", "a tracer provider was given"
                         if provider is not None else config.pipeline_mode())
     else:
-        procs = list(processors)
-    pipeline = Pipeline(rec.reader(), None, config.instance_id(), procs, sink=sink, **limits,
-                        provider_name=config.framework_name())
+        procs = processors
+    pipeline = wiring.pipeline(rec.reader(), config.instance_id(), procs, sink, limits)
     pipeline.start()
     return pipeline, embedded
 
@@ -224,15 +200,20 @@ def start(tracer_provider=None, processors: Optional[Sequence] = None, instrumen
         _state = Runtime(mode, rec, pipeline, tracer_provider, tracer_provider is None, embedded, insts, companion)
         if companion is not None and not lazy:
             rec.ensure_ring(lambda: companion.open(wait=True))
-        if instrument:
-            for name, cls in _instrumentor_classes():
-                try:
-                    inst = cls()
+        classes = engines.instrumentor_classes(everything=True)
+        wanted = engines.wanted(classes)
+        for name, cls in classes:
+            try:
+                inst = cls()
+                # every engine's hooks learn of this runtime, also those a loader (opentelemetry-instrument)
+                # installed before it existed, or that are installed later
+                inst.bind(lifecycle=LIFECYCLE)
+                if instrument and (name, cls) in wanted:
                     if not inst.is_instrumented_by_opentelemetry:
-                        inst.instrument(skip_dep_check=True, recorder=rec)
+                        inst.instrument(skip_dep_check=True, recorder=rec, lifecycle=LIFECYCLE)
                     insts.append(inst)
-                except Exception:  # noqa: BLE001
-                    logger.warning("prism-otel: instrumenting %s failed", name, exc_info=True)
+            except Exception:  # noqa: BLE001
+                logger.warning("prism-otel: instrumenting %s failed", name, exc_info=True)
         return _state
 
 
@@ -285,7 +266,8 @@ def stop(timeout: float = 10.0) -> None:
             rec.detach()
             return
         if st.mode == "companion":
-            st.companion.stop(timeout)
+            if st.companion is not None:  # always, in this mode
+                st.companion.stop(timeout)
             return
         rec.resolve_device(give_up=True)
         st.pipeline.stop(timeout)
@@ -316,7 +298,7 @@ def status() -> dict:
     from prism_otel.instrumentation._hooks import hook_errors
 
     st = _state
-    rec = _recorder
+    rec = process_recorder_if_made()
     out = {"pid": os.getpid(), "python": sys.version.split()[0], "running": st is not None,
            "instrumentations": {k: list(v) for k, v in STATUS.items()},
            "hook_errors": hook_errors(), "ring_dropped": 0}
@@ -338,11 +320,11 @@ def status() -> dict:
 
 
 def _after_fork_in_child() -> None:
-    rec = _recorder
+    rec = process_recorder_if_made()
     if rec is not None:
         rec.after_fork_in_child()
     st = _state
-    if st is None:
+    if st is None or rec is None:  # a runtime was started: it made the recorder
         return
     if st.mode == "inprocess":
         from prism_otel.ring import Ring
@@ -353,7 +335,8 @@ def _after_fork_in_child() -> None:
     else:
         from prism_otel.companion import CompanionHandle
 
-        st.companion = st.pipeline = CompanionHandle(rec, config.instance_id(os.getpid()), env=st.companion.env)
+        env = st.companion.env if st.companion is not None else {}  # set, in this mode
+        st.companion = st.pipeline = CompanionHandle(rec, config.instance_id(os.getpid()), env=env)
         rec.supervisor = st.companion.check
     st.pid = os.getpid()
 
@@ -365,7 +348,7 @@ def post_instrument() -> None:
     try:
         st = start(instrument=False, lazy=True)
         if st is not None:
-            st.instrumentors = [cls() for _, cls in _instrumentor_classes()]
+            st.instrumentors = [cls() for _, cls in engines.instrumentor_classes()]
     except Exception:  # noqa: BLE001 - auto-instrumentation must never break the application
         logger.warning("prism-otel: post-instrument start failed", exc_info=True)
 

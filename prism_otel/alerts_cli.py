@@ -16,7 +16,8 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.ring import pid_alive  # the engine is gone: nothing more will be logged
@@ -33,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the events as JSON lines")
 
 
-def _proc_dirs(pid: int) -> List[str]:
+def _proc_dirs(pid: int) -> list[str]:
     out = []
     try:
         cwd = os.readlink(f"/proc/{pid}/cwd")
@@ -53,7 +54,7 @@ def _proc_dirs(pid: int) -> List[str]:
     return out
 
 
-def search_dirs(explicit: Iterable[str] = (), pids: Iterable[int] = ()) -> List[str]:
+def search_dirs(explicit: Iterable[str] = (), pids: Iterable[int] = ()) -> list[str]:
     from processors.notify import runtime_incident_dir
 
     dirs = list(explicit)
@@ -73,7 +74,7 @@ def search_dirs(explicit: Iterable[str] = (), pids: Iterable[int] = ()) -> List[
     return out
 
 
-def _files(dirs: List[str], pids: List[int]) -> List[str]:
+def _files(dirs: list[str], pids: list[int]) -> list[str]:
     out = []
     for d in dirs:
         if pids:
@@ -83,14 +84,14 @@ def _files(dirs: List[str], pids: List[int]) -> List[str]:
     return sorted({f for f in out if os.path.isfile(f)})
 
 
-def follow(pids: List[int], dirs: List[str], keep_following: bool, as_json: bool = False, out=None,
+def follow(pids: list[int], dirs: list[str], keep_following: bool, as_json: bool = False, out=None,
            poll_s: float = 0.3, stop_after_s: Optional[float] = None) -> int:
     """Print the events of the incident logs; with ``keep_following``, new ones too. Returns how many."""
     from processors.notify import describe
 
     out = out or sys.stdout
-    offsets: Dict[str, int] = {}
-    partial: Dict[str, str] = {}
+    offsets: dict[str, int] = {}
+    partial: dict[str, str] = {}
     n = 0
     t_end = None if stop_after_s is None else time.monotonic() + stop_after_s
     gone_at = None

@@ -6,7 +6,7 @@ import argparse
 import os
 import shutil
 import sys
-from typing import List, Optional
+from typing import Optional
 
 from prism_otel import semconv as sc
 
@@ -15,7 +15,7 @@ def _bootstrap_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
 
 
-def run_command(argv: List[str]) -> int:
+def run_command(argv: list[str]) -> int:
     """Run CMD with our bootstrap on PYTHONPATH (replaces this process, as opentelemetry-instrument does)."""
     if not argv:
         print(f"prism-otel run: missing command (usage: {RUN_USAGE})", file=sys.stderr)
@@ -48,7 +48,7 @@ example: prism-otel run -- python -m vllm.entrypoints.openai.api_server --model 
 """
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "run":
         rest = argv[1:]

@@ -25,16 +25,41 @@ import select
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import Any, Optional
 
 from prism_otel import config
 from prism_otel import semconv as sc
 from prism_otel._child import child_env, lower_priority
-from prism_otel.record import Pacer, clock_ns
-from prism_otel.ring import (H_CTL_ARG0, H_CTL_ARG1, H_CTL_SEQ, H_ENGINE_PID, H_FLUSH_ACK, H_FLUSH_REQ, H_HEAD,
-                             H_HEARTBEAT, H_JOB, H_PROCESSED, H_RANK, H_READ_RSEQ, H_READER_PID, H_READER_STATE,
-                             H_RESTARTS, H_STATE, H_WORLD, H_WRITTEN, READER_DEFERRED, READER_EXITED, READER_RUNNING,
-                             STOPPING, Ring, RingReader, job_key, list_rings, pid_alive)
+from prism_otel.record import clock_ns
+from prism_otel.ring import (
+    H_CTL_ARG0,
+    H_CTL_ARG1,
+    H_CTL_SEQ,
+    H_ENGINE_PID,
+    H_FLUSH_ACK,
+    H_FLUSH_REQ,
+    H_HEAD,
+    H_HEARTBEAT,
+    H_JOB,
+    H_PROCESSED,
+    H_RANK,
+    H_READ_RSEQ,
+    H_READER_PID,
+    H_READER_STATE,
+    H_RESTARTS,
+    H_STATE,
+    H_WORLD,
+    H_WRITTEN,
+    READER_DEFERRED,
+    READER_EXITED,
+    READER_RUNNING,
+    STOPPING,
+    Ring,
+    RingReader,
+    job_key,
+    list_rings,
+    pid_alive,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +93,7 @@ class CompanionHandle:
         self.engine_pid = os.getpid()
         self.launches = 0
         self._launched_at = 0
-        self._launchers: List[subprocess.Popen] = []
+        self._launchers: list[subprocess.Popen] = []
         self.down = False  # gave up on it (reported once)
         self.launch_error: Optional[str] = None
         self._rank_known = False
@@ -87,7 +112,7 @@ class CompanionHandle:
             return None
         self.ring = ring
         self._probe_rank(ring)
-        self._launch()
+        self._launch(ring)
         if wait:
             self._reap(5.0)
         return ring
@@ -98,8 +123,7 @@ class CompanionHandle:
         self.down = True
         self.launch_error = why
 
-    def _launch(self) -> None:
-        ring = self.ring
+    def _launch(self, ring: Ring) -> None:
         env = child_env(sc.ROLE_COMPANION)
         env.update(self.env)
         argv = [sys.executable, "-m", "prism_otel.companion", ring.path, self.instance, str(self.engine_pid)]
@@ -173,7 +197,7 @@ class CompanionHandle:
             w[H_READER_PID] = 0
             logger.warning("prism-otel: the companion process is gone; starting another (%d more allowed)",
                            self.restarts_left)
-            self._launch()
+            self._launch(ring)
         else:
             self._fail("its process is gone and no restart is left")
 
@@ -296,7 +320,7 @@ def _job_text(dist, world: int) -> str:
     try:
         from torch.distributed import distributed_c10d
 
-        store = distributed_c10d._get_default_store()
+        store: Any = distributed_c10d._get_default_store()  # wrappers (PrefixStore) walked by attribute
         while hasattr(store, "underlying_store"):
             store = store.underlying_store
         host, port = getattr(store, "host", None), getattr(store, "port", None)
@@ -477,7 +501,7 @@ class RankPeers:
             if w[H_STATE] == STOPPING or not pid_alive(int(w[H_ENGINE_PID])):
                 self._finish(p)
 
-    def _finish(self, p: "_Peer") -> None:
+    def _finish(self, p: _Peer) -> None:
         p.pump()
         w = p.ring.words
         w[H_PROCESSED] = p.reader.tail
@@ -503,45 +527,16 @@ def _rank_info(ring: Ring):
 
 
 def build_processors(ring: Ring, sink) -> list:
-    """What the companion runs on every step: detection and SLO (when on), then the device processor."""
-    procs: list = []
-    if config.detect_enabled():
-        try:
-            from processors.defaults import in_process_processors
+    """What the companion runs on every step (:func:`prism_otel.wiring.processor_chain`: detection when on,
+    the device processor triggering the engine's DeepDive through the ring)."""
+    from prism_otel import wiring
 
-            procs = in_process_processors(model_name=lambda: sink.model_name)
-        except ImportError:
-            pass
-        except Exception:  # noqa: BLE001 - detection must never stop tracing from starting
-            logger.warning("prism-otel: detection processors unavailable", exc_info=True)
     try:
-        from prism_otel.device.processor import DeviceProcessor
-
-        procs.append(DeviceProcessor(deepdive=RemoteDeepDive(ring)))
+        deepdive = RemoteDeepDive(ring)
     except Exception:  # noqa: BLE001
         logger.debug("device processor unavailable in the companion", exc_info=True)
-    return procs
-
-
-def build_sink(engine_pid: int, telemetry, limits: dict):
-    """(the span sink, whether it is the embedded default, the SDK provider it owns or None)."""
-    from prism_otel import export, sampling
-    from prism_otel.otlp_encode import OTLPSink
-    from prism_otel.version import __version__
-
-    res = config.resource(engine_pid)
-    byte_exps, sdk_exps, embedded = export.exporters_from_env(engine_pid, telemetry)
-    sampler, window = sampling.from_env()
-    batch = export.BatchSettings.from_env()
-    if not sdk_exps:
-        sink = OTLPSink(dict(res.attributes), byte_exps, sc.SCOPE, __version__, limits["max_step_links"],
-                        limits["max_request_links"], None, config.framework_name(), sampler, window,
-                        batch.batch_spans, batch.delay_s, batch.max_queue_spans)
-        return sink, embedded, None
-    # An SDK exporter from an entry point: SDK spans for every exporter (the slower path, documented).
-    from prism_otel.sdk_sink import sdk_sink
-
-    return sdk_sink(res, sampler, sdk_exps, byte_exps, limits) + (None,)
+        deepdive = None
+    return wiring.processor_chain(sc.ROLE_COMPANION, lambda: sink.model_name, deepdive)
 
 
 def _exporter_drops(telemetry) -> dict:
@@ -574,15 +569,15 @@ def main(argv=None) -> int:
     w[H_HEARTBEAT] = clock_ns()
     w[H_READER_STATE] = READER_RUNNING
     w[H_RESTARTS] += 1
+    from prism_otel import wiring
     from prism_otel.collector.telemetry import Telemetry
-    from prism_otel.pipeline import Pipeline
 
     telemetry = Telemetry()
     limits = config.pipeline_limits()
-    sink, embedded, _ = build_sink(engine_pid, telemetry, limits)
+    sink, embedded, _ = wiring.span_sink(engine_pid, telemetry, limits)
     reader = RingReader(ring)
     procs = build_processors(ring, sink)
-    pipeline = Pipeline(reader, None, instance, procs, sink=sink, **limits, provider_name=config.framework_name())
+    pipeline = wiring.pipeline(reader, instance, procs, sink, limits)
     from prism_otel import signals  # evidence for root cause, read here from /proc about the engine
 
     signals.start(pipeline, engine_pid)
@@ -597,10 +592,10 @@ def main(argv=None) -> int:
     peers: Optional[RankPeers] = None
     rank_seen = False
     # Every wake-up costs CPU in timer and scheduler work (36-110 us on a 2-vCPU VM, whatever it then
-    # reads): while steps come, wake about every 8 steps, 40-100 ms apart; 10 times a second when idle.
-    longest = max(0.002, config.env_int(sc.ENV_COMPANION_WAKE_MS, 100) / 1e3)
-    pacer = Pacer(busy_min_s=longest * 0.4, busy_max_s=longest, idle_s=max(0.1, longest), idle_after_s=1.0,
-                  steps_per_wake=8.0)
+    # reads), so the companion wakes on a fixed period (PRISM_OTEL_COMPANION_WAKE_MS, 100 ms; at most the
+    # heartbeat's 200 ms), busy or idle: about 37 steps a wake at vLLM CPU's 2.7 ms steps. A step's span
+    # and verdict leave within about one period of its end.
+    period_s = min(max(0.002, config.env_int(sc.ENV_COMPANION_WAKE_MS, 100) / 1e3), HEARTBEAT_NS / 1e9)
     tt = time.thread_time_ns
     last_stats = 0.0
     gone = False
@@ -619,7 +614,7 @@ def main(argv=None) -> int:
         if peers is not None:
             peers.scan(time.monotonic())
             peers.tick()
-        n = pipeline.process_pending()
+        pipeline.process_pending()
         now = time.monotonic()
         sink.tick(now)
         if w[H_FLUSH_REQ] != w[H_FLUSH_ACK]:
@@ -636,7 +631,7 @@ def main(argv=None) -> int:
             ring.write_stats(_stats(pipeline, sink, telemetry, reader))
         if w[H_STATE] == STOPPING or gone:
             break
-        gone = watch.wait(min(pacer.wait_s(n, now), HEARTBEAT_NS / 1e9))
+        gone = watch.wait(period_s)
         if gone:
             continue  # one more pass: what the engine wrote before it died
     # drain and leave
@@ -660,7 +655,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _defer_to_rank0(ring: Ring, watch: "_EngineWatch", wait_s: float = 10.0) -> bool:
+def _defer_to_rank0(ring: Ring, watch: _EngineWatch, wait_s: float = 10.0) -> bool:
     """This ring belongs to a rank other than 0: leave it to rank 0's companion. True once it claimed
     the ring; False (this companion goes on reading it) when none did within ``wait_s``."""
     w = ring.words

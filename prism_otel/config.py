@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Dict, Optional
+from typing import Optional
 
 from prism_otel import semconv as sc
 
@@ -71,16 +71,11 @@ def instance_id(pid: Optional[int] = None) -> str:
     return os.environ.get(sc.ENV_INSTANCE) or f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
-def frameworks() -> Dict[str, str]:
+def frameworks() -> dict[str, str]:
     """Engines installed here and their versions (first: the one that names the resource)."""
-    from prism_otel.instrumentation import installed_version
+    from prism_otel import engines  # lazy: it loads the instrumentors' entry points
 
-    out = {}
-    for name in ("vllm", "transformers"):
-        v = installed_version(name, name + "-cpu") if name == "vllm" else installed_version(name)
-        if v:
-            out[name] = v
-    return out
+    return engines.installed()
 
 
 def framework_name() -> str:
@@ -100,7 +95,7 @@ def engine_pid() -> int:
     return _engine_pid or os.getpid()
 
 
-def resource(pid: Optional[int] = None, fw: Optional[Dict[str, str]] = None):
+def resource(pid: Optional[int] = None, fw: Optional[dict[str, str]] = None):
     """The SDK ``Resource`` of an engine process (``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_SERVICE_NAME`` and
     ours). The companion builds it for the engine's pid, so both describe the same process. ``fw``:
     the engines (name -> version; by default those installed here): the first names ``service.name``

@@ -27,20 +27,25 @@ _S = sc.FPM_PREFIX + sc.FPM_SCHEDULED
 _Q = sc.FPM_PREFIX + sc.FPM_QUEUED
 
 
+# the keys, joined once (this runs for every step span)
+_S_NPR, _S_SPT, _S_SPKV = _S + sc.FPM_NUM_PREFILL_REQUESTS, _S + sc.FPM_SUM_PREFILL_TOKENS, _S + sc.FPM_SUM_PREFILL_KV_TOKENS
+_S_NDR, _S_SDKV = _S + sc.FPM_NUM_DECODE_REQUESTS, _S + sc.FPM_SUM_DECODE_KV_TOKENS
+_Q_NPR = _Q + sc.FPM_NUM_PREFILL_REQUESTS
+
+
 def fpm_attributes(step: StepRecord) -> dict:
     out = {}
-    if step.phase == "decode":
-        out = {_S + sc.FPM_NUM_PREFILL_REQUESTS: 0, _S + sc.FPM_SUM_PREFILL_TOKENS: 0,
-               _S + sc.FPM_NUM_DECODE_REQUESTS: step.batch_size, _S + sc.FPM_SUM_DECODE_KV_TOKENS: step.context_tokens}
-    elif step.phase == "prefill":
-        out = {_S + sc.FPM_NUM_PREFILL_REQUESTS: step.batch_size, _S + sc.FPM_SUM_PREFILL_TOKENS: step.prefill_tokens,
-               _S + sc.FPM_SUM_PREFILL_KV_TOKENS: max(0, step.context_tokens - step.prefill_tokens),
-               _S + sc.FPM_NUM_DECODE_REQUESTS: 0, _S + sc.FPM_SUM_DECODE_KV_TOKENS: 0}
-    elif step.phase == "mixed":
-        out = {_S + sc.FPM_SUM_PREFILL_TOKENS: step.prefill_tokens}
+    phase = step.phase
+    if phase == "decode":
+        out = {_S_NPR: 0, _S_SPT: 0, _S_NDR: step.batch_size, _S_SDKV: step.context_tokens}
+    elif phase == "prefill":
+        out = {_S_NPR: step.batch_size, _S_SPT: step.prefill_tokens,
+               _S_SPKV: max(0, step.context_tokens - step.prefill_tokens), _S_NDR: 0, _S_SDKV: 0}
+    elif phase == "mixed":
+        out = {_S_SPT: step.prefill_tokens}
     waiting = step.attributes.get(sc.BATCH_WAITING)
-    if isinstance(waiting, int) and not isinstance(waiting, bool):
-        out[_Q + sc.FPM_NUM_PREFILL_REQUESTS] = waiting
+    if type(waiting) is int or isinstance(waiting, int) and not isinstance(waiting, bool):
+        out[_Q_NPR] = waiting
     return out
 
 

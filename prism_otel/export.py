@@ -11,8 +11,11 @@ of counters), configured the way the OpenTelemetry SDK reads the same variables:
 * ``OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT`` (alone it implies ``otlp``), ``_HEADERS``, ``_TIMEOUT``
   (seconds, 10), ``_COMPRESSION`` (``gzip`` or none, the default), ``_INSECURE``, ``_CERTIFICATE``,
   ``_CLIENT_KEY``, ``_CLIENT_CERTIFICATE``;
-* ``OTEL_BSP_MAX_QUEUE_SIZE`` (spans, 2048), ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` (512),
-  ``OTEL_BSP_SCHEDULE_DELAY`` (ms, 5000): the batching (``BatchSettings``);
+* ``OTEL_BSP_MAX_QUEUE_SIZE`` (spans, 2048), ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``,
+  ``OTEL_BSP_SCHEDULE_DELAY`` (ms, 5000): the batching (``BatchSettings``). Unset, the export batch
+  is the queue size up to 2048 spans (the SDK's 512 made five requests a second of a busy engine, each a
+  wake-up of the exporter and a gRPC call: about 10 us of the companion's CPU per step at batch 16),
+  and a request never passes ``BATCH_BYTES`` (1 MiB, a quarter of the usual 4 MiB receive limit);
 * with none of these set, the embedded default writes OTLP/JSON lines under ``./prism-out/``
   (``PRISM_OTEL_OUT_DIR``), one request per line, rotated at ``PRISM_OTEL_OUT_MAX_MB`` (64) with
   ``PRISM_OTEL_OUT_FILES`` (4) files kept, and a per-stage summary is printed at exit.
@@ -27,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import List, Optional, Tuple
+from typing import IO, Any, Optional
 from urllib.parse import unquote
 
 from prism_otel import config
@@ -36,16 +39,21 @@ from prism_otel import semconv as sc
 logger = logging.getLogger(__name__)
 
 
+BATCH_BYTES = 1 << 20  # an export request's encoded spans stay below this (bytes)
+DEFAULT_BATCH_SPANS = 2048  # without OTEL_BSP_MAX_EXPORT_BATCH_SIZE: the queue size, at most this
+
+
 @dataclass
 class BatchSettings:
     max_queue_spans: int = 2048
-    batch_spans: int = 512
+    batch_spans: int = 2048
     delay_s: float = 5.0
+    batch_bytes: int = BATCH_BYTES
 
     @classmethod
-    def from_env(cls) -> "BatchSettings":
+    def from_env(cls) -> BatchSettings:
         q = config.env_int(sc.OTEL_BSP_MAX_QUEUE_SIZE, 2048)
-        b = config.env_int(sc.OTEL_BSP_MAX_EXPORT_BATCH_SIZE, 512)
+        b = config.env_int(sc.OTEL_BSP_MAX_EXPORT_BATCH_SIZE, min(max(q, 1), DEFAULT_BATCH_SPANS))
         d = config.env_float(sc.OTEL_BSP_SCHEDULE_DELAY, 5000.0) / 1e3
         if q < 1 or b < 1 or b > q or d < 0:
             logger.error("prism-otel: OTEL_BSP_* settings rejected (queue %s, batch %s, delay %s s); using the "
@@ -168,16 +176,21 @@ def _settings(name: str, telemetry):
 
 
 def _queue_retry(batch: BatchSettings):
+    from prism_otel.collector.decode import Duration
     from prism_otel.collector.exporters.base import RetryConfig, SendingQueueConfig
 
-    # the SDK keeps up to max_queue spans waiting: in requests of a batch each, one at a time in flight
-    queue = SendingQueueConfig(num_consumers=1, queue_size=max(1, -(-batch.max_queue_spans // batch.batch_spans)))
+    # Like the SDK, up to max_queue spans wait, one request in flight. Counted in spans, not requests:
+    # batches shipped on the timer are small, and a queue of ceil(max_queue / batch) requests (one, at
+    # the default 2048/2048) dropped whole ones while another was in flight.
+    queue = SendingQueueConfig(num_consumers=1, queue_size=max(1, batch.max_queue_spans), sizer="items")
     t = _timeout()
-    retry = RetryConfig(initial_interval=min(1.0, t), max_interval=max(1.0, t), max_elapsed_time=max(1.0, t))
+    retry = RetryConfig(initial_interval=Duration(min(1.0, t)), max_interval=Duration(max(1.0, t)),
+                        max_elapsed_time=Duration(max(1.0, t)))
     return queue, retry
 
 
 def _otlp_grpc(telemetry, batch: BatchSettings):
+    from prism_otel.collector.decode import Duration
     from prism_otel.collector.exporters.otlp_grpc import OTLPGRPCExporter, OTLPGRPCExporterConfig
     from prism_otel.collector.tls import TLSClientConfig
 
@@ -195,13 +208,14 @@ def _otlp_grpc(telemetry, batch: BatchSettings):
     queue, retry = _queue_retry(batch)
     comp = _env2(sc.OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, sc.OTEL_EXPORTER_OTLP_COMPRESSION).strip().lower()
     cfg = OTLPGRPCExporterConfig(endpoint=(f"{scheme}://" if scheme else "") + target, tls=tls, headers=_headers(),
-                                 compression="gzip" if comp == "gzip" else "none", timeout=_timeout(),
+                                 compression="gzip" if comp == "gzip" else "none", timeout=Duration(_timeout()),
                                  sending_queue=queue, retry_on_failure=retry)
     cfg.validate()
     return QueuedBytes(OTLPGRPCExporter(_settings("otlp_grpc", telemetry), cfg), "otlp_grpc")
 
 
 def _otlp_http(telemetry, batch: BatchSettings):
+    from prism_otel.collector.decode import Duration
     from prism_otel.collector.exporters.otlp_http import OTLPHTTPExporter, OTLPHTTPExporterConfig
     from prism_otel.collector.tls import TLSClientConfig
 
@@ -213,7 +227,7 @@ def _otlp_http(telemetry, batch: BatchSettings):
                           cert_file=os.environ.get(sc.OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, ""),
                           key_file=os.environ.get(sc.OTEL_EXPORTER_OTLP_CLIENT_KEY, ""))
     cfg = OTLPHTTPExporterConfig(endpoint=base, traces_endpoint=full or "", tls=tls, headers=_headers(),
-                                 compression="gzip" if comp == "gzip" else "none", timeout=_timeout(),
+                                 compression="gzip" if comp == "gzip" else "none", timeout=Duration(_timeout()),
                                  sending_queue=queue, retry_on_failure=retry)
     cfg.validate()
     return QueuedBytes(OTLPHTTPExporter(_settings("otlp_http", telemetry), cfg), "otlp_http")
@@ -222,9 +236,10 @@ def _otlp_http(telemetry, batch: BatchSettings):
 def file_exporter(path: str, telemetry, max_bytes: int = 0, keep: int = 4):
     """OTLP/JSON lines, one request per line (the embedded default's format); rotated past ``max_bytes``
     (0: never) with at most ``keep`` files kept."""
+    from prism_otel.collector.decode import Duration
     from prism_otel.collector.exporters.file import FileExporterConfig
 
-    cfg = FileExporterConfig(path=path, format="json", append=True, flush_interval=0.0)
+    cfg = FileExporterConfig(path=path, format="json", append=True, flush_interval=Duration(0.0))
     return QueuedBytes(_rotating_file_class()(_settings("file", telemetry), cfg, max_bytes, keep), "file")
 
 
@@ -253,14 +268,15 @@ def _rotating_file_class():
 
         def start(self, host) -> None:
             super().start(host)
-            self._size = self._fh.tell()
+            fh = self._fh  # opened by start()
+            self._size = fh.tell() if fh is not None else 0
 
         def _rotated(self, n: int) -> str:
             stem, ext = os.path.splitext(self.cfg.path)
             return f"{stem}.{n}{ext}"
 
-        def _rotate(self) -> None:
-            self._fh.close()
+        def _rotate(self, fh: IO[Any]) -> IO[Any]:
+            fh.close()
             path = self.cfg.path
             if self.keep == 1:
                 os.remove(path)
@@ -272,9 +288,10 @@ def _rotating_file_class():
                     if os.path.exists(self._rotated(n)):
                         os.replace(self._rotated(n), self._rotated(n + 1))
                 os.replace(path, self._rotated(1))
-            self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self._fh = fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
             self._size = 0
             self.rotations += 1
+            return fh
 
         def send(self, item) -> None:
             if not self.max_bytes or self.cfg.format != "json":
@@ -282,10 +299,13 @@ def _rotating_file_class():
             line = request_to_json(item.request) + "\n"
             n = len(line.encode("utf-8")) if not line.isascii() else len(line)
             with self._lock:
+                fh = self._fh
+                if fh is None:  # before start() or after close(): a failed send, as FileExporter's
+                    raise RuntimeError(f"file exporter {self.cfg.path!r} is not open")
                 if self._size and self._size + n > self.max_bytes:
-                    self._rotate()
-                self._fh.write(line)
-                self._fh.flush()
+                    fh = self._rotate(fh)
+                fh.write(line)
+                fh.flush()
                 self._size += n
 
     _ROTATING = RotatingFileExporter
@@ -298,12 +318,13 @@ class OTLPJSONFileExporter(QueuedBytes):
 
     def __init__(self, directory: str, filename: Optional[str] = None, max_bytes: int = 0, keep: int = 4,
                  telemetry=None) -> None:
+        from prism_otel.collector.decode import Duration
         from prism_otel.collector.exporters.file import FileExporterConfig
         from prism_otel.collector.telemetry import Telemetry
 
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, filename or f"traces-{os.getpid()}.jsonl")
-        cfg = FileExporterConfig(path=self.path, format="json", append=True, flush_interval=0.0)
+        cfg = FileExporterConfig(path=self.path, format="json", append=True, flush_interval=Duration(0.0))
         tel = telemetry if telemetry is not None else Telemetry()
         super().__init__(_rotating_file_class()(_settings("file", tel), cfg, max_bytes, keep), "file")
 
@@ -346,7 +367,7 @@ def _named(name: str, telemetry, batch: BatchSettings):
     raise ValueError(f"{sc.OTEL_TRACES_EXPORTER}: unknown exporter {name!r}")
 
 
-def exporters_from_env(pid: Optional[int] = None, telemetry=None) -> Tuple[list, list, bool]:
+def exporters_from_env(pid: Optional[int] = None, telemetry=None) -> tuple[list, list, bool]:
     """(bytes exporters, SDK span exporters, whether this is the embedded default) from the environment.
     ``pid`` names the embedded default's file (the engine's)."""
     from prism_otel.collector.telemetry import Telemetry
@@ -360,8 +381,8 @@ def exporters_from_env(pid: Optional[int] = None, telemetry=None) -> Tuple[list,
     if not names:
         return [OTLPJSONFileExporter(config.out_dir(), f"traces-{pid or os.getpid()}.jsonl",
                                      _env_mb(sc.ENV_OUT_MAX_MB, 64.0), _env_n(sc.ENV_OUT_FILES, 4), telemetry)], [], True
-    byte_exps: List = []
-    sdk_exps: List = []
+    byte_exps: list = []
+    sdk_exps: list = []
     for n in names.split(","):
         n = n.strip().lower()
         if not n:

@@ -143,7 +143,7 @@ def ensure_meter_provider():
         return _ours
 
 
-def metrics_processor(meter_provider=None) -> Optional["StepMetrics"]:
+def metrics_processor(meter_provider=None) -> Optional[StepMetrics]:
     """The metrics processor for this process, or None when metrics go nowhere."""
     try:
         provider = meter_provider or ensure_meter_provider()
@@ -162,7 +162,7 @@ class StepMetrics:
 
     def __init__(self, meter_provider, provider_name: Optional[str] = None, stage_sample: Optional[int] = None,
                  flush_s: float = 0.5) -> None:
-        from prism_otel import __version__
+        from prism_otel.version import __version__
 
         m = meter_provider.get_meter(sc.SCOPE, __version__)
         self._step = m.create_histogram(sc.METRIC_STEP_DURATION, unit="s", description="engine step latency",
@@ -243,10 +243,11 @@ class StepMetrics:
                     sa = self._stage_attrs[name] = {sc.STAGE_NAME: name}
                 self._stage.record((b - a) / 1e9, sa)
         v = step.verdict
-        judged = v is not None and v.expected_ms is not None and v.expected_ms > 0
+        exp_ms = v.expected_ms if v is not None else None
+        judged = exp_ms is not None and exp_ms > 0
         add("steps", 1, ((sc.STEP_PHASE, phase), (sc.JUDGED, "true" if judged else "false")))
-        if judged:
-            exp_s = v.expected_ms / 1e3
+        if v is not None and exp_ms is not None and exp_ms > 0:  # judged
+            exp_s = exp_ms / 1e3
             self._ratio.record(dur_s / exp_s, pa)
             add("observed", dur_s, pkey)
             add("expected", exp_s, pkey)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import random
 import struct
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional
 
 from prism_otel import semconv as sc
 from prism_otel.ecosystem import error_description
-from prism_otel.record import RequestRecord, StepRecord
+from prism_otel.record import ParentIds, RequestRecord, StepRecord
 from prism_otel.spans import request_end_attributes, request_start, step_attributes
 
 _D = struct.Struct("<d").pack
@@ -66,15 +67,17 @@ class AttrEncoder:
     (request ids repeat on every step of their request), fixed-size values."""
 
     def __init__(self, max_strings: int = 1 << 16) -> None:
-        self._keys: Dict[str, bytes] = {}
-        self._strs: Dict[str, bytes] = {}
+        self._keys: dict[str, bytes] = {}
+        self._strs: dict[str, bytes] = {}
         self._max = max_strings
         self._last_list: list = []  # the last list value and its encoding: a batch's request ids
         self._last_list_enc = b""  # repeat on every step while its membership does not change
+        self._prev_list: list = []  # the one before (a step's ids and its front end's, in another order)
+        self._prev_list_enc = b""
         # per field tag: (key, value) -> the KeyValue's bytes, for values that repeat; key -> the bytes
         # of a double-valued KeyValue up to its 8 value bytes
-        self._kv: Dict[bytes, Dict[tuple, bytes]] = {}
-        self._floats: Dict[bytes, Dict[str, bytes]] = {}
+        self._kv: dict[bytes, dict[tuple, bytes]] = {}
+        self._floats: dict[bytes, dict[str, bytes]] = {}
 
     def key(self, k: str) -> bytes:
         p = self._keys.get(k)
@@ -107,9 +110,12 @@ class AttrEncoder:
         if t is list or t is tuple:
             if v == self._last_list and type(v) is type(self._last_list):
                 return self._last_list_enc
+            if v == self._prev_list and type(v) is type(self._prev_list):
+                return self._prev_list_enc
             inner = b"".join([b"\x0a" + _vlen(len(x)) + x for x in map(self.value, v)])
             enc = b"\x2a" + _vlen(len(inner)) + inner
             if len(v) >= 4:
+                self._prev_list, self._prev_list_enc = self._last_list, self._last_list_enc
                 self._last_list, self._last_list_enc = v, enc
             return enc
         if t is bytes:
@@ -186,7 +192,8 @@ class OTLPSink:
                  scope_version: str = "", max_step_links: int = 128, max_request_links: int = 16,
                  model_name: Optional[str] = None, provider_name: str = "prism", sampler=None, policy=None,
                  batch_spans: int = 512, delay_s: float = 5.0, max_queue_spans: int = 2048,
-                 on_drop: Optional[Callable[[str, int], None]] = None, seed: Optional[int] = None) -> None:
+                 on_drop: Optional[Callable[[str, int], None]] = None, seed: Optional[int] = None,
+                 batch_bytes: int = 1 << 20) -> None:
         self.enc = AttrEncoder()
         self.exporters = list(exporters)
         self.max_step_links = max(0, max_step_links)
@@ -203,7 +210,9 @@ class OTLPSink:
         self.max_queue_spans = max(self.batch_spans, max_queue_spans)
         self.on_drop = on_drop or (lambda reason, n: None)
         self._bits = random.Random(seed).getrandbits
-        self._pending: List[bytes] = []
+        self.batch_bytes = max(1, batch_bytes)  # a request's spans stay below this many bytes (one span may not)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._first_at = 0.0
         self.spans_out = 0
         self.steps_out = 0
@@ -215,12 +224,19 @@ class OTLPSink:
         if scope_version:
             scope += _field(b"\x12", scope_version.encode())
         self._scope = b"\x0a" + _vlen(len(scope)) + scope  # ScopeSpans field 1
-        self._stage_parts: Dict[str, tuple] = {}
+        self._stage_parts: dict[str, tuple] = {}
+        self._names: dict[str, bytes] = {}
+        self._span_names: dict[str, str] = {}  # stage name -> its span name
         self._step_name = self._name(sc.STEP_SPAN)
 
     # -- names and fixed parts ----------------------------------------------------------------
     def _name(self, name: str) -> bytes:
-        return _field(b"\x2a", name.encode("utf-8", "replace")) + _KIND_INTERNAL
+        b = self._names.get(name)
+        if b is None:
+            b = _field(b"\x2a", name.encode("utf-8", "replace")) + _KIND_INTERNAL
+            if len(self._names) < 4096:  # span names are a small set (stages, kernel groups, models)
+                self._names[name] = b
+        return b
 
     def _stage(self, name: str) -> tuple:
         """(the bytes before the trace id, name and kind, the bytes after the times) of a stage span:
@@ -321,12 +337,16 @@ class OTLPSink:
         if attributes:
             attrs.update(attributes)
         ids = self._bits(192).to_bytes(24, "little")
-        span_name = sc.stage_span_name(name)
+        span_name = self._span_names.get(name)
+        if span_name is None:
+            span_name = sc.stage_span_name(name)
+            if len(self._span_names) < 4096:
+                self._span_names[name] = span_name
         if self.sampler is not None and not self._sample(int.from_bytes(ids[:16], "big"), span_name, attrs):
             return
         self._add([self._span(b"\x0a\x10" + ids[:16], ids[16:], b"", span_name, attrs, start_ns, end_ns)])
 
-    def open_request(self, request_id: str, arrival_ns: int, parent=None, prompt_tokens: int = 0,
+    def open_request(self, request_id: str, arrival_ns: int, parent: Optional[ParentIds] = None, prompt_tokens: int = 0,
                      max_tokens: Optional[int] = None) -> _Request:
         name, attrs = request_start(self.model_name, self.provider_name, request_id, prompt_tokens, max_tokens)
         bits = self._bits(192).to_bytes(24, "little")
@@ -344,7 +364,7 @@ class OTLPSink:
         sampled = True
         if self.sampler is not None:
             sampled = self._sample(int.from_bytes(tid, "big"), name, attrs, parent if ptid else None)
-        elif ptid is not None and self._parent_based and not parent[2] & 1:
+        elif ptid is not None and self._parent_based and parent is not None and not parent[2] & 1:
             sampled = False  # the default sampler is parent-based: an unsampled caller's request is not exported
         return _Request(tid, sid, ptid, remote, name, attrs, arrival_ns, sampled)
 
@@ -373,29 +393,47 @@ class OTLPSink:
 
             ctx = trace.set_span_in_context(trace.NonRecordingSpan(
                 SpanContext(parent[0], parent[1], bool(parent[3]), TraceFlags(parent[2]))))
+        sampler = self.sampler
+        if sampler is None:  # never called without one; as a broken sampler would, sample
+            return True
         try:
-            return self.sampler.should_sample(ctx, trace_id, name, SpanKind.INTERNAL, attrs).decision.is_sampled()
+            return sampler.should_sample(ctx, trace_id, name, SpanKind.INTERNAL, attrs).decision.is_sampled()
         except Exception:  # noqa: BLE001 - a broken sampler samples everything
             return True
 
     # -- batching ------------------------------------------------------------------------------
-    def _add(self, spans: List[bytes]) -> None:
+    def _add(self, spans: list[bytes]) -> None:
         pend = self._pending
+        size = sum(map(len, spans))
+        if pend and self._pending_bytes + size > self.batch_bytes:
+            self._ship()  # what is pending stays under the byte cap: a request of its own
+            pend = self._pending
         if not pend:
             self._first_at = time.monotonic()
         pend.extend(spans)
+        self._pending_bytes += size
         if len(pend) >= self.batch_spans:
             self._ship(full_only=True)
 
     def _ship(self, full_only: bool = False) -> None:
+        """Pending spans into requests of at most ``batch_spans`` spans (``full_only``: full ones only).
+        Each request is one ``join`` of its pieces (a request is up to ``batch_bytes``: one copy of it,
+        not one per level of nesting)."""
         pend = self._pending
-        while pend and (len(pend) >= self.batch_spans or not full_only):
-            chunk, self._pending = pend[:self.batch_spans], pend[self.batch_spans:]
-            pend = self._pending
+        size = self.batch_spans
+        while pend and (len(pend) >= size or not full_only):
+            if len(pend) > size:
+                chunk, pend = pend[:size], pend[size:]
+                nbytes = sum(map(len, chunk))
+            else:
+                chunk, pend, nbytes = pend, [], self._pending_bytes
+            self._pending = pend
+            self._pending_bytes -= nbytes
             n = len(chunk)
-            ss = self._scope + b"".join(chunk)
-            rs = self._resource + b"\x12" + _vlen(len(ss)) + ss
-            payload = b"\x0a" + _vlen(len(rs)) + rs
+            ss_len = len(self._scope) + nbytes
+            ss_head = b"\x12" + _vlen(ss_len)
+            rs_len = len(self._resource) + len(ss_head) + ss_len
+            payload = b"".join([b"\x0a" + _vlen(rs_len), self._resource, ss_head, self._scope, *chunk])
             self.spans_out += n
             for e in self.exporters:
                 try:

@@ -2,8 +2,9 @@
 
 It reads a ring (:class:`~prism_otel.ring.RingReader`: the engine's shared-memory ring in the
 companion process, or a recorder's own ring), assembles :class:`StepRecord` s and
-:class:`RequestRecord` s from the named raw records (:mod:`prism_otel.record`), runs the processors,
-and hands the results to a *sink*: the OTLP encoder (:mod:`prism_otel.otlp_encode`, the companion's
+:class:`RequestRecord` s from the named raw records (:mod:`prism_otel.record`), runs the processors
+(:class:`processors.chain.ProcessorChain`: its rule for a processor returning None holds here and in
+the collector; a step taken out of the chain gets no span here), and hands the results to a *sink*: the OTLP encoder (:mod:`prism_otel.otlp_encode`, the companion's
 default) or :class:`~prism_otel.spans.SpanMaterializer` (SDK spans, for an application's own tracer
 provider). :meth:`Pipeline.process_pending` does one pass; the companion calls it from its loop, and
 ``start()`` runs it on a thread where the pipeline lives in the engine's process (only when the
@@ -18,16 +19,32 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 from opentelemetry import metrics
 
 from prism_otel import semconv as sc
-from prism_otel.record import (_EPOCH_OFFSET_NS, DEVICE, GC, META, REQUEST, SPAN, STAGE, STEP, BatchChange, Pacer,
-                               RequestRecord, StepRecord, clock_ns, to_epoch_ns)
+from prism_otel.record import (
+    _EPOCH_OFFSET_NS,
+    DEVICE,
+    GC,
+    META,
+    REQUEST,
+    SPAN,
+    STAGE,
+    STEP,
+    BatchChange,
+    Pacer,
+    RequestRecord,
+    StepRecord,
+    clock_ns,
+    to_epoch_ns,
+)
 from prism_otel.signals import GcPauses
 from prism_otel.spans import SpanMaterializer
 from prism_otel.stats import StageStats
+from processors.chain import ProcessorChain
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +83,9 @@ class ChangeTracker:
         self._since = 0
         self._batch = 0
 
-    def change(self, reqs) -> BatchChange:
-        ids = frozenset(r[0] for r in reqs)
+    def change(self, reqs, ids=None) -> BatchChange:
+        """``ids``: the request ids of ``reqs`` when the caller has them already (any iterable)."""
+        ids = frozenset([r[0] for r in reqs] if ids is None else ids)
         prev = self._prev
         if ids == prev:
             self._since += 1
@@ -99,6 +117,7 @@ class Pipeline:
         self.recorder = source if hasattr(source, "reader") else None
         self.instance = instance
         self.processors = list(processors)
+        self.chain = ProcessorChain(self.processors, on_error=self._processor_failed)  # shares the list
         if sink is None:
             sink = SpanMaterializer(tracer_provider, max_step_links, max_request_links, model_name, provider_name)
         self.sink = sink
@@ -107,24 +126,24 @@ class Pipeline:
         self.max_request_links = max(1, max_request_links)
         self.on_step = on_step
         self.stats = StageStats()
-        self.dropped: Dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
         self.processor_errors = 0
         self.cpu_ns = 0  # CPU time spent processing
         self.steps_seen = 0
         self.requests_seen = 0
-        self.handoff_ns: List[int] = []  # step end -> span handed to the sink, bounded sample
-        self._pending_stages: Dict[object, list] = {}
-        self._open: "OrderedDict[str, _OpenRequest]" = OrderedDict()
-        self._closed: "OrderedDict[str, None]" = OrderedDict()  # recently closed ids: a late step must not reopen one
+        self.handoff_ns: list[int] = []  # step end -> span handed to the sink, bounded sample
+        self._pending_stages: dict[object, list] = {}
+        self._open: OrderedDict[str, _OpenRequest] = OrderedDict()
+        self._closed: OrderedDict[str, None] = OrderedDict()  # recently closed ids: a late step must not reopen one
         # rid -> finish time (perf ns). A finish can reach the ring before the step that produced the
         # request's last token (transformers finishes requests inside the step's update stage), so a
         # finishing request is closed once a step ending at or after its finish has been handled, or
         # after FINISH_GRACE_NS with no such step (an abort while idle).
-        self._finishing: Dict[str, int] = {}
+        self._finishing: dict[str, int] = {}
         self._last_step_t1 = 0
         self._step_index = 0
         self._queue: deque = deque()  # records read, in order, not handled yet (a step awaiting its device)
-        self._devices: Dict[int, object] = {}  # device slot -> RawDevice, read ahead of their steps
+        self._devices: dict[int, object] = {}  # device slot -> RawDevice, read ahead of their steps
         self._held_since: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
@@ -161,11 +180,10 @@ class Pipeline:
             self._finalize_finishing(force=True)
             for rid in list(self._open):
                 self._close_request(rid, status="shutdown")
-        for p in self.processors:
-            try:
-                p.shutdown()
-            except Exception:  # noqa: BLE001 - a processor must not break shutdown
-                logger.debug("processor shutdown failed", exc_info=True)
+        self.chain.shutdown(logger.debug)
+
+    def _processor_failed(self, p, n: int, exc: BaseException) -> None:
+        self.processor_errors += n
 
     def after_fork_in_child(self) -> None:
         """The child of a fork inherits no thread: start a fresh one with empty state."""
@@ -357,11 +375,7 @@ class Pipeline:
                             first_scheduled_ns=r.first_sched, first_token_ns=r.first_token,
                             last_token_ns=r.last_token, prompt_tokens=r.prompt_tokens, output_tokens=r.n_out,
                             steps=r.n_steps, status=status or r.status)
-        for p in self.processors:
-            try:
-                rec = p.process_request(rec)
-            except Exception:  # noqa: BLE001
-                self.processor_errors += 1
+        rec = self.chain.request(rec)
         links = list(r.links)
         if r.last_link is not None:
             links.append(r.last_link)
@@ -409,17 +423,14 @@ class Pipeline:
         start, end = t0 + off, t1 + off
         self._step_index += 1
         feat = rec.features
-        step = StepRecord(self.instance, self._step_index, start, end, feat.phase, feat.batch_size,
+        rids = tuple([r[0] for r in reqs])
+        step = StepRecord.build(self.instance, self._step_index, start, end, feat.phase, feat.batch_size,
                           feat.prefill_tokens, feat.decode_tokens, feat.context_tokens, feat.max_context_tokens,
-                          feat.kv_usage, stage_map, groups, device_ns, tuple([r[0] for r in reqs]), None, attrs,
-                          (), self._changes.change(reqs), self._signals(start, end))
-        for p in self.processors:
-            try:
-                step = p.process(step)
-            except Exception:  # noqa: BLE001 - a failing processor leaves the step untagged
-                self.processor_errors += 1
-            if step is None:  # a processor took the step out of this pipeline (a rank forwarding to its leader)
-                return
+                          feat.kv_usage, stage_map, groups, device_ns, rids, None, attrs,
+                          (), self._changes.change(reqs, rids), self._signals(start, end))
+        step = self.chain.step(step)
+        if step is None:  # a processor took the step out of the chain (a rank forwarding to its leader)
+            return
         self.steps_seen += 1
         self.stats.add(step)
         # Requests served by this step: open spans as needed, note scheduling and token times.
@@ -439,14 +450,15 @@ class Pipeline:
                 if r.first_token is None:
                     r.first_token = end
                 r.last_token = end
+            r.n_steps += 1
             ctxs.append(r.ctx)
             served.append(r)
         step_ctx = self.sink.step(step, ctxs)
         cap = self.max_request_links - 1
         for r in served:
-            r.n_steps += 1
-            if len(r.links) < cap:
-                r.links.append(step_ctx)
+            links = r.links
+            if len(links) < cap:
+                links.append(step_ctx)
             else:
                 r.last_link = step_ctx
         if self._finishing:

@@ -29,22 +29,12 @@ from __future__ import annotations
 import marshal
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 clock_ns = time.perf_counter_ns
 _EPOCH_OFFSET_NS = time.time_ns() - time.perf_counter_ns()
-
-
-def __getattr__(name: str):
-    # ``from prism_otel.record import Recorder`` kept working: the recorder lives in
-    # prism_otel.recorder, which imports this module (a lazy import, so no cycle at load time)
-    if name == "Recorder":
-        from prism_otel.recorder import Recorder
-
-        return Recorder
-    raise AttributeError(name)
 
 
 def to_epoch_ns(perf_ns: int) -> int:
@@ -95,7 +85,7 @@ class Verdict:
     anomaly: bool = False
     root_cause: Optional[str] = None
     alert: bool = False  # True on the step that raised the alert (rising edge)
-    slo_violations: Tuple[str, ...] = ()
+    slo_violations: tuple[str, ...] = ()
     test: Optional[str] = None  # on an anomalous step: the test that flagged it (semconv.ANOMALY_TESTS)
 
 
@@ -114,17 +104,27 @@ class StepRecord:
     context_tokens: int = 0
     max_context_tokens: int = 0
     kv_usage: Optional[float] = None
-    stages: Mapping[str, Tuple[int, int]] = field(default_factory=dict)  # name -> (start_ns, end_ns), epoch
+    stages: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # name -> (start_ns, end_ns), epoch
     kernel_groups: Mapping[str, int] = field(default_factory=dict)  # group -> device ns
     device_ns: Optional[int] = None
-    request_ids: Tuple[str, ...] = ()
+    request_ids: tuple[str, ...] = ()
     verdict: Optional[Verdict] = None
     attributes: Mapping[str, Any] = field(default_factory=dict)  # engine-specific extras
-    ranks: Tuple["StepRecord", ...] = ()  # tensor parallel: each rank's record of this step (prism_otel.device.ranks)
+    ranks: tuple[StepRecord, ...] = ()  # tensor parallel: each rank's record of this step (prism_otel.device.ranks)
     change: Optional[BatchChange] = None  # what changed since the previous step (None: unknown)
     signals: Mapping[str, float] = field(default_factory=dict)  # host/device evidence over the step (semconv.SIGNAL_*)
 
-    def with_verdict(self, verdict: "Verdict") -> "StepRecord":
+    @staticmethod
+    def build(*values) -> StepRecord:
+        """``StepRecord(*values)`` with every field given, in declaration order, without the frozen
+        dataclass's per-field ``object.__setattr__`` (the companion builds one per engine step)."""
+        if len(values) != len(_STEP_FIELDS):
+            return StepRecord(*values)  # fields left to their defaults: the dataclass's own constructor
+        new = object.__new__(StepRecord)
+        new.__dict__.update(zip(_STEP_FIELDS, values))
+        return new
+
+    def with_verdict(self, verdict: Verdict) -> StepRecord:
         """This step with ``verdict``: ``dataclasses.replace(self, verdict=verdict)`` without re-running the
         constructor (a shallow copy; a sixth of its cost, and the collector judges every step)."""
         new = object.__new__(StepRecord)
@@ -144,6 +144,9 @@ class StepRecord:
     @property
     def tokens(self) -> int:
         return self.prefill_tokens + self.decode_tokens
+
+
+_STEP_FIELDS = tuple(StepRecord.__dataclass_fields__)
 
 
 class Pacer:
@@ -196,7 +199,7 @@ class RequestRecord:
     output_tokens: int = 0
     steps: int = 0
     status: str = "finished"  # finished | error | evicted | shutdown
-    slo_violations: Tuple[str, ...] = ()
+    slo_violations: tuple[str, ...] = ()
 
     @property
     def queue_ms(self) -> Optional[float]:
@@ -286,7 +289,7 @@ def pack_attrs(attrs: Mapping[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def unpack_attrs(buf, off: int) -> Tuple[dict, int]:
+def unpack_attrs(buf, off: int) -> tuple[dict, int]:
     """(attributes, offset after them) of the blob at ``off``."""
     (n,) = _LEN.unpack_from(buf, off)
     d = marshal.loads(buf[off + 4:off + 4 + n])
@@ -334,10 +337,14 @@ class RawStep(NamedTuple):
     t0: int
     t1: int
     features: StepFeatures
-    requests: Tuple[Tuple[str, int, bool], ...]  # (request id, tokens this step, produced a token)
-    stages: Tuple[Tuple[str, int, int], ...]  # (name, t0, t1)
-    attributes: Dict[str, Any]
+    requests: tuple[tuple[str, int, bool], ...]  # (request id, tokens this step, produced a token)
+    stages: tuple[tuple[str, int, int], ...]  # (name, t0, t1)
+    attributes: dict[str, Any]
     device_slot: int  # 0: no device timing; else a DEVICE record with this slot follows
+
+
+# a request's parent as the ring carries it: (trace id, span id, trace flags, remote[, own])
+ParentIds = Union[tuple[int, int, int, bool], tuple[int, int, int, bool, bool]]
 
 
 class RawRequest(NamedTuple):
@@ -346,7 +353,7 @@ class RawRequest(NamedTuple):
     t: int
     prompt_tokens: Optional[int]
     max_tokens: Optional[int]
-    parent: Optional[Tuple[int, int, int, bool, bool]]  # (trace id, span id, trace flags, remote, own)
+    parent: Optional[tuple[int, int, int, bool, bool]]  # (trace id, span id, trace flags, remote, own)
     status: Optional[str]
 
 
@@ -354,7 +361,7 @@ class RawSpan(NamedTuple):
     name: str
     t0: int
     t1: int
-    attributes: Dict[str, Any]
+    attributes: dict[str, Any]
 
 
 class RawGc(NamedTuple):
@@ -368,8 +375,8 @@ class RawDevice(NamedTuple):
     slot: int
     ns: Optional[int]
     timing: str  # event | host | unavailable
-    kernel_groups: Dict[str, int]
-    attributes: Dict[str, Any]
+    kernel_groups: dict[str, int]
+    attributes: dict[str, Any]
 
 
 class RawMeta(NamedTuple):
@@ -378,9 +385,9 @@ class RawMeta(NamedTuple):
 
 
 _TRUES = (True,) * 4096
-_STAGE_STRUCTS: Dict[int, struct.Struct] = {}
-_REQ_STRUCTS: Dict[int, struct.Struct] = {}
-_GROUP_STRUCTS: Dict[int, struct.Struct] = {}
+_STAGE_STRUCTS: dict[int, struct.Struct] = {}
+_REQ_STRUCTS: dict[int, struct.Struct] = {}
+_GROUP_STRUCTS: dict[int, struct.Struct] = {}
 
 
 def stage_struct(n: int) -> struct.Struct:
@@ -399,7 +406,7 @@ def requests_struct(n: int) -> struct.Struct:
     return st
 
 
-_BODY_STRUCTS: Dict[tuple, struct.Struct] = {}
+_BODY_STRUCTS: dict[tuple, struct.Struct] = {}
 
 
 def body_struct(ns: int, nreq: int) -> struct.Struct:
@@ -439,13 +446,13 @@ def decode(buf, off: int, kind: int, s: Callable[[int], str], cached: Optional[C
             p += 20 * ns + 8 * nreq
             if ns:
                 sn = flat[0:3 * ns:3]
-                names = list(map(cached, sn))
+                names: list[Any] = list(map(cached, sn))  # all str once no None is left
                 if None in names:
                     names = list(map(s, sn))
                 stages = tuple(zip(names, flat[1:3 * ns:3], flat[2:3 * ns:3]))
             if nreq:
                 nums = flat[3 * ns:3 * ns + nreq]
-                rids = list(map(cached, nums))
+                rids: list[Any] = list(map(cached, nums))  # all str once no None is left
                 if None in rids:
                     rids = list(map(s, nums))
                 toks = flat[3 * ns + nreq:]

@@ -30,8 +30,10 @@ from __future__ import annotations
 import _thread
 import itertools
 from collections import deque
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Optional, cast
 
+from prism_otel import config
 from prism_otel import record as R
 from prism_otel.ring import H_CTL_ARG0, H_CTL_ARG1, H_CTL_SEQ, H_HEAD, Ring, RingReader, RingWriter, StringWriter
 
@@ -66,6 +68,12 @@ class Recorder:
     ring and its companion); without one the recorder writes to an anonymous ring of its own.
     """
 
+    # what the writers use, set by _attach. They are None while no ring is attached, but the writers
+    # run only with one (flush opens it first) and step() tests _words: declared without Optional
+    _view: memoryview
+    _words: memoryview
+    _strs: StringWriter
+
     def __init__(self, capacity: int = 65536, opener: Optional[Callable[[], Optional[Ring]]] = None) -> None:
         if capacity < 16:
             raise ValueError(f"ring capacity must be >= 16, got {capacity}")
@@ -88,11 +96,11 @@ class Recorder:
         self.names: dict = {}  # what meta() recorded (name -> value)
         self.ring: Optional[Ring] = None
         self._w: Optional[RingWriter] = None
-        self._strs: Optional[StringWriter] = None
+        self._strs = None  # pyright: ignore[reportAttributeAccessIssue] - no ring yet (see above)
         self._ids_get = {}.get
-        self._view = None
-        self._words = None
-        self._head = self._rseq = self._mask = self._base = 0
+        self._view = None  # pyright: ignore[reportAttributeAccessIssue] - no ring yet
+        self._words = None  # pyright: ignore[reportAttributeAccessIssue] - no ring yet
+        self._head = self._rseq = self._mask = self._base = self._max = 0
         self._writers = {_KSTEP: self._w_step, _KSTAGE: self._w_stage, _KREQUEST: self._w_request,
                          _KSPAN: self._w_span, _KGC: self._w_gc, _KMETA: self._write_meta}
         if opener is None:
@@ -107,6 +115,7 @@ class Recorder:
         self._head, self._rseq = w._head, w._rseq
         self._mask = ring.rec_units - 1
         self._base = ring.rec_off
+        self._max = w._max
         self._strs = StringWriter(ring)
         self._ids_get = self._strs.ids.get
         self._view = ring.view
@@ -151,7 +160,7 @@ class Recorder:
         self.flush()
         with self._lock:
             ring = self.ring
-            self.ring = self._w = self._strs = self._view = self._words = None
+            self.ring = self._w = self._strs = self._view = self._words = None  # pyright: ignore[reportAttributeAccessIssue] - detached
             self._ids_get = {}.get
             self._pending_dev.clear()
             self._q.clear()
@@ -161,7 +170,7 @@ class Recorder:
         """The child of a fork must not write into its parent's ring: forget it (the mapping stays,
         unused) and take a fresh lock (the parent's may have been held by a thread the child lacks)."""
         self._lock = _thread.allocate_lock()
-        self.ring = self._w = self._strs = self._view = self._words = None
+        self.ring = self._w = self._strs = self._view = self._words = None  # pyright: ignore[reportAttributeAccessIssue] - detached
         self._ids_get = {}.get
         self._pending_dev = deque()
         self._q = deque()
@@ -173,7 +182,7 @@ class Recorder:
             with self._lock:
                 if self.ring is None and not self._open():
                     raise RuntimeError("the recorder has no ring")
-        return RingReader(self.ring)
+        return RingReader(cast(Ring, self.ring))  # set by _open
 
     def new_key(self) -> int:
         """A step key unique in this process (keys join STAGE records to their STEP)."""
@@ -354,7 +363,7 @@ class Recorder:
         else:
             blob, na = b"", 0
         nbytes = (_STEP_SIZE + 20 * ns + 8 * nreq + len(blob) + 15) & ~15
-        if nbytes > self._w._max:
+        if nbytes > self._max:
             self.dropped += 1
             return
         pos = self._head
@@ -405,7 +414,7 @@ class Recorder:
     def _w_span(self, name, t0, t1, attrs) -> None:
         blob = _pack_attrs(attrs) if attrs else b""
         nbytes = _round(R.SPAN_FIXED.size + len(blob))
-        if nbytes > self._w._max:
+        if nbytes > self._max:
             self.dropped += 1
             return
         nid = self._ids_get(name) or self._strs.intern(name)
@@ -538,3 +547,28 @@ def _parent_ids(parent) -> Optional[tuple]:
         return None
     ts = ctx.trace_state
     return ctx.trace_id, ctx.span_id, int(ctx.trace_flags), bool(ctx.is_remote), bool(ts) and ts.get("prism") == "root"
+
+
+def _no_ring_yet() -> Optional[Ring]:
+    """The process recorder's opener until a runtime sets its own: no ring (records wait, bounded)."""
+    return None
+
+
+_process: Optional[Recorder] = None
+_process_lock = _thread.allocate_lock()
+
+
+def process_recorder() -> Recorder:
+    """This process's one recorder, made at the first call (the hooks of every engine write to it; the
+    runtime gives it its ring opener when it starts)."""
+    global _process
+    if _process is None:
+        with _process_lock:
+            if _process is None:
+                _process = Recorder(config.ring_capacity(), opener=_no_ring_yet)
+    return _process
+
+
+def process_recorder_if_made() -> Optional[Recorder]:
+    """The process recorder if one was made, else None (nothing is created)."""
+    return _process

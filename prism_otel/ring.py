@@ -25,7 +25,7 @@ import mmap
 import os
 import secrets
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 from prism_otel import record as R
 
@@ -113,7 +113,7 @@ class Ring:
 
     # -- creation and mapping -----------------------------------------------------------------
     @classmethod
-    def create(cls, capacity_records: int = 65536, shared: bool = True, pid: Optional[int] = None) -> "Ring":
+    def create(cls, capacity_records: int = 65536, shared: bool = True, pid: Optional[int] = None) -> Ring:
         lay = RingLayout(capacity_records)
         path = None
         if shared:
@@ -142,7 +142,7 @@ class Ring:
         return cls(mm, path)
 
     @classmethod
-    def open(cls, path: str) -> "Ring":
+    def open(cls, path: str) -> Ring:
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
@@ -204,7 +204,7 @@ class StringWriter:
 
     def __init__(self, ring: Ring, max_entries: int = 1 << 17) -> None:
         self.ring = ring
-        self.ids: Dict[str, int] = {}
+        self.ids: dict[str, int] = {}
         self._next = 1
         self._view = ring.view
         self._words = ring.words
@@ -247,7 +247,7 @@ class StringReader:
 
     def __init__(self, ring: Ring, max_cache: int = 1 << 18) -> None:
         self.ring = ring
-        self.cache: Dict[int, str] = {}
+        self.cache: dict[int, str] = {}
         self.lost = 0
         self.max_cache = max_cache
 
@@ -316,7 +316,7 @@ class RingReader:
             return bytes(v[base + sa * R.UNIT:base + end * R.UNIT])
         return bytes(v[base + sa * R.UNIT:base + n * R.UNIT]) + bytes(v[base:base + sb * R.UNIT])
 
-    def read(self, limit_units: int = 1 << 22) -> List[tuple]:
+    def read(self, limit_units: int = 1 << 22) -> list[tuple]:
         ring = self.ring
         w = ring.words
         head = w[H_HEAD]
@@ -332,7 +332,7 @@ class RingReader:
         data = self._copy(start, head)
         head2 = w[H_HEAD]
         valid_from = head2 + margin - n  # units below this may have been overwritten while copying
-        out: List[tuple] = []
+        out: list[tuple] = []
         self._parse(data, start, head, valid_from, out)
         w[H_TAIL] = self.tail
         w[H_READ_RSEQ] = self.expect or 0
@@ -412,7 +412,7 @@ class RingWriter:
         self._rseq = ring.words[H_WRITTEN] & 0xFFFFFFFF
         self._max = ring.max_record
 
-    def reserve(self, nbytes: int) -> Tuple[int, int, int]:
+    def reserve(self, nbytes: int) -> tuple[int, int, int]:
         """(byte offset in the mapping, record sequence number, unit position) for a record of
         ``nbytes`` (header included, a multiple of UNIT). Pads to the end of the area when needed."""
         u = nbytes // R.UNIT
@@ -433,7 +433,7 @@ class RingWriter:
         w[H_HEAD] = self._head
 
 
-def list_rings(uid: Optional[int] = None) -> List[str]:
+def list_rings(uid: Optional[int] = None) -> list[str]:
     """Ring files in the shm directory owned by ``uid`` (default: ours)."""
     d = shm_dir()
     uid = os.getuid() if uid is None else uid

@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional
 
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 
@@ -34,7 +35,7 @@ DEFAULT_CONTEXT = 8
 DEFAULT_KEEP_ONE_IN = 100
 
 
-def parse_arg(arg: Optional[str]) -> Tuple[int, int]:
+def parse_arg(arg: Optional[str]) -> tuple[int, int]:
     """(N, K) from ``OTEL_TRACES_SAMPLER_ARG``; a bad value is reported and the defaults used."""
     n, k = DEFAULT_CONTEXT, DEFAULT_KEEP_ONE_IN
     if not arg or not arg.strip():
@@ -76,7 +77,7 @@ class AnomalyAwareSampler(Sampler):
     def get_description(self) -> str:
         return f"PrismAnomalyAware{{context={self.context},keep_one_in={self.keep_one_in}}}"
 
-    def window(self) -> "AnomalyWindow":
+    def window(self) -> AnomalyWindow:
         return AnomalyWindow(self.context, self.keep_one_in)
 
 
@@ -97,8 +98,8 @@ class AnomalyWindow:
         self.held_out = 0  # normal steps that no window or sample took
         self.exported = 0
 
-    def offer(self, anomalous: bool, item) -> List:
-        out: List = []
+    def offer(self, anomalous: bool, item) -> list:
+        out: list = []
         if anomalous:
             out.extend(self._before)
             self._before.clear()
@@ -122,7 +123,7 @@ class AnomalyWindow:
         return out
 
 
-def from_env() -> Tuple[Optional[Sampler], Optional[AnomalyWindow]]:
+def from_env() -> tuple[Optional[Sampler], Optional[AnomalyWindow]]:
     """(the SDK sampler ``OTEL_TRACES_SAMPLER`` names or None for the default, the anomaly window or None)."""
     name = os.environ.get(sc.OTEL_TRACES_SAMPLER, "").strip().lower()
     arg = os.environ.get(sc.OTEL_TRACES_SAMPLER_ARG)

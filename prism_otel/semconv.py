@@ -141,6 +141,12 @@ EVIDENCE_EXTRA_MS = "prism.anomaly.evidence.extra_ms"  # observed - expected ste
 EVIDENCE_EXPLAINED = "prism.anomaly.evidence.explained"  # share of the extra time the main cause explains
 EVIDENCE_CONTRIBUTING = "prism.anomaly.evidence.contributing"  # the second cause, when it explains enough
 EVIDENCE_CONTRIBUTING_EXPLAINED = "prism.anomaly.evidence.contributing_explained"
+# share of the extra time that the main cause's evidence explains beyond what the engine's own normal
+# steps rarely exceed (their 99th percentile); a resource is named only when it is at least 0.3
+EVIDENCE_CONFIDENCE = "prism.anomaly.evidence.confidence"
+# the same for the contributing cause; it is named only when this is at least 0.15 (the main cause's bar
+# scaled to its smaller share)
+EVIDENCE_CONTRIBUTING_CONFIDENCE = "prism.anomaly.evidence.contributing_confidence"
 
 
 def evidence_attribute(name: str) -> str:
@@ -216,6 +222,14 @@ HELPER_THREAD_POOL_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_TH
 ENV_ROLE = "PRISM_OTEL_ROLE"  # "companion" or "fit-worker" in our helper processes (prism-otel never starts itself there)
 ROLE_COMPANION = "companion"
 ROLE_FIT_WORKER = "fit-worker"
+ROLE_ENGINE = "engine"  # where a processor is built (processors.factory.Context.role): the engine's own process,
+ROLE_COLLECTOR = "collector"  # the companion (ROLE_COMPANION) or the collector
+# processor components (processors/factory.py): entry point name = component type, value = a ProcessorFactory
+ENTRY_POINT_PROCESSORS = "prism_otel.processors"
+# sub-commands of `prism-otel` that other packages add (prism_otel/cli_ext.py): entry point name = a label,
+# value = a module with ``register(subparsers)`` and ``dispatch(args)``
+ENTRY_POINT_COMMANDS = "prism_otel.commands"
+ENTRY_POINT_COLLECTOR = "prism_otel.collector"  # the collector's receivers, exporters, extensions: <kind>.<type>
 
 # Standard OTel variables we read (spelled here so nothing else spells them).
 OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"

@@ -19,19 +19,23 @@ Link policy (documented in docs/spans.md):
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from prism_otel import semconv as sc
+from prism_otel._sdk_private import active_span_processor
 from prism_otel.ecosystem import error_description, fpm_attributes, latency_attributes
-from prism_otel.record import RequestRecord, StepRecord
+from prism_otel.record import ParentIds, RequestRecord, StepRecord
 
-
+_SIGNAL_KEYS: dict = {}  # signal name -> its attribute key (prism.signal.<name>), made once
 
 
 def step_attributes(step: StepRecord) -> dict:
@@ -59,8 +63,15 @@ def step_attributes(step: StepRecord) -> dict:
         attrs[sc.BATCH_TOKENS_JOINED] = ch.tokens_joined
         attrs[sc.BATCH_SIZE_BEFORE] = ch.batch_before
         attrs[sc.BATCH_STEPS_SINCE_CHANGE] = ch.steps_since_change
-    for k, v in step.signals.items():
-        attrs[sc.SIGNAL_PREFIX + k] = v
+    if step.signals:
+        keys = _SIGNAL_KEYS
+        for k, v in step.signals.items():
+            key = keys.get(k)
+            if key is None:
+                key = sc.SIGNAL_PREFIX + k
+                if len(keys) < 4096:  # bounded: signal names are a fixed set, this is a guard
+                    keys[k] = key
+            attrs[key] = v
     n_children = len(step.stages) + len(step.kernel_groups)
     if n_children:
         attrs[sc.STEP_CHILDREN] = n_children  # lets a collector know when a step's children are all in
@@ -73,11 +84,12 @@ def step_attributes(step: StepRecord) -> dict:
     return attrs
 
 
-def request_start(model_name: str, provider_name: str, request_id: str, prompt_tokens: int,
-                  max_tokens: Optional[int]) -> Tuple[str, dict]:
+def request_start(model_name: Optional[str], provider_name: str, request_id: str, prompt_tokens: int,
+                  max_tokens: Optional[int]) -> tuple[str, dict]:
     """A request span's name and the attributes it has from its arrival (both span encoders use these)."""
     op = sc.GEN_AI_OPERATION_TEXT_COMPLETION
-    attrs = {sc.GEN_AI_OPERATION_NAME: op, sc.GEN_AI_PROVIDER_NAME: provider_name, sc.REQUEST_ID: request_id}
+    attrs: dict[str, Any] = {sc.GEN_AI_OPERATION_NAME: op, sc.GEN_AI_PROVIDER_NAME: provider_name,
+                             sc.REQUEST_ID: request_id}
     if model_name:
         attrs[sc.GEN_AI_REQUEST_MODEL] = model_name
     if prompt_tokens:
@@ -106,7 +118,7 @@ def request_end_attributes(rec: RequestRecord, total_steps: int, linked_steps: i
 
 def verdict_attributes(v) -> dict:
     """A :class:`~prism_otel.record.Verdict` as step-span attributes."""
-    attrs = {sc.ANOMALY: bool(v.anomaly)}
+    attrs: dict[str, Any] = {sc.ANOMALY: bool(v.anomaly)}
     if v.score is not None:
         attrs[sc.ANOMALY_SCORE] = float(v.score)
     if v.expected_ms is not None:
@@ -147,15 +159,18 @@ class SpanMaterializer:
 
     def __init__(self, tracer_provider, max_step_links: int = 128, max_request_links: int = 16,
                  model_name: Optional[str] = None, provider_name: str = "prism") -> None:
-        from prism_otel import __version__
+        from prism_otel.version import __version__
 
         self._provider = tracer_provider
         self._scope = InstrumentationScope(sc.SCOPE, __version__)
-        self._sink = getattr(tracer_provider, "_active_span_processor", None)
-        self._ids = getattr(tracer_provider, "id_generator", None)
-        self._sampler = getattr(tracer_provider, "sampler", None)
-        if self._sink is None or self._ids is None or self._sampler is None:
+        sink = active_span_processor(tracer_provider)
+        ids = getattr(tracer_provider, "id_generator", None)
+        sampler = getattr(tracer_provider, "sampler", None)
+        if sink is None or ids is None or sampler is None:
             raise TypeError("prism-otel needs an OpenTelemetry SDK TracerProvider")
+        self._sink = sink
+        self._ids: IdGenerator = ids
+        self._sampler: Sampler = sampler
         self._resource = tracer_provider.resource
         self.max_step_links = max(0, max_step_links)
         self.max_request_links = max(1, max_request_links)
@@ -239,7 +254,7 @@ class SpanMaterializer:
                        start_ns, end_ns)
 
     # -- requests -----------------------------------------------------------------------------
-    def open_request(self, request_id: str, arrival_ns: int, parent: Optional[Context] = None,
+    def open_request(self, request_id: str, arrival_ns: int, parent: Optional[Union[Context, ParentIds]] = None,
                      prompt_tokens: int = 0, max_tokens: Optional[int] = None) -> _RequestHandle:
         name, attrs = request_start(self.model_name, self.provider_name, request_id, prompt_tokens, max_tokens)
         if isinstance(parent, tuple):  # (trace id, span id, flags, remote[, own]) from the ring

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from typing import Dict, List
 
 from prism_otel.record import StepRecord
 
@@ -17,7 +16,7 @@ class _Series:
     def __init__(self) -> None:
         self.n = 0
         self.total_ns = 0
-        self.sample: List[int] = []
+        self.sample: list[int] = []
 
     def add(self, ns: int) -> None:
         self.n += 1
@@ -40,8 +39,8 @@ class StageStats:
     """Counts and latency quantiles per stage, plus whole steps per phase."""
 
     def __init__(self) -> None:
-        self.stages: Dict[str, _Series] = {}
-        self.steps: Dict[str, _Series] = {}
+        self.stages: dict[str, _Series] = {}
+        self.steps: dict[str, _Series] = {}
         self.tokens = 0
         self.anomalies = 0
         self.judged = 0
@@ -64,7 +63,7 @@ class StageStats:
             self.anomalies += 1
 
     @staticmethod
-    def _series(d: Dict[str, _Series], key: str) -> _Series:
+    def _series(d: dict[str, _Series], key: str) -> _Series:
         s = d.get(key)
         if s is None:
             s = d[key] = _Series()

@@ -37,20 +37,21 @@ import threading
 import time
 from array import array
 from collections import deque
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import numpy as np
 
 from prism_otel import semconv as sc
 from prism_otel.record import StepRecord, Verdict
 from processors import baseline as bl
+from processors import rootcause
 from processors.alerts import AlertSink
 from processors.anomaly_config import AnomalyConfig
 from processors.base import StepProcessor
 from processors.baseline_store import SAMPLE_ROWS, PersistentBaselines
 from processors.features import EVENT, N_FEATURES, StepContext, step_class
 from processors.fit_worker import FitWorker, fit_model
-from processors import rootcause
 from processors.model import FitParams, LatencyModel
 from processors.rootcause import StageNorms
 from processors.verdict import KeyVerdict, VerdictParams, cell_of
@@ -70,34 +71,46 @@ FLEET_FIT_SHARE = 0.05  # a shared model's refits take at most this share of a c
 BARS_ROWS = 2000  # a model whose bars came from this many training steps keeps them in its refits
 
 
+_VERDICT_FAST = (tuple(f.name for f in dataclasses.fields(Verdict)) == ("expected_ms", "score", "anomaly", "root_cause",
+                                                                     "alert", "slo_violations", "test")
+                 and Verdict().slo_violations == () and not hasattr(Verdict, "__post_init__")
+                 and not hasattr(Verdict, "__slots__"))
+
+
 class CellMemory:
     """Training steps, bounded per workload cell: at most ``cap`` rows; when full, the oldest row of the
     largest cell is dropped (not the oldest row overall), so a workload that ran once stays in every
     later fit. Rows are compact (features and stage durations as float32 arrays)."""
 
-    __slots__ = ("cap", "_cells", "_n", "_seq", "_big", "_evictions", "stage_names")
+    __slots__ = ("cap", "_cells", "_n", "_seq", "_big", "_evictions", "stage_names", "_names_key")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self._cells: Dict[int, deque] = {}
+        self._cells: dict[int, deque] = {}
         self._n = 0
         self._seq = 0
         self._big: Optional[int] = None
         self._evictions = 0
-        self.stage_names: List[str] = []
+        self.stage_names: list[str] = []
+        self._names_key: tuple = ()  # stage_names as a tuple: a step with exactly these stages, in this order
 
     def __len__(self) -> int:
         return self._n
 
-    def add(self, x, y: float, stages, weight: float = 1.0) -> None:
-        c = cell_of(x) * 2 + (step_class(x) == EVENT)  # event steps are a cell of their own
+    def add(self, x, y: float, stages, weight: float = 1.0, cell: Optional[int] = None) -> None:
+        """``cell``: ``cell_of(x)`` when the caller has it."""
+        c = (cell_of(x) if cell is None else cell) * 2 + (step_class(x) == EVENT)  # event steps are a cell of their own
         st = None
         if stages:
-            names = self.stage_names
-            for n in stages:
-                if n not in names:
-                    names.append(n)
-            st = array("f", [stages.get(n, math.nan) for n in names])
+            if tuple(stages) == self._names_key:  # the usual case: the same stages as every step before
+                st = array("f", stages.values())
+            else:
+                names = self.stage_names
+                for n in stages:
+                    if n not in names:
+                        names.append(n)
+                self._names_key = tuple(names)
+                st = array("f", [stages.get(n, math.nan) for n in names])
         d = self._cells.get(c)
         if d is None:
             d = self._cells[c] = deque()
@@ -196,32 +209,33 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             config = AnomalyConfig.from_dict(config or {})
         self.cfg: AnomalyConfig = config
         c = config
-        self._vp = VerdictParams(alpha=c.alpha, target_fpr=c.target_fpr, short=c.short, long_window=c.long_window,
+        self._vp = VerdictParams(alpha=c.alpha, target_fpr=c.target_fpr, point_ratio=c.point_ratio,
+                                 pair_ratio=c.pair_ratio, short=c.short, long_window=c.long_window,
                                  level_rate=c.level_rate, max_level=c.max_level, min_point=c.min_point,
                                  min_shift=c.min_shift, clear_steps=c.clear_steps, cell_min_steps=c.cell_min_steps,
                                  bias_rate=c.bias_rate, max_bias=c.max_bias)
         self._fleet_gap_ns = int(c.fleet_refit_s * 1e9)
         self._fp = FitParams(n_trees=c.n_trees, depth=c.tree_depth, verdict=self._vp)
         self._phases = c.phase_set()
-        self._keys: Dict[str, _Key] = {}
-        self._groups: Dict[tuple, _Group] = {}
-        self._resource: Dict[str, tuple] = {}
+        self._keys: dict[str, _Key] = {}
+        self._groups: dict[tuple, _Group] = {}
+        self._resource: dict[str, tuple] = {}
         self._ctx = StepContext()
-        self._last_start: Dict[str, int] = {}
+        self._last_start: dict[str, int] = {}
         self._max_step_ns = int(c.max_step_s * 1e9)
-        self.train_seen: Dict[str, int] = {}  # phase -> normal steps offered to train()
+        self.train_seen: dict[str, int] = {}  # phase -> normal steps offered to train()
         self._seed: Optional[tuple] = None  # (model, norms, rows): baseline for new groups
         self._latest: Optional[_Group] = None
         self._dirty = False
-        self.bad: Dict[str, int] = {}
+        self.bad: dict[str, int] = {}
         self.fit_errors = 0
         self.fit_seconds: list = []
-        self.refits: Dict[str, int] = {}  # why refits were scheduled: due, novel, drift
+        self.refits: dict[str, int] = {}  # why refits were scheduled: due, novel, drift
         self.alerts = 0
         self.baseline_key = bl.normalize_key(c.baseline_key)
         self.baseline_loaded = False
         self.sink = AlertSink(c.alert_log, c.alert_file, c.alert_webhook, c.alert_queue, c.alert_timeout_s)
-        self._q: "queue.Queue" = queue.Queue()
+        self._q: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._worker = FitWorker() if c.fit_process and c.background else None
@@ -242,7 +256,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         pred = m.expect(x) if m is not None else 0.0
         return self._finish(step, k, x, pred, m)
 
-    def process_many(self, steps: Sequence[StepRecord]) -> List[StepRecord]:
+    def process_many(self, steps: Sequence[StepRecord]) -> list[StepRecord]:
         """Judge ``steps`` in order, as ``process`` would one by one (the same verdicts), with one
         vectorised model evaluation per model group instead of one per step."""
         if self._resolver is not None:
@@ -250,11 +264,11 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 if self._resolver is None:
                     break
                 self._resolve_key()
-        xs: List[Optional[tuple]] = []
+        xs: list[Optional[tuple]] = []
         for s in steps:
             xs.append(self._prepare(s, resolve=False))
-        out: List[StepRecord] = []
-        cache: Dict[int, Tuple[object, np.ndarray, Dict[int, int]]] = {}  # group id -> (model, preds, pos)
+        out: list[StepRecord] = []
+        cache: dict[int, tuple[object, np.ndarray, dict[int, int]]] = {}  # group id -> (model, preds, pos)
         for i, (s, x) in enumerate(zip(steps, xs)):
             if x is None:
                 out.append(s)
@@ -304,7 +318,13 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         root, step = rootcause.attach(self, step, expected, anomalous, k.group, x)
         v = step.verdict
         if v is None:
-            v = Verdict(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert, test=test)
+            if _VERDICT_FAST:  # what the frozen dataclass's __init__ stores, without its seven __setattr__ calls
+                v = object.__new__(Verdict)
+                v.__dict__.update(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert,
+                                  slo_violations=(), test=test)
+            else:
+                v = Verdict(expected_ms=expected, score=score, anomaly=anomalous, root_cause=root, alert=alert,
+                            test=test)
         else:
             v = dataclasses.replace(v, expected_ms=expected, score=score, anomaly=anomalous, root_cause=root,
                                     alert=alert or v.alert, test=test)
@@ -334,17 +354,21 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         m = k.group.model
         return self._judge(k, phase, x, y_ms, stages, end_ns, index, m.expect(x) if m is not None else 0.0, m)
 
-    def _judge(self, k: _Key, phase: str, x: tuple, y_ms: float, stages, end_ns: int, index: int, pred: float, m):
+    def _judge(self, k: _Key, phase: str, x: tuple, y_ms: float, stages, end_ns: int, index: int, pred: float,
+               m: Optional[LatencyModel], novel: Optional[float] = None):
+        """``novel``: ``m.excess(x)`` when the caller computed it (for a batch at once)."""
         g = k.group
         g.seen += 1
         out = None
         clean = True
         novel_row = False
+        cell = cell_of(x)
         if m is not None:
             r = math.log(y_ms / pred)
-            novel = m.excess(x)  # past the training envelope: an extrapolation (learned sooner, weighted up)
+            if novel is None:
+                novel = m.excess(x)  # past the training envelope: an extrapolation (learned sooner, weighted up)
             vd = k.verdict
-            score, anomalous, rising, test = vd.judge(r - m.center, x, m)
+            score, anomalous, rising, test = vd.judge(r - m.center, x, m, cell)
             expected = pred * math.exp(m.center)
             root = None
             if anomalous and stages and self.cfg.root_cause and g.norms is not None:
@@ -367,7 +391,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                     g.drift += 0.02 * (r - m.center - g.drift)
             out = (expected, score, anomalous, alert, root, test)
         if clean:
-            g.memory.add(x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0)
+            g.memory.add(x, y_ms, stages, self.cfg.novelty_weight if novel_row else 1.0, cell)
             g.clean += 1
             if m is None and not g.fitting and g.clean >= self.cfg.min_train:
                 g.fitting = True
@@ -524,15 +548,15 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             return self._worker.fit(*args)
         return fit_model(*args)
 
-    def train(self, steps: Iterable[StepRecord]) -> Dict[str, int]:
+    def train(self, steps: Iterable[StepRecord]) -> dict[str, int]:
         """Fit a baseline on known-normal steps now (offline ``--train``); returns the rows fitted per phase.
 
         The result seeds every instance seen afterwards, exactly as a loaded baseline does. The rows go
         through the same cell-bounded memory as live steps (``max_train``)."""
         ctx = StepContext()
         mem = CellMemory(self.cfg.max_train)
-        last: Dict[str, int] = {}
-        seen: Dict[str, int] = {}
+        last: dict[str, int] = {}
+        seen: dict[str, int] = {}
         for s in steps:
             if s.phase not in self._phases:
                 continue
@@ -553,7 +577,7 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
         self._seed = (model, norms, rs[-SAMPLE_ROWS:])
         for g in self._groups.values():
             g.model, g.norms = model, norms
-        kept: Dict[str, int] = {}
+        kept: dict[str, int] = {}
         for x, _, _, _ in rs:
             ph = "decode" if x[1] == 0 else ("prefill" if x[2] == 0 else "mixed")
             kept[ph] = kept.get(ph, 0) + 1

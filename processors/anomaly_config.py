@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
 
 from prism_otel import semconv as sc
+from prism_otel.config_error import ConfigError
 from processors import baseline as bl
-from processors.config import build, positive
+from processors.config import build, invalid, key_path, positive
 
 
 @dataclass
@@ -24,6 +24,8 @@ class AnomalyConfig:
     model_scope: str = "resource"
     alpha: float = 0.002
     target_fpr: float = 0.005
+    point_ratio: float = 4.0
+    pair_ratio: float = 3.0
     short: int = 3
     long_window: int = 32
     level_rate: float = 0.1
@@ -43,7 +45,7 @@ class AnomalyConfig:
     phases: str = "prefill,decode,mixed"
     max_step_s: float = 600.0
     baseline_dir: str = ""
-    baseline_key: Dict[str, str] = field(default_factory=dict)
+    baseline_key: dict[str, str] = field(default_factory=dict)
     alert_log: bool = True
     alert_file: str = "stderr"
     alert_webhook: str = ""
@@ -59,36 +61,43 @@ class AnomalyConfig:
                  bias_rate=self.bias_rate, max_bias=self.max_bias, n_trees=self.n_trees,
                  tree_depth=self.tree_depth, alert_queue=self.alert_queue, alert_timeout_s=self.alert_timeout_s,
                  max_step_s=self.max_step_s)
-        pre = where + "." if where else ""
         if not self.alpha < 0.5:
-            raise ValueError(f"{pre}alpha: must be < 0.5 (a false-alarm rate per test), got {self.alpha}")
+            raise invalid(key_path(where, "alpha"), f"must be < 0.5 (a false-alarm rate per test), got {self.alpha}")
         if not self.target_fpr < 0.5:
-            raise ValueError(f"{pre}target_fpr: must be < 0.5 (a false-positive rate), got {self.target_fpr}")
+            raise invalid(key_path(where, "target_fpr"),
+                          f"must be < 0.5 (a false-positive rate), got {self.target_fpr}")
+        for name in ("point_ratio", "pair_ratio"):
+            r = getattr(self, name)
+            if not (r == 0 or r > 1):
+                raise invalid(key_path(where, name), f"must be 0 (no ceiling) or a ratio > 1, got {r}")
         if self.model_scope not in ("instance", "resource"):
-            raise ValueError(f"{pre}model_scope: must be 'instance' or 'resource', got {self.model_scope!r}")
+            raise invalid(key_path(where, "model_scope"), f"must be 'instance' or 'resource', got {self.model_scope!r}")
         if not self.fleet_refit_s >= 0:
-            raise ValueError(f"{pre}fleet_refit_s: must be >= 0 (seconds of step time), got {self.fleet_refit_s}")
+            raise invalid(key_path(where, "fleet_refit_s"),
+                          f"must be >= 0 (seconds of step time), got {self.fleet_refit_s}")
         if self.cell_min_steps < 0:
-            raise ValueError(f"{pre}cell_min_steps: must be >= 0, got {self.cell_min_steps}")
+            raise invalid(key_path(where, "cell_min_steps"), f"must be >= 0, got {self.cell_min_steps}")
         if self.bias_rate > 1:
-            raise ValueError(f"{pre}bias_rate: must be <= 1, got {self.bias_rate}")
+            raise invalid(key_path(where, "bias_rate"), f"must be <= 1, got {self.bias_rate}")
         if self.max_train < self.min_train:
-            raise ValueError(f"{pre}max_train: must be >= min_train ({self.min_train}), got {self.max_train}")
+            raise invalid(key_path(where, "max_train"),
+                          f"must be >= min_train ({self.min_train}), got {self.max_train}")
         bad = [p for p in self.phase_set() if p not in sc.PHASES]
         if bad:
-            raise ValueError(f"{pre}phases: unknown phase {bad[0]!r} (known: {', '.join(sc.PHASES)})")
+            raise invalid(key_path(where, "phases"), f"unknown phase {bad[0]!r} (known: {', '.join(sc.PHASES)})")
         if self.alert_webhook and not self.alert_webhook.startswith(("http://", "https://")):
-            raise ValueError(f"{pre}alert_webhook: must be an http:// or https:// URL, got {self.alert_webhook!r}")
+            raise invalid(key_path(where, "alert_webhook"),
+                          f"must be an http:// or https:// URL, got {self.alert_webhook!r}")
         try:
             bl.normalize_key(self.baseline_key)
-        except ValueError as exc:
-            raise ValueError(f"{pre}{exc}") from None
+        except ConfigError as exc:
+            raise invalid(key_path(where, exc.path), exc.message) from None
 
     def phase_set(self) -> frozenset:
         return frozenset(p.strip() for p in self.phases.split(",") if p.strip())
 
     @classmethod
-    def from_dict(cls, d, where: str = "") -> "AnomalyConfig":
+    def from_dict(cls, d, where: str = "") -> AnomalyConfig:
         return build(cls, d, where)
 
 

@@ -35,19 +35,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from prism_otel import semconv as sc
 from processors import assembly as asm
-from processors.base import StepProcessor
+from processors.base import ObservesResource
+from processors.chain import ProcessorChain, processor_name
 
 logger = logging.getLogger(__name__)
 
-Sources = Dict[Any, int]  # where the spans of an output request came from -> how many
-Output = Tuple[ExportTraceServiceRequest, Sources]
+Sources = dict[Any, int]  # where the spans of an output request came from -> how many
+Output = tuple[ExportTraceServiceRequest, Sources]
 _PRISM = "prism."
 
 
@@ -81,7 +83,7 @@ class Instances:
         self._forget = forget
         self._count = count
         self._clock = clock
-        self._lru: "OrderedDict[str, List]" = OrderedDict()  # instance -> [last seen, steps, estimated bytes]
+        self._lru: OrderedDict[str, list] = OrderedDict()  # instance -> [last seen, steps, estimated bytes]
         self.bytes = 0
         self.evicted = 0
 
@@ -124,10 +126,6 @@ class Instances:
             logger.warning("forgetting instance %r failed", instance, exc_info=True)
 
 
-def _overrides(p: Any, name: str) -> bool:
-    return getattr(type(p), name, None) is not getattr(StepProcessor, name)
-
-
 class StepAssembler:
     def __init__(self, processors: Sequence[Any] = (), wait_s: float = 1.0, max_pending_steps: int = 10000,
                  max_pending_children: int = 100000, count: Optional[Callable[..., None]] = None,
@@ -142,16 +140,20 @@ class StepAssembler:
         self._held_bytes = 0
         self._count = count or (lambda *a, **k: None)
         self._clock = clock
-        self._children: "OrderedDict[bytes, List]" = OrderedDict()  # trace+parent id -> [t_first, [ChildInfo]]
-        self._held: "OrderedDict[bytes, _Held]" = OrderedDict()
-        self._released: "OrderedDict[bytes, None]" = OrderedDict()  # recent step keys, to count late children
-        self._want_requests = any(_overrides(p, "process_request") for p in self.processors)
-        self._resource_hooks = [p for p in self.processors if hasattr(p, "observe_resource")]
-        self._many = {id(p): p.process_many for p in self.processors if callable(getattr(p, "process_many", None))}
+        self._children: OrderedDict[bytes, list] = OrderedDict()  # trace+parent id -> [t_first, [ChildInfo]]
+        self._held: OrderedDict[bytes, _Held] = OrderedDict()
+        self._released: OrderedDict[bytes, None] = OrderedDict()  # recent step keys, to count late children
+        self.chain = ProcessorChain(self.processors, on_error=self._processor_failed)
+        self._want_requests = self.chain.wants_requests
+        self._resource_hooks = [p for p in self.processors if isinstance(p, ObservesResource)]
         self.instances = instances if instances is not None else Instances(count=self._count, clock=clock)
         self.steps = 0
 
     # -- the processor chain ----------------------------------------------------------------------
+    def _processor_failed(self, p: Any, n: int, exc: BaseException) -> None:
+        self._count(sc.COLLECTOR_PROCESSOR_ERRORS, n, processor=processor_name(p))
+        logger.debug("processor %r failed on %d step(s)", p, n, exc_info=exc)
+
     def _unjudged(self, span, exc: Exception) -> None:
         """A span the chain cannot take: it is forwarded as received, and counted."""
         reason = "bad_attribute" if isinstance(exc, asm.BadSpan) else "error"
@@ -161,14 +163,17 @@ class StepAssembler:
         else:
             logger.debug("assembly: span %r forwarded unprocessed: %s", span.name, exc)
 
-    def _run_steps(self, items: Sequence[Tuple[Any, Dict[str, Any], Any]]) -> None:
-        """Run the chain on complete steps (``(span, resource attributes, children)``, stream order) and tag
+    def _run_steps(self, items: Sequence[tuple[Any, dict[str, Any], Any, Optional[asm.StepAttributes]]]) -> None:
+        """Run the chain on complete steps (``(span, resource attributes, children, the span's attributes
+        read by ``asm.read_step`` or None)``, stream order) and tag
         their spans. A processor with ``process_many`` judges the batch at once (one vectorised model
         evaluation per model group: the same verdicts as one by one); the others take it step by step."""
-        spans, steps = [], []
-        for span, res_attrs, kids in items:
+        spans, steps, fresh = [], [], []
+        for span, res_attrs, kids, entries in items:
             try:
-                before = asm.step_from_span(span, res_attrs, kids or ())
+                if entries is None:
+                    entries = asm.read_step(span)
+                before = asm.step_from_entries(span, entries, res_attrs, kids or ())
                 if self.instances.seen(before.instance):
                     for p in self._resource_hooks:
                         p.observe_resource(before.instance, res_attrs)
@@ -177,41 +182,18 @@ class StepAssembler:
                 continue
             spans.append(span)
             steps.append(before)
+            fresh.append(not entries.has_verdict)
         if not steps:
             return
-        out = list(steps)
-        live = list(range(len(out)))  # the steps still in the chain
-        for p in self.processors:
-            if not live:
-                break
-            many = self._many.get(id(p))
-            if many is not None and len(live) > 1:
-                try:
-                    res = many([out[i] for i in live])
-                except Exception:  # noqa: BLE001 - one processor's bug must not stop the stream
-                    self._count(sc.COLLECTOR_PROCESSOR_ERRORS, len(live), processor=getattr(p, "name", type(p).__name__))
-                    logger.debug("processor %r failed on a batch", p, exc_info=True)
-                    continue
-            else:
-                res = []
-                for i in live:
-                    try:
-                        res.append(p.process(out[i]))
-                    except Exception:  # noqa: BLE001
-                        self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor=getattr(p, "name", type(p).__name__))
-                        logger.debug("processor %r failed", p, exc_info=True)
-                        res.append(out[i])
-            keep = []
-            for i, r in zip(live, res):
-                if r is None:  # the processor took the step out of its chain; the span is still forwarded
-                    continue
-                out[i] = r
-                keep.append(i)
-            live = keep
-        for span, before, after in zip(spans, steps, out):
+        # a step a processor took out of the chain is still forwarded, tagged as it left the chain
+        out, _ = self.chain.steps(steps)
+        for span, before, after, new in zip(spans, steps, out, fresh):
             self.steps += 1
             try:
-                asm.tag_step(span, before, after)
+                if new:
+                    asm.tag_new_verdict(span, before, after)
+                else:
+                    asm.tag_step(span, before, after)
             except Exception as exc:  # noqa: BLE001
                 self._unjudged(span, exc)
 
@@ -223,39 +205,59 @@ class StepAssembler:
 
     def _run_request_chain(self, span, res_attrs) -> None:
         before = asm.request_from_span(span, res_attrs)
-        rec = before
-        for p in self.processors:
-            try:
-                rec = p.process_request(rec) or rec
-            except Exception:  # noqa: BLE001
-                self._count(sc.COLLECTOR_PROCESSOR_ERRORS, processor=getattr(p, "name", type(p).__name__))
-        asm.tag_request(span, before, rec)
+        asm.tag_request(span, before, self.chain.request(before))
 
     # -- intake ---------------------------------------------------------------------------------------
-    def _remember_children(self, req, now: float) -> List[bytes]:
-        touched = []
+    def _remember_children(self, req, now: float, want_requests: bool = False) -> tuple[list[bytes], list[list]]:
+        """Note the stage and kernel-group spans of ``req`` under their step. Returns the steps' keys touched
+        and, per scope in request order, the ``(index, span, is_step)`` of its step spans (and, with
+        ``want_requests``, of every other span that is not a child), so that the second pass looks at
+        nothing else."""
+        touched: list[bytes] = []
+        # only a step held from an earlier request can become ready by what comes now: with none held, the
+        # keys touched are not needed
+        track = bool(self._held)
+        scopes = []
         children = self._children
+        released = self._released
+        step_name, stage_prefix, kernel_prefix = sc.STEP_SPAN, sc.STAGE_SPAN_PREFIX, sc.KERNEL_SPAN_PREFIX
+        stage_len, kernel_len = len(stage_prefix), len(kernel_prefix)
         for rs in req.resource_spans:
             for ss in rs.scope_spans:
-                for span in ss.spans:
-                    if not span.name.startswith(_PRISM):
+                at = []
+                scopes.append(at)
+                for i, span in enumerate(ss.spans):
+                    name = span.name
+                    if name == step_name:
+                        at.append((i, span, True))
                         continue
-                    info = asm.child_info(span)
-                    if info is None:
+                    if name.startswith(stage_prefix):
+                        info = (asm.STAGE, name[stage_len:])
+                    elif name.startswith(kernel_prefix):
+                        info = (asm.KERNEL, name[kernel_len:])
+                    else:
+                        if want_requests:
+                            at.append((i, span, False))
                         continue
-                    key = span.trace_id + span.parent_span_id
+                    if want_requests:
+                        at.append((i, span, False))
+                    parent = span.parent_span_id
+                    if not parent:  # not a child (asm.child_info)
+                        continue
+                    key = span.trace_id + parent
                     entry = children.get(key)
                     if entry is None:
-                        if key in self._released:
+                        if key in released:
                             self._count(sc.COLLECTOR_LATE_CHILDREN)
                             continue
                         if len(children) >= self.max_pending_children:
                             children.popitem(last=False)
                             self._count(sc.METRIC_DROPPED, reason="assembler_children_full")
                         entry = children[key] = [now, []]
-                    entry[1].append(info)
-                    touched.append(key)
-        return touched
+                    entry[1].append(info + (span.start_time_unix_nano, span.end_time_unix_nano))
+                    if track:
+                        touched.append(key)
+        return touched, scopes
 
     @staticmethod
     def _complete(kids, expected: Optional[int]) -> bool:
@@ -263,35 +265,37 @@ class StepAssembler:
             return expected == 0 or (kids is not None and len(kids) >= expected)
         return bool(kids)
 
-    def process(self, req: ExportTraceServiceRequest, source: Any = None) -> List[Output]:
+    def process(self, req: ExportTraceServiceRequest, source: Any = None) -> list[Output]:
         """Assemble, detect and tag ``req`` in place. Returns what may be forwarded now."""
         now = self._clock()
-        touched = self._remember_children(req, now)
-        total = held_here = 0
-        ready_now: List[Tuple[Any, Dict[str, Any], Any]] = []
         want_requests = self._want_requests
+        touched, scopes = self._remember_children(req, now, want_requests)
+        total = held_here = 0
+        ready_now: list[tuple[Any, dict[str, Any], Any, Optional[asm.StepAttributes]]] = []
+        at_scope = iter(scopes)
         for rs in req.resource_spans:
             res_attrs = None
             for ss in rs.scope_spans:
                 hold_idx = []
                 spans = ss.spans
                 total += len(spans)
-                for i, span in enumerate(spans):
-                    if span.name == sc.STEP_SPAN:
+                for i, span, is_step in next(at_scope):
+                    if is_step:
                         if res_attrs is None:
                             res_attrs = asm.attrs_of(rs.resource.attributes)
                         key = span.trace_id + span.span_id
                         entry = self._children.get(key)
                         kids = entry[1] if entry else None
-                        expected = asm.expected_children(span)
+                        entries = asm.read_step(span)
+                        expected = entries.expected
                         if self._complete(kids, expected):
                             self._children.pop(key, None)
                             self._mark_released(key)
-                            ready_now.append((span, res_attrs, kids))
+                            ready_now.append((span, res_attrs, kids, entries))
                         else:
                             self._hold(key, span, rs, res_attrs, ss, source, now, expected)
                             hold_idx.append(i)
-                    elif want_requests and asm.request_id_of(span) is not None:
+                    elif asm.request_id_of(span) is not None:
                         if res_attrs is None:
                             res_attrs = asm.attrs_of(rs.resource.attributes)
                         self._run_request(span, res_attrs)
@@ -300,7 +304,7 @@ class StepAssembler:
                 held_here += len(hold_idx)
         if ready_now:
             self._run_steps(ready_now)
-        out: List[Output] = []
+        out: list[Output] = []
         if total - held_here > 0:
             out.append((req, {source: total - held_here}))
         ready = [k for k in dict.fromkeys(touched) if k in self._held
@@ -334,11 +338,11 @@ class StepAssembler:
         if len(released) > 4 * self.max_pending_steps:
             released.popitem(last=False)
 
-    def _release(self, keys: Sequence[bytes]) -> List[Output]:
+    def _release(self, keys: Sequence[bytes]) -> list[Output]:
         """Run the chain on held steps (with whatever children arrived) and pack them for forwarding."""
         req = ExportTraceServiceRequest()
-        groups: Dict[Tuple[bytes, str], Any] = {}
-        scopes: Dict[Tuple[int, bytes, str], Any] = {}
+        groups: dict[tuple[bytes, str], Any] = {}
+        scopes: dict[tuple[int, bytes, str], Any] = {}
         sources: Sources = {}
         held = []
         for key in keys:
@@ -350,7 +354,7 @@ class StepAssembler:
             self._mark_released(key)
             held.append(h)
             h.kids = entry[1] if entry else None
-        self._run_steps([(h.span, h.res_attrs, h.kids) for h in held])
+        self._run_steps([(h.span, h.res_attrs, h.kids, None) for h in held])
         for h in held:
             rkey = (h.resource.SerializeToString(deterministic=True), h.rs_schema)
             rs = groups.get(rkey)
@@ -368,7 +372,7 @@ class StepAssembler:
             sources[h.source] = sources.get(h.source, 0) + 1
         return [(req, sources)] if sources else []
 
-    def expire(self) -> List[Output]:
+    def expire(self) -> list[Output]:
         """Release held steps whose wait is over; forget children nobody claimed and idle instances.
         Call often."""
         now = self._clock()
@@ -386,7 +390,7 @@ class StepAssembler:
             children.popitem(last=False)  # children whose step never came (they were forwarded already)
         return self._release(due) if due else []
 
-    def flush(self) -> List[Output]:
+    def flush(self) -> list[Output]:
         """Release everything held (shutdown)."""
         return self._release(list(self._held))
 
@@ -395,8 +399,4 @@ class StepAssembler:
         return len(self._held)
 
     def shutdown(self) -> None:
-        for p in self.processors:
-            try:
-                p.shutdown()
-            except Exception:  # noqa: BLE001
-                logger.debug("processor shutdown failed", exc_info=True)
+        self.chain.shutdown(logger.debug)

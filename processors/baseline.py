@@ -17,7 +17,10 @@ import logging
 import os
 import tempfile
 import time
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
+
+from processors.config import invalid
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +28,11 @@ KEY_FIELDS = ("model", "hardware", "framework", "parallelism", "versions")
 FORMAT = 3  # 3: one model for every phase, scales per step class, bars chosen by injection; older files are ignored
 
 
-def normalize_key(key: Optional[Mapping[str, str]]) -> Dict[str, str]:
+def normalize_key(key: Optional[Mapping[str, str]]) -> dict[str, str]:
     key = dict(key or {})
     unknown = set(key) - set(KEY_FIELDS)
     if unknown:
-        raise ValueError(f"baseline_key.{sorted(unknown)[0]}: unknown key field (known: {', '.join(KEY_FIELDS)})")
+        raise invalid(f"baseline_key.{sorted(unknown)[0]}", f"unknown key field (known: {', '.join(KEY_FIELDS)})")
     return {f: str(key.get(f, "") or "") for f in KEY_FIELDS}
 
 

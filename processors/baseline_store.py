@@ -6,11 +6,17 @@ A mixin of :class:`processors.anomaly.AnomalyProcessor` (the file format is :mod
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Callable, Optional
 
 from processors import baseline as bl
 from processors.model import LatencyModel
 from processors.rootcause import StageNorms
+
+if TYPE_CHECKING:
+    from processors.anomaly import _Group
+    from processors.anomaly_config import AnomalyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +27,25 @@ class PersistentBaselines:
     """Needs ``cfg``, ``baseline_key``, ``_seed``, ``_groups``, ``_latest``, ``_lock``, ``_dirty``,
     ``_resolver`` and ``_resolve_tries`` from the processor."""
 
+    # set by the processor's __init__ (declared here for the checker; no class attributes)
+    cfg: AnomalyConfig
+    baseline_key: dict[str, str]
+    baseline_loaded: bool
+    _seed: Optional[tuple]  # (model, norms, rows): baseline for new groups
+    _groups: dict[tuple, _Group]
+    _latest: Optional[_Group]
+    _lock: threading.Lock
+    _dirty: bool
+    _resolver: Optional[Callable[[], Optional[Mapping[str, str]]]]
+    _resolve_tries: int
+
     def _resolve_key(self) -> None:
+        resolver = self._resolver
+        if resolver is None:  # (the callers check: resolved already)
+            return
         self._resolve_tries += 1
         try:
-            key = self._resolver()
+            key = resolver()
         except Exception:  # noqa: BLE001 - an unknown key is not fatal: keep the configured one
             key = None
         if key is None and self._resolve_tries < 64:

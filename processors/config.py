@@ -1,86 +1,56 @@
 """Plain dataclass configs built from dicts (YAML in the collector, env in-process).
 
-:func:`build` checks every key and value and raises ``ValueError`` naming the bad key, so a bad
-collector config fails before anything starts, with the path of the problem.
+:func:`build` is the one config decoder (:mod:`prism_otel.config_decode`, which the collector's
+components use too) reading values that may be strings (an environment variable's ``key=value`` list):
+it checks every key and value and raises :class:`~prism_otel.config_error.ConfigError` (a
+``ValueError``) carrying the path of the bad key (dotted: ``baseline_key.gpu``), so a bad collector
+config fails before anything starts with the path of the problem (the collector puts its YAML path in
+front with ``ConfigError.under``, never parsing the message), and a bad environment variable names
+the key. A config's ``validate(where="")`` reports paths relative to the config.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from typing import Any, Mapping, Optional, Type, TypeVar
+import os
+from collections.abc import Mapping
+from typing import Any, Optional, TypeVar, cast
+
+from prism_otel.config_decode import decode
+from prism_otel.config_error import ConfigError
 
 T = TypeVar("T")
 
 
-def _coerce(name: str, typ, value):
-    origin = typing.get_origin(typ)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(name, args[0], value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{name}: expected a boolean, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ValueError(f"{name}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        return int(f)
-    if typ is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{name}: expected a number, got {value!r}")
-        try:
-            f = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected a number, got {value!r}") from None
-        if f != f:
-            raise ValueError(f"{name}: expected a number, got NaN")
-        return f
-    if typ is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"{name}: expected a string, got {value!r}")
-        return str(value)
-    if origin in (dict, Mapping) or typ is dict:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{name}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
-    return value
+def build(cls: type[T], data: Optional[Mapping[str, Any]], where: str = "") -> T:
+    """``cls(**data)`` with every key known and every value of the declared type (coerced from strings):
+    the one decoder (:func:`prism_otel.config_decode.decode`), dotted paths under ``where``."""
+    return cast(T, decode(cast(Any, cls), data, where, text=True, sep="."))
 
 
-def build(cls: Type[T], data: Optional[Mapping[str, Any]], where: str = "") -> T:
-    """``cls(**data)`` with every key known and every value of the declared type (coerced from strings)."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            raise ValueError(f"{path}: unknown key (known: {', '.join(sorted(fields))})")
-        kw[key] = _coerce(path, hints[key], value)
-    obj = cls(**kw)
-    check = getattr(obj, "validate", None)
-    if check is not None:
-        check(where)
-    return obj
+def key_path(where: str, key: str) -> str:
+    """``key`` under ``where`` (dotted; ``where`` may be empty)."""
+    return f"{where}.{key}" if where else key
+
+
+def invalid(path: str, message: str) -> ConfigError:
+    """The error for the key at ``path`` (dotted); ``raise invalid(...)``."""
+    return ConfigError(path, message, sep=".")
 
 
 def positive(where: str, **values) -> None:
     for k, v in values.items():
         if v is None or v <= 0:
-            raise ValueError(f"{where + '.' if where else ''}{k}: must be > 0, got {v!r}")
+            raise invalid(key_path(where, k), f"must be > 0, got {v!r}")
+
+
+def env_pairs(var: str) -> dict[str, str]:
+    """``key=value,key=value`` from the environment variable ``var`` (empty when unset); a part without
+    ``=`` or with an empty key raises :class:`ConfigError` naming the variable."""
+    text = os.environ.get(var, "").strip()
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip():
+            raise invalid(var, f"expected key=value pairs separated by commas, got {part!r}")
+        out[k.strip()] = v.strip()
+    return out

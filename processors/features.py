@@ -33,7 +33,7 @@ are constant columns the model drops; a step with no previous neighbour gets zer
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 FEATURE_NAMES = ("batch", "new_tokens", "decode_tokens", "context", "quad_hi", "quad_lo", "prev_batch",
                  "prev_tokens", "avg_context", "joined", "left", "tokens_joined", "batch_before", "since_change")
@@ -62,7 +62,7 @@ def step_class(x) -> int:
 
 
 def step_features(batch: int, prefill: int, decode: int, context: int, max_context: int,
-                  prev: Optional[Tuple[int, int]], change: Optional[tuple] = None) -> tuple:
+                  prev: Optional[tuple[int, int]], change: Optional[tuple] = None) -> tuple:
     """The feature tuple of one step; ``prev`` is (batch, tokens) of the back-to-back previous step,
     ``change`` (joined, left, tokens_joined, batch_before, steps_since_change) or None (no change known:
     a steady step)."""

@@ -90,8 +90,11 @@ class FitWorker:
                     if self.proc is None or self.proc.poll() is not None:
                         self.close()
                         self._start()
-                    write_frame(self._wfd, (X, y, params, weights, stage_rows, root_cause_min_z))
-                    reply = read_frame(self._rfd)
+                    wfd, rfd = self._wfd, self._rfd
+                    if wfd is None or rfd is None:  # (_start() sets both or raises)
+                        raise OSError("fit worker not started")
+                    write_frame(wfd, (X, y, params, weights, stage_rows, root_cause_min_z))
+                    reply = read_frame(rfd)
                     if reply is None:
                         raise OSError("fit worker exited")
                     if reply[0] == "ok":

@@ -23,7 +23,8 @@ import dataclasses
 import math
 import statistics
 from collections import deque
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -36,7 +37,7 @@ DEFAULT_KEY = (sc.RES_FRAMEWORK, sc.RES_FRAMEWORK_VERSION, sc.GEN_AI_REQUEST_MOD
                sc.RES_DEVICE_NAME, sc.RES_SERVICE_NAME)
 
 
-def _features(s: StepRecord) -> Tuple[float, ...]:
+def _features(s: StepRecord) -> tuple[float, ...]:
     return (1.0, float(s.batch_size), s.prefill_tokens / 100.0, float(s.decode_tokens), s.context_tokens / 1000.0)
 
 
@@ -46,7 +47,7 @@ class _Model:
     def __init__(self, size: int) -> None:
         self.xs: deque = deque(maxlen=size)
         self.ys: deque = deque(maxlen=size)
-        self.coef: Optional[Tuple[float, ...]] = None
+        self.coef: Optional[tuple[float, ...]] = None
         self.since_fit = 0
         self.median = 0.0
 
@@ -86,9 +87,9 @@ class _Group:
     __slots__ = ("instances", "since", "ref")
 
     def __init__(self) -> None:
-        self.instances: Dict[str, _Instance] = {}
+        self.instances: dict[str, _Instance] = {}
         self.since = 0
-        self.ref: Dict[str, Tuple[float, int]] = {}  # instance -> (median of its peers' medians, n peers)
+        self.ref: dict[str, tuple[float, int]] = {}  # instance -> (median of its peers' medians, n peers)
 
 
 class FleetProcessor(StepProcessor):
@@ -107,15 +108,15 @@ class FleetProcessor(StepProcessor):
         self.refit_every = refit_every
         self.flag_anomaly = flag_anomaly
         self.max_instances = max_instances
-        self._key_of: Dict[str, Tuple[str, ...]] = {}
-        self._models: Dict[Tuple[Tuple[str, ...], str], _Model] = {}
-        self._groups: Dict[Tuple[str, ...], _Group] = {}
+        self._key_of: dict[str, tuple[str, ...]] = {}
+        self._models: dict[tuple[tuple[str, ...], str], _Model] = {}
+        self._groups: dict[tuple[str, ...], _Group] = {}
 
     def observe_resource(self, instance: str, resource: Mapping[str, Any]) -> None:
         if len(self._key_of) < self.max_instances:
             self._key_of[instance] = tuple(str(resource.get(a, "")) for a in self.key_attributes)
 
-    def key_of(self, instance: str) -> Tuple[str, ...]:
+    def key_of(self, instance: str) -> tuple[str, ...]:
         return self._key_of.get(instance, ())
 
     def forget_instance(self, instance: str) -> None:
@@ -189,7 +190,7 @@ class FleetProcessor(StepProcessor):
         object.__setattr__(out, "verdict", verdict)
         return out
 
-    def instances(self) -> Dict[str, float]:
+    def instances(self) -> dict[str, float]:
         """Current ratio of each instance to its peers (for status and tests)."""
         out = {}
         for group in self._groups.values():

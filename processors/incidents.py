@@ -17,8 +17,8 @@ incident needs *sustained* evidence and ends with hysteresis:
 
 An incident carries its start, peak (the largest observed/expected ratio), duration, the phases and
 the stages it hit (a stage whose mean during the incident is well over its mean on normal steps
-before it), its main root cause (the most frequent one among its anomalous steps, with the evidence
-of the latest such step) and how many steps it affected. It notifies twice: when it opens and
+before it), its main root cause (the one that explains the most extra time over its anomalous steps,
+with the evidence of the latest such step) and how many steps it affected. It notifies twice: when it opens and
 when it closes (:mod:`processors.notify`: stderr line, incident log, Alertmanager, webhook).
 
 Runs after the detector (and the root-cause processor) on the same thread; costs a few deque
@@ -35,12 +35,12 @@ import uuid
 import weakref
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Optional
 
 from prism_otel import semconv as sc
 from prism_otel.record import StepRecord
 from processors.base import StepProcessor
-from processors.config import build, positive
+from processors.config import build, env_pairs, invalid, key_path, positive
 
 logger = logging.getLogger("prism_otel.incidents")
 
@@ -81,22 +81,21 @@ class IncidentConfig:
                  open_min_steps=self.open_min_steps,
                  close_quiet_s=self.close_quiet_s, close_min_steps=self.close_min_steps, stage_ratio=self.stage_ratio,
                  queue=self.queue, timeout_s=self.timeout_s, resend_s=self.resend_s, ttl_s=self.ttl_s)
-        pre = where + "." if where else ""
         for key in ("open_fraction", "open_time_fraction"):
             if getattr(self, key) > 1:
-                raise ValueError(f"{pre}{key}: must be <= 1, got {getattr(self, key)}")
+                raise invalid(key_path(where, key), f"must be <= 1, got {getattr(self, key)}")
         if not 0 <= self.close_fraction < self.open_fraction:
-            raise ValueError(f"{pre}close_fraction: must be >= 0 and below open_fraction ({self.open_fraction}), "
-                             f"got {self.close_fraction}")
+            raise invalid(key_path(where, "close_fraction"),
+                          f"must be >= 0 and below open_fraction ({self.open_fraction}), got {self.close_fraction}")
         if self.open_min_s < 0:
-            raise ValueError(f"{pre}open_min_s: must be >= 0, got {self.open_min_s}")
+            raise invalid(key_path(where, "open_min_s"), f"must be >= 0, got {self.open_min_s}")
         for key in ("alertmanager_url", "webhook"):
             v = getattr(self, key)
             if v and not v.startswith(("http://", "https://")):
-                raise ValueError(f"{pre}{key}: must be an http:// or https:// URL, got {v!r}")
+                raise invalid(key_path(where, key), f"must be an http:// or https:// URL, got {v!r}")
 
     @classmethod
-    def from_dict(cls, d, where: str = "") -> "IncidentConfig":
+    def from_dict(cls, d, where: str = "") -> IncidentConfig:
         return build(cls, d, where)
 
 
@@ -185,24 +184,29 @@ class Incident:
         self.steps_affected = 0
         self.steps_judged = 0
         self.phases: Counter = Counter()
-        self.causes: Counter = Counter()
-        self.evidence: Dict[str, object] = {}
+        self.causes: Counter = Counter()  # cause -> anomalous steps
+        self.cause_ms: dict[str, float] = {}  # cause -> ms over the expectation on those steps
+        self.evidence: dict[str, object] = {}
         self.peak_ratio = 0.0
-        self.peak: Dict[str, object] = {}
-        self.stage_ns: Dict[str, int] = {}  # stage -> total ns over the incident's anomalous steps with stages
+        self.peak: dict[str, object] = {}
+        self.stage_ns: dict[str, int] = {}  # stage -> total ns over the incident's anomalous steps with stages
         self.stage_steps = 0
-        self.stages: List[dict] = []
+        self.stages: list[dict] = []
 
     def add(self, step: StepRecord, anomalous: bool) -> None:
         self.steps_judged += 1
         if not anomalous:
             return
         v = step.verdict
+        assert v is not None, "observe() passes judged steps only"
         self.steps_affected += 1
         self.end_ns = max(self.end_ns, step.end_ns)
         self.phases[step.phase] += 1
         cause = v.root_cause or "unknown"
         self.causes[cause] += 1
+        if v.expected_ms:
+            # a Counter of float ms (typeshed types a Counter's counts as int)
+            self.cause_ms[cause] = self.cause_ms.get(cause, 0.0) + max(0.0, step.duration_ms - v.expected_ms)
         ev = _evidence(step)
         if ev and cause == self.root_cause:
             self.evidence = ev
@@ -219,13 +223,16 @@ class Incident:
 
     @property
     def root_cause(self) -> Optional[str]:
-        """The most frequent root cause among the anomalous steps; ``unknown`` only when nothing else."""
-        named = [(n, c) for c, n in self.causes.items() if c != "unknown"]
+        """The root cause that explains the most extra time (ms over the expectation) over the anomalous
+        steps, the step count breaking ties; ``unknown`` only when nothing else. By time, not by steps: a
+        stall of 60 ms a step outweighs a longer run of steps 10 ms slow around it (a neighbour's burst
+        that the same incident took in)."""
+        named = [(self.cause_ms.get(c, 0.0), n, c) for c, n in self.causes.items() if c != "unknown"]
         if named:
-            return max(named)[1]
+            return max(named)[2]
         return "unknown" if self.causes else None
 
-    def finish_stages(self, normal_ms: Dict[str, float], ratio: float, min_ms: float) -> None:
+    def finish_stages(self, normal_ms: dict[str, float], ratio: float, min_ms: float) -> None:
         out = []
         if self.stage_steps:
             for name, ns in self.stage_ns.items():
@@ -246,7 +253,9 @@ class Incident:
              "severity": self.severity, "state": "closed" if self.close_ns is not None else "open",
              "start_ns": self.start_ns, "open_ns": self.open_ns, "end_ns": self.end_ns, "close_ns": self.close_ns,
              "duration_s": round(max(0.0, dur), 3), "root_cause": self.root_cause,
-             "root_causes": dict(self.causes.most_common(8)), "evidence": dict(self.evidence),
+             "root_causes": dict(self.causes.most_common(8)),
+             "root_causes_ms": {c: round(ms, 3) for c, ms in sorted(self.cause_ms.items(), key=lambda kv: -kv[1])[:8]},
+             "evidence": dict(self.evidence),
              "steps_affected": self.steps_affected, "steps_judged": self.steps_judged,
              "phases": dict(self.phases.most_common()), "stages": list(self.stages),
              "peak_ratio": round(self.peak_ratio, 3), "peak": dict(self.peak)}
@@ -263,7 +272,7 @@ class Incident:
                 "incident": self.to_dict()}
 
 
-def _evidence(step: StepRecord) -> Dict[str, object]:
+def _evidence(step: StepRecord) -> dict[str, object]:
     """``prism.anomaly.evidence.*`` of a step: on its verdict (``evidence`` mapping) or its attributes."""
     out = {}
     ev = getattr(step.verdict, "evidence", None)
@@ -286,10 +295,10 @@ class IncidentTracker:
         self.open_win = _Window(cfg.open_window_s, cfg.min_window_steps)
         self.close_win = _Window(cfg.close_quiet_s, cfg.close_min_steps)
         self.current: Optional[Incident] = None
-        self.closed: List[Incident] = []
+        self.closed: list[Incident] = []
         self._count = 0
         self._counter = counter
-        self.normal_stage_ms: Dict[str, float] = {}  # slow mean of each stage on normal steps outside incidents
+        self.normal_stage_ms: dict[str, float] = {}  # slow mean of each stage on normal steps outside incidents
         self._recent: deque = deque(maxlen=1024)  # recent anomalous steps: the evidence an incident opens on
 
     def _next_number(self) -> int:
@@ -298,7 +307,7 @@ class IncidentTracker:
         self._count += 1
         return self._count
 
-    def observe(self, step: StepRecord) -> List[dict]:
+    def observe(self, step: StepRecord) -> list[dict]:
         v = step.verdict
         if v is None or v.expected_ms is None:
             return []
@@ -349,6 +358,7 @@ class IncidentTracker:
 
     def _close(self, t_ns: int, reason: str) -> dict:
         inc = self.current
+        assert inc is not None, "callers close an open incident"
         self.current = None
         inc.close_ns = t_ns
         inc.close_reason = reason
@@ -359,7 +369,7 @@ class IncidentTracker:
         self.open_win.clear()
         return inc.event(sc.INCIDENT_EVENT_CLOSE)
 
-    def shutdown(self, t_ns: int) -> List[dict]:
+    def shutdown(self, t_ns: int) -> list[dict]:
         if self.current is None:
             return []
         return [self._close(max(t_ns, self.current.end_ns), "shutdown")]
@@ -370,10 +380,10 @@ def _pid_of(instance: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-_LIVE: "weakref.WeakSet" = weakref.WeakSet()  # the incident processors of this process (the exit summary lists them)
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # the incident processors of this process (the exit summary lists them)
 
 
-def summary_lines(judged: Optional[int] = None) -> List[str]:
+def summary_lines(judged: Optional[int] = None) -> list[str]:
     """The exit summary's incident lines: how many, and one line per incident."""
     incs = [i for p in list(_LIVE) for i in p.all_incidents()]
     if not _LIVE:
@@ -407,7 +417,7 @@ class IncidentProcessor(StepProcessor):
             config = IncidentConfig.from_dict(config or {})
         self.cfg: IncidentConfig = config
         self.service = service
-        self._trackers: Dict[str, IncidentTracker] = {}
+        self._trackers: dict[str, IncidentTracker] = {}
         self._lock = threading.Lock()
         self._number = 0
         self.events: deque = deque(maxlen=512)  # the latest events, for status and tests
@@ -484,10 +494,10 @@ class IncidentProcessor(StepProcessor):
                 ev["incident"]["close_reason"] = "evicted"
                 self._deliver(ev)
 
-    def open_incidents(self) -> List[Incident]:
+    def open_incidents(self) -> list[Incident]:
         return [t.current for t in self._trackers.values() if t.current is not None]
 
-    def all_incidents(self) -> List[Incident]:
+    def all_incidents(self) -> list[Incident]:
         out = [i for t in self._trackers.values() for i in t.closed]
         out += self.open_incidents()
         return sorted(out, key=lambda i: i.start_ns)
@@ -510,9 +520,8 @@ class IncidentProcessor(StepProcessor):
 
 def incident_config_from_env() -> dict:
     """The incident processor's config from the environment (names in :mod:`prism_otel.semconv`)."""
-    from processors.defaults import _pairs
 
-    cfg: Dict[str, object] = {}
+    cfg: dict[str, object] = {}
     f = os.environ.get(sc.ENV_ALERT_FILE, "").strip()
     if f:
         if f == "none":
@@ -524,11 +533,11 @@ def incident_config_from_env() -> dict:
         cfg["webhook"] = os.environ[sc.ENV_ALERT_WEBHOOK]
     if os.environ.get(sc.ENV_ALERTMANAGER_URL):
         cfg["alertmanager_url"] = os.environ[sc.ENV_ALERTMANAGER_URL]
-    cfg.update(_pairs(sc.ENV_INCIDENT_CONFIG))
+    cfg.update(env_pairs(sc.ENV_INCIDENT_CONFIG))
     return cfg
 
 
-def replay(steps, config=None) -> List[Incident]:
+def replay(steps, config=None) -> list[Incident]:
     """The incidents a stream of judged steps makes (offline: ``prism-otel report`` on spans that came
     without an incident log). Same rules as live, no delivery."""
     p = IncidentProcessor(config, sinks=[])

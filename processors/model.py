@@ -84,8 +84,9 @@ class LatencyModel:
         self.fit_s = fit_s  # CPU seconds the fit took on its thread (its wall time adds whatever else runs)
         self._lin = tuple(zip(self.cols, self.coef, self.lo))
         # optional second affine piece: base = max(piece 1, piece 2) (overlap: max(device, host))
-        self.piece2 = None if piece2 is None else [float(v) for v in piece2]  # intercept, coefs
-        self._lin2 = None if piece2 is None else tuple(zip(self.cols, self.piece2[1:], self.lo))
+        p2 = None if piece2 is None else [float(v) for v in piece2]  # intercept, coefs
+        self.piece2 = p2
+        self._lin2 = None if p2 is None else tuple(zip(self.cols, p2[1:], self.lo))
         # upper edges (99th percentiles) of the training envelope of the physics columns and of the
         # context per request, for novelty (see excess()); ranges: [min, p99, max] per feature
         self._hi = tuple((c, float(ranges[c][1])) for c in LINEAR_COLUMNS + (AVG_CONTEXT,)
@@ -128,9 +129,10 @@ class LatencyModel:
         for c, k, lo in self._lin:
             v = x[c]
             b += k * (v if v > lo else lo)
-        if self._lin2 is not None:
-            b2 = self.piece2[0]
-            for c, k, lo in self._lin2:
+        lin2, p2 = self._lin2, self.piece2  # set together (a second piece) or both None
+        if lin2 is not None and p2 is not None:
+            b2 = p2[0]
+            for c, k, lo in lin2:
                 v = x[c]
                 b2 += k * (v if v > lo else lo)
             if b2 > b:
@@ -159,9 +161,10 @@ class LatencyModel:
         b = np.full(len(X), self.intercept)
         for c, k, lo in self._lin:
             b += k * np.maximum(X[:, c], lo)
-        if self._lin2 is not None:
-            b2 = np.full(len(X), self.piece2[0])
-            for c, k, lo in self._lin2:
+        lin2, p2 = self._lin2, self.piece2  # set together (a second piece) or both None
+        if lin2 is not None and p2 is not None:
+            b2 = np.full(len(X), p2[0])
+            for c, k, lo in lin2:
                 b2 += k * np.maximum(X[:, c], lo)
             b = np.maximum(b, b2)
         b = np.maximum(b, self.floor_ms)
@@ -179,7 +182,7 @@ class LatencyModel:
                 "bars_rows": self.bars_rows}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LatencyModel":
+    def from_dict(cls, d: dict) -> LatencyModel:
         return cls(d["cols"], d["coef"], d["intercept"], d["floor_ms"], _trees_from_dict(d.get("trees")), d["center"],
                    d["scale"], d["limits"], d["n_train"], d.get("ranges"), lo=d.get("lo"), piece2=d.get("piece2"),
                    cond_hi=d.get("cond_hi"), cells={int(c[0]): c[1] for c in d.get("cells") or ()},

@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from datetime import datetime, timezone
-from typing import Dict, Optional
+from typing import IO, Optional
 
 from prism_otel import semconv as sc
 
@@ -162,7 +162,7 @@ class AlertmanagerOutbox(Outbox):
     name = "alertmanager"
 
     def __init__(self, url: str, queue_size: int = 64, timeout_s: float = 2.0, resend_s: float = 30.0,
-                 ttl_s: float = 300.0, extra_labels: Optional[Dict[str, str]] = None,
+                 ttl_s: float = 300.0, extra_labels: Optional[dict[str, str]] = None,
                  generator_url: str = "") -> None:
         super().__init__(queue_size, timeout_s)
         base = url.rstrip("/")
@@ -173,7 +173,7 @@ class AlertmanagerOutbox(Outbox):
         self.ttl_s = ttl_s
         self.extra_labels = dict(extra_labels or {})
         self.generator_url = generator_url
-        self._active: Dict[str, dict] = {}  # incident id -> alert body (firing), re-sent every resend_s
+        self._active: dict[str, dict] = {}  # incident id -> alert body (firing), re-sent every resend_s
         self._last_resend = time.monotonic()
 
     def alert(self, event: dict) -> dict:
@@ -271,7 +271,7 @@ class IncidentLog:
         self.pid = pid or os.getpid()
         self.pid_given = pid is not None  # else the incident processor names the file after the engine's pid
         self.failed = 0
-        self._fhs: Dict[str, object] = {}
+        self._fhs: dict[str, IO[str]] = {}
 
     @property
     def follow_path(self) -> Optional[str]:

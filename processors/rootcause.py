@@ -34,14 +34,20 @@ stall, not the whole step slowing, whose extra time lands mostly in forward).
 Ranking: the cause explaining the most extra time is the main one, the next is contributing when it
 explains at least a fifth. A main cause that explains less than :data:`MIN_SHARE` of the extra time
 is not named: ``workload`` when the step lies beyond the workloads the model was fitted on and the
-engine's threads show nothing unusual, else ``unknown``.
+engine's threads show nothing unusual, else ``unknown``. Nor is one whose own evidence stays within
+what this engine's normal steps show: its *confidence* (the share of the extra time that its evidence
+explains beyond their 99th percentile, ``unusual`` in :func:`explain`) must reach
+:data:`MIN_CONFIDENCE`. A contributing cause passes the same test scaled to its smaller share
+(:data:`CONTRIBUTING_CONFIDENCE`): a second cause whose evidence is the engine's everyday variation is
+not reported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import numpy as np
 
@@ -53,6 +59,9 @@ CONTRIBUTING_SHARE = 0.2
 NORM_ROWS = 128  # normal steps kept per key for the signal norms
 NORM_MIN_ROWS = 20
 NORM_EVERY = 32  # recompute the norms after this many new rows
+HI_QUANTILE = 0.99  # "unusual": beyond this quantile of the instance's own normal steps
+MIN_CONFIDENCE = 0.3  # the main cause's unusual part (beyond HI_QUANTILE) must explain this share to be named
+CONTRIBUTING_CONFIDENCE = MIN_CONFIDENCE * CONTRIBUTING_SHARE / MIN_SHARE  # the same bar for the second cause
 
 
 class StageNorms:
@@ -64,13 +73,13 @@ class StageNorms:
     stage with the largest ``z = (observed - norm) / (expected step * scale)`` when ``z > min_z``.
     """
 
-    def __init__(self, coefs: Dict[str, tuple], min_z: float = 4.0) -> None:
+    def __init__(self, coefs: dict[str, tuple], min_z: float = 4.0) -> None:
         self.coefs = coefs  # name -> (a, b, c, scale)
         self.min_z = min_z
 
     @classmethod
     def fit(cls, stage_rows: list, expected: np.ndarray, batch: np.ndarray, min_z: float = 4.0,
-            min_rows: int = 30) -> "StageNorms":
+            min_rows: int = 30) -> StageNorms:
         """``stage_rows``: one mapping name -> duration ms per training step (same order as ``expected``)."""
         names = sorted({n for row in stage_rows if row for n in row})
         coefs = {}
@@ -88,7 +97,7 @@ class StageNorms:
             coefs[name] = (float(beta[0]), float(beta[1]), float(beta[2]), scale)
         return cls(coefs, min_z)
 
-    def excess(self, stages_ms: Mapping[str, float], expected_ms: float, batch: int) -> Dict[str, tuple]:
+    def excess(self, stages_ms: Mapping[str, float], expected_ms: float, batch: int) -> dict[str, tuple]:
         """name -> (ms over the norm, z) for every stage with a norm."""
         out = {}
         for name, dur in stages_ms.items():
@@ -111,7 +120,7 @@ class StageNorms:
         return {"min_z": self.min_z, "coefs": {k: list(v) for k, v in self.coefs.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "StageNorms":
+    def from_dict(cls, d: dict) -> StageNorms:
         return cls({k: tuple(float(x) for x in v) for k, v in d.get("coefs", {}).items()}, float(d.get("min_z", 4.0)))
 
 
@@ -121,9 +130,9 @@ _Q = ("run", "wait", "gc", "in_cpu", "sys", "usr", "psi_io", "iowait", "blocked"
       "pcie")
 
 
-def _quantities(step, sig: Mapping[str, float]) -> Dict[str, float]:
+def _quantities(step, sig: Mapping[str, float]) -> dict[str, float]:
     g = sig.get
-    q: Dict[str, float] = {}
+    q: dict[str, float] = {}
     if sc.SIGNAL_CPU_RUN_MS in sig:
         q["run"] = float(g(sc.SIGNAL_CPU_RUN_MS, 0.0))
         q["wait"] = float(g(sc.SIGNAL_CPU_WAIT_MS, 0.0))
@@ -154,24 +163,25 @@ class SignalNorms:
     (PCIe throughput: its median level), over a uniform sample (reservoir) of every normal step seen:
     :data:`NORM_ROWS` float32 rows per instance (~7 KB)."""
 
-    __slots__ = ("rows", "n", "frac", "added", "io_recent", "_seed")
+    __slots__ = ("rows", "n", "frac", "hi", "added", "io_recent", "_seed")
 
     def __init__(self) -> None:
         self._seed = 0x2545F491  # a 32-bit LCG for the reservoir: random.Random's state alone is 2.5 KB per instance
         self.rows = np.full((NORM_ROWS, len(_Q)), np.nan, dtype=np.float32)
         self.n = 0
-        self.frac: Optional[Dict[str, float]] = None
+        self.frac: Optional[dict[str, float]] = None
+        self.hi: dict[str, float] = {}  # the same, its 99th percentile: what a normal step rarely exceeds
         self.added = 0
         self.io_recent = 0.0  # I/O pressure (share of wall time) over about the last second, every step
 
-    def saw(self, y_ms: float, q: Dict[str, float]) -> None:
+    def saw(self, y_ms: float, q: dict[str, float]) -> None:
         """Every step, normal or not: I/O stalls come in bursts (a writer syncing every few seconds),
         so the pressure of the last second tells what kind of work the kernel is doing between them."""
         if "psi_io" in q and y_ms > 0:
             a = min(1.0, y_ms / 1000.0)
             self.io_recent += a * (q["psi_io"] / y_ms - self.io_recent)
 
-    def add(self, y_ms: float, q: Dict[str, float]) -> None:
+    def add(self, y_ms: float, q: dict[str, float]) -> None:
         # a uniform sample of every normal step seen (reservoir), not the most recent ones: a long, mild
         # fault lets many of its steps through as normal, and a recency window would learn the fault
         if self.n < NORM_ROWS:
@@ -190,30 +200,35 @@ class SignalNorms:
         if self.n >= NORM_MIN_ROWS and (self.frac is None or self.added >= NORM_EVERY):
             self.added = 0
             rows = self.rows[:min(self.n, NORM_ROWS)]
-            frac = {}
+            frac, hi = {}, {}
             for i, name in enumerate(_Q):
                 col = rows[:, i]
                 col = col[~np.isnan(col)]
                 if len(col) >= NORM_MIN_ROWS // 2:
-                    frac[name] = float(np.median(col))
-            self.frac = frac
+                    lo, top = np.quantile(col, (0.5, HI_QUANTILE))
+                    frac[name], hi[name] = float(lo), float(top)
+            self.frac, self.hi = frac, hi
 
 
 @dataclasses.dataclass
 class Explanation:
     root: str
-    explained: Dict[str, float]  # cause -> ms of the extra time it explains
+    explained: dict[str, float]  # cause -> ms of the extra time it explains
     extra_ms: float
     share: float  # of the main cause
     contributing: Optional[str] = None
     contributing_share: float = 0.0
+    confidence: float = 0.0  # share of the extra time the main cause's evidence explains beyond its normal range
+    contributing_confidence: float = 0.0  # likewise for the contributing cause
 
-    def attributes(self) -> Dict[str, object]:
-        out: Dict[str, object] = {sc.EVIDENCE_EXTRA_MS: round(self.extra_ms, 3),
-                                  sc.EVIDENCE_EXPLAINED: round(self.share, 3)}
+    def attributes(self) -> dict[str, object]:
+        out: dict[str, object] = {sc.EVIDENCE_EXTRA_MS: round(self.extra_ms, 3),
+                                  sc.EVIDENCE_EXPLAINED: round(self.share, 3),
+                                  sc.EVIDENCE_CONFIDENCE: round(self.confidence, 3)}
         if self.contributing:
             out[sc.EVIDENCE_CONTRIBUTING] = self.contributing
             out[sc.EVIDENCE_CONTRIBUTING_EXPLAINED] = round(self.contributing_share, 3)
+            out[sc.EVIDENCE_CONTRIBUTING_CONFIDENCE] = round(self.contributing_confidence, 3)
         for cause, ms in self.explained.items():
             if ms > 0:
                 out[sc.evidence_attribute(cause + "_ms")] = round(ms, 3)
@@ -230,8 +245,9 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
     sig = step.signals or {}
     q = _quantities(step, sig)
     f = (norms.frac if norms is not None else None) or {}
+    h = norms.hi if norms is not None and norms.frac else {}
     deepdive = bool(step.attributes.get(sc.DEEPDIVE))
-    ex: Dict[str, float] = {}
+    ex: dict[str, float] = {}
 
     def add(cause: str, ms: float) -> None:
         if ms > 0:
@@ -247,10 +263,22 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
             return 0.0
         return max(0.0, q[name] / max(y, 1e-6) - f[name])
 
+    def rate_beyond(name: str) -> bool:
+        """``name`` per ms of the step beyond what normal steps rarely exceed."""
+        return name in q and name in h and q[name] > h[name] * max(y, 1e-6)
+
+    def beyond(name: str) -> float:
+        """ms of ``name`` beyond what a normal step of the expected length rarely exceeds (its 99th
+        percentile; the median where that is not known yet)."""
+        return q.get(name, 0.0) - h.get(name, f.get(name, 0.0)) * e
+
     gc_ex = over("gc") if "gc" in f or not f else q.get("gc", 0.0)
     gc_on = gc_ex > 0.02 * y
     have_cpu = "run" in q and "run" in f and "wait" in f
     off_left = 0.0
+    stopped = False  # seen stopped: direct evidence, nothing normal looks like it
+    fought = False  # others took the engine's CPUs beyond their normal range while it waited beyond its own
+    io_on = False
     if have_cpu:
         d_run = over("run")
         d_wait = over("wait")
@@ -284,11 +312,14 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
                 add(sc.ROOT_CPU_CONTENTION, rest * w_usr / total)
         # -- longer on a CPU ----------------------------------------------------------------------
         if d_run > 0 and not deepdive:
+            # the same work for longer; but see ``fought`` below
+            fought = rate_beyond("usr") and beyond("wait") > 0
             add(sc.ROOT_CPU_SLOW, d_run)
         # -- neither running nor runnable -----------------------------------------------------------
         if d_off > 0:
             stops = float(sig.get(sc.SIGNAL_CPU_STOPS, 0.0))
             if stops >= 1 or q.get("stopped", 0.0) > 0.1 * d_off:
+                stopped = True
                 add(sc.ROOT_CPU_THROTTLED, d_off)
                 d_off = 0.0
             blocked = min(d_off, max(0.0, over("blocked")))
@@ -340,17 +371,62 @@ def explain(step, expected_ms: float, norms: Optional[SignalNorms], stage_norms:
                 ok = sx / max(extra, 1e-6) >= normal_share + 0.3
             if ok:
                 add(STAGE_PREFIX + name, min(sx, budget))
+    # -- how unusual each cause's own evidence is ------------------------------------------------------
+    def unusual(cause: str) -> float:
+        """ms of the cause's evidence beyond what this engine's normal steps rarely exceed: a share of the
+        extra time that its normal variation cannot explain."""
+        if cause == sc.ROOT_CPU_CONTENTION:
+            return beyond("wait")
+        if cause == sc.ROOT_CPU_THROTTLED:
+            return ex[cause] if stopped else beyond("throttled")
+        if cause == sc.ROOT_CPU_SLOW:
+            # on a CPU longer for *the same work*: a step beyond the workloads the model was fitted on
+            # may simply be more work
+            return 0.0 if novel else beyond("run")
+        if cause == sc.ROOT_GC:
+            # the pauses beyond their range, or the engine's other threads (collecting) taking its CPUs beyond
+            # theirs: then the credit the pauses and that CPU time earned stands
+            return ex[cause] if beyond("gc") > 0 or (gc_on and rate_beyond("in_cpu")) else 0.0
+        if cause == sc.ROOT_IO:
+            # I/O stalls are bursts that a normal step rarely sees (its median pressure is ~0) but a long, mild
+            # fault puts into the reservoir, so its 99th percentile is no bar: I/O pressure (the step's or the
+            # last second's) or iowait well over their medians, or the engine blocked beyond its range
+            return ex[cause] if io_on or beyond("blocked") > 0 else 0.0
+        if cause.startswith(STAGE_PREFIX):
+            return ex[cause]  # already beyond its norm by min_z robust deviations
+        return beyond("dev") if "dev" in h else ex[cause]
+
+    def confidence(cause: str) -> float:
+        """The share of the extra time that the cause's unusual evidence explains (1 where no evidence can
+        be checked: the stage excess alone names a stage then)."""
+        return min(1.0, max(0.0, unusual(cause)) / denom) if have_cpu or "dev" in h else 1.0
+
     # -- ranking -------------------------------------------------------------------------------------
     ranked = sorted(ex.items(), key=lambda kv: -kv[1])
+    if fought and ranked and ranked[0][0] == sc.ROOT_CPU_SLOW:
+        # longer on a CPU as the main cause, while others took the engine's CPUs beyond anything its normal
+        # steps saw and it waited beyond its own range: an engine that spins while it waits (vLLM's
+        # EngineCore polls its workers) is on a CPU longer because the CPUs were taken
+        add(sc.ROOT_CPU_CONTENTION, ex.pop(sc.ROOT_CPU_SLOW))
+        ranked = sorted(ex.items(), key=lambda kv: -kv[1])
+    root, ms, conf = None, 0.0, 0.0
     if ranked and ranked[0][1] >= MIN_SHARE * denom:
-        root, ms = ranked[0]
-    else:
+        conf = confidence(ranked[0][0])
+        if conf >= MIN_CONFIDENCE:
+            root, ms = ranked[0]
+    if root is None:
         # the workload, when the evidence shows the engine's threads running as usual and the step lies
-        # beyond what the model was fitted on; with no evidence to check that against, unknown
+        # beyond what the model was fitted on; with no evidence to check that against, or evidence
+        # within what this engine's normal steps show, unknown
         root, ms = (sc.ROOT_WORKLOAD if novel and have_cpu else sc.ROOT_UNKNOWN), 0.0
-    out = Explanation(root, ex, extra, min(1.0, ms / denom))
+    out = Explanation(root, ex, extra, min(1.0, ms / denom), confidence=round(conf, 3) if ms else 0.0)
     if ms and len(ranked) > 1 and ranked[1][1] >= CONTRIBUTING_SHARE * denom:
-        out.contributing, out.contributing_share = ranked[1][0], min(1.0, ranked[1][1] / denom)
+        # the same bar as the main cause's, scaled to its smaller share: its own evidence, beyond what normal
+        # steps show, must explain CONTRIBUTING_CONFIDENCE of the extra time
+        c_conf = confidence(ranked[1][0])
+        if c_conf >= CONTRIBUTING_CONFIDENCE:
+            out.contributing, out.contributing_share = ranked[1][0], min(1.0, ranked[1][1] / denom)
+            out.contributing_confidence = round(c_conf, 3)
     return out
 
 
@@ -359,10 +435,10 @@ class _State:
     __slots__ = ("norms", "__weakref__")
 
     def __init__(self) -> None:
-        self.norms: Dict[str, SignalNorms] = {}
+        self.norms: dict[str, SignalNorms] = {}
 
 
-_STATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _state(owner) -> _State:

@@ -16,12 +16,12 @@ import dataclasses
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.record import RequestRecord, StepRecord, Verdict
 from processors.base import StepProcessor
-from processors.config import build, positive
+from processors.config import build, invalid, key_path, positive
 
 TARGETS = (sc.SLO_TARGET_TTFT, sc.SLO_TARGET_TPOT, sc.SLO_TARGET_STEP, sc.SLO_TARGET_REQUEST)
 
@@ -40,23 +40,22 @@ class SLOConfig:
     metrics: bool = True
 
     def validate(self, where: str = "") -> None:
-        pre = where + "." if where else ""
         for k in ("ttft_ms", "tpot_ms", "step_ms"):
             v = getattr(self, k)
             if v is not None and v <= 0:
-                raise ValueError(f"{pre}{k}: must be > 0, got {v!r}")
+                raise invalid(key_path(where, k), f"must be > 0, got {v!r}")
         if not 0.0 < self.objective < 1.0:
-            raise ValueError(f"{pre}objective: must be between 0 and 1 (exclusive), got {self.objective!r}")
+            raise invalid(key_path(where, "objective"), f"must be between 0 and 1 (exclusive), got {self.objective!r}")
         positive(where, window_s=self.window_s, max_records=self.max_records)
         bad = [p for p in self.phase_set() if p not in sc.PHASES]
         if bad:
-            raise ValueError(f"{pre}step_phases: unknown phase {bad[0]!r} (known: {', '.join(sc.PHASES)})")
+            raise invalid(key_path(where, "step_phases"), f"unknown phase {bad[0]!r} (known: {', '.join(sc.PHASES)})")
 
     def phase_set(self) -> frozenset:
         return frozenset(p.strip() for p in self.step_phases.split(",") if p.strip())
 
     @classmethod
-    def from_dict(cls, d, where: str = "") -> "SLOConfig":
+    def from_dict(cls, d, where: str = "") -> SLOConfig:
         return build(cls, d, where)
 
 
@@ -103,7 +102,7 @@ class SLOProcessor(StepProcessor):
         self.cfg: SLOConfig = config
         self._phases = config.phase_set()
         w = int(config.window_s * 1e9)
-        self.windows: Dict[str, _Window] = {t: _Window(w, config.max_records) for t in TARGETS}
+        self.windows: dict[str, _Window] = {t: _Window(w, config.max_records) for t in TARGETS}
         self._lock = threading.Lock()
         self._m_viol = None
         self._m_checked = None

@@ -51,10 +51,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from processors.features import EVENT, N_CLASSES, ORDINARY, step_class
 
@@ -66,7 +68,7 @@ OFF = 1e9  # a bar that never fires (the test is off)
 APART = 3.0  # event steps are judged apart when their scale is this many times the ordinary steps' (events_apart)
 GATE = 1.5  # a step pulls the level by at most this many of its class scales
 
-# the injection recipe (prism_otel.simulate.holdout's): magnitudes, and lengths per shape
+# the injection recipe (prism_eval.simulate.holdout's): magnitudes, and lengths per shape
 _MAGNITUDES = (1.3, 1.5, 2.0, 3.0)
 _GRID = {"point": (4.0, 5.0, 6.0, 8.0, 10.0, 13.0, 17.0, 22.0),
          "pair": (2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 11.0),
@@ -80,6 +82,10 @@ _START = {"point": 8.0, "pair": 4.0, "window": 4.0, "stay": 2.0, "stay_event": 1
 class VerdictParams:
     alpha: float = 0.002  # the shift limit's false-alarm rate on training steps
     target_fpr: float = 0.005  # operating point: best F1 on injected training steps at no more FPR than this
+    # the bars' ceilings, as ratios to the expectation on the ordinary steps' scale: a step this many times its
+    # expectation is always over the point bar, two in a row this many times over the pair bar (0: no ceiling)
+    point_ratio: float = 4.0
+    pair_ratio: float = 3.0
     short: int = 3
     long_window: int = 32
     level_rate: float = 0.1
@@ -132,7 +138,7 @@ class Cells:
 
     def __init__(self, p: VerdictParams) -> None:
         self.p = p
-        self._c: Dict[int, list] = {}  # cell -> [bias, steps learned, steps seen]; insertion order = recency
+        self._c: dict[int, list] = {}  # cell -> [bias, steps learned, steps seen]; insertion order = recency
 
     def get(self, cell: int, known=None) -> list:
         """The cell's entry; a cell new here starts from ``known`` (its bias in the model's training
@@ -155,7 +161,7 @@ class Cells:
         e[0] = -m if b < -m else (m if b > m else b)
         e[1] = n + 1
 
-    def known(self) -> Dict[int, float]:
+    def known(self) -> dict[int, float]:
         return {c: e[0] for c, e in self._c.items() if e[1] >= self.p.cell_min_steps}
 
 
@@ -199,15 +205,16 @@ class KeyVerdict:
         self.alarm = False  # a test fired within the last clear_steps steps
         self.quiet = 0
 
-    def judge(self, u: float, x, model) -> tuple:
+    def judge(self, u: float, x, model, cell: Optional[int] = None) -> tuple:
         """(score, anomalous, rising_edge, test) for one step's residual ``u`` (``log(y / expected) -
         center``) with features ``x``, against ``model``'s scales and limits (:func:`calibrate`).
-        ``test``: on an anomalous step, ``point``, ``window`` or ``shift``."""
+        ``test``: on an anomalous step, ``point``, ``window`` or ``shift``. ``cell``: ``cell_of(x)`` when the
+        caller has it."""
         p = self.p
         lim = model.limits
         cls = step_class(x)
         event = cls == EVENT and model.events_apart
-        c = cell_key(x, event)
+        c = 2 * (cell_of(x) if cell is None else cell) + event  # cell_key(x, event)
         e = self.cells.get(c, model.cells.get(c))
         e[2] += 1
         w = u - e[0] if e[1] else u
@@ -322,7 +329,7 @@ def _replay(residuals, X, p: VerdictParams, scales0, apart: bool) -> tuple:
     return w, v, cls, cells.known()
 
 
-def _scales(v: np.ndarray, cls: np.ndarray, floor: float) -> List[float]:
+def _scales(v: np.ndarray, cls: np.ndarray, floor: float) -> list[float]:
     """Robust scale (1.4826 MAD) of each class; a class with few steps takes the scale of all."""
     pooled = max(floor, 1.4826 * float(np.median(np.abs(v - np.median(v))))) if len(v) else 1.0
     out = []
@@ -332,7 +339,7 @@ def _scales(v: np.ndarray, cls: np.ndarray, floor: float) -> List[float]:
     return out
 
 
-def injections(n: int, rng: np.random.Generator, gap: int = 120) -> List[np.ndarray]:
+def injections(n: int, rng: np.random.Generator, gap: int = 120) -> list[np.ndarray]:
     """Multipliers of the evaluation's recipe over ``n`` steps, one array per shape (flat 1.3-3x over
     10-50 steps; a ramp to 1.3-3x over 30-80 steps then held 10; bursts of 3-8 steps), episodes at least
     ``gap`` steps apart."""
@@ -397,7 +404,7 @@ class _Case:
         self.lab = np.where(mult >= 1.1, 1, np.where(mult > 1.0, -1, 0))
         self.idx = idx
 
-    def flags(self, t: Dict[str, float]) -> np.ndarray:
+    def flags(self, t: dict[str, float]) -> np.ndarray:
         z, over, inf = self.z, self.over, self.inf
         trig = ((z > t["point"]) & self.big) | ((self.zmin2 > t["pair"]) & over) | self.shift
         if t["window"] < OFF:
@@ -410,7 +417,7 @@ class _Case:
         return stay & (last_trig >= run_start)
 
 
-def _score(cases: Sequence[_Case], t: Dict[str, float]) -> Tuple[float, float]:
+def _score(cases: Sequence[_Case], t: dict[str, float]) -> tuple[float, float]:
     tp = fp = fn = tn = 0
     for c in cases:
         f = c.flags(t)
@@ -423,18 +430,22 @@ def _score(cases: Sequence[_Case], t: Dict[str, float]) -> Tuple[float, float]:
     return f1, fp / max(1, fp + tn)
 
 
-def operating_point(cases: Sequence[_Case], target_fpr: float) -> Dict[str, float]:
+def operating_point(cases: Sequence[_Case], target_fpr: float,
+                    ceilings: Optional[dict[str, float]] = None) -> dict[str, float]:
     """The bars with the best F1 whose FPR stays within ``target_fpr`` (coordinate search over
-    :data:`_GRID`); when none does, the ones with the least FPR."""
+    :data:`_GRID`, each bar at most its ``ceilings`` value, or the grid's lowest where that is lower);
+    when none does, the ones with the least FPR."""
+    grid = {n: tuple(v for v in vals if ceilings is None or n not in ceilings or v <= ceilings[n]) or (min(vals),)
+            for n, vals in _GRID.items()}
     def key(t):
         f1, fpr = _score(cases, t)
         return (fpr <= target_fpr, f1 if fpr <= target_fpr else -fpr)
 
-    best = dict(_START)
+    best = {n: v if v in grid[n] else max(grid[n]) for n, v in _START.items()}
     bk = key(best)
     for _ in range(3):
         moved = False
-        for name, vals in _GRID.items():
+        for name, vals in grid.items():
             for val in vals:
                 if val == best[name]:
                     continue
@@ -447,7 +458,7 @@ def operating_point(cases: Sequence[_Case], target_fpr: float) -> Dict[str, floa
     return best
 
 
-def calibrate(residuals: Sequence[float], X: Sequence[Sequence[float]], p: VerdictParams, seed: int = 0) -> tuple:
+def calibrate(residuals: ArrayLike, X: ArrayLike, p: VerdictParams, seed: int = 0) -> tuple:
     """Scales, limits and cells from normal out-of-fold residuals in time order (their feature rows give
     the cells and classes). Returns ``(limits, scales, cells)``: ``cells`` maps each workload cell with at
     least ``cell_min_steps`` training steps to its bias, so a verdict (a restarted process too) starts
@@ -471,6 +482,10 @@ def calibrate(residuals: Sequence[float], X: Sequence[Sequence[float]], p: Verdi
         for _ in range(2):
             for mult in injections(len(r), rng):
                 cases.append(_Case(v, w, cls, scales, mult, p, shift_lim))
-    limits = operating_point(cases, p.target_fpr) if cases else dict(_START)
+    # on a noisy stretch no bars meet target_fpr, and the least FPR would put them out of reach of any
+    # slowdown: a 4x step alone and two 3x steps in a row stay within reach of the point and pair bars
+    ceilings = {n: math.log(ratio) / scales[ORDINARY] for n, ratio in (("point", p.point_ratio), ("pair", p.pair_ratio))
+                if ratio > 1}
+    limits = operating_point(cases, p.target_fpr, ceilings) if cases else dict(_START)
     limits["shift"] = shift_lim
     return limits, scales, cells

@@ -14,7 +14,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -29,7 +29,7 @@ def _value(v):
     return getattr(v, kind) if kind else None
 
 
-def attrs_of(kvs) -> Dict[str, object]:
+def attrs_of(kvs) -> dict[str, object]:
     return {kv.key: _value(kv.value) for kv in kvs}
 
 
@@ -41,15 +41,15 @@ class SinkSpan:
     parent_id: str
     start: int
     end: int
-    attributes: Dict[str, object]
-    links: List[tuple]  # (trace_id, span_id)
-    events: List[tuple]  # (name, attributes)
-    resource: Dict[str, object] = field(default_factory=dict)
+    attributes: dict[str, object]
+    links: list[tuple]  # (trace_id, span_id)
+    events: list[tuple]  # (name, attributes)
+    resource: dict[str, object] = field(default_factory=dict)
     kind: int = 0
 
 
 class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, sink: "OTLPSink") -> None:
+    def __init__(self, sink: OTLPSink) -> None:
         self.sink = sink
 
     def Export(self, request, context):  # noqa: N802 - gRPC method name
@@ -67,7 +67,7 @@ class OTLPSink:
         self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "OTLPSink":
+    def __enter__(self) -> OTLPSink:
         self._server.start()
         return self
 
@@ -81,7 +81,7 @@ class OTLPSink:
         with self._lock:
             self.requests.clear()
 
-    def spans(self) -> List[SinkSpan]:
+    def spans(self) -> list[SinkSpan]:
         with self._lock:
             reqs = list(self.requests)
         out = []
@@ -99,7 +99,7 @@ class OTLPSink:
                             kind=s.kind))
         return out
 
-    def wait_for(self, pred: Callable[[List[SinkSpan]], bool], timeout: float = 30.0) -> List[SinkSpan]:
+    def wait_for(self, pred: Callable[[list[SinkSpan]], bool], timeout: float = 30.0) -> list[SinkSpan]:
         deadline = time.monotonic() + timeout
         spans = self.spans()
         while not pred(spans) and time.monotonic() < deadline:

@@ -18,9 +18,10 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import List, Optional
+from typing import Optional
 
 import pytest
+
 
 def tool(name: str) -> str:
     """Path of an installed tool; fails the test with the install command."""
@@ -61,7 +62,7 @@ class Receiver:
     """An HTTP server on loopback that keeps every JSON body POSTed to it, by path."""
 
     def __init__(self) -> None:
-        self.bodies: List[tuple] = []  # (path, body, monotonic time)
+        self.bodies: list[tuple] = []  # (path, body, monotonic time)
         self._lock = threading.Lock()
         outer = self
 
@@ -107,7 +108,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def _serving(workdir: str, name: str, argv: List[str]):
+def _serving(workdir: str, name: str, argv: list[str]):
     """Run a Prometheus-family server (``argv`` plus its listen address on a free loopback port) until its
     ``/-/ready`` answers; yields its base URL, stops it after."""
     port = free_port()
@@ -148,7 +149,7 @@ receivers:
 
 
 @contextlib.contextmanager
-def prometheus(workdir: str, targets: List[str], interval: str = "1s", rule_files: List[str] = ()):
+def prometheus(workdir: str, targets: list[str], interval: str = "1s", rule_files: list[str] = ()):
     """A real Prometheus scraping ``targets`` (host:port) every ``interval``. Yields its base URL."""
     exe = tool("prometheus")
     os.makedirs(workdir, exist_ok=True)

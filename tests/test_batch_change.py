@@ -7,7 +7,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from prism_otel import semconv as sc
 from prism_otel.pipeline import ChangeTracker, Pipeline
-from prism_otel.record import BatchChange, Recorder, StepFeatures, clock_ns, to_epoch_ns
+from prism_otel.record import BatchChange, StepFeatures, clock_ns, to_epoch_ns
+from prism_otel.recorder import Recorder
 from prism_otel.signals import GcPauses
 
 

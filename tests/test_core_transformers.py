@@ -176,7 +176,7 @@ def test_forked_child_is_traced(tmp_path):
         "import os, sys\n"
         f"sys.path.insert(0, {os.path.join(ROOT, 'tests', 'engines')!r})\n"
         "import cb_workload\n"
-        "from prism_otel import tiny_models\n"
+        "from prism_eval import tiny_models\n"
         "d = tiny_models.build(tiny_models.default_dir('tiny'), 'tiny')\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"

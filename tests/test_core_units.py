@@ -96,11 +96,11 @@ def test_request_parent_through_the_ring_keeps_remote_and_front_end_ids():
     """A caller's context stays the parent (remote); ids vLLM's front end made for a request (tracestate
     prism=root, instrumentation/vllm/_join.py) come through the ring as the request span's own."""
     from opentelemetry import trace
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 
     from prism_otel.instrumentation.vllm._join import new_root_headers
     from prism_otel.otlp_encode import OTLPSink
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     own = new_root_headers()
     _, tid, sid, _ = own["traceparent"].split("-")

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from prism_otel.simulate import stepcsv
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
+from prism_eval.simulate import stepcsv
+from prism_eval.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

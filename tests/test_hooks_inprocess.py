@@ -18,10 +18,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import prism_otel
-from prism_otel import _runtime, semconv as sc, tiny_models
+from prism_eval import tiny_models
+from prism_otel import _runtime
+from prism_otel import semconv as sc
 from prism_otel.instrumentation import STATUS
 from prism_otel.instrumentation._hooks import GUARDS
-from prism_otel.instrumentation.transformers import _cb, TransformersInstrumentor
+from prism_otel.instrumentation.transformers import TransformersInstrumentor, _cb
 from tests.engines import cb_workload
 
 cbapi = pytest.importorskip("transformers.generation.continuous_batching.continuous_api")

@@ -193,6 +193,22 @@ def test_batches_by_size_and_by_age():
     assert n == [4, 2]
 
 
+def test_requests_stay_under_the_byte_cap_and_lose_nothing():
+    from prism_otel.export import BatchSettings
+
+    assert BatchSettings.from_env().batch_spans == 2048  # no OTEL_BSP_MAX_EXPORT_BATCH_SIZE: the queue's size
+    keep = _Keep()
+    sink = OTLPSink({"service.name": "t"}, [keep], batch_spans=10_000, batch_bytes=2000)
+    for _ in range(20):
+        sink.step(_steps()[0], [])  # 3 spans a step, about 1.2 KB
+    assert keep.payloads  # cut by bytes long before 10,000 spans
+    sink.flush()
+    n = [len(_flat(ExportTraceServiceRequest.FromString(p))) for p in keep.payloads]
+    assert sum(n) == 60 and len(n) > 10
+    req = [ExportTraceServiceRequest.FromString(p) for p in keep.payloads]
+    assert all(sum(s.ByteSize() for ss in r.resource_spans[0].scope_spans for s in ss.spans) <= 2000 for r in req)
+
+
 def test_anomaly_window_exports_context_and_one_in_k():
     w = AnomalyWindow(context=2, keep_one_in=5)
     out = []

@@ -22,8 +22,8 @@ import urllib.parse
 
 import pytest
 
+from prism_eval.simulate import scenario
 from prism_otel import semconv as sc
-from prism_otel.simulate import scenario
 from tests import servers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

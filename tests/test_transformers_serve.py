@@ -18,7 +18,8 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from prism_otel import semconv as sc, tiny_models
+from prism_eval import tiny_models
+from prism_otel import semconv as sc
 from tests.otlp_sink import OTLPSink
 
 BIN = os.path.dirname(sys.executable)

@@ -44,7 +44,7 @@ def vllm_python():
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     return tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
 
@@ -74,7 +74,7 @@ def lens(report: dict):
 
 
 def settle(sink: OTLPSink, pred, timeout=30.0):
-    spans = sink.wait_for(pred, timeout)
+    sink.wait_for(pred, timeout)
     time.sleep(0.5)  # anything still in flight
     return sink.spans()
 

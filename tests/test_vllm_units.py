@@ -30,7 +30,7 @@ class _Scheduler:
 
 def _req(rid, prompt, computed_after, outputs=0, chunk=None):
     r = Request(rid, list(range(3, 3 + prompt)), SamplingParams(max_tokens=64), None)
-    for t in range(outputs):
+    for _ in range(outputs):
         r.append_output_token_ids(7)
     r.num_computed_tokens = computed_after  # what schedule() leaves: before + this step's tokens
     r.is_prefill_chunk = computed_after < r.num_tokens if chunk is None else chunk

@@ -6,14 +6,13 @@ Each function asserts one property and returns what it found, so a failure names
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List
 
 from prism_otel import semconv as sc
 
 STEP_STAGES = {sc.STAGE_SCHEDULE, sc.STAGE_FORWARD, sc.STAGE_SAMPLE, sc.STAGE_UPDATE}
 
 
-def split(spans) -> Dict[str, list]:
+def split(spans) -> dict[str, list]:
     out = defaultdict(list)
     for s in spans:
         a = s.attributes
@@ -35,7 +34,7 @@ def no_duplicates(spans) -> None:
     assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} spans received twice"
 
 
-def tokens_add_up(steps, prompt_lens: List[int], gen_lens: List[int]) -> int:
+def tokens_add_up(steps, prompt_lens: list[int], gen_lens: list[int]) -> int:
     """Σ step tokens == Σ prompt + Σ generated − requests (no prefix caching, no preemption)."""
     total = sum(s.attributes[sc.BATCH_PREFILL_TOKENS] + s.attributes[sc.BATCH_DECODE_TOKENS] for s in steps)
     want = sum(prompt_lens) + sum(gen_lens) - len(prompt_lens)
@@ -59,7 +58,7 @@ def stages_nest(steps, stages) -> None:
         assert STEP_STAGES <= names, f"step {s.attributes[sc.STEP_INDEX]} has stages {sorted(names)}"
         k = kids[s.span_id]
         order = [k[n] for n in (sc.STAGE_SCHEDULE, sc.STAGE_FORWARD, sc.STAGE_SAMPLE, sc.STAGE_UPDATE)]
-        for (a0, a1), (b0, b1) in zip(order, order[1:]):
+        for (_a0, a1), (b0, _b1) in zip(order, order[1:]):
             assert a1 <= b0, f"stages out of order in step {s.attributes[sc.STEP_INDEX]}"
 
 

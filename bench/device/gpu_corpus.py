@@ -1,5 +1,5 @@
 """Record the GPU corpus (issue 22) on a lent GPU machine: ``transformers-gpu-1b`` of
-prism_otel.simulate.corpus (transformers continuous batching, a ~1.2 B random-weight Llama in bf16
+prism_eval.simulate.corpus (transformers continuous batching, a ~1.2 B random-weight Llama in bf16
 built there, the same 32-configuration grid as the CPU corpora), then keep what a later session
 needs: steps.csv.gz, segments.jsonl, meta.json and the raw OTLP JSON lines (so the step table can be
 derived again when the corpus columns grow).
@@ -27,12 +27,14 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--segment-s", type=float, default=10.0)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--name", default="transformers-gpu-1b", help="the corpus of prism_eval.simulate.corpus.CORPORA")
     a = ap.parse_args()
-    from prism_otel.simulate import corpus as cp
+    from prism_eval.simulate import corpus as cp
 
-    name = "transformers-gpu-1b"
+    name = a.name
     if a.smoke:
-        cp.CORPORA["smoke-cpu"] = ("transformers", "tiny", {"threads": 1})
+        cb = dict(cp.CORPORA[name][2].get("cb", {}))
+        cp.CORPORA["smoke-cpu"] = ("transformers", "tiny", {"threads": 1, "cb": cb})
         name = "smoke-cpu"
         a.segment_s = min(a.segment_s, 1.0)
     work = os.path.abspath(a.out) + ".recording"

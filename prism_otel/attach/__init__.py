@@ -51,6 +51,21 @@ The handshake: the stub's thread writes ``status.json`` (``prism_otel.status()``
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ below hands out, for the type checker
+    from prism_otel.attach.api import (
+        AttachFailed,
+        Refused,
+        attach,
+        attached,
+        config_env,
+        detach,
+        examine,
+        expand_paths,
+        status,
+        tree,
+    )
 
 __all__ = ["AttachFailed", "Refused", "attach", "attached", "config_env", "detach", "examine", "expand_paths",
            "status", "tree"]

@@ -182,9 +182,10 @@ class Request:
 
     def _remote_exec(self) -> None:
         pid = self.t.pid
-        if sys.version_info[:2] == self.t.version and hasattr(sys, "remote_exec"):
+        remote_exec = getattr(sys, "remote_exec", None)  # Python 3.14+
+        if sys.version_info[:2] == self.t.version and remote_exec is not None:
             try:
-                sys.remote_exec(pid, self.stub_path)
+                remote_exec(pid, self.stub_path)
             except (OSError, RuntimeError, ValueError) as exc:
                 raise InjectError(f"sys.remote_exec({pid}) failed: {exc}") from exc
             return

@@ -15,17 +15,26 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional
+
+from prism_otel import engines
 
 MIN_VERSION = (3, 9)  # pyproject's requires-python
 CAP_SYS_PTRACE = 19
 _LIBPY = re.compile(r"/libpython(\d+)\.(\d+)t?[a-z]*\.so")
 _SITE = re.compile(r" (/\S*?)/lib/python\d+\.\d+t?/site-packages/")
 _PYEXE = re.compile(r"^python(\d+(\.\d+)?)?t?$")
-# Modules that mean "this Python process runs an inference engine" (in /proc/PID/maps: extension
-# modules and shared libraries are mapped; pure-Python modules are not, hence torch as the witness).
-ENGINE_MARKERS = ("/torch/lib/", "/vllm/", "/sglang/")
+
+
+def engine_markers() -> tuple[str, ...]:
+    """Paths that mean "this Python process runs an inference engine" (in /proc/PID/maps: extension
+    modules and shared libraries are mapped; pure-Python modules are not, hence torch as the witness,
+    first: every engine we know loads it; :mod:`prism_otel.engines` gives the rest)."""
+    return ("/torch/lib/",) + tuple(e.maps_marker for e in engines.known() if e.maps_marker)
+
+
 # Python helpers that map an engine's libraries but run no engine (multiprocessing's own servers).
 HELPER_MARKERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver",
                   "multiprocessing.semaphore_tracker")
@@ -42,20 +51,20 @@ class Target:
     pid: int
     uid: int
     exe: str
-    version: Tuple[int, int]
-    argv: List[str]
-    environ: Dict[str, str]
+    version: tuple[int, int]
+    argv: list[str]
+    environ: dict[str, str]
     cwd: str
     start_time: int
     libpython: Optional[str] = None
     engine: Optional[str] = None
-    probe: Dict[str, object] = field(default_factory=dict)
-    venvs: List[str] = field(default_factory=list)  # venv roots (pyvenv.cfg) of site-packages it mapped
+    probe: dict[str, Any] = field(default_factory=dict)  # probe_imports' JSON report
+    venvs: list[str] = field(default_factory=list)  # venv roots (pyvenv.cfg) of site-packages it mapped
     gid: Optional[int] = None  # effective gid (the probe runs as the target's user and group)
 
     @property
     def version_str(self) -> str:
-        return "%d.%d" % self.version
+        return "{}.{}".format(*self.version)
 
 
 def _read(path: str, mode: str = "r"):
@@ -69,7 +78,7 @@ def start_time(pid: int) -> int:
     return int(raw[raw.rindex(")") + 2:].split()[19])
 
 
-def _status_fields(pid: int) -> Dict[str, str]:
+def _status_fields(pid: int) -> dict[str, str]:
     out = {}
     for line in _read(f"/proc/{pid}/status").splitlines():
         k, _, v = line.partition(":")
@@ -122,7 +131,7 @@ def _is_descendant(pid: int, ancestor: int) -> bool:
     return False
 
 
-def _python_version_of_exe(exe: str) -> Optional[Tuple[int, int]]:
+def _python_version_of_exe(exe: str) -> Optional[tuple[int, int]]:
     try:
         out = subprocess.run([exe, "-I", "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
                              capture_output=True, text=True, timeout=20)
@@ -153,9 +162,9 @@ def examine(pid: int) -> Target:
         uid = int(fields["Uid"].split()[1])
         gid = int(fields["Gid"].split()[1])
     except PermissionError as exc:
-        raise Refused(f"permission denied reading /proc/{pid} ({exc.strerror}): run as the process's user or root")
-    except (FileNotFoundError, ProcessLookupError):
-        raise Refused(f"process {pid} exited")
+        raise Refused(f"permission denied reading /proc/{pid} ({exc.strerror}): run as the process's user or root") from exc
+    except (FileNotFoundError, ProcessLookupError) as exc:
+        raise Refused(f"process {pid} exited") from exc
     environ = {}
     for item in env_raw:
         k, sep, v = item.decode(errors="replace").partition("=")
@@ -189,7 +198,7 @@ def examine(pid: int) -> Target:
     if not same_root:
         raise Refused(f"process {pid} lives in another mount namespace (a container?): run prism-otel attach "
                       "inside it, where its files are")
-    engine = next((mk.strip("/").split("/")[0] for mk in ENGINE_MARKERS if mk in maps), None)
+    engine = next((mk.strip("/").split("/")[0] for mk in engine_markers() if mk in maps), None)
     venvs = []
     for m in _SITE.finditer(maps):
         root = m.group(1)
@@ -280,7 +289,7 @@ def _as_target_user(t: Target):
     return drop
 
 
-def probe_imports(t: Target, paths: Sequence[str], modules: Sequence[str] = REQUIRED_MODULES) -> Dict[str, object]:
+def probe_imports(t: Target, paths: Sequence[str], modules: Sequence[str] = REQUIRED_MODULES) -> dict[str, Any]:
     """Can the target import what the bootstrap needs? Runs the target's interpreter (same venv, env
     and cwd), as the target's user, with ``paths`` prepended. Returns the probe's report;
     ``{"skipped": why}`` if it could not run (the handshake still reports an import failure then)."""
@@ -300,9 +309,9 @@ def probe_imports(t: Target, paths: Sequence[str], modules: Sequence[str] = REQU
     return rep
 
 
-def children(pid: int) -> List[int]:
+def children(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (from /proc/*/stat), parents before children."""
-    kids: Dict[int, List[int]] = {}
+    kids: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -318,7 +327,7 @@ def children(pid: int) -> List[int]:
     return out
 
 
-def tree(pid: int) -> Tuple[List[Target], List[Tuple[int, str]]]:
+def tree(pid: int) -> tuple[list[Target], list[tuple[int, str]]]:
     """The processes of ``pid``'s tree worth attaching (Python with an engine loaded; the root too
     when it is Python) and the others with why they are skipped."""
     keep, skipped = [], []
@@ -336,7 +345,8 @@ def tree(pid: int) -> Tuple[List[Target], List[Tuple[int, str]]]:
         elif i == 0 or t.engine:
             keep.append(t)
         else:
-            skipped.append((p, "Python, but no inference engine loaded (no torch/vllm/sglang in its memory map)"))
+            skipped.append((p, "Python, but no inference engine loaded (no "
+                            + "/".join(m.strip("/").split("/")[0] for m in engine_markers()) + " in its memory map)"))
     if not keep:
         raise Refused(f"no Python process with an inference engine under {pid}: "
                       + "; ".join(f"{p}: {w}" for p, w in skipped))

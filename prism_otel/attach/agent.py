@@ -17,14 +17,17 @@ import sys
 import threading
 import time
 import traceback
-from typing import List
+from typing import Any
 
 from prism_otel import semconv as sc
 
-_ADDED_PATHS: List[str] = []  # sys.path entries attach added (removed again by detach)
+_ADDED_PATHS: list[str] = []  # sys.path entries attach added (removed again by detach)
+# what a ``call`` may name: the packages of prism-otel's distribution that hold such functions (the product's,
+# and prism_eval's, whose simulation toolkit delivers its in-process faults this way)
+_CALL_PACKAGES = ("prism_otel.", "prism_eval.")
 
 
-def _attach(req: dict, added: List[str], doc: dict) -> None:
+def _attach(req: dict, added: list[str], doc: dict) -> None:
     import prism_otel
     from prism_otel import _runtime
 
@@ -40,7 +43,7 @@ def _attach(req: dict, added: List[str], doc: dict) -> None:
         doc["error"] = f"prism-otel is disabled by {sc.ENV_DISABLED} in the attach configuration"
 
 
-def _detach(req: dict, added: List[str], doc: dict) -> None:
+def _detach(req: dict, added: list[str], doc: dict) -> None:
     import prism_otel
     from prism_otel import _runtime
 
@@ -59,20 +62,21 @@ def _call(req: dict, doc: dict) -> None:
     """Run ``req["call"]`` = ``{"target": "prism_otel.<module>:<function>", "kwargs": {...}}`` here and
     put its (JSON-able) return value in ``doc["result"]``: how the simulation toolkit delivers its
     in-process faults (a stage stall, a GC storm) through this same mechanism. Only functions of
-    prism-otel's own modules can be named."""
+    prism-otel's own modules (:data:`_CALL_PACKAGES`) can be named."""
     import importlib
 
     spec = req.get("call") or {}
     mod, _, fn = str(spec.get("target", "")).partition(":")
-    if not mod.startswith("prism_otel.") or not fn.isidentifier():
-        raise ValueError(f"call: expected 'prism_otel.<module>:<function>', got {spec.get('target')!r}")
+    if not mod.startswith(_CALL_PACKAGES) or not fn.isidentifier():
+        raise ValueError(f"call: expected 'prism_otel.<module>:<function>' or 'prism_eval.<module>:<function>', "
+                         f"got {spec.get('target')!r}")
     doc["result"] = getattr(importlib.import_module(mod), fn)(**(spec.get("kwargs") or {}))
 
 
-def run(req: dict, added: List[str], base: dict) -> dict:
+def run(req: dict, added: list[str], base: dict) -> dict:
     """Carry out ``req`` and return the handshake document (the stub writes it)."""
     t0 = time.monotonic()
-    doc = dict(base, ok=True)
+    doc: dict[str, Any] = dict(base, ok=True)
     try:
         action = req["action"]
         if action == "attach":

@@ -7,8 +7,9 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.attach._inject import InjectError, Request, work_dir
@@ -35,7 +36,7 @@ def default_timeout() -> float:
         return DEFAULT_TIMEOUT
 
 
-def config_env(overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def config_env(overrides: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The configuration the target gets: our OTEL_* / PRISM_OTEL_* variables plus ``overrides``.
     With no exporter configured, the embedded default writes under the *attacher's* ./prism-out."""
     attacher_only = {sc.ENV_ATTACH_DIR, sc.ENV_ATTACH_TIMEOUT}
@@ -48,9 +49,9 @@ def config_env(overrides: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def expand_paths(paths: Sequence[str]) -> List[str]:
+def expand_paths(paths: Sequence[str]) -> list[str]:
     """``--path`` entries as sys.path entries: a directory as is, plus every wheel inside it."""
-    out: List[str] = []
+    out: list[str] = []
     for p in paths:
         p = os.path.abspath(p)
         if not os.path.exists(p):
@@ -76,7 +77,7 @@ def _registry_path() -> str:
     return os.path.join(work_dir(), "attached.json")
 
 
-def _registry() -> Dict[str, dict]:
+def _registry() -> dict[str, dict]:
     try:
         with open(_registry_path()) as f:
             return json.load(f)
@@ -106,7 +107,7 @@ def _remember(t: Target, doc: dict, attached_now: bool) -> None:
         os.replace(tmp, _registry_path())
 
 
-def attached() -> List[dict]:
+def attached() -> list[dict]:
     """Processes this user attached to that are still alive (the same process: pid + start time)."""
     out = []
     for e in _registry().values():
@@ -118,7 +119,7 @@ def attached() -> List[dict]:
     return sorted(out, key=lambda e: e["pid"])
 
 
-def _request(t: Target, action: str, env: Dict[str, str], paths: Sequence[str], timeout: float) -> dict:
+def _request(t: Target, action: str, env: dict[str, str], paths: Sequence[str], timeout: float) -> dict:
     with _locked(f"lock-{t.pid}"):
         req = Request(t, action, env, paths, stop_timeout=max(1.0, timeout / 2))
         answered = False
@@ -163,7 +164,7 @@ def _check_import(t: Target, paths: Sequence[str]) -> None:
                if t.uid != os.geteuid() else ""))
 
 
-def attach(pid: int, env: Optional[Dict[str, str]] = None, paths: Sequence[str] = (),
+def attach(pid: int, env: Optional[dict[str, str]] = None, paths: Sequence[str] = (),
            timeout: Optional[float] = None, probe: bool = True, target: Optional[Target] = None) -> dict:
     """Start prism-otel in ``pid``; returns its handshake. Raises :class:`Refused` (untouched) or
     :class:`AttachFailed`. Attaching to an attached process is harmless (``already`` is true)."""

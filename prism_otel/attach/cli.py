@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from typing import List
+from typing import Optional
 
 from prism_otel import semconv as sc
 
@@ -137,7 +137,7 @@ def _run_each(args, action: str) -> int:
             print(f"{verb}: {_summary(doc)}")
     if args.json:
         print(json.dumps(docs, indent=1, default=repr))
-    if follow and rc == RC_OK and targets:
+    if follow and rc == RC_OK and targets and env is not None:  # (env is set whenever follow is)
         from prism_otel import alerts_cli
 
         pids = [t.pid for t in targets]
@@ -190,7 +190,7 @@ def dispatch(args):
     return None
 
 
-def main(argv: List[str]) -> int:  # for `python -m prism_otel.attach.cli` in tests
+def main(argv: list[str]) -> Optional[int]:  # for `python -m prism_otel.attach.cli` in tests
     p = argparse.ArgumentParser(prog="prism-otel")
     register(p.add_subparsers(dest="cmd", required=True))
     return dispatch(p.parse_args(argv))

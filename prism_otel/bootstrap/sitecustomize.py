@@ -4,6 +4,7 @@ process of the command (children inherit PYTHONPATH, so spawn-started ones too),
 
 
 def _chain_shadowed_sitecustomize() -> None:
+    import importlib.machinery
     import importlib.util
     import os
     import sys
@@ -14,10 +15,14 @@ def _chain_shadowed_sitecustomize() -> None:
             continue
         path = os.path.join(entry, "sitecustomize.py")
         if os.path.isfile(path):
-            spec = importlib.util.spec_from_file_location("_prism_shadowed_sitecustomize", path)
+            # the loader spec_from_file_location picks for a .py file, named so it is typed
+            loader = importlib.machinery.SourceFileLoader("_prism_shadowed_sitecustomize", path)
+            spec = importlib.util.spec_from_file_location("_prism_shadowed_sitecustomize", path, loader=loader)
+            if spec is None:  # never with a loader given
+                continue
             mod = importlib.util.module_from_spec(spec)
             sys.modules["_prism_shadowed_sitecustomize"] = mod
-            spec.loader.exec_module(mod)
+            loader.exec_module(mod)
             return
 
 

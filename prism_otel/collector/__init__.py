@@ -15,6 +15,12 @@ Modules: :mod:`.confmap` (YAML, env, durations), :mod:`.decode` (strict config d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ below hands out on first use, for the type checker
+    from prism_otel.collector.errors import ConfigError
+    from prism_otel.collector.service import Service
+
 
 def load(path: str):
     from prism_otel.collector.config import load as _load

@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from typing import List, Optional
+from typing import Optional
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
 
@@ -71,7 +71,7 @@ def run(path: str, validate_only: bool = False) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m prism_otel.collector", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)

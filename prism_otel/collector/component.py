@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Protocol
 
 from prism_otel.collector.errors import ConfigError
 
@@ -34,7 +34,7 @@ class ComponentID:
     name: str = ""
 
     @classmethod
-    def parse(cls, text: Any, path: str) -> "ComponentID":
+    def parse(cls, text: Any, path: str) -> ComponentID:
         if not isinstance(text, str) or not text:
             raise ConfigError(path, f"a component id must be a non-empty string like type or type/name, got {text!r}")
         typ, sep, name = text.partition("/")
@@ -48,6 +48,15 @@ class ComponentID:
         return f"{self.type}/{self.name}" if self.name else self.type
 
 
+class Component(Protocol):
+    """A started receiver or extension as the service drives it (exporters are
+    :class:`~prism_otel.collector.exporters.base.QueuedExporter` s)."""
+
+    def start(self, host: Any) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class Factory:
     """How to make one component type. ``create(settings, config, *downstream)``."""
@@ -56,7 +65,7 @@ class Factory:
     kind: str
     config_class: type
     create: Callable[..., Any]
-    aliases: Tuple[str, ...] = ()  # deprecated type names still accepted (a warning is logged)
+    aliases: tuple[str, ...] = ()  # deprecated type names still accepted (a warning is logged)
     stability: str = "alpha"
 
 
@@ -83,7 +92,7 @@ class Settings:
 class Host:
     """Passed to ``start``: the running extensions, by id string."""
 
-    extensions: Dict[str, Any] = field(default_factory=dict)
+    extensions: dict[str, Any] = field(default_factory=dict)
 
     def extension(self, ref: str) -> Any:
         return self.extensions[ref]

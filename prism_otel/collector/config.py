@@ -21,12 +21,12 @@ config dataclass (unknown keys are errors) and checks the service graph. Every p
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 from prism_otel.collector import registry
-from prism_otel.collector.component import (EXPORTER, EXTENSION, KIND_SECTIONS, PROCESSOR, RECEIVER, ComponentID,
-                                            Factory)
+from prism_otel.collector.component import EXPORTER, EXTENSION, KIND_SECTIONS, PROCESSOR, RECEIVER, ComponentID, Factory
 from prism_otel.collector.confmap import expand, load_file
 from prism_otel.collector.decode import decode
 from prism_otel.collector.errors import ConfigError, join_path
@@ -39,9 +39,9 @@ _TOP_KEYS = ("receivers", "processors", "exporters", "extensions", "connectors",
 
 @dataclass
 class PipelineConfig:
-    receivers: List[str] = field(default_factory=list)
-    processors: List[str] = field(default_factory=list)
-    exporters: List[str] = field(default_factory=list)
+    receivers: list[str] = field(default_factory=list)
+    processors: list[str] = field(default_factory=list)
+    exporters: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -63,18 +63,18 @@ class ComponentConfig:
 
 @dataclass
 class CollectorConfig:
-    receivers: Dict[str, ComponentConfig]
-    processors: Dict[str, ComponentConfig]
-    exporters: Dict[str, ComponentConfig]
-    extensions: Dict[str, ComponentConfig]
-    enabled_extensions: List[str]
-    pipelines: Dict[str, PipelineConfig]
+    receivers: dict[str, ComponentConfig]
+    processors: dict[str, ComponentConfig]
+    exporters: dict[str, ComponentConfig]
+    extensions: dict[str, ComponentConfig]
+    enabled_extensions: list[str]
+    pipelines: dict[str, PipelineConfig]
     telemetry: TelemetryConfig
     source: str = "<config>"
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
-def _components(section: str, kind: str, data: Any) -> Dict[str, ComponentConfig]:
+def _components(section: str, kind: str, data: Any) -> dict[str, ComponentConfig]:
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -95,7 +95,7 @@ def _components(section: str, kind: str, data: Any) -> Dict[str, ComponentConfig
     return out
 
 
-def _check_refs(path: str, kind: str, refs: List[str], known: Mapping[str, Any]) -> None:
+def _check_refs(path: str, kind: str, refs: list[str], known: Mapping[str, Any]) -> None:
     seen = set()
     for i, ref in enumerate(refs):
         p = join_path(path, str(i))
@@ -106,7 +106,7 @@ def _check_refs(path: str, kind: str, refs: List[str], known: Mapping[str, Any])
             raise ConfigError(p, f"references {kind} {ref!r} which is not configured")
 
 
-def _extension_refs(comp: ComponentConfig, section: str) -> List[tuple]:
+def _extension_refs(comp: ComponentConfig, section: str) -> list[tuple]:
     """(yaml path, extension id, wanted type) for each extension a component's config points at."""
     out = []
     cfg = comp.config
@@ -156,7 +156,7 @@ def _validate_graph(c: CollectorConfig) -> None:
             raise ConfigError(join_path(base, "exporters"),
                               f"exporters of one pipeline must share one storage, got {sorted(storages)}")
         registry.validate_pipeline([c.processors[x] for x in p.processors], join_path(base, "processors"))
-    endpoints: Dict[tuple, str] = {}
+    endpoints: dict[tuple, str] = {}
     for rid, comp in c.receivers.items():
         for proto in ("grpc", "http"):
             server = getattr(getattr(comp.config, "protocols", None), proto, None)
@@ -188,7 +188,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>", env: Optional[M
         if key not in ("extensions", "pipelines", "telemetry", "memory"):
             raise ConfigError(join_path("service", str(key)), "unknown key (valid keys here: extensions, memory, "
                                                               "pipelines, telemetry)")
-    pipelines: Dict[str, PipelineConfig] = {}
+    pipelines: dict[str, PipelineConfig] = {}
     raw_pipes = service.get("pipelines") or {}
     if not isinstance(raw_pipes, dict):
         raise ConfigError("service::pipelines", "expected a mapping of pipeline ids")

@@ -8,8 +8,8 @@ Follows the OpenTelemetry Collector's confmap rules:
 * When a whole scalar is one reference, the expanded text is read as YAML for typed fields, so
   ``port: ${env:PORT}`` yields an int; a string field keeps the text as it was (as the Collector
   does: a token ``0x1f2e3d4c`` stays that string, not 523124044). The value is an
-  :class:`EnvText`, a ``str`` that carries its YAML reading for :mod:`.decode`. Inside a longer
-  string a reference is spliced in as text.
+  :class:`EnvText`, a ``str`` that carries its YAML reading for the decoder
+  (:mod:`prism_otel.config_decode`). Inside a longer string a reference is spliced in as text.
 * Durations are Go durations: ``200ms``, ``1.5s``, ``1m30s``, ``300us``; ``0`` needs no unit.
 """
 
@@ -18,18 +18,18 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import yaml
 
 from prism_otel.collector.errors import ConfigError, join_path
+from prism_otel.config_decode import EnvText
 
 logger = logging.getLogger(__name__)
 
 _REF = re.compile(r"\$\$|\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DUR_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DUR_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _lookup(ref: str, path: str, env: Mapping[str, str]) -> str:
@@ -47,19 +47,6 @@ def _lookup(ref: str, path: str, env: Mapping[str, str]) -> str:
         return default
     logger.warning("%s: environment variable %s is not set; using an empty value", path, name)
     return ""
-
-
-class EnvText(str):
-    """The text of a whole-value ``${env:VAR}`` reference, with its YAML reading in ``typed``.
-
-    A string field takes the text; a typed field (int, float, bool, duration) takes ``typed``."""
-
-    __slots__ = ("typed",)
-
-    def __new__(cls, text: str, typed: Any) -> "EnvText":
-        obj = super().__new__(cls, text)
-        obj.typed = typed
-        return obj
 
 
 def typed(node: Any) -> Any:
@@ -88,7 +75,7 @@ def expand_scalar(value: str, path: str, env: Optional[Mapping[str, str]] = None
             parsed = text
         return EnvText(text, parsed)
 
-    def sub(match: "re.Match[str]") -> str:
+    def sub(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         return _lookup(match.group(1), path, env)
@@ -144,33 +131,6 @@ def load_file(path: str, env: Optional[Mapping[str, str]] = None) -> dict:
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
     return expand(load_yaml_text(text, path), "", env)
-
-
-def parse_duration(value: Any, path: str) -> float:
-    """A Go duration string (``"200ms"``) → seconds. Bare ``0`` is allowed, other bare numbers are not."""
-    if isinstance(value, bool):
-        raise ConfigError(path, f"expected a duration like 200ms, got {value!r}")
-    if isinstance(value, (int, float)) and value == 0:
-        return 0.0
-    if not isinstance(value, str):
-        raise ConfigError(path, f"expected a duration like 200ms or 5s, got {value!r}")
-    s = value.strip()
-    sign = 1.0
-    if s[:1] in "+-":
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _DUR_PART.match(s, pos)
-        if m is None:
-            raise ConfigError(path, f"invalid duration {value!r} (use units ns, us, ms, s, m, h: e.g. 200ms, 1m30s)")
-        total += float(m.group(1)) * _DUR_UNITS[m.group(2)]
-        pos = m.end()
-    if pos == 0:
-        raise ConfigError(path, f"invalid duration {value!r}")
-    return sign * total
 
 
 def format_duration(seconds: float) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict, deque
-from typing import Dict, Iterable, List
+from collections.abc import Iterable
 
 KEY_BYTES = 24  # trace id (16) + span id (8)
 
@@ -27,7 +27,7 @@ def span_key(span) -> bytes:
     return bytes(span.trace_id) + bytes(span.span_id)
 
 
-def request_keys(req) -> List[bytes]:
+def request_keys(req) -> list[bytes]:
     return [span_key(s) for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
 
 
@@ -70,7 +70,7 @@ class DeliveredIDs:
     def __len__(self) -> int:
         return len(self._set)
 
-    def reserve(self, keys: Iterable[bytes]) -> List[bool]:
+    def reserve(self, keys: Iterable[bytes]) -> list[bool]:
         """Mark keys in flight; returns, per key, whether it was already delivered or in flight."""
         with self._lock:
             out = []
@@ -87,7 +87,7 @@ class DeliveredIDs:
             for k in keys:
                 self._set.discard(k)
 
-    def delivered(self, keys: List[bytes]) -> None:
+    def delivered(self, keys: list[bytes]) -> None:
         if not keys:
             return
         data = b"".join(k for k in keys if len(k) == KEY_BYTES)
@@ -119,7 +119,7 @@ class Ledger:
 
     def __init__(self, start: int) -> None:
         self._lock = threading.Lock()
-        self._owed: "OrderedDict[int, int]" = OrderedDict()
+        self._owed: OrderedDict[int, int] = OrderedDict()
         self._next = start  # the next seq the pipeline will open
 
     def open(self, seq: int, owed: int) -> None:
@@ -128,7 +128,7 @@ class Ledger:
             if owed > 0:
                 self._owed[seq] = owed
 
-    def pay(self, sources: Dict[int, int], per_source: int = 1) -> None:
+    def pay(self, sources: dict[int, int], per_source: int = 1) -> None:
         with self._lock:
             for seq, n in sources.items():
                 left = self._owed.get(seq)

@@ -1,7 +1,8 @@
 """Errors shared by the collector's config loader, components and pipelines.
 
-* :class:`ConfigError` carries the YAML path of the offending node (``receivers::otlp::protocols``),
-  in the Collector's own ``::`` notation, so a bad config names where it is wrong.
+* :class:`ConfigError` (:mod:`prism_otel.config_error`, the one config error of every part) carries
+  the YAML path of the offending node (``receivers::otlp::protocols``), in the Collector's own ``::``
+  notation, so a bad config names where it is wrong.
 * :class:`Refused` is how the intake says "not now": receivers turn it into the OTLP backpressure
   statuses (gRPC RESOURCE_EXHAUSTED / UNAVAILABLE with RetryInfo, HTTP 429 / 503 with Retry-After).
 * :class:`PermanentError` marks a send that must not be retried (the backend said the data is bad).
@@ -9,34 +10,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from prism_otel.config_error import ConfigError, PathLike, join_path
 
-PathLike = Union[str, Sequence[str]]
-
-
-def join_path(*parts: PathLike) -> str:
-    out = []
-    for p in parts:
-        if not p:
-            continue
-        if isinstance(p, str):
-            out.append(p)
-        else:
-            out.extend(str(x) for x in p if x != "")
-    return "::".join(out)
-
-
-class ConfigError(ValueError):
-    """A config problem, found before anything starts. ``str()`` is ``"<path>: <message>"``."""
-
-    def __init__(self, path: PathLike, message: str) -> None:
-        self.path = join_path(path)
-        self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path else message)
-
-    def under(self, *prefix: PathLike) -> "ConfigError":
-        """The same error with ``prefix`` put in front of its path."""
-        return ConfigError(join_path(*prefix, self.path), self.message)
+__all__ = ["ConfigError", "CorruptRecord", "PathLike", "PermanentError", "Refused", "join_path"]
 
 
 class Refused(Exception):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass, field
-from typing import List
 
 from prism_otel.collector.component import EXTENSION, Factory
 from prism_otel.collector.decode import Duration, check
@@ -56,7 +55,7 @@ class BearerTokenAuthConfig:
     scheme: str = "Bearer"
     header: str = "Authorization"
     token: str = ""
-    tokens: List[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
     filename: str = ""
 
     def validate(self) -> None:
@@ -73,7 +72,7 @@ class BearerTokenAuth:
         self.header = cfg.header.lower()
         self.scheme = cfg.scheme
         self._cfg = cfg
-        self._tokens: List[str] = []
+        self._tokens: list[str] = []
 
     def start(self, host) -> None:
         cfg = self._cfg

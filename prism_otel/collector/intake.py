@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -28,7 +28,8 @@ from prism_otel.collector.memory import decoded_bytes
 
 logger = logging.getLogger(__name__)
 
-Item = Tuple[Optional[int], ExportTraceServiceRequest, int, bool]  # (seq, request, spans, replay)
+# (seq, request, spans, replay); request None: a log record that did not come back intact (counted, settled)
+Item = tuple[Optional[int], Optional[ExportTraceServiceRequest], int, bool]
 
 
 class MemoryIntake:

@@ -75,7 +75,7 @@ class Pool:
     """A bounded count of bytes. ``try_take`` refuses what would pass the limit, except when the pool is
     empty (one request larger than the pool still goes through, alone)."""
 
-    def __init__(self, name: str, limit: int) -> None:
+    def __init__(self, name: str, limit: float) -> None:  # bytes; a share of a budget, truncated
         self.name = name
         self.limit = int(limit)
         self.used = 0
@@ -119,5 +119,5 @@ class Budget:
         self.instance_idle_s = float(cfg.instance_idle_timeout)
 
     @classmethod
-    def default(cls) -> "Budget":
+    def default(cls) -> Budget:
         return cls(MemoryConfig())

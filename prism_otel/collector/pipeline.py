@@ -25,13 +25,13 @@ import logging
 import os
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Optional, Union
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from prism_otel import semconv as sc
 from prism_otel.collector.delivery import DeliveredIDs, Ledger, request_keys
-from prism_otel.collector.exporters.base import OutItem
+from prism_otel.collector.exporters.base import OutItem, QueuedExporter
 from prism_otel.collector.intake import DiskIntake, MemoryIntake
 from prism_otel.collector.wal import WAL
 from processors.assembler import StepAssembler
@@ -46,7 +46,7 @@ def _noop(ok: bool) -> None:
     pass
 
 
-def _without(req: ExportTraceServiceRequest, drop: List[bool]) -> ExportTraceServiceRequest:
+def _without(req: ExportTraceServiceRequest, drop: list[bool]) -> ExportTraceServiceRequest:
     out = ExportTraceServiceRequest()
     out.CopyFrom(req)
     i = 0
@@ -63,21 +63,22 @@ def _without(req: ExportTraceServiceRequest, drop: List[bool]) -> ExportTraceSer
 class Pipeline:
     store_class = WAL  # the persistent queue's store (docs/collector.md says why this one, not SQLite)
 
-    def __init__(self, name: str, assembler: StepAssembler, exporters: List[Tuple[object, bool]], telemetry,
+    def __init__(self, name: str, assembler: StepAssembler, exporters: list[tuple[QueuedExporter, bool]], telemetry,
                  storage_dir: Optional[str] = None, fsync: bool = False, max_records: int = 1000,
                  intake_bytes: int = 256 << 20) -> None:
         self.name = name
         self.assembler = assembler
         self.telemetry = telemetry
-        self.wal = None
-        self.ledger: Optional[Ledger] = None
-        self.targets: List[Tuple[object, Optional[DeliveredIDs]]] = []
+        self.wal: Optional[WAL] = None
+        self.ledger: Optional[Ledger] = None  # set with the log (persistent pipelines only)
+        self.targets: list[tuple[QueuedExporter, Optional[DeliveredIDs]]] = []
+        self.intake: Union[DiskIntake, MemoryIntake]
         if storage_dir is not None:
-            self.wal = self.store_class(storage_dir, fsync=fsync)
-            self.ledger = Ledger(self.wal.cursor)
-            self.intake = DiskIntake(self.wal, max_records=max_records, on_corrupt=self._corrupt,
+            self.wal = wal = self.store_class(storage_dir, fsync=fsync)
+            self.ledger = Ledger(wal.cursor)
+            self.intake = DiskIntake(wal, max_records=max_records, on_corrupt=self._corrupt,
                                      max_bytes=intake_bytes)
-            if self.wal.pending:
+            if wal.pending:
                 logger.info("pipeline %s: %d records to replay from %s", name, self.wal.pending, storage_dir)
         else:
             self.intake = MemoryIntake(max_bytes=intake_bytes)
@@ -113,7 +114,7 @@ class Pipeline:
             self._thread.join(timeout)
             finished = not self._thread.is_alive()
             self._thread = None
-        if self.wal is None:  # in memory, nothing else holds what is left: lost, and counted
+        if isinstance(self.intake, MemoryIntake):  # no log: nothing else holds what is left: lost, and counted
             # (held steps only once the thread is done: until then it may still flush them)
             left = self.intake.drain_spans() + (self.assembler.held if finished else 0)
             if left:
@@ -174,7 +175,7 @@ class Pipeline:
         self.telemetry.add(sc.COLLECTOR_CORRUPT_RECORDS, pipeline=self.name)
 
     def _commit(self, force: bool = False) -> None:
-        if self.wal is None:
+        if self.wal is None or self.ledger is None:  # (both set, or neither)
             return
         now = time.monotonic()
         if force or now - self._last_cursor >= _CURSOR_EVERY_S:
@@ -191,7 +192,7 @@ class Pipeline:
             n = sum(sources.values())
             try:
                 payload = req.SerializeToString()
-                keys = request_keys(req) if self.n_persistent else None
+                keys: list[bytes] = request_keys(req) if self.n_persistent else []  # for persistent targets only
             except Exception:  # noqa: BLE001 - settle it: counted, never replayed forever
                 logger.exception("pipeline %s: cannot encode an outgoing request; %d spans dropped", self.name, n)
                 self.telemetry.add(sc.METRIC_DROPPED, n, pipeline=self.name, reason="pipeline_error")
@@ -206,9 +207,11 @@ class Pipeline:
                 else:
                     self._enqueue_persistent(exp, ids, req, payload, n, sources, keys)
 
-    def _enqueue_persistent(self, exp, ids: DeliveredIDs, req, payload, n, sources, keys) -> None:
+    def _enqueue_persistent(self, exp: QueuedExporter, ids: DeliveredIDs, req, payload, n, sources,
+                            keys: list[bytes]) -> None:
         dups = ids.reserve(keys)
         ledger = self.ledger
+        assert ledger is not None, "a persistent target exists only with the log, and so the ledger"
         if any(dups):
             n_dup = sum(dups)
             self.telemetry.add(sc.COLLECTOR_DUPLICATE_SPANS, n_dup, exporter=exp.id)
@@ -223,9 +226,9 @@ class Pipeline:
 
         def done(ok: bool) -> None:
             if ok:
-                ids.delivered(item.keys)
+                ids.delivered(keys)  # item.keys
             else:
-                ids.release(item.keys)
+                ids.release(keys)
             ledger.pay(sources)
 
         exp.enqueue(item, done, block=True)

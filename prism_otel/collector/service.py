@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Dict, List
+from typing import Optional
 
 from prism_otel.collector import registry
-from prism_otel.collector.component import Host, Settings
+from prism_otel.collector.component import Component, Host, Settings
 from prism_otel.collector.config import CollectorConfig
 from prism_otel.collector.errors import ConfigError
+from prism_otel.collector.exporters.base import QueuedExporter
 from prism_otel.collector.memory import Budget
 from prism_otel.collector.pipeline import Pipeline
 from prism_otel.collector.prism_processors import instances_for
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 class _FanOut:
     """A receiver's consumer: every pipeline that lists the receiver, in config order."""
 
-    def __init__(self, pipelines: List[Pipeline]) -> None:
+    def __init__(self, pipelines: list[Pipeline]) -> None:
         self.pipelines = pipelines
 
     def admit(self, wire_bytes: int = 0) -> None:
@@ -52,14 +53,14 @@ class _FanOut:
 
 
 class Service:
-    def __init__(self, config: CollectorConfig, telemetry: Telemetry = None) -> None:
+    def __init__(self, config: CollectorConfig, telemetry: Optional[Telemetry] = None) -> None:
         self.config = config
         self.telemetry = telemetry or Telemetry()
         self.host = Host()
-        self.extensions: Dict[str, object] = {}
-        self.exporters: Dict[str, object] = {}
-        self.pipelines: Dict[str, Pipeline] = {}
-        self.receivers: Dict[str, object] = {}
+        self.extensions: dict[str, Component] = {}
+        self.exporters: dict[str, QueuedExporter] = {}
+        self.pipelines: dict[str, Pipeline] = {}
+        self.receivers: dict[str, Component] = {}
         pipes = config.pipelines.values()
         self.budget = Budget(config.memory, n_pipelines=len(config.pipelines),
                              n_exporters=len({e for p in pipes for e in p.exporters}),
@@ -68,7 +69,7 @@ class Service:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
 
-    def _settings(self, comp, pipeline: str = None) -> Settings:
+    def _settings(self, comp, pipeline: Optional[str] = None) -> Settings:
         return Settings(comp.id, self.telemetry, pipeline, self.budget)
 
     def start(self) -> None:
@@ -125,11 +126,13 @@ class Service:
         assembler = StepAssembler(step_procs, wait_s=a.wait, max_pending_steps=a.max_pending_steps,
                                   max_pending_children=a.max_pending_children, max_pending_bytes=self.budget.held_bytes,
                                   count=count, instances=instances_for(step_procs, self.budget, count))
-        exporters, storage, queue_sizes = [], None, []
+        exporters: list[tuple[QueuedExporter, bool]] = []
+        storage, queue_sizes = None, []
         for xid in p.exporters:
             q = getattr(c.exporters[xid].config, "sending_queue", None)
-            persistent = bool(q is not None and q.storage)
-            if persistent:
+            persistent = False
+            if q is not None and q.storage:
+                persistent = True
                 storage = self.host.extension(q.storage)
                 queue_sizes.append(q.queue_size)
             exporters.append((self.exporters[xid], persistent))
@@ -147,10 +150,10 @@ class Service:
         for rid, r in self.receivers.items():
             self._quietly(r.shutdown, f"receiver {rid}")
         for p in self.pipelines.values():
-            self._quietly(lambda: p.stop(timeout), f"pipeline {p.name}")
+            self._quietly(lambda p=p: p.stop(timeout), f"pipeline {p.name}")
         persistent = {x.id for p in self.pipelines.values() for x, ids in p.targets if ids is not None}
         for xid, x in self.exporters.items():
-            self._quietly(lambda: x.shutdown(timeout, drain=xid not in persistent), f"exporter {xid}")
+            self._quietly(lambda x=x, xid=xid: x.shutdown(timeout, drain=xid not in persistent), f"exporter {xid}")
         for p in self.pipelines.values():
             self._quietly(p.close, f"pipeline {p.name}")
         for eid, e in self.extensions.items():
@@ -164,5 +167,5 @@ class Service:
         except Exception:  # noqa: BLE001 - shutdown carries on with the rest
             logger.warning("shutting down %s failed", what, exc_info=True)
 
-    def wait(self, timeout: float = None) -> bool:
+    def wait(self, timeout: Optional[float] = None) -> bool:
         return self._stopped.wait(timeout)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from typing import Dict, Tuple
 
-Key = Tuple[str, Tuple[Tuple[str, str], ...]]
+Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
 class Telemetry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: Dict[Key, int] = defaultdict(int)
+        self._counts: dict[Key, int] = defaultdict(int)
 
     def add(self, name: str, n: int = 1, **labels: str) -> None:
         if not n:
@@ -32,7 +31,7 @@ class Telemetry:
         with self._lock:
             return sum(v for (n, lab), v in self._counts.items() if n == name and want <= set(lab))
 
-    def snapshot(self) -> Dict[str, int]:
+    def snapshot(self) -> dict[str, int]:
         with self._lock:
             items = list(self._counts.items())
         out = {}

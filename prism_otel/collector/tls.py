@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional
 
 from prism_otel.collector.decode import check
 from prism_otel.collector.errors import ConfigError
@@ -47,7 +47,7 @@ class TLSServerConfig:
             ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    def pem(self) -> Tuple[bytes, bytes, Optional[bytes]]:
+    def pem(self) -> tuple[bytes, bytes, Optional[bytes]]:
         """(key, cert, client CA or None) as bytes, for grpc.ssl_server_credentials."""
         with open(self.key_file, "rb") as k, open(self.cert_file, "rb") as c:
             key, cert = k.read(), c.read()

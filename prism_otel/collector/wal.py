@@ -31,7 +31,7 @@ import os
 import struct
 import threading
 import zlib
-from typing import Dict, List, Optional, Set, Tuple
+from typing import IO, Optional
 
 from prism_otel.collector.errors import CorruptRecord
 
@@ -44,7 +44,7 @@ _CURSOR = "cursor"
 _SUFFIX = ".wal"
 
 
-def _private(path: str, flags: int):
+def _private(path: str, flags: int) -> IO[bytes]:
     return os.fdopen(os.open(path, flags | os.O_CREAT, 0o600), "ab" if flags & os.O_APPEND else "wb", buffering=0)
 
 
@@ -70,15 +70,16 @@ class WAL:
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._segments: List[_Segment] = []
-        self._where: Dict[int, Tuple[_Segment, int, int]] = {}  # seq -> (segment, payload offset, length)
-        self.corrupt: Set[int] = set()  # seqs found damaged at open
-        self._fh = None
-        self._rfh: Optional[Tuple[str, object]] = None
+        self._segments: list[_Segment] = []
+        self._where: dict[int, tuple[_Segment, int, int]] = {}  # seq -> (segment, payload offset, length)
+        self.corrupt: set[int] = set()  # seqs found damaged at open
+        self._fh: Optional[IO[bytes]] = None  # the last segment, appending; None once closed
+        self._rfh: Optional[tuple[str, IO[bytes]]] = None
         self.torn_bytes = 0
-        self.cursor = self._read_cursor()
-        self._cursor_written = self.cursor if self.cursor is not None else -1
-        self._open_segments()
+        recovered = self._read_cursor()  # None: the cursor file is damaged
+        self.cursor = recovered or 0  # set from the segments found by _open_segments
+        self._cursor_written = recovered if recovered is not None else -1
+        self._open_segments(recovered)
         self._cursor_written = self.cursor
         self.recovered_end = self.next_seq  # records below this were on disk at open (replay range)
 
@@ -100,7 +101,7 @@ class WAL:
                            "skipped by their ids)", self.directory)
             return None
 
-    def _open_segments(self) -> None:
+    def _open_segments(self, recovered: Optional[int]) -> None:
         names = sorted((int(n[4:-len(_SUFFIX)]), n) for n in os.listdir(self.directory)
                        if n.startswith("seg-") and n.endswith(_SUFFIX) and n[4:-len(_SUFFIX)].isdigit())
         for i, (first, name) in enumerate(names):
@@ -110,11 +111,11 @@ class WAL:
             self._scan(seg, last=i == len(names) - 1)
             self._segments.append(seg)
         if not self._segments:
-            start = self.cursor or 0
+            start = recovered or 0
             self._segments.append(_Segment(start, self._seg_path(start)))
             self._fh = _private(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
             self._migrate()
-        if self.cursor is None or self.cursor < self._segments[0].first:
+        if recovered is None or self.cursor < self._segments[0].first:
             self.cursor = self._segments[0].first
         if self.cursor > self._segments[-1].end:
             self.cursor = self._segments[-1].end
@@ -122,7 +123,7 @@ class WAL:
             self._fh = _private(self._segments[-1].path, os.O_WRONLY | os.O_APPEND)
         self._drop_done_segments()
 
-    def _legacy_segments(self) -> List[str]:
+    def _legacy_segments(self) -> list[str]:
         return sorted(os.path.join(self.directory, n) for n in os.listdir(self.directory)
                       if n.startswith("seg-") and n.endswith(".log"))
 
@@ -168,7 +169,7 @@ class WAL:
                            lo, hi - 1, why)
 
     @staticmethod
-    def _header_at(data: bytes, pos: int) -> Optional[Tuple[int, int]]:
+    def _header_at(data: bytes, pos: int) -> Optional[tuple[int, int]]:
         if pos + _HDR.size > len(data):
             return None
         magic, seq, n, crc = _HDR.unpack_from(data, pos)
@@ -222,16 +223,19 @@ class WAL:
     def append(self, payload: bytes) -> int:
         with self._lock:
             seg = self._segments[-1]
+            fh = self._fh
+            if fh is None:
+                raise ValueError(f"wal {self.directory}: append after close")
             if seg.size and seg.size + len(payload) + 24 > self.segment_bytes:
-                self._fh.close()
+                fh.close()
                 seg = _Segment(seg.end, self._seg_path(seg.end))
                 self._segments.append(seg)
-                self._fh = _private(seg.path, os.O_WRONLY | os.O_APPEND)
+                self._fh = fh = _private(seg.path, os.O_WRONLY | os.O_APPEND)
             seq = seg.end
             rec = _header(seq, len(payload)) + payload + _TRAILER.pack(zlib.crc32(payload))
-            self._fh.write(rec)
+            fh.write(rec)
             if self.fsync:
-                os.fsync(self._fh.fileno())
+                os.fsync(fh.fileno())
             self._where[seq] = (seg, seg.size + _HDR.size, len(payload))
             seg.size += len(rec)
             seg.end = seq + 1
@@ -256,11 +260,12 @@ class WAL:
             if where is None:
                 raise CorruptRecord(seq, "damaged" if seq in self.corrupt else "missing")
             seg, off, n = where
-            if self._rfh is None or self._rfh[0] != seg.path:
-                if self._rfh is not None:
-                    self._rfh[1].close()
-                self._rfh = (seg.path, open(seg.path, "rb"))  # noqa: SIM115
-            fh = self._rfh[1]
+            rfh = self._rfh
+            if rfh is None or rfh[0] != seg.path:
+                if rfh is not None:
+                    rfh[1].close()
+                self._rfh = rfh = (seg.path, open(seg.path, "rb"))  # noqa: SIM115
+            fh = rfh[1]
             fh.seek(off)
             data = fh.read(n + _TRAILER.size)
         if len(data) != n + _TRAILER.size or zlib.crc32(data[:n]) != _TRAILER.unpack_from(data, n)[0]:

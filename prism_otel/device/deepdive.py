@@ -29,10 +29,14 @@ import os
 import sys
 import threading
 import time
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Optional
 
 from prism_otel import semconv as sc
+from prism_otel.device import timing
 from prism_otel.device.timeline import StepTimeline
+
+if TYPE_CHECKING:
+    from prism_otel.device.profiler import ProfilerWindow
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +62,13 @@ class _Session:
     """One burst's installed hooks and patches (engine thread only)."""
 
     def __init__(self, dd, model, device_type, trigger) -> None:
-        from prism_otel.device.timing import bank_for
-
         self.model = model
         self.trigger = trigger
-        self.bank = bank_for(device_type)
+        self.bank = timing.bank_for(device_type)
         self.handles: list = []
         self.patched: list = []
         self.mode = dd.method or "module_hooks"
-        self.window = None
+        self.window: Optional[ProfilerWindow] = None
         self.device_type = device_type
 
     def install(self, dd) -> None:
@@ -199,8 +201,8 @@ class DeepDive:
         self.profiler_allowed = os.environ.get(sc.ENV_DEEPDIVE_PROFILER, "1") != "0"
         self.annotate = False  # wrap each group in a record_function (validation against a trace)
         self.method: Optional[str] = None  # None: module hooks, falling back to the profiler
-        self.bursts: Dict[str, int] = {}
-        self.refused: Dict[str, int] = {}
+        self.bursts: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
         self.burst_steps = 0
         self.signal_flag = False
         self._trigger = ("on_demand", None)
@@ -330,6 +332,7 @@ class DeepDive:
 
 
 DEEPDIVE = DeepDive()
+timing.register_burst(DEEPDIVE)
 
 
 def request(steps: Optional[int] = None, force: bool = True, method: Optional[str] = None) -> str:

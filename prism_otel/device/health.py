@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Dict, List, Optional
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.record import to_epoch_ns
@@ -37,14 +37,15 @@ _FI_NVLINK_TX = 138
 _FI_NVLINK_RX = 139
 
 
-def decode_throttle(mask: int) -> List[str]:
+def decode_throttle(mask: int) -> list[str]:
     """Names of the throttle reasons set in an NVML reason mask (``gpu_idle`` left out)."""
     return [n for bit, n in THROTTLE_BITS.items() if mask & bit and bit != 0x1]
 
 
 def _nvml():
     try:
-        import pynvml  # nvidia-ml-py
+        # nvidia-ml-py: the optional [gpu] extra, not installed where `make lint` runs
+        import pynvml  # pyright: ignore[reportMissingImports]
 
         pynvml.nvmlInit()
         return pynvml
@@ -52,7 +53,7 @@ def _nvml():
         return None
 
 
-def _handles(nv) -> Dict[int, object]:
+def _handles(nv) -> dict[int, object]:
     """torch device index -> NVML handle, matched by UUID so CUDA_VISIBLE_DEVICES is respected."""
     out = {}
     try:
@@ -97,7 +98,7 @@ def read_device(nv, h, prev: Optional[dict] = None) -> dict:
     put(sc.HEALTH_SM_CLOCK_MHZ, lambda: nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))
     put(sc.HEALTH_SM_CLOCK_MAX_MHZ, lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM))
     reasons = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
-        getattr(nv, "nvmlDeviceGetCurrentClocksThrottleReasons")
+        nv.nvmlDeviceGetCurrentClocksThrottleReasons
     put(sc.HEALTH_THROTTLE_REASONS, lambda: decode_throttle(int(reasons(h))))
     put(sc.HEALTH_POWER_W, lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0)
     put(sc.HEALTH_TEMPERATURE_C, lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
@@ -141,12 +142,12 @@ class HealthSampler:
         self.samples = 0
         self.errors = 0
         self._nv = None
-        self._handles: Dict[int, object] = {}
+        self._handles: dict[int, object] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     @classmethod
-    def start_if_available(cls, interval_s: Optional[float] = None) -> Optional["HealthSampler"]:
+    def start_if_available(cls, interval_s: Optional[float] = None) -> Optional[HealthSampler]:
         if os.environ.get(sc.ENV_DEVICE_HEALTH, "1") == "0":
             return None
         nv = _nvml()
@@ -162,7 +163,7 @@ class HealthSampler:
         return s
 
     def _run(self) -> None:
-        prev: Dict[int, dict] = {}
+        prev: dict[int, dict] = {}
         while not self._stop.is_set():
             snap = {}
             for i, h in self._handles.items():

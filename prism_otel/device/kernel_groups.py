@@ -17,16 +17,20 @@ Groups are :data:`prism_otel.semconv.KERNEL_GROUPS`; anything unmatched is ``oth
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Optional
 
 from prism_otel import semconv as sc
+
+if TYPE_CHECKING:
+    import torch
 
 GROUPS = sc.KERNEL_GROUPS
 OTHER = "other"
 
 # (group, class-name regex). First match wins; order matters (rotary before embedding, LM heads
 # before embeddings, norms before anything named "...Attention...Norm").
-MODULE_PATTERNS: Tuple[Tuple[str, str], ...] = (
+MODULE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("sampling", r"^(Sampler|TopKTopPSampler|RejectionSampler|LogitsProcessor)$"),
     ("norm", r"(RMSNorm|LayerNorm|GroupNorm|BatchNorm\dd|InstanceNorm\dd|L2Norm)$|^(Fused)?(RMS|Layer)Norm"),
     ("attention", r"Rotary(Embedding)?|RoPE|Attention(Layer|Impl|Module)?$|Attn$|^RadixAttention$|MLA"),
@@ -39,7 +43,7 @@ MODULE_PATTERNS: Tuple[Tuple[str, str], ...] = (
 
 # (group, kernel-name regex), case-insensitive, first match wins. memcpy first (HTA, TraceLens),
 # then communication (HTA's ^nccl, TraceLens's collective names), then the compute groups.
-KERNEL_PATTERNS: Tuple[Tuple[str, str], ...] = (
+KERNEL_PATTERNS: tuple[tuple[str, str], ...] = (
     ("memcpy", r"^(hip)?memcpy|^(hip)?memset|^dma|memcpy|memset|direct_copy_kernel|CatArrayBatchedCopy"),
     ("collective", r"^nccl|^rccl|nccl.*kernel|all_?reduce|all_?gather|reduce_?scatter|all_?to_?all|"
                    r"cross_device_reduce|sendrecv|send_recv|\bbroadcast_kernel|one_shot_all|two_shot_all"),
@@ -58,8 +62,8 @@ KERNEL_PATTERNS: Tuple[Tuple[str, str], ...] = (
 
 _MODULE_RE = tuple((g, re.compile(p)) for g, p in MODULE_PATTERNS)
 _KERNEL_RE = tuple((g, re.compile(p, re.IGNORECASE)) for g, p in KERNEL_PATTERNS)
-_class_cache: Dict[type, Optional[str]] = {}
-_kernel_cache: Dict[str, str] = {}
+_class_cache: dict[type, Optional[str]] = {}
+_kernel_cache: dict[str, str] = {}
 
 
 def classify_class_name(name: str) -> Optional[str]:
@@ -108,11 +112,11 @@ def classify_kernel(name: str) -> str:
     return g
 
 
-def hook_plan(model) -> List[Tuple[object, str]]:
+def hook_plan(model) -> list[tuple[torch.nn.Module, str]]:
     """The (module, group) pairs DeepDive hooks in ``model``, depth first. The root module is left
     out (its boundaries are the step's own). Modules that map to no group are containers and get
     no hook: their time goes to the enclosing group, or to ``other``."""
-    plan = []
+    plan: list[tuple[torch.nn.Module, str]] = []
     seen = {id(model)}
 
     def walk(mod, enclosing: Optional[str]) -> None:
@@ -133,9 +137,9 @@ def hook_plan(model) -> List[Tuple[object, str]]:
     return plan
 
 
-def summarize(groups: Iterable[Tuple[str, int]]) -> Dict[str, int]:
+def summarize(groups: Iterable[tuple[str, int]]) -> dict[str, int]:
     """Sum (group, ns) pairs into a dict in :data:`GROUPS` order (groups with no time left out)."""
-    acc: Dict[str, int] = {}
+    acc: dict[str, int] = {}
     for g, ns in groups:
         acc[g] = acc.get(g, 0) + ns
     return {g: acc[g] for g in GROUPS if acc.get(g)}

@@ -8,11 +8,13 @@ same terms). The block's body is the step's ``forward`` stage.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.device import timing
 from prism_otel.record import StepFeatures, classify_phase, clock_ns
+from prism_otel.recorder import process_recorder
 
 
 class StepScope:
@@ -28,7 +30,7 @@ class StepScope:
         self.t0 = 0
         self.pair = None
 
-    def __enter__(self) -> "StepScope":
+    def __enter__(self) -> StepScope:
         self.pair = timing.begin(self.dev, self.model, self.stream)
         self.t0 = clock_ns()
         return self
@@ -51,6 +53,4 @@ def step(model=None, batch_size: int = 1, prefill_tokens: int = 0, decode_tokens
     feat = StepFeatures(classify_phase(prefill_tokens, decode_tokens), batch_size, prefill_tokens, decode_tokens,
                         context_tokens, 0, None)
     reqs = tuple((rid, 1, True) for rid in request_ids)
-    from prism_otel import _runtime  # lazy: the lifecycle sits above the device helpers
-
-    return StepScope(model, device_type, stream, feat, reqs, _runtime.recorder())
+    return StepScope(model, device_type, stream, feat, reqs, process_recorder())

@@ -28,11 +28,7 @@ from typing import Optional
 from prism_otel import semconv as sc
 from prism_otel.device.deepdive import DEEPDIVE, DeepDive
 from prism_otel.record import StepRecord
-
-try:
-    from processors.base import StepProcessor
-except ImportError:  # pragma: no cover - the processors package ships with prism-otel
-    StepProcessor = object  # type: ignore[misc,assignment]
+from processors.base import StepProcessor  # (the processors package ships in the same distribution)
 
 
 def _at_steps() -> frozenset:
@@ -98,12 +94,3 @@ class DeviceProcessor(StepProcessor):
     def shutdown(self) -> None:
         if self.health is not None:
             self.health.stop()
-
-
-def device_processors() -> list:
-    """What the runtime appends after the detection processors (nothing when DeepDive and health
-    sampling are both off)."""
-    if not DEEPDIVE.enabled and os.environ.get(sc.ENV_DEVICE_HEALTH, "1") == "0":
-        return []
-    DEEPDIVE.install_signal()
-    return [DeviceProcessor()]

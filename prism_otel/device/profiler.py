@@ -25,7 +25,8 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Dict, Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.device.kernel_groups import classify_kernel
@@ -43,7 +44,8 @@ def profiler_busy() -> bool:
     try:
         import torch
 
-        return bool(torch._C._autograd._profiler_enabled())
+        # torch/_C/__init__.pyi does not list the _autograd submodule the C extension has
+        return bool(torch._C._autograd._profiler_enabled())  # pyright: ignore[reportAttributeAccessIssue]
     except Exception:  # noqa: BLE001
         return False
 
@@ -55,11 +57,11 @@ class ProfilerWindow:
         self.prof = None
         self.done = threading.Event()
         self._lock = threading.Lock()
-        self._result: Optional[Dict] = None
+        self._result: Optional[dict] = None
         self.error: Optional[str] = None
 
     @classmethod
-    def start_if_free(cls, allowed: bool = True) -> Optional["ProfilerWindow"]:
+    def start_if_free(cls, allowed: bool = True) -> Optional[ProfilerWindow]:
         if not allowed or profiler_busy():
             return None
         w = cls()
@@ -95,7 +97,7 @@ class ProfilerWindow:
         finally:
             self.done.set()
 
-    def groups_for(self, seq: int, timeout: float = _WAIT_S) -> Optional[Dict[str, int]]:
+    def groups_for(self, seq: int, timeout: float = _WAIT_S) -> Optional[dict[str, int]]:
         """The ``span`` groups of step ``seq``; None when the window failed or never closed."""
         if not self.done.wait(timeout):
             return None
@@ -105,7 +107,7 @@ class ProfilerWindow:
         step = self._result.get(seq)
         return None if step is None else step["span"]
 
-    def _parse(self) -> Dict:
+    def _parse(self) -> dict:
         if self.prof is None or self.error:
             return {}
         fd, path = tempfile.mkstemp(suffix=".json", prefix="prism-deepdive-")
@@ -130,7 +132,7 @@ def _us_to_ns(x) -> int:
     return int(round(float(x) * 1000))
 
 
-def trace_groups(events: Iterable[dict], by_name_only: bool = False, unannotated: str = "name") -> Dict:
+def trace_groups(events: Iterable[dict], by_name_only: bool = False, unannotated: str = "name") -> dict:
     """``{step: {"busy": {group: ns}, "span": {group: ns}, "kernels": n}}`` from Chrome-trace events.
 
     ``step`` is the number after ``prism.step#`` (an int), or ``None`` for device work launched
@@ -139,8 +141,8 @@ def trace_groups(events: Iterable[dict], by_name_only: bool = False, unannotated
     counted as ``other`` (``unannotated="other"``: what module hooks do with time outside every
     hooked module).
     """
-    per_tid: Dict[tuple, list] = {}
-    launches: Dict[int, tuple] = {}
+    per_tid: dict[tuple, list] = {}
+    launches: dict[int, tuple] = {}
     device = []
     kprefix = sc.KERNEL_SPAN_PREFIX
     for e in events:
@@ -160,10 +162,10 @@ def trace_groups(events: Iterable[dict], by_name_only: bool = False, unannotated
             per_tid.setdefault((e.get("pid"), e.get("tid")), []).append((t0, t1, name))
     # Which (step, annotated group) each launch falls in: one sweep per thread over opens, closes
     # and launches in time order (ranges on one thread nest).
-    lau_by_tid: Dict[tuple, list] = {}
+    lau_by_tid: dict[tuple, list] = {}
     for corr, (tid, t) in launches.items():
         lau_by_tid.setdefault(tid, []).append((t, corr))
-    where: Dict[int, tuple] = {}
+    where: dict[int, tuple] = {}
     for tid, lst in lau_by_tid.items():
         marks = []
         for t0, t1, name in per_tid.get(tid, ()):
@@ -187,11 +189,11 @@ def trace_groups(events: Iterable[dict], by_name_only: bool = False, unannotated
                 step = int(steps[-1][len(STEP_MARK):]) if steps else None
                 grp = groups[-1][len(kprefix):] if groups else None
                 where[payload] = (step, grp)
-    out: Dict = {}
-    by_step: Dict = {}
+    out: dict = {}
+    by_step: dict = {}
     for e in device:
         corr = (e.get("args") or {}).get("correlation")
-        step, grp = where.get(corr, (None, None))
+        step, grp = where.get(corr, (None, None)) if corr is not None else (None, None)
         if grp is None and not by_name_only and unannotated == "other" and step is not None:
             grp = "other"
         elif by_name_only or grp is None:
@@ -200,8 +202,8 @@ def trace_groups(events: Iterable[dict], by_name_only: bool = False, unannotated
         by_step.setdefault(step, []).append((t0, t0 + _us_to_ns(e.get("dur", 0)), grp))
     for step, lst in by_step.items():
         lst.sort()
-        busy: Dict[str, int] = {}
-        span: Dict[str, int] = {}
+        busy: dict[str, int] = {}
+        span: dict[str, int] = {}
         prev_end = lst[0][0]
         for t0, t1, g in lst:
             busy[g] = busy.get(g, 0) + (t1 - t0)

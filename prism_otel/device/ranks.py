@@ -31,15 +31,12 @@ import os
 import pickle
 import statistics
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.record import StepRecord
-
-try:
-    from processors.base import StepProcessor
-except ImportError:  # pragma: no cover
-    StepProcessor = object  # type: ignore[misc,assignment]
+from processors.base import StepProcessor  # (the processors package ships in the same distribution)
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +73,13 @@ class StoreTransport:
         return f"{self.prefix}/{index}/{rank}"
 
     def send(self, index: int, rank: int, payload: bytes) -> None:
-        self.store.set(self._key(index, rank), payload)
+        # torch's stub types the value as str; the binding takes bytes as well (std::string)
+        self.store.set(self._key(index, rank), payload)  # pyright: ignore[reportArgumentType]
         self.sent += 1
 
-    def fetch(self, index: int, ranks: Iterable[int], timeout_s: float) -> Dict[int, bytes]:
+    def fetch(self, index: int, ranks: Iterable[int], timeout_s: float) -> dict[int, bytes]:
         want = {r: self._key(index, r) for r in ranks}
-        got: Dict[int, bytes] = {}
+        got: dict[int, bytes] = {}
         deadline = time.monotonic() + timeout_s
         delay = 0.0005
         while want:
@@ -115,8 +113,8 @@ def join_ranks(records: Sequence[StepRecord], world_size: int, missing: Sequence
     ``prism.rank.collective_ms`` / ``prism.rank.compute_ms`` where collectives were timed.
     """
     recs = sorted(records, key=lambda r: r.attributes.get(sc.RANK, 0))
-    annotated: List[StepRecord] = []
-    compute: Dict[int, float] = {}
+    annotated: list[StepRecord] = []
+    compute: dict[int, float] = {}
     timed = all(_collective_ns(r) is not None for r in recs)
     for r in recs:
         rank = r.attributes.get(sc.RANK, 0)
@@ -146,7 +144,7 @@ def join_ranks(records: Sequence[StepRecord], world_size: int, missing: Sequence
         attributes={**base, **attrs}, ranks=tuple(annotated))
 
 
-def _slowest_group(slow: StepRecord, others: List[StepRecord]) -> Optional[str]:
+def _slowest_group(slow: StepRecord, others: list[StepRecord]) -> Optional[str]:
     """The slow rank's non-collective group furthest above the other ranks' median for it."""
     if not slow.kernel_groups or not others:
         return None
@@ -208,7 +206,7 @@ class LocalTransport:
     readers of the peers' rings, ``fetch`` by the join, which pumps those readers while it waits."""
 
     def __init__(self, pump=None) -> None:
-        self._steps: Dict[tuple, StepRecord] = {}
+        self._steps: dict[tuple, StepRecord] = {}
         self.pump = pump
         self.sent = 0  # records put (the other ranks' steps)
         self.received = 0
@@ -222,9 +220,9 @@ class LocalTransport:
                 del self._steps[k]
                 self.late += 1
 
-    def fetch(self, index: int, ranks: Iterable[int], timeout_s: float) -> Dict[int, StepRecord]:
+    def fetch(self, index: int, ranks: Iterable[int], timeout_s: float) -> dict[int, StepRecord]:
         want = list(ranks)
-        got: Dict[int, StepRecord] = {}
+        got: dict[int, StepRecord] = {}
         deadline = time.monotonic() + timeout_s
         while True:
             for r in want:

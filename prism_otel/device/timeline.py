@@ -9,9 +9,15 @@ group they partition the step's device time exactly (see :mod:`prism_otel.device
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import TYPE_CHECKING, Optional
 
 from prism_otel import semconv as sc
+from prism_otel.device.timing import record_on
+
+if TYPE_CHECKING:
+    from torch.autograd.profiler import record_function
+
+    from prism_otel.device.profiler import ProfilerWindow
 
 
 class StepTimeline:
@@ -29,17 +35,17 @@ class StepTimeline:
         self.stream = stream
         self.events: list = []
         self.labels: list = []
-        self.stack: List[str] = []
+        self.stack: list[str] = []
         self.trigger, self.trigger_step = session.trigger
         self.graph = False
         self.capturing = False
         self.truncated = False
         self.closed = False
-        self.window = None
+        self.window: Optional[ProfilerWindow] = None
         self.seq = seq
         self.rfs: list = []
-        self.rf_step = None
-        self.kernel_groups: Dict[str, int] = {}
+        self.rf_step: Optional[record_function] = None  # the profiler's step range, open during the step
+        self.kernel_groups: dict[str, int] = {}
         self.extra: dict = {}
         self.marks = 0  # boundaries recorded by module/collective hooks
 
@@ -54,8 +60,6 @@ class StepTimeline:
         if stream is None:
             ev.record()
         else:
-            from prism_otel.device.timing import record_on
-
             record_on(ev, stream)
         self.events.append(ev)
         self.labels.append(label)
@@ -106,8 +110,6 @@ class StepTimeline:
         if self.events and not self.truncated:
             ev = self.bank.take()
             if ev is not None:
-                from prism_otel.device.timing import record_on
-
                 record_on(ev, self.stream)
                 self.events.append(ev)
                 self.labels.append(None)
@@ -120,7 +122,7 @@ class StepTimeline:
     def resolve(self):
         """(device ns, timing) once every event completed, else (None, "pending")."""
         if self.window is not None:
-            return self._resolve_window()
+            return self._resolve_window(self.window)
         evs = self.events
         if len(evs) < 2 or self.labels[-1] is not None:
             self.bank.give(evs)
@@ -132,7 +134,7 @@ class StepTimeline:
                 return None, "pending"
         except Exception:  # noqa: BLE001 - a broken event: read what can be read
             pass
-        acc: Dict[str, int] = {}
+        acc: dict[str, int] = {}
         total = None
         try:
             for i in range(len(evs) - 1):
@@ -151,11 +153,11 @@ class StepTimeline:
         self._set_extra(method)
         return total, ("host" if self.host else "event")
 
-    def _resolve_window(self):
-        if not self.window.done.is_set():
+    def _resolve_window(self, window: ProfilerWindow):
+        if not window.done.is_set():
             return None, "pending"  # the window closes with the burst: asked again at a later step
         total = None
-        groups = self.window.groups_for(self.seq, timeout=0)
+        groups = window.groups_for(self.seq, timeout=0)
         if self.events and self.labels[-1] is None:
             try:
                 total = int(self.events[0].elapsed_time(self.events[-1]) * 1e6)

@@ -10,6 +10,9 @@ host clock), so every code path also runs, and is tested, on a CPU.
 
 ``begin`` is also where a DeepDive burst starts: when one is armed (one attribute read per step),
 the step gets a kernel-group timeline instead of a plain pair (see :mod:`prism_otel.device.deepdive`).
+This module imports nothing of ours: the burst controller registers itself here
+(:func:`register_burst`) when :mod:`~prism_otel.device.deepdive` is imported; until then no burst can be
+armed, and a stand-in that never is takes its place.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Dict, Optional
+from typing import Optional
 
 _POOL_MAX = 256
 _perf_ns = time.perf_counter_ns
 
 # device type -> index of the device the engine's model last ran on (read by the health sampler)
-DEVICE_INDEX: Dict[str, int] = {}
+DEVICE_INDEX: dict[str, int] = {}
 
 
 class HostEvent:
@@ -41,7 +44,7 @@ class HostEvent:
     def query(self) -> bool:
         return True
 
-    def elapsed_time(self, end: "HostEvent") -> float:
+    def elapsed_time(self, end: HostEvent) -> float:
         return (end.t - self.t) / 1e6  # ms, as torch.Event does
 
 
@@ -55,7 +58,8 @@ def record_on(event, stream) -> None:
     except TypeError:  # an event type whose record() takes no foreign stream object
         import torch
 
-        with torch.accelerator.stream(stream) if hasattr(torch.accelerator, "stream") else torch.cuda.stream(stream):
+        acc_stream = getattr(torch.accelerator, "stream", None)  # not in every torch release
+        with acc_stream(stream) if acc_stream is not None else torch.cuda.stream(stream):
             event.record()
 
 
@@ -157,8 +161,8 @@ class EventBank:
         self._free.extend(events)
 
 
-_pools: Dict[str, EventPool] = {}
-_banks: Dict[Optional[str], EventBank] = {}
+_pools: dict[str, EventPool] = {}
+_banks: dict[Optional[str], EventBank] = {}
 
 
 def accelerator_of(model) -> Optional[str]:
@@ -171,7 +175,7 @@ def accelerator_of(model) -> Optional[str]:
             p = next(model.parameters(), None)
             dev = None if p is None else p.device
         t = getattr(dev, "type", None)
-        if t in (None, "cpu", "meta"):
+        if dev is None or t in (None, "cpu", "meta"):
             return None
         if dev.index is not None:
             DEVICE_INDEX[t] = dev.index
@@ -192,6 +196,25 @@ def bank_for(device_type: Optional[str]) -> EventBank:
     if b is None:
         b = _banks[device_type] = EventBank(device_type)
     return b
+
+
+class _NoBurst:
+    """The burst controller until DeepDive registers: never armed."""
+
+    pending = 0
+
+    def begin_step(self, device_type, model, stream):
+        return None
+
+
+_DD = _NoBurst()
+
+
+def register_burst(controller) -> None:
+    """Make ``controller`` (``pending``: armed steps left; ``begin_step(device_type, model, stream)``: a
+    kernel-group timeline or None) the one :func:`begin` asks. DeepDive calls this once, at import."""
+    global _DD
+    _DD = controller
 
 
 def begin(device_type: Optional[str], model=None, stream=None):
@@ -217,6 +240,3 @@ def end(pair) -> None:
     """Hot path: record the end of the step's device timing."""
     if pair is not None:
         pair.finish()
-
-
-from prism_otel.device.deepdive import DEEPDIVE as _DD  # noqa: E402 - deepdive imports this module's helpers

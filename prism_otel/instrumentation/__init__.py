@@ -1,5 +1,5 @@
 """Engine instrumentations. Each is an OTel ``BaseInstrumentor`` whose wrappers only write to the
-hot-path :class:`~prism_otel.record.Recorder`; none imports its engine at module level (hooks are
+hot-path :class:`~prism_otel.recorder.Recorder`; none imports its engine at module level (hooks are
 installed when the engine's module is imported, through post-import hooks).
 
 Version checks live in :func:`check_version`: an engine outside the supported range is reported once
@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -23,9 +23,9 @@ from prism_otel import semconv as sc
 logger = logging.getLogger(__name__)
 
 # name -> (state, detail); state in {"instrumented", "skipped", "absent", "error"}
-STATUS: Dict[str, Tuple[str, str]] = {}
+STATUS: dict[str, tuple[str, str]] = {}
 # name -> why the installed engine version is outside the tested range (it is instrumented all the same)
-UNTESTED: Dict[str, str] = {}
+UNTESTED: dict[str, str] = {}
 
 
 def installed_version(*dists: str) -> Optional[str]:
@@ -37,7 +37,7 @@ def installed_version(*dists: str) -> Optional[str]:
     return None
 
 
-def check_version(name: str, dists: Tuple[str, ...], supported: str, tested: Optional[str] = None) -> Optional[str]:
+def check_version(name: str, dists: tuple[str, ...], supported: str, tested: Optional[str] = None) -> Optional[str]:
     """Return the installed version if it is supported; otherwise record why and return None.
 
     ``tested``: the narrower range the suite ran on. A version outside it (but supported) is

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict
 
 from opentelemetry import metrics
 
@@ -59,7 +58,7 @@ class HookGuard:
         self.disabled = False
 
 
-GUARDS: Dict[str, HookGuard] = {}
+GUARDS: dict[str, HookGuard] = {}
 
 
 def guard(name: str) -> HookGuard:
@@ -69,5 +68,5 @@ def guard(name: str) -> HookGuard:
     return g
 
 
-def hook_errors() -> Dict[str, int]:
+def hook_errors() -> dict[str, int]:
     return {n: g.errors for n, g in GUARDS.items() if g.errors}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import wrapt
 
@@ -35,7 +35,7 @@ class HookPoint:
     module: str
     target: str
     factory: Callable
-    params: Tuple[str, ...] = ()
+    params: tuple[str, ...] = ()
     own: bool = False
 
     @property
@@ -47,7 +47,7 @@ class HookPoint:
         return self.target.split(".")[1]
 
 
-def signature_change(func: Callable, known: Tuple[str, ...]) -> Optional[str]:
+def signature_change(func: Callable, known: tuple[str, ...]) -> Optional[str]:
     """Why ``func`` is not the method a hook point knowing ``known`` expects, or None if it is."""
     try:
         params = list(inspect.signature(func).parameters.values())
@@ -70,7 +70,7 @@ def _skip(key: str, why: str) -> None:
     STATUS[key] = ("skipped", why)
 
 
-def patch(module, hp: HookPoint, patched: List[Tuple[str, str]], key: str, recorder=None) -> bool:
+def patch(module, hp: HookPoint, patched: list[tuple[str, str]], key: str, recorder=None) -> bool:
     """Wrap ``hp`` in the imported ``module`` unless it changed; record it in ``patched``.
     Returns whether it was wrapped. Never raises: a failure is reported under ``key``."""
     if (hp.module, hp.target) in patched:
@@ -87,7 +87,8 @@ def patch(module, hp: HookPoint, patched: List[Tuple[str, str]], key: str, recor
         if why:
             _skip(key, why)
             return False
-        wrapt.wrap_function_wrapper(module, hp.target, hp.factory(guard(key), recorder))
+        # wrapt's bundled stubs declare its API for Python >= 3.10 only (pythonVersion is 3.9 here)
+        wrapt.wrap_function_wrapper(module, hp.target, hp.factory(guard(key), recorder))  # pyright: ignore[reportAttributeAccessIssue]
         patched.append((hp.module, hp.target))
         STATUS.pop(key, None)
         return True

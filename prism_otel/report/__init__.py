@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from prism_otel import semconv as sc
+from prism_otel.record import StepRecord
 from prism_otel.report.load import Loaded, NoData, load, requests_of, steps_of
 
 MAX_POINTS = 12000  # per phase: every anomalous step, and normal ones evenly thinned to fit
@@ -30,7 +32,7 @@ BUCKETS = 120
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _pct(vals: List[float], q: float) -> Optional[float]:
+def _pct(vals: list[float], q: float) -> Optional[float]:
     if not vals:
         return None
     s = sorted(vals)
@@ -41,9 +43,19 @@ def _r(x, n=3):
     return None if x is None else round(float(x), n)
 
 
+def _expected_ms(step: StepRecord) -> Optional[float]:
+    v = step.verdict
+    return _r(v.expected_ms, 4) if v and v.expected_ms else None
+
+
+def _anomalous(step: StepRecord) -> int:
+    v = step.verdict
+    return 1 if (v is not None and v.anomaly) else 0
+
+
 def _incidents(loaded: Loaded, steps) -> tuple:
     if loaded.incident_events:
-        by_id: Dict[str, dict] = {}
+        by_id: dict[str, dict] = {}
         for ev in sorted(loaded.incident_events, key=lambda e: e.get("time_unix_nano") or 0):
             inc = ev.get("incident") or {}
             if "id" in inc:
@@ -67,7 +79,7 @@ def build(paths: Iterable[str]) -> dict:
     t0 = min(s.start_ns for s in steps)
     t1 = max(s.end_ns for s in steps)
     span_s = max((t1 - t0) / 1e9, 1e-3)
-    phases: Dict[str, dict] = {}
+    phases: dict[str, dict] = {}
     for ph in [p for p in sc.PHASES if any(s.phase == p for s in steps)]:
         ss = [s for s in steps if s.phase == ph]
         anom = [i for i, s in enumerate(ss) if s.verdict is not None and s.verdict.anomaly]
@@ -78,9 +90,8 @@ def build(paths: Iterable[str]) -> dict:
         phases[ph] = {
             "t": [_r((ss[i].end_ns - t0) / 1e9, 4) for i in keep],
             "ms": [_r(ss[i].duration_ms, 4) for i in keep],
-            "exp": [_r(ss[i].verdict.expected_ms, 4) if ss[i].verdict and ss[i].verdict.expected_ms else None
-                    for i in keep],
-            "anom": [1 if (ss[i].verdict is not None and ss[i].verdict.anomaly) else 0 for i in keep],
+            "exp": [_expected_ms(ss[i]) for i in keep],
+            "anom": [_anomalous(ss[i]) for i in keep],
             "steps": len(ss), "shown": len(keep), "thinned": k, "judged": len(judged),
             "unjudged": len(ss) - len(judged), "anomalous": len(anom),
             "first_judged_s": None if first is None else _r((ss[first].end_ns - t0) / 1e9, 3),
@@ -92,7 +103,7 @@ def build(paths: Iterable[str]) -> dict:
     # stage shares over time
     bw = span_s / BUCKETS
     step_ns = [0] * BUCKETS
-    stage_tot: Dict[str, List[int]] = {}
+    stage_tot: dict[str, list[int]] = {}
     for s in steps:
         b = min(BUCKETS - 1, int((s.end_ns - t0) / 1e9 / bw))
         step_ns[b] += s.duration_ns

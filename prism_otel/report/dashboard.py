@@ -78,7 +78,7 @@ def render(data: dict) -> str:
 
 def register(sub) -> None:
     p = sub.add_parser("dashboard", help="the Grafana dashboard's panels from a Prometheus, as one offline HTML page",
-                       description=__doc__.split("\n\n")[1])
+                       description=__doc__.split("\n\n")[1] if __doc__ else None)  # None under -OO
     p.add_argument("--prometheus", required=True, metavar="URL", help="e.g. http://127.0.0.1:9090")
     p.add_argument("--minutes", type=float, default=30.0, help="time range: the last N minutes (default 30)")
     p.add_argument("--start", type=float, help="range start (unix seconds); overrides --minutes")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Dict, Iterable, List
+from collections.abc import Iterable
 
 from prism_otel import otlp_json
 from prism_otel import semconv as sc
@@ -23,7 +23,7 @@ class NoData(ValueError):
     """Nothing prism-otel wrote was found in the inputs."""
 
 
-def input_files(paths: Iterable[str]) -> List[str]:
+def input_files(paths: Iterable[str]) -> list[str]:
     out = []
     for p in paths:
         if os.path.isdir(p):
@@ -38,11 +38,11 @@ def input_files(paths: Iterable[str]) -> List[str]:
 
 class Loaded:
     def __init__(self) -> None:
-        self.spans: List[dict] = []
-        self.incident_events: List[dict] = []
-        self.skipped: List[str] = []  # "file:line: reason", the first few
+        self.spans: list[dict] = []
+        self.incident_events: list[dict] = []
+        self.skipped: list[str] = []  # "file:line: reason", the first few
         self.skipped_n = 0
-        self.files: List[str] = []
+        self.files: list[str] = []
 
     def skip(self, where: str, why: str) -> None:
         self.skipped_n += 1
@@ -100,9 +100,9 @@ def load(paths: Iterable[str]) -> Loaded:
     return out
 
 
-def steps_of(spans: List[dict]) -> List[StepRecord]:
+def steps_of(spans: list[dict]) -> list[StepRecord]:
     """``prism.step`` spans (and their stage children) as StepRecords with their verdicts, in time order."""
-    stages: Dict[str, Dict[str, tuple]] = {}
+    stages: dict[str, dict[str, tuple]] = {}
     for s in spans:
         if s["name"].startswith(sc.STAGE_SPAN_PREFIX) and s["parent_id"]:
             stages.setdefault(s["parent_id"], {})[s["name"][len(sc.STAGE_SPAN_PREFIX):]] = (s["start_ns"], s["end_ns"])
@@ -133,7 +133,7 @@ def steps_of(spans: List[dict]) -> List[StepRecord]:
     return out
 
 
-def requests_of(spans: List[dict]) -> List[dict]:
+def requests_of(spans: list[dict]) -> list[dict]:
     out = []
     for s in spans:
         a = s["attrs"]

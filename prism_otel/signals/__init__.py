@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from typing import Dict, List, Optional, Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 from prism_otel import semconv as sc
 
@@ -36,8 +36,9 @@ class SignalSource(Protocol):
     def poll(self, now_ns: int) -> None:
         """Read what is new (called by the pipeline once per wake-up; cheap, never blocking long)."""
 
-    def overlap(self, start_ns: int, end_ns: int) -> Dict[str, float]:
+    def overlap(self, start_ns: int, end_ns: int) -> dict[str, float]:
         """What this source saw inside ``[start_ns, end_ns]`` (epoch ns): signal name -> number."""
+        ...
 
 
 class GcPauses:
@@ -55,7 +56,7 @@ class GcPauses:
     def poll(self, now_ns: int) -> None:
         return None
 
-    def overlap(self, start_ns: int, end_ns: int) -> Dict[str, float]:
+    def overlap(self, start_ns: int, end_ns: int) -> dict[str, float]:
         ms = 0.0
         n = 0
         for t0, t1, _gen in reversed(self._pauses):
@@ -78,7 +79,7 @@ def _interval_ms() -> float:
 
 
 def default_sources(engine_pid: int, engine_tid: Optional[int] = None, min_interval_ms: Optional[float] = None,
-                    gpu: bool = True) -> List[SignalSource]:
+                    gpu: bool = True) -> list[SignalSource]:
     """The evidence sources for the engine process ``engine_pid`` (its descendants included), besides
     the GC pauses every pipeline already has: the engine's threads and the host from /proc (Linux), and
     the engine's GPU from NVML (``gpu``; "unavailable" without the library or a driver).
@@ -86,7 +87,7 @@ def default_sources(engine_pid: int, engine_tid: Optional[int] = None, min_inter
     if os.environ.get(sc.ENV_SIGNALS, "1").strip().lower() in ("0", "gc", "false", "off"):
         return []
     iv = _interval_ms() if min_interval_ms is None else min_interval_ms
-    out: List[SignalSource] = []
+    out: list[SignalSource] = []
     try:
         from prism_otel.signals import proc
 
@@ -130,9 +131,9 @@ def start(pipeline, engine_pid: Optional[int] = None, recorder=None, engine_tid:
     return added
 
 
-def unavailable(sources) -> Dict[str, str]:
+def unavailable(sources) -> dict[str, str]:
     """What the sources could not read, and why (each said once in the log too)."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for s in sources:
         out.update(getattr(s, "unavailable", {}) or {})
     return out

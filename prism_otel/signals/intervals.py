@@ -16,8 +16,10 @@ skipped from then on; the others go on.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections import deque
-from typing import Dict, Optional
+from typing import Optional
 
 from prism_otel.record import clock_ns, to_epoch_ns
 
@@ -39,7 +41,7 @@ class IntervalSource:
         self._iv: deque = deque(maxlen=keep)  # (t0, t1, deltas dict, gauges dict)
         self._prev: Optional[dict] = None
         self._prev_t = 0
-        self.unavailable: Dict[str, str] = {}  # reader -> why (reported once)
+        self.unavailable: dict[str, str] = {}  # reader -> why (reported once)
         self.polls = 0
         self.errors = 0
         self.active = False  # reads start with the first step asked about (a process with no steps reads nothing)
@@ -91,7 +93,7 @@ class IntervalSource:
                 self._iv.append((self._prev_t, now_ns, d, g))
             self._prev, self._prev_t = cur, now_ns
 
-    def overlap(self, start_ns: int, end_ns: int) -> Dict[str, float]:
+    def overlap(self, start_ns: int, end_ns: int) -> dict[str, float]:
         if self.disabled:
             return {}
         self.active = True
@@ -100,7 +102,20 @@ class IntervalSource:
         iv = self._iv
         if not iv or end_ns <= start_ns:
             return {}
-        acc: Dict[str, float] = {}
+        # The common case, a step inside one interval (the companion reads once per wake-up, after the
+        # steps it then handles): that interval's deltas times the share, as the general loop below
+        # computes them (the same floats), without its accumulation.
+        for t0, t1, d, g in reversed(iv):
+            if t0 < end_ns:
+                if t0 <= start_ns and end_ns <= t1:
+                    frac = (end_ns - start_ns) / (t1 - t0)
+                    nd = self.ndigits
+                    out = {k: round(v * frac, nd) if v else 0.0 for k, v in d.items()}
+                    if g:
+                        out.update(g)
+                    return out
+                break
+        acc: dict[str, float] = {}
         gauges: Optional[dict] = None
         covered_to = start_ns
         for t0, t1, d, g in reversed(iv):
@@ -131,12 +146,53 @@ class IntervalSource:
         return {"polls": self.polls, "errors": self.errors, "unavailable": dict(self.unavailable)}
 
 
-def read_small(path: str, size: int = 4096) -> bytes:
-    """One read of a small /proc or /sys file (no Python file object: about 4x cheaper)."""
-    import os
+_FDS: dict[str, int] = {}  # /proc and /sys files kept open between readings (path -> fd)
+_FDS_MAX = 64  # the readings of one engine need about 20; a whole-thread scan may pass this (all closed then)
+_FDS_LOCK = threading.Lock()
+_KERNEL_FILES = ("/proc/", "/sys/")
 
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, size)
-    finally:
+
+def read_small(path: str, size: int = 4096) -> bytes:
+    """One read of a small /proc or /sys file (no Python file object: about 4x cheaper).
+
+    Kernel files are kept open and read again with ``pread`` at offset 0, which makes the kernel
+    render them anew: one system call per reading instead of three. A file that fails or reads empty
+    (its thread or process is gone) is opened again by path, as a first reading is; at most
+    ``_FDS_MAX`` stay open."""
+    if not path.startswith(_KERNEL_FILES):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.read(fd, size)
+        finally:
+            os.close(fd)
+    with _FDS_LOCK:
+        fd = _FDS.pop(path, None)
+    if fd is not None:
+        try:
+            b = os.pread(fd, size, 0)
+        except OSError:
+            b = b""
+        if b:
+            with _FDS_LOCK:
+                if path not in _FDS:
+                    _FDS[path] = fd
+                    return b
+            os.close(fd)
+            return b
         os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        b = os.pread(fd, size, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    with _FDS_LOCK:
+        if len(_FDS) >= _FDS_MAX:
+            for old in _FDS.values():
+                os.close(old)
+            _FDS.clear()
+        if path not in _FDS:
+            _FDS[path] = fd
+            return b
+    os.close(fd)
+    return b

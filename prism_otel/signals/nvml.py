@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import deque
-from typing import Dict, List, Optional
+from typing import Any, Optional
 
 from prism_otel import semconv as sc
 from prism_otel.signals.intervals import now_epoch_ns
@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 IDLE_BIT = 0x1  # nvmlClocksEventReasonGpuIdle: not a slowdown
 
 
-def load_nvml():
+def load_nvml() -> tuple[Any, Optional[str]]:
     """(pynvml module initialised, None) or (None, why not)."""
     try:
-        import pynvml  # nvidia-ml-py
+        import pynvml  # pyright: ignore[reportMissingImports] - nvidia-ml-py, optional (not in the dev install)
     except ImportError:
         return None, "the NVML library is not installed (pip install nvidia-ml-py)"
     try:
@@ -59,26 +59,26 @@ class NvmlSignals:
     """``gpu.*`` gauges for each step (see the module docstring)."""
 
     def __init__(self, pid: int, min_interval_ms: float = 100.0, pcie_interval_ms: float = 500.0,
-                 nvml=None) -> None:
+                 nvml: Any = None) -> None:
         self.pid = int(pid)
         self.min_interval_ns = int(min_interval_ms * 1e6)
         self.pcie_interval_ns = int(pcie_interval_ms * 1e6)
         self.samples: deque = deque(maxlen=600)  # (epoch ns, {name: value})
-        self.unavailable: Dict[str, str] = {}
+        self.unavailable: dict[str, str] = {}
         self.polls = 0
         self.errors = 0
         self._last = -(1 << 62)
         self._last_pcie = -(1 << 62)
         self._pcie: Optional[float] = None
-        self._pids: List[int] = []
+        self._pids: list[int] = []
         self._pids_t = -(1 << 62)
-        self.nv = nvml
+        self.nv: Any = nvml  # the pynvml module (or a stand-in), loaded at run time
         self.handle = None
         self.active = False
         if self.nv is None:
             self.nv, why = load_nvml()
             if self.nv is None:
-                self._give_up(why)
+                self._give_up(why or "NVML did not load")  # why is set whenever the module is not
                 return
         try:
             self.handle = self._find_device()
@@ -95,7 +95,7 @@ class NvmlSignals:
     def disabled(self) -> bool:
         return self.handle is None
 
-    def _engine_pids(self) -> List[int]:
+    def _engine_pids(self) -> list[int]:
         now = time.monotonic_ns()
         if now - self._pids_t > 2e9:
             self._pids_t = now
@@ -175,7 +175,7 @@ class NvmlSignals:
                 self._give_up("NVML kept failing")
         self.polls += 1
 
-    def overlap(self, start_ns: int, end_ns: int) -> Dict[str, float]:
+    def overlap(self, start_ns: int, end_ns: int) -> dict[str, float]:
         if self.handle is None:
             return {}
         self.active = True

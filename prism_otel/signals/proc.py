@@ -36,7 +36,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.signals.intervals import IntervalSource, read_small
@@ -44,9 +45,9 @@ from prism_otel.signals.intervals import IntervalSource, read_small
 _TICK_MS = 1000.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
 
-def descendants(pid: int) -> List[int]:
+def descendants(pid: int) -> list[int]:
     """Every descendant of ``pid``, from ``/proc/<pid>/task/<tid>/children`` (breadth first)."""
-    out: List[int] = []
+    out: list[int] = []
     todo = [pid]
     seen = {pid}
     while todo and len(out) < 256:
@@ -107,17 +108,17 @@ class EngineThreads(IntervalSource):
         self.inside = self.pid == os.getpid()  # our own process: a stop stops us too
         self._exclude_fixed = set(exclude or ())
         self._last_scan = -(1 << 62)
-        self._first_cpu: Dict[tuple, int] = {}  # (pid, tid) -> CPU ns when first seen
-        self._scan_prev: Dict[tuple, tuple] = {}  # (pid, tid) -> (cpu, vol, t) at the previous scan
-        self.engine: List[tuple] = []  # (pid, tid) whose sums are reported
-        self.parked: List[tuple] = []  # ((pid, tid), baseline voluntary switches per ns)
+        self._first_cpu: dict[tuple, int] = {}  # (pid, tid) -> CPU ns when first seen
+        self._scan_prev: dict[tuple, tuple] = {}  # (pid, tid) -> (cpu, vol, t) at the previous scan
+        self.engine: list[tuple] = []  # (pid, tid) whose sums are reported
+        self.parked: list[tuple] = []  # ((pid, tid), baseline voluntary switches per ns)
         self._gone = False
 
     @property
     def disabled(self) -> bool:
         return self._gone
 
-    def _ours(self) -> Set[int]:
+    def _ours(self) -> set[int]:
         out = set(self._exclude_fixed)
         if self.inside:
             out.add(threading.get_native_id())
@@ -129,7 +130,7 @@ class EngineThreads(IntervalSource):
     def _scan(self, now: int) -> None:
         pids = [self.pid] + (descendants(self.pid) if self.children else [])
         ours = self._ours()
-        seen: Dict[tuple, tuple] = {}
+        seen: dict[tuple, tuple] = {}
         for p in pids:
             try:
                 tids = os.listdir(f"/proc/{p}/task")
@@ -201,7 +202,7 @@ class EngineThreads(IntervalSource):
             return None
         run = wait = inv = 0
         stopped = blocked = 0
-        per: Dict[str, int] = {}
+        per: dict[str, tuple[int, int, int]] = {}
         for k in self.engine:
             p, tid = k
             try:
@@ -256,9 +257,9 @@ class EngineThreads(IntervalSource):
         return out
 
 
-def _cgroup_dirs(pid: int) -> Dict[str, str]:
+def _cgroup_dirs(pid: int) -> dict[str, str]:
     """controller ('cpu', or '' for cgroup v2) -> the cgroup's directory under /sys/fs/cgroup."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     try:
         text = read_small(f"/proc/{pid}/cgroup", 8192).decode()
     except OSError:
@@ -291,7 +292,7 @@ def _has(path: str, key: bytes) -> bool:
         return False
 
 
-def _kv(b: bytes) -> Dict[bytes, int]:
+def _kv(b: bytes) -> dict[bytes, int]:
     out = {}
     for line in b.splitlines():
         k, _, v = line.partition(b" ")
@@ -327,8 +328,8 @@ class HostSignals(IntervalSource):
         self.rescan_ns = int(rescan_s * 1e9)
         self.proc = proc_root
         self._last_scan = -(1 << 62)
-        self._pids: List[int] = [self.pid]
-        self._cpus: Optional[Set[int]] = None
+        self._pids: list[int] = [self.pid]
+        self._cpus: Optional[set[int]] = None
         dirs = _cgroup_dirs(self.pid)
         self.cpu_stat: Optional[str] = None
         self.v2 = False
@@ -339,7 +340,7 @@ class HostSignals(IntervalSource):
             self.cpu_stat, self.v2 = v2_stat, True
         else:
             self.give_up("cgroup cpu.stat", "no cpu controller found for the engine's cgroup")
-        self.psi: Dict[str, str] = {}
+        self.psi: dict[str, str] = {}
         for res in ("cpu", "memory", "io"):
             own = os.path.join(dirs[""], f"{res}.pressure") if "" in dirs else None
             path = own if own and os.path.exists(own) else f"{self.proc}/pressure/{res}"
@@ -448,7 +449,7 @@ class HostSignals(IntervalSource):
         out[sc.SIGNAL_HOST_STEAL_MS] = steal * _TICK_MS
 
 
-def _io(b: bytes) -> Dict[bytes, int]:
+def _io(b: bytes) -> dict[bytes, int]:
     out = {}
     for line in b.splitlines():
         k, _, v = line.partition(b": ")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
-from typing import Any, Coroutine, Optional
+from typing import Any, Optional
 
 
 class LoopThread:

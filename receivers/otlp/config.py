@@ -21,14 +21,14 @@ receivers:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 from prism_otel.collector.decode import check
 from prism_otel.collector.errors import ConfigError
 from prism_otel.collector.tls import AuthConfig, TLSServerConfig
 
 
-def parse_endpoint(endpoint: str, key: str = "endpoint") -> Tuple[str, int]:
+def parse_endpoint(endpoint: str, key: str = "endpoint") -> tuple[str, int]:
     """``host:port`` → (bind address, port). ``localhost`` binds 127.0.0.1; ``:4317`` all interfaces."""
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -60,7 +60,7 @@ class HTTPServerConfig:
     endpoint: str = "localhost:4318"
     traces_url_path: str = "/v1/traces"
     max_request_body_size: int = 20 << 20
-    response_headers: Dict[str, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
     tls: Optional[TLSServerConfig] = None
     auth: Optional[AuthConfig] = None
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Optional
 
 import grpc
 from google.protobuf.duration_pb2 import Duration as PBDuration
@@ -33,7 +34,7 @@ from prism_otel.collector.errors import Refused
 from prism_otel.collector.memory import DECODED_FACTOR
 from receivers.otlp.aio import LoopThread
 from receivers.otlp.config import GRPCServerConfig, parse_endpoint
-from receivers.otlp.receiver import Malformed, decode_protobuf
+from receivers.otlp.decode import Malformed, decode_protobuf
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ def retry_info(seconds: float) -> bytes:
 
 
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float = None) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after: Optional[float] = None) -> None:
         super().__init__(details)
         self.code, self.details, self.retry_after = code, details, retry_after
 
     @classmethod
-    def refused(cls, exc: Refused) -> "_Abort":
+    def refused(cls, exc: Refused) -> _Abort:
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.overloaded else grpc.StatusCode.UNAVAILABLE
         return cls(code, f"{exc.reason}; retry after {exc.retry_after:g}s", exc.retry_after)
 
@@ -134,7 +135,8 @@ class GRPCFrontEnd:
             abort = _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Refused as exc:
             abort = _Abort.refused(exc)
-        req = raw = None  # noqa: F841 - the traceback of what follows must not hold the request
+        req = None  # noqa: F841 - the traceback of what follows must not hold the request
+        del raw
         raise abort
 
     # -- lifecycle --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import math
 import socket
 import zlib
 from http import HTTPStatus
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
@@ -33,7 +33,7 @@ from prism_otel.collector.errors import Refused
 from prism_otel.collector.memory import DECODED_FACTOR
 from receivers.otlp.aio import LoopThread
 from receivers.otlp.config import HTTPServerConfig, parse_endpoint
-from receivers.otlp.receiver import Malformed, decode_json, decode_protobuf
+from receivers.otlp.decode import Malformed, decode_json, decode_protobuf
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class _Reply(Exception):
         self.code, self.message, self.headers, self.keep = code, message, tuple(headers), keep
 
     @classmethod
-    def refused(cls, exc: Refused) -> "_Reply":
+    def refused(cls, exc: Refused) -> _Reply:
         return cls(429 if exc.overloaded else 503, exc.reason,
                    (("Retry-After", str(max(1, math.ceil(exc.retry_after)))),))
 
@@ -81,12 +81,12 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def _parse_head(head: bytes) -> Tuple[str, str, str, Dict[str, str]]:
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise _Reply(400, "malformed request line")
-    headers: Dict[str, str] = {}
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         if not line:
             continue
@@ -302,7 +302,8 @@ class HTTPFrontEnd:
             if extra:
                 r.budget.give(extra)
         if reply is not None:
-            body = req = None  # noqa: F841 - the traceback of what follows must not hold the request
+            req = None  # noqa: F841 - the traceback of what follows must not hold the request
+            del body
             raise reply
         if as_json:
             return 200, json.dumps(json_format.MessageToDict(resp)).encode()

@@ -17,89 +17,21 @@ protobuf path does; the rest of the request is kept.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
-import base64
-import binascii
-import json
-
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
-                                                                      ExportTraceServiceResponse)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 from prism_otel import semconv as sc
 from prism_otel.collector.errors import ConfigError, Refused
-from prism_otel.otlp_json import _walk_ids  # the id walker of our OTLP/JSON codec, with a lenient converter
 from receivers.otlp.config import OTLPReceiverConfig, parse_endpoint
+from receivers.otlp.decode import drop_invalid_spans
 
 logger = logging.getLogger(__name__)
 
 Consumer = Callable[[ExportTraceServiceRequest, bytes, int], None]
-
-
-class Malformed(ValueError):
-    """The request could not be decoded (INVALID_ARGUMENT / 400)."""
-
-
-def decode_protobuf(raw: bytes) -> ExportTraceServiceRequest:
-    req = ExportTraceServiceRequest()
-    try:
-        req.ParseFromString(raw)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise Malformed(f"cannot decode protobuf ExportTraceServiceRequest: {exc}") from None
-    return req
-
-
-_BAD_ID = base64.b64encode(b"\0").decode("ascii")  # one byte: an invalid id, dropped with its span
-
-
-def _lenient_id(value: str, size: int, key: str) -> str:
-    """Hex id -> the base64 ParseDict reads; a bad one becomes an id of the wrong length (that span only)."""
-    if value == "":
-        return value
-    try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        return _BAD_ID
-    return base64.b64encode(raw).decode("ascii") if len(raw) == size else _BAD_ID
-
-
-def decode_json(raw: bytes) -> ExportTraceServiceRequest:
-    try:
-        obj = json.loads(raw)
-        if not isinstance(obj, dict):
-            raise Malformed("cannot decode OTLP/JSON ExportTraceServiceRequest: the top level must be an object")
-        _walk_ids(obj, _lenient_id)
-        return json_format.ParseDict(obj, ExportTraceServiceRequest(), ignore_unknown_fields=True)
-    except RecursionError:
-        raise Malformed("cannot decode OTLP/JSON ExportTraceServiceRequest: nested too deep") from None
-    except (ValueError, UnicodeDecodeError, TypeError, binascii.Error, json_format.ParseError) as exc:
-        if isinstance(exc, Malformed):
-            raise
-        raise Malformed(f"cannot decode OTLP/JSON ExportTraceServiceRequest: {exc}") from None
-
-
-def drop_invalid_spans(req: ExportTraceServiceRequest) -> Tuple[int, int, str]:
-    """Remove spans whose ids are not 16/8 bytes (or all zero); returns (kept, dropped, first reason)."""
-    kept = dropped = 0
-    reason = ""
-    for rs in req.resource_spans:
-        for ss in rs.scope_spans:
-            spans = ss.spans
-            bad = []
-            for i, s in enumerate(spans):
-                tid, sid, pid = s.trace_id, s.span_id, s.parent_span_id
-                if len(tid) != 16 or len(sid) != 8 or (pid and len(pid) != 8) or not any(tid) or not any(sid):
-                    bad.append(i)
-                    if not reason:
-                        reason = (f"span {s.name!r}: trace_id must be 16 bytes and span_id 8 bytes, non-zero "
-                                  f"(got {len(tid)} and {len(sid)})")
-            for i in reversed(bad):
-                del spans[i]
-            dropped += len(bad)
-            kept += len(spans)
-    return kept, dropped, reason
 
 
 class OTLPReceiver:
@@ -125,7 +57,7 @@ class OTLPReceiver:
                 logger.warning("%s::%s: bearer token authentication without TLS: the token crosses the network in "
                                "clear text (listening on %s); configure tls", prefix, proto, where)
         if p.grpc is not None:
-            from receivers.otlp.grpc import GRPCFrontEnd
+            from receivers.otlp.grpc import GRPCFrontEnd  # lazy: grpcio loads only where gRPC is configured
 
             self.grpc_auth = host.extension(p.grpc.auth.authenticator) if p.grpc.auth else None
             self.grpc = GRPCFrontEnd(self, p.grpc)
@@ -134,7 +66,7 @@ class OTLPReceiver:
             except OSError as exc:
                 raise ConfigError(f"{prefix}::grpc::endpoint", f"cannot listen on {p.grpc.endpoint}: {exc}") from None
         if p.http is not None:
-            from receivers.otlp.http import HTTPFrontEnd
+            from receivers.otlp.http import HTTPFrontEnd  # lazy: as the gRPC front end
 
             self.http_auth = host.extension(p.http.auth.authenticator) if p.http.auth else None
             self.http = HTTPFrontEnd(self, p.http)

@@ -36,7 +36,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.generation.continuous_batching import continuous_api
 
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     torch.set_num_threads(a.threads)
     model_dir = tiny_models.build(tiny_models.default_dir(a.size), a.size)

@@ -83,10 +83,10 @@ def readable_site() -> str:
             dst = os.path.join(d, str(f))
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             shutil.copy2(src, dst)
-    for pkg in ("prism_otel", "receivers", "processors"):
+    for pkg in ("prism_otel", "receivers", "processors", "prism_eval"):
         shutil.copytree(os.path.join(ROOT, pkg), os.path.join(d, pkg), dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for base, dirs, files in os.walk(d):
+    for base, _dirs, files in os.walk(d):
         os.chmod(base, 0o755)
         for f in files:
             os.chmod(os.path.join(base, f), 0o644)

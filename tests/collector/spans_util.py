@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from collections.abc import Sequence
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -15,7 +15,7 @@ from prism_otel.record import StepRecord
 from prism_otel.spans import SpanMaterializer
 
 
-def render(steps: Sequence[StepRecord], resource: dict = None) -> List:
+def render(steps: Sequence[StepRecord], resource: dict = None) -> list:
     """StepRecords -> finished SDK spans (children first, as the pipeline emits them)."""
     exp = InMemorySpanExporter()
     tp = TracerProvider(resource=Resource.create(resource or {"service.instance.id": "i-0"}))

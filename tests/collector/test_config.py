@@ -10,12 +10,12 @@ import sys
 import pytest
 
 from prism_otel.collector import registry
-from prism_otel.collector.component import Host, Settings, ComponentID
+from prism_otel.collector.component import ComponentID, Host, Settings
 from prism_otel.collector.config import from_dict, load
-from prism_otel.collector.confmap import parse_duration
 from prism_otel.collector.errors import ConfigError
 from prism_otel.collector.service import Service
 from prism_otel.collector.telemetry import Telemetry
+from prism_otel.config_decode import parse_duration
 from tests.collector.harness import ROOT, base_config, free_port, write_config
 
 
@@ -82,6 +82,8 @@ def test_bad_durations_name_the_path(bad):
     (lambda c: c["exporters"].update(otlp_grpc={"endpoint": "h:1", "sending_queue": {"storage": "file_storage"}}),
      "exporters::otlp_grpc::sending_queue::storage", "not configured"),
     (lambda c: c["exporters"].update(debug={"verbosity": "loud"}), "exporters::debug::verbosity", "one of"),
+    (lambda c: c["exporters"].update(otlp_grpc={"endpoint": "h:1", "sending_queue": {"sizer": "bytes"}}),
+     "exporters::otlp_grpc::sending_queue::sizer", "one of"),
     (lambda c: c["processors"]["prism_fleet"].update(threshold=0.5), "processors::prism_fleet::threshold", "> 1"),
     (lambda c: c["processors"]["prism_fleet"].update(assembly={"wait": "soon"}),
      "processors::prism_fleet::assembly::wait", "duration"),

@@ -12,8 +12,7 @@ import os
 import pytest
 
 from prism_otel import semconv as sc
-from tests.collector.harness import (CollectorProcess, CountingSink, base_config, free_port, read_counters,
-                                     write_config)
+from tests.collector.harness import CollectorProcess, CountingSink, base_config, free_port, read_counters, write_config
 from tests.collector.spans_util import make_step, render, to_request
 from tests.collector.test_poison import export, ids_of
 

@@ -17,8 +17,10 @@ import tracemalloc
 import grpc
 import psutil
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
-                                                                      ExportTraceServiceResponse)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 
 from prism_otel import semconv as sc
 from prism_otel.collector.memory import DECODED_FACTOR

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import psutil
 import pytest
 import requests
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
-
-from concurrent import futures
-
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from tests.collector.harness import CollectorProcess, base_config, free_port, write_config
 from tests.collector.spans_util import make_step, render, to_request

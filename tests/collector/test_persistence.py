@@ -16,8 +16,16 @@ import time
 import pytest
 
 from prism_otel import semconv as sc
-from tests.collector.harness import (CollectorProcess, CountingSink, base_config, client_provider, free_port,
-                                     send_steps, span_ids, write_config)
+from tests.collector.harness import (
+    CollectorProcess,
+    CountingSink,
+    base_config,
+    client_provider,
+    free_port,
+    send_steps,
+    span_ids,
+    write_config,
+)
 from tests.collector.spans_util import make_step
 
 

@@ -13,8 +13,16 @@ import time
 import pytest
 
 from prism_otel import semconv as sc
-from tests.collector.harness import (PHOENIX_BIN, CollectorProcess, Phoenix, client_provider, free_port, send_steps,
-                                     span_ids, write_config)
+from tests.collector.harness import (
+    PHOENIX_BIN,
+    CollectorProcess,
+    Phoenix,
+    client_provider,
+    free_port,
+    send_steps,
+    span_ids,
+    write_config,
+)
 from tests.collector.spans_util import make_step
 
 pytestmark = pytest.mark.slow

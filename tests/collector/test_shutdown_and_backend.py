@@ -15,8 +15,15 @@ import time
 import pytest
 
 from prism_otel import semconv as sc
-from tests.collector.harness import (CollectorProcess, CountingSink, base_config, free_port, read_counters, service,
-                                     write_config)
+from tests.collector.harness import (
+    CollectorProcess,
+    CountingSink,
+    base_config,
+    free_port,
+    read_counters,
+    service,
+    write_config,
+)
 from tests.collector.spans_util import make_step, render, to_request
 from tests.collector.test_overload import SlowBackend
 from tests.collector.test_poison import export, ids_of

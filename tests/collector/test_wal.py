@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from prism_otel.collector.errors import CorruptRecord
 from prism_otel.collector.delivery import DeliveredIDs, Ledger, span_key
+from prism_otel.collector.errors import CorruptRecord
 from prism_otel.collector.wal import WAL
 
 
@@ -26,7 +26,7 @@ def test_append_read_reopen(tmp_path):
 
 def test_commit_moves_cursor_and_deletes_segments(tmp_path):
     w = WAL(str(tmp_path), segment_bytes=40)
-    for i in range(20):
+    for _ in range(20):
         w.append(b"x" * 20)
     n_before = len(_segments(tmp_path))
     w.commit(15)

@@ -24,7 +24,7 @@ def clean_deepdive():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     return tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
 

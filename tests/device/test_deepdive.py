@@ -8,7 +8,6 @@ import os
 import signal
 import time
 
-import pytest
 import torch
 
 from prism_otel import semconv as sc

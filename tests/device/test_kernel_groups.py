@@ -13,8 +13,15 @@ import torch
 from torch import nn
 
 from prism_otel import semconv as sc
-from prism_otel.device.kernel_groups import (KERNEL_PATTERNS, MODULE_PATTERNS, classify_class_name, classify_kernel,
-                                             classify_module, hook_plan, summarize)
+from prism_otel.device.kernel_groups import (
+    KERNEL_PATTERNS,
+    MODULE_PATTERNS,
+    classify_class_name,
+    classify_kernel,
+    classify_module,
+    hook_plan,
+    summarize,
+)
 from prism_otel.device.profiler import trace_groups
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "h100_decode_step.json.gz")

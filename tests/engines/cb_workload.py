@@ -29,7 +29,7 @@ def run_cb(out: str, n: int, seed: int, model_dir: str, gap_s: float) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=0.003)
     ap.add_argument("--model-dir", default=None)
     a = ap.parse_args()
-    from prism_otel import tiny_models
+    from prism_eval import tiny_models
 
     model_dir = a.model_dir or tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
     if a.generate:

@@ -35,7 +35,7 @@ from processors import assembly as asm  # noqa: E402
 from processors.assembler import StepAssembler  # noqa: E402
 from processors.fleet import FleetProcessor  # noqa: E402
 from processors.slo import SLOProcessor  # noqa: E402
-from receivers.otlp.receiver import Malformed, decode_json, decode_protobuf, drop_invalid_spans  # noqa: E402
+from receivers.otlp.decode import Malformed, decode_json, decode_protobuf, drop_invalid_spans  # noqa: E402
 from tests.collector.spans_util import make_step, render, to_request  # noqa: E402
 
 EXAMPLES = int(os.environ.get("PRISM_FUZZ_EXAMPLES", "60"))

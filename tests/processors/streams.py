@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
+from prism_eval.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 
 QUIET = {"background": False, "alert_file": "none", "alert_log": False}
 
@@ -20,13 +20,13 @@ EPISODES = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shapes_stream():
     return simulate(PROFILES["gpu8b"], WORKLOADS["chat"], 2300, seed=11, anomalies=EPISODES, instance="t-shapes",
                     n_train=1000)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shift_stream():
     """No anomaly; a tidal load plus a 3x arrival surge and a 3x prompt-length shift (bursty)."""
     return simulate(PROFILES["gpu8b"], WORKLOADS["bursty"], 3000, seed=12, instance="t-shift", n_train=1000)

@@ -13,7 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from prism_otel import semconv as sc
 from prism_otel.pipeline import Pipeline
-from prism_otel.record import Recorder, StepFeatures, clock_ns
+from prism_otel.record import StepFeatures, clock_ns
+from prism_otel.recorder import Recorder
 from processors.alerts import AlertSink
 from processors.anomaly import AnomalyProcessor
 from tests.processors.streams import EPISODES, shapes_stream

@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 
+from prism_eval.simulate.synthetic import PROFILES, WORKLOADS, simulate
 from processors import baseline as bl
 from processors.anomaly import AnomalyProcessor
 from processors.model import LatencyModel, fit
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, simulate
 from tests.processors.streams import QUIET, shift_stream
 
 KEY = {"model": "llama-tiny", "hardware": "cpu x2", "framework": "transformers", "parallelism": "world=1",
@@ -50,7 +50,7 @@ def test_restarted_process_judges_its_first_steps(tmp_path):
     code = f"""
 import json, sys
 from processors.anomaly import AnomalyProcessor
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
+from prism_eval.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 s = simulate(PROFILES["gpu8b"], WORKLOADS["bursty"], 40, seed=99, instance="restarted",
              anomalies=[Anomaly("slowdown", 3, 20, 0.5)])
 p = AnomalyProcessor({{"alert_file": "none", "alert_log": False, "baseline_dir": {str(tmp_path)!r},

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 
+from prism_eval.simulate import stepcsv
 from prism_otel.pipeline import ChangeTracker
 from prism_otel.record import BatchChange, StepRecord
-from prism_otel.simulate import stepcsv
-from processors.features import FEATURE_NAMES, SINCE_CAP, StepContext, step_class, EVENT, AFTER_EVENT, ORDINARY
+from processors.features import AFTER_EVENT, EVENT, FEATURE_NAMES, ORDINARY, SINCE_CAP, StepContext, step_class
 
 CHANGE = [FEATURE_NAMES.index(n) for n in ("joined", "left", "tokens_joined", "batch_before", "since_change")]
 

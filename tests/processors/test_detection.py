@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
+from prism_eval.simulate import baselines
+from prism_eval.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 from processors.anomaly import AnomalyConfig, AnomalyProcessor
-from prism_otel.simulate import baselines
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 from tests.processors.streams import EPISODES, QUIET, run, shapes_stream, shift_stream
 
 
@@ -48,8 +48,8 @@ def test_every_anomaly_shape_is_caught_within_a_few_steps(shapes_run):
     lab = np.array(s.labels)
     for a in EPISODES:
         seg = slice(a.start, a.start + a.length)
-        l, f = lab[seg], flags[seg]
-        first = int(np.flatnonzero(l == 1)[0])
+        lb, f = lab[seg], flags[seg]
+        first = int(np.flatnonzero(lb == 1)[0])
         hit = np.flatnonzero(f[first:])
         assert len(hit), f"{a.kind} {a.magnitude} not caught"
         # a drift that creeps in over hundreds of steps moves the instance's level (which is what keeps the
@@ -60,7 +60,7 @@ def test_every_anomaly_shape_is_caught_within_a_few_steps(shapes_run):
         # (near min_shift) the steps that noise makes fast pass, the price of not flagging the normal
         # steps after an episode on real engines
         want = 0.75 if a.kind == "slowdown" and a.magnitude < 0.2 else 0.9
-        assert f[l == 1].mean() >= want, f"{a.kind} {a.magnitude}: recall {f[l == 1].mean():.3f}"
+        assert f[lb == 1].mean() >= want, f"{a.kind} {a.magnitude}: recall {f[lb == 1].mean():.3f}"
         # one alert per episode, on its rising edge
         alerts = [i for i in range(a.start, a.start + a.length) if verdicts[i] is not None and verdicts[i].alert]
         assert len(alerts) == 1, f"{a.kind}: alerts at {alerts}"

@@ -11,10 +11,10 @@ import tracemalloc
 
 import numpy as np
 
+from prism_eval.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 from processors.anomaly import AnomalyProcessor, CellMemory
 from processors.features import StepContext
 from processors.verdict import cell_of
-from prism_otel.simulate.synthetic import PROFILES, WORKLOADS, Anomaly, simulate
 from tests.processors.streams import QUIET, shapes_stream
 
 RESOURCE = {"prism.engine.framework": "vllm", "prism.engine.version": "0.32", "gen_ai.request.model": "m",

@@ -11,8 +11,8 @@ import random
 
 import numpy as np
 
+from prism_eval.simulate import baselines
 from processors.anomaly import AnomalyProcessor
-from prism_otel.simulate import baselines
 from tests.processors.streams import QUIET
 from tests.processors.test_change_features import cb_stream
 
@@ -22,7 +22,7 @@ def event_tail_stream(n, seed, episodes=()):
     or leaves, a prefill) 0-3x slower, heavy-tailed; ``episodes`` (start, length, factor) multiply steps."""
     rng = random.Random(seed)
     out, prev_ids = [], set()
-    for i, (s, reqs) in enumerate(cb_stream(n, seed=seed)):
+    for s, reqs in cb_stream(n, seed=seed):
         ids = {r[0] for r in reqs}
         event = ids != prev_ids
         prev_ids = ids

@@ -67,6 +67,22 @@ def test_scattered_flags_in_a_healthy_stream_open_nothing():
     assert ev == [] and p.opened == 0
 
 
+def test_the_incident_names_the_cause_of_most_extra_time_not_of_most_steps():
+    """A neighbour's burst (many steps a little slow, cpu.contention) runs into a stall (fewer steps, each 20x):
+    one incident, and its root cause is where the time went; both causes are listed with their ms."""
+    burst, stall = range(2000, 2600), range(2600, 2800)
+    steps = stream(6000, anomalous=lambda i: i in burst or i in stall,
+                   cause=lambda i: "cpu.contention" if i in burst else ("stage.update" if i in stall else None),
+                   slow=lambda i: 1.5 if i in burst else (20.0 if i in stall else 1.0))
+    _, ev = run(steps)
+    assert [e["event"] for e in ev] == [sc.INCIDENT_EVENT_OPEN, sc.INCIDENT_EVENT_CLOSE]
+    c = ev[1]["incident"]
+    assert c["root_causes"] == {"cpu.contention": 600, "stage.update": 200}  # more steps of contention
+    assert c["root_causes_ms"]["stage.update"] > c["root_causes_ms"]["cpu.contention"] > 0
+    assert c["root_cause"] == "stage.update"
+    assert ev[0]["incident"]["root_cause"] == "cpu.contention"  # at opening, the burst was all there was
+
+
 def test_a_stall_now_and_then_does_not_hold_an_incident_open():
     rng = random.Random(8)
     stall = set(range(4500, 9000, 500))  # one 400 ms stall every 1.5-2 s after the fault
@@ -177,7 +193,9 @@ def test_incident_log_writes_the_line_and_the_follow_file(tmp_path, capsys):
 
 def test_collector_processor_config():
     from prism_otel.collector.errors import ConfigError
-    from prism_otel.collector.prism_processors import PrismIncidentsConfig
+    from prism_otel.collector.prism_processors import config_class
+
+    PrismIncidentsConfig = config_class("prism_incidents")
 
     with pytest.raises(ConfigError) as e:
         PrismIncidentsConfig.from_yaml({"alertmanager_url": "localhost:9093"}, "processors::prism_incidents")

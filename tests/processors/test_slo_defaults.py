@@ -9,8 +9,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prism_otel import semconv as sc
 from prism_otel.record import RequestRecord, StepRecord
 from processors.anomaly import AnomalyProcessor
-from processors.incidents import IncidentProcessor
 from processors.defaults import in_process_processors
+from processors.incidents import IncidentProcessor
 from processors.slo import SLOConfig, SLOProcessor
 
 MS = 1_000_000

@@ -14,8 +14,7 @@ import grpc
 import pytest
 import requests
 from google.rpc.status_pb2 import Status
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (ExportTraceServiceRequest,
-                                                                      ExportTraceServiceResponse)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from prism_otel import semconv as sc
 from prism_otel.otlp_json import request_to_json

@@ -108,7 +108,7 @@ class HalfOpen:
     def _never(self):
         self.release.wait(60)
         return
-        yield  # noqa: unreachable - a generator that never produces a message
+        yield  # unreachable - a generator that never produces a message
 
     def close(self) -> None:
         self.release.set()

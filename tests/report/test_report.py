@@ -10,17 +10,16 @@ must list the incident, and a screenshot is taken.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 
 import pytest
 
+from prism_eval.simulate import scenario
 from prism_otel import semconv as sc
 from prism_otel.cli import main as cli
 from prism_otel.report import build
-from prism_otel.simulate import scenario
 from tests import servers
 
 

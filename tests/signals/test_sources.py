@@ -12,7 +12,8 @@ import time
 import pytest
 
 from prism_otel import semconv as sc
-from prism_otel.record import GC, Recorder, StepFeatures, clock_ns, to_epoch_ns
+from prism_otel.record import GC, StepFeatures, clock_ns, to_epoch_ns
+from prism_otel.recorder import Recorder
 from prism_otel.signals import GcPauses, default_sources, gc_hook, start
 from prism_otel.signals.intervals import IntervalSource, now_epoch_ns
 from prism_otel.signals.nvml import NvmlSignals
@@ -249,8 +250,8 @@ def _cgroup_v1_cpu():
 def test_cfs_quota_throttling_is_seen_and_named(child):
     """A real CFS quota: the busy child in a cgroup limited to 2% of a CPU; the cgroup's throttled time is
     evidence, and a step waiting that long is cpu.throttled, not cpu.contention."""
-    from processors.rootcause import SignalNorms, _quantities, explain
     from prism_otel.record import StepRecord
+    from processors.rootcause import SignalNorms, _quantities, explain
 
     d = os.path.join(_cgroup_v1_cpu(), f"prism-test-{os.getpid()}")
     os.mkdir(d)

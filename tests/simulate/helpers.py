@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import List
 
 
 def proc_state(pid: int) -> str:
@@ -19,7 +18,7 @@ def alive(pid: int) -> bool:
     return proc_state(pid) not in ("", "Z", "X")
 
 
-def procs_matching(needle: str) -> List[int]:
+def procs_matching(needle: str) -> list[int]:
     """Live processes whose command line contains ``needle`` (not counting this one)."""
     out = []
     for d in os.listdir("/proc"):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from prism_otel.simulate import corpus, holdout
+from prism_eval.simulate import corpus, holdout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -91,7 +91,7 @@ def test_build_records_every_configuration_from_a_real_engine(tmp_path):
 
 
 def test_recorded_fault_runs_are_scored_cold_and_trained_with_recovery_set_aside():
-    from prism_otel.simulate import faultruns
+    from prism_eval.simulate import faultruns
 
     runs = faultruns.available()
     assert {f"{e}-{f}" for e in faultruns.ENGINES for f in faultruns.FAULTS} <= set(runs)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from prism_otel.simulate import dataset, scenario
-from prism_otel.simulate.workload import Lengths, WorkloadSpec, prompt_text
+from prism_eval.simulate import dataset, scenario
+from prism_eval.simulate.workload import WorkloadSpec, prompt_text
 
 
 def test_arrivals_are_deterministic_open_loop_and_tidal():
@@ -90,7 +90,7 @@ def test_recovery_period_is_set_aside_until_the_engine_is_back_within_5_percent(
     assert all(x["scored"] for x in lab[100:150]) and all(x["anomaly"] for x in lab[100:150])
     # the labels file a detector reads: those steps are not scored (-1)
     dataset.write_csv(str(tmp_path / "labels.csv"), lab, dataset.LABEL_COLUMNS)
-    from prism_otel.simulate import stepcsv
+    from prism_eval.simulate import stepcsv
 
     read = stepcsv.read_labels(str(tmp_path / "labels.csv"))
     assert [i for i, v in enumerate(read) if v == -1] == aside and sum(v == 1 for v in read) == 50

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from prism_otel.simulate import faults
-from prism_otel.simulate.deliver import DeliveryFailed, call
+from prism_eval.simulate import faults
+from prism_eval.simulate.deliver import DeliveryFailed, call
 from tests.simulate.helpers import alive, proc_state, procs_matching
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -98,7 +98,7 @@ def test_deadline_ends_a_fault_by_itself(sleeper):
 
 CONTROLLER = """
 import sys, time
-from prism_otel.simulate import faults
+from prism_eval.simulate import faults
 f = faults.CpuThrottle(faults.Target(pids=[int(sys.argv[1])], step_pid=int(sys.argv[1])),
                        {"period_ms": 20, "run_fraction": 0.2}, max_s=120)
 f.start()
@@ -148,7 +148,7 @@ def test_io_stall_removes_its_file(tmp_path, sleeper):
 
 def test_delivery_needs_prism_in_the_target(sleeper):
     with pytest.raises(DeliveryFailed, match="no prism-otel loaded"):
-        call(sleeper.pid, "prism_otel.simulate.inproc:active", {}, timeout=20)
+        call(sleeper.pid, "prism_eval.simulate.inproc:active", {}, timeout=20)
 
 
 def test_stage_stall_in_a_live_process(tmp_path):
@@ -188,7 +188,7 @@ def test_stage_stall_in_a_live_process(tmp_path):
         bad = faults.StageStall(t, {"target": "__main__:Stage.nope"}, max_s=5)
         with pytest.raises(DeliveryFailed, match="not defined on that class"):
             bad.start()
-        assert json.loads(json.dumps(call(p.pid, "prism_otel.simulate.inproc:active", {}))) == []
+        assert json.loads(json.dumps(call(p.pid, "prism_eval.simulate.inproc:active", {}))) == []
     finally:
         p.kill()
         p.wait()

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from prism_otel.simulate import scenario
-from prism_otel.simulate.engines import vllm_python
+from prism_eval.simulate import scenario
+from prism_eval.simulate.engines import vllm_python
 from tests.simulate.helpers import alive, procs_matching
 
 

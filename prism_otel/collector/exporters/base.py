@@ -2,7 +2,7 @@
 
 An exporter implements ``send(item)`` (one attempt; raise :class:`Retryable` or
 :class:`~prism_otel.collector.errors.PermanentError`); :class:`QueuedExporter` runs it behind a
-queue bounded in requests (``queue_size``) and in bytes (its share of the memory budget, queued and in
+queue bounded in requests or spans (``queue_size``, ``sizer``) and in bytes (its share of the memory budget, queued and in
 flight together: :mod:`prism_otel.collector.memory`) with ``num_consumers`` threads, retrying with jittered exponential backoff (the
 server's RetryInfo / Retry-After wins when longer) until ``max_elapsed_time``.
 
@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Literal, Optional
+from typing import Callable, Literal, Optional
 
 from prism_otel import semconv as sc
 from prism_otel.collector.decode import Duration, check
@@ -37,7 +37,7 @@ class SendingQueueConfig:
     enabled: bool = True
     num_consumers: int = 10
     queue_size: int = 1000
-    sizer: Literal["requests"] = "requests"
+    sizer: Literal["requests", "items"] = "requests"  # what queue_size counts: requests, or spans in them
     block_on_overflow: bool = False
     storage: str = ""
 
@@ -115,7 +115,7 @@ class OutItem:
 
     __slots__ = ("request", "payload", "n_spans", "sources", "keys", "size")
 
-    def __init__(self, request, payload: bytes, n_spans: int, sources: Dict, keys: Optional[List[bytes]] = None):
+    def __init__(self, request, payload: bytes, n_spans: int, sources: dict, keys: Optional[list[bytes]] = None):
         self.request = request
         self.payload = payload
         self.n_spans = n_spans
@@ -136,10 +136,11 @@ class QueuedExporter:
         self._q: deque = deque()
         self._cv = threading.Condition()
         self._stopping = threading.Event()
-        self._threads: List[threading.Thread] = []
+        self._threads: list[threading.Thread] = []
         self._inflight = 0
         self.max_bytes = settings.budget.exporter_bytes  # queued and in flight, this exporter's share
         self._bytes = 0
+        self._items = 0  # spans queued (not in flight): what queue_size bounds with sizer "items"
         self._slots: Optional[Concurrency] = None
         self._count_abandoned = False
 
@@ -173,6 +174,7 @@ class QueuedExporter:
         self._threads = []
         with self._cv:
             left, self._q = list(self._q), deque()
+            self._items = 0
         if drain:
             for item, _ in left:
                 self._count_failed(item, "shutdown")
@@ -195,7 +197,7 @@ class QueuedExporter:
             return
         block = block or self.queue.block_on_overflow
         with self._cv:
-            while len(self._q) >= self.queue.queue_size or (self._bytes and self._bytes + item.size > self.max_bytes):
+            while self._full(item):
                 if block and self._stopping.is_set():
                     if self._count_abandoned:
                         self._count_failed(item, "shutdown")
@@ -207,7 +209,16 @@ class QueuedExporter:
                 self._cv.wait(0.1)
             self._q.append((item, done))
             self._bytes += item.size
+            self._items += item.n_spans
             self._cv.notify()
+
+    def _full(self, item: OutItem) -> bool:
+        """No room for ``item`` (lock held). An item alone in an empty queue always fits."""
+        if self._bytes and self._bytes + item.size > self.max_bytes:
+            return True
+        if self.queue.sizer == "items":
+            return bool(self._q) and self._items + item.n_spans > self.queue.queue_size
+        return len(self._q) >= self.queue.queue_size
 
     def __len__(self) -> int:
         return len(self._q)
@@ -220,6 +231,7 @@ class QueuedExporter:
                 if self._stopping.is_set():
                     return
                 item, done = self._q.popleft()
+                self._items -= item.n_spans
                 self._inflight += 1
                 self._cv.notify_all()
             try:

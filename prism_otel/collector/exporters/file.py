@@ -12,7 +12,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import IO, Any, Literal, Optional
 
 from prism_otel.collector.component import EXPORTER, Factory
 from prism_otel.collector.decode import Duration, check
@@ -37,25 +37,31 @@ class FileExporter(QueuedExporter):
         super().__init__(settings)
         self.cfg = cfg
         self.queue = SendingQueueConfig(num_consumers=1, queue_size=1000, block_on_overflow=True)
-        self._fh = None
+        self._fh: Optional[IO[Any]] = None  # text (json) or binary (proto); open between start() and close()
         self._lock = threading.Lock()
         self._last_flush = 0.0
 
     def start(self, host) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.cfg.path)), exist_ok=True)
         mode = ("a" if self.cfg.append else "w") + ("b" if self.cfg.format == "proto" else "")
-        self._fh = open(self.cfg.path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))  # noqa: SIM115
+        if "b" in mode:
+            self._fh = open(self.cfg.path, mode)  # noqa: SIM115
+        else:
+            self._fh = open(self.cfg.path, mode, encoding="utf-8")  # noqa: SIM115
         super().start(host)
 
     def send(self, item: OutItem) -> None:
         with self._lock:
+            fh = self._fh
+            if fh is None:  # send before start() or after close(): a failed send, as the queue counts it
+                raise RuntimeError(f"file exporter {self.cfg.path!r} is not open")
             if self.cfg.format == "json":
-                self._fh.write(request_to_json(item.request) + "\n")
+                fh.write(request_to_json(item.request) + "\n")
             else:
-                self._fh.write(struct.pack(">I", len(item.payload)) + item.payload)
+                fh.write(struct.pack(">I", len(item.payload)) + item.payload)
             now = time.monotonic()
             if now - self._last_flush >= self.cfg.flush_interval:
-                self._fh.flush()
+                fh.flush()
                 self._last_flush = now
 
     def close(self) -> None:

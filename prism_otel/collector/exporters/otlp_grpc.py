@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional
+from typing import Any, Literal, Optional
 
 import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -19,8 +19,7 @@ from prism_otel import semconv as sc
 from prism_otel.collector.component import EXPORTER, Factory
 from prism_otel.collector.decode import Duration, check
 from prism_otel.collector.errors import PermanentError
-from prism_otel.collector.exporters.base import (OutItem, QueuedExporter, Retryable, RetryConfig,
-                                                 SendingQueueConfig)
+from prism_otel.collector.exporters.base import OutItem, QueuedExporter, Retryable, RetryConfig, SendingQueueConfig
 from prism_otel.collector.tls import AuthConfig, TLSClientConfig
 
 logger = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
 class OTLPGRPCExporterConfig:
     endpoint: str = ""
     tls: TLSClientConfig = field(default_factory=TLSClientConfig)
-    headers: Dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
     compression: Literal["gzip", "none", ""] = "gzip"
     timeout: Duration = Duration(5.0)
     wait_for_ready: bool = False
@@ -83,7 +82,7 @@ class OTLPGRPCExporter(QueuedExporter):
         scheme, _, target = cfg.endpoint.rpartition("://")
         # Reconnect within a second of a backend's return: grpc's own backoff grows to 120 s (16-17 s
         # after a typical outage); our retry_on_failure already paces the calls.
-        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+        options: list[tuple[str, Any]] = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
                    ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
                    ("grpc.max_reconnect_backoff_ms", 1000)]
         if cfg.tls.insecure or scheme == "http":
@@ -106,9 +105,12 @@ class OTLPGRPCExporter(QueuedExporter):
         super().start(host)
 
     def send(self, item: OutItem) -> None:
+        call = self._call
+        if call is None:  # send before start(): a failed send, as the queue counts it
+            raise RuntimeError(f"exporter {self.cfg.endpoint!r} is not started")
         try:
-            resp = self._call(item.payload, timeout=self.cfg.timeout, metadata=self._metadata,
-                              compression=self._compression, wait_for_ready=self.cfg.wait_for_ready)
+            resp = call(item.payload, timeout=self.cfg.timeout, metadata=self._metadata,
+                        compression=self._compression, wait_for_ready=self.cfg.wait_for_ready)
         except grpc.RpcError as exc:
             code = exc.code()
             delay = parse_retry_info(exc.trailing_metadata())

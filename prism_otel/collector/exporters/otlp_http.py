@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional
+from typing import Literal, Optional
 
 import requests
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -22,8 +22,7 @@ from prism_otel import semconv as sc
 from prism_otel.collector.component import EXPORTER, Factory
 from prism_otel.collector.decode import Duration, check
 from prism_otel.collector.errors import PermanentError
-from prism_otel.collector.exporters.base import (OutItem, QueuedExporter, Retryable, RetryConfig,
-                                                 SendingQueueConfig)
+from prism_otel.collector.exporters.base import OutItem, QueuedExporter, Retryable, RetryConfig, SendingQueueConfig
 from prism_otel.collector.tls import AuthConfig, TLSClientConfig
 from prism_otel.otlp_json import request_to_json
 
@@ -37,7 +36,7 @@ class OTLPHTTPExporterConfig:
     endpoint: str = ""
     traces_endpoint: str = ""
     tls: TLSClientConfig = field(default_factory=TLSClientConfig)
-    headers: Dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
     compression: Literal["gzip", "none", ""] = "gzip"
     encoding: Literal["proto", "json"] = "proto"
     timeout: Duration = Duration(30.0)

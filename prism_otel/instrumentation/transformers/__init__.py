@@ -52,6 +52,7 @@ class TransformersInstrumentor(EngineInstrumentor):
 
     name = "transformers"
     dists = ("transformers",)
+    precedence = 20  # below the engines built on it (vLLM, SGLang)
     supported = SUPPORTED
     tested = TESTED
     instruments = ("transformers >= 5.10, < 6",)

@@ -46,7 +46,8 @@ def step_features(bp) -> tuple:
         elif getattr(cache, "num_blocks", 0):  # transformers < 5.2x: block counts only
             kv = 1.0 - cache.get_num_free_blocks() / cache.num_blocks
     return (StepFeatures(classify_phase(pre, dec), len(ids), pre, dec, ctx, mx, kv),
-            Reqs(ids, qs, quiet or frozenset()))
+            # Reqs reads quiet with `in` only; its parameter is unannotated in record.py, typed from the default
+            Reqs(ids, qs, quiet or frozenset()))  # pyright: ignore[reportArgumentType]
 
 
 def _name_model(model, rec) -> None:
@@ -86,9 +87,9 @@ def wrap_prepare(g, rec):
 
 def wrap_generation_step(g, rec):
     def before(instance, args, kwargs):
-        dev = getattr(instance, "_prism_dev", False)
+        dev = getattr(instance, "_prism_dev", False)  # False: not looked up yet; then the type or None
         model = args[0] if args else kwargs.get("model")
-        if dev is False:
+        if isinstance(dev, bool):
             _name_model(model, rec)  # once per batch processor: request spans are named after the model
             dev = instance._prism_dev = timing.accelerator_of(model)
             # events go on the stream CB computes on (it runs the forward on a stream of its own)

@@ -9,10 +9,11 @@ criteria that follow it. Forward 0 is the prefill; the rest are decode steps. Sh
 from __future__ import annotations
 
 import itertools
+from typing import Optional
 
 from prism_otel import semconv as sc
 from prism_otel.device import timing
-from prism_otel.instrumentation.base import SKIP, guarded
+from prism_otel.instrumentation.base import SKIP, guarded, guarded_callback
 from prism_otel.record import StepFeatures, clock_ns
 
 _calls = itertools.count(1)
@@ -29,58 +30,53 @@ class _GenerateCall:
         self.rids = ()
         self.prompt = 0
         self.n = 0
-        self.pre_t = self.post_t = None
+        self.pre_t: Optional[int] = None
+        self.post_t: Optional[int] = None
         self.pair = None
         self.dev = dev
-        self.feat = None
+        self.feat: Optional[StepFeatures] = None
 
     def _flush(self, t: int) -> None:
-        if self.post_t is None:
+        pre_t, post_t, feat = self.pre_t, self.post_t, self.feat
+        if post_t is None or pre_t is None or feat is None:  # (pre() sets feat and pre_t before post_t)
             return
-        stages = ((sc.STAGE_FORWARD, self.pre_t, self.post_t), (sc.STAGE_SAMPLE, self.post_t, t))
-        reqs = tuple((rid, self.feat.prefill_tokens // len(self.rids) if self.n == 1 else 1, True)
+        stages = ((sc.STAGE_FORWARD, pre_t, post_t), (sc.STAGE_SAMPLE, post_t, t))
+        reqs = tuple((rid, feat.prefill_tokens // len(self.rids) if self.n == 1 else 1, True)
                      for rid in self.rids)
-        self.rec.step(self.rec.new_key(), self.pre_t, t, self.feat, reqs, self.pair, stages)
+        self.rec.step(self.rec.new_key(), pre_t, t, feat, reqs, self.pair, stages)
         self.post_t = None
 
     def pre(self, module, args, kwargs):
-        g = self.g
-        if g.disabled:
-            return None
-        try:
-            t = clock_ns()
-            self._flush(t)
-            x = kwargs.get("input_ids")
-            if x is None:
-                x = kwargs.get("inputs_embeds")
-            if x is None and args:
-                x = args[0]
-            b, q = int(x.shape[0]), int(x.shape[1])
-            if self.n == 0:
-                self.prompt = q
-                self.rids = tuple(f"generate-{self.call}-{i}" for i in range(b))
-                for rid in self.rids:
-                    self.rec.request(rid, "arrive", self.t_start, prompt_tokens=q)
-                self.feat = StepFeatures("prefill", b, b * q, 0, b * q, q, None)
-            else:
-                pos = self.prompt + self.n
-                self.feat = StepFeatures("decode", b, 0, b * q, b * pos, pos, None)
-            self.n += 1
-            self.pair = timing.begin(self.dev, module)
-            self.pre_t = clock_ns()
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-        return None
+        """Forward pre-hook (run under the guard: :func:`~prism_otel.instrumentation.base.guarded_callback`)."""
+        t = clock_ns()
+        self._flush(t)
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        if x is None:  # raised into the guard, which counts it (as the attribute error it was)
+            raise ValueError("generate: a forward with no input_ids, inputs_embeds or positional input")
+        b, q = int(x.shape[0]), int(x.shape[1])
+        if self.n == 0:
+            self.prompt = q
+            self.rids = tuple(f"generate-{self.call}-{i}" for i in range(b))
+            for rid in self.rids:
+                self.rec.request(rid, "arrive", self.t_start, prompt_tokens=q)
+            self.feat = StepFeatures("prefill", b, b * q, 0, b * q, q, None)
+        else:
+            pos = self.prompt + self.n
+            self.feat = StepFeatures("decode", b, 0, b * q, b * pos, pos, None)
+        self.n += 1
+        self.pair = timing.begin(self.dev, module)
+        self.pre_t = clock_ns()
 
     def post(self, module, args, kwargs, output):
-        if self.g.disabled or self.pre_t is None:
-            return None
-        try:
-            timing.end(self.pair)
-            self.post_t = clock_ns()
-        except Exception as exc:  # noqa: BLE001
-            self.g.failed(exc)
-        return None
+        """Forward hook (under the guard, as :meth:`pre`)."""
+        if self.pre_t is None:
+            return
+        timing.end(self.pair)
+        self.post_t = clock_ns()
 
     def finish(self) -> None:
         t = clock_ns()
@@ -95,8 +91,8 @@ def wrap_generate(g, rec):
         if getattr(instance, "_prism_generating", False):
             return SKIP
         call = _GenerateCall(g, rec, clock_ns(), timing.accelerator_of(instance))
-        handles = (instance.register_forward_pre_hook(call.pre, with_kwargs=True),
-                   instance.register_forward_hook(call.post, with_kwargs=True))
+        handles = (instance.register_forward_pre_hook(guarded_callback(g, call.pre), with_kwargs=True),
+                   instance.register_forward_hook(guarded_callback(g, call.post), with_kwargs=True))
         instance._prism_generating = True
         return call, handles
 

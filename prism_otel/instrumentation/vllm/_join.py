@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 
+from prism_otel.instrumentation.base import guarded_callback
 from prism_otel.instrumentation.vllm import _tracing
 
 TRACESTATE_KEY = "prism"
@@ -32,16 +33,21 @@ def new_root_headers() -> dict:
             "tracestate": f"{TRACESTATE_KEY}={TRACESTATE_ROOT}"}
 
 
+def _with_root(headers):
+    """``headers`` with a root trace context of our own where the request came without one."""
+    if not headers or "traceparent" not in headers:
+        return {**(headers or {}), **new_root_headers()}
+    return headers
+
+
 def wrap_get_trace_headers(g, rec=None):  # rec: the recorder (unused: this hook records nothing)
+    with_root = guarded_callback(g, _with_root)
+
     async def _get_trace_headers(wrapped, instance, args, kwargs):
         headers = await wrapped(*args, **kwargs)
-        if g.disabled or not _tracing.ACTIVE:
+        if not _tracing.ACTIVE:
             return headers
-        try:
-            if not headers or "traceparent" not in headers:
-                headers = {**(headers or {}), **new_root_headers()}
-        except Exception as exc:  # noqa: BLE001
-            g.failed(exc)
-        return headers
+        out = with_root(headers)  # None: the hook is off, or it failed (counted)
+        return headers if out is None else out
 
     return _get_trace_headers

@@ -21,7 +21,7 @@ Where the runner lives decides how its clocks reach the step:
 from __future__ import annotations
 
 from prism_otel.instrumentation.base import SKIP, guarded
-from prism_otel.instrumentation.vllm._engine import ENGINE, _INFLIGHT
+from prism_otel.instrumentation.vllm._engine import _INFLIGHT, ENGINE
 from prism_otel.record import clock_ns
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable, Optional
 
 from prism_otel import semconv as sc
 
@@ -51,6 +52,12 @@ def note_env_endpoint() -> None:
                         or os.environ.get(sc.OTEL_EXPORTER_OTLP_ENDPOINT))
 
 
+# the running state of the runtime that instrumented vLLM (set by the instrumentor; None: not running)
+def _not_running() -> Optional[object]:
+    return None
+
+
+RUNTIME_STATE: Callable[[], Optional[object]] = _not_running
 _OWN = {}  # the provider made here for vLLM's spans (companion mode)
 
 
@@ -71,11 +78,9 @@ def _provider_for(st):
 def wrap_init_otel_tracer(original):
     def init_otel_tracer(instrumenting_module_name, otlp_traces_endpoint, extra_attributes=None):
         global ACTIVE
-        from prism_otel import _runtime
-
         ACTIVE = True
 
-        st = _runtime.current()
+        st = RUNTIME_STATE()
         if st is None:
             return original(instrumenting_module_name, otlp_traces_endpoint, extra_attributes)
         from opentelemetry import trace
@@ -97,7 +102,8 @@ def wrap_init_otel_tracer(original):
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
             try:
-                from vllm.tracing.otel import get_span_exporter
+                # vLLM lives in its own virtualenv, not the one `make lint` runs in
+                from vllm.tracing.otel import get_span_exporter  # pyright: ignore[reportMissingImports]
 
                 exporter = get_span_exporter(otlp_traces_endpoint)
             except ImportError:
@@ -120,7 +126,8 @@ def install(module) -> bool:
     if otel is None or getattr(otel.init_otel_tracer, "_prism_original", None) is not None:
         return False
     wrapped = wrap_init_otel_tracer(otel.init_otel_tracer)
-    otel.init_otel_tracer = wrapped  # init_otel_worker_tracer looks it up here
+    # init_otel_worker_tracer looks it up here (a vLLM module's attribute: unknown to the checker)
+    otel.init_otel_tracer = wrapped  # pyright: ignore[reportAttributeAccessIssue]
     table = getattr(module, "_REGISTERED_TRACING_BACKENDS", None)
     if isinstance(table, dict) and "otel" in table:
         entry = list(table["otel"])
@@ -140,7 +147,8 @@ def uninstall() -> None:
     if orig is None:
         return
     current = otel.init_otel_tracer
-    otel.init_otel_tracer = orig
+    # a vLLM module's attribute, unknown to the checker (as in install())
+    otel.init_otel_tracer = orig  # pyright: ignore[reportAttributeAccessIssue]
     pkg = sys.modules.get("vllm.tracing")
     table = getattr(pkg, "_REGISTERED_TRACING_BACKENDS", None)
     if isinstance(table, dict) and "otel" in table:

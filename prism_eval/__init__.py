@@ -1,0 +1,1 @@
+"""Evaluation and test fixtures, on top of the product (prism_otel, processors, receivers)."""
