@@ -154,7 +154,7 @@ class _Group:
     """The model of one group (an instance, or instances with one resource) and its training memory."""
 
     __slots__ = ("name", "model", "norms", "memory", "clean", "novel", "drift", "fitting", "fits", "seen", "members",
-                 "fit_ns", "fit_after")
+                 "fit_ns", "fit_after", "fit_free_ns", "fit_wait_ns")
 
     def __init__(self, name, cfg: AnomalyConfig) -> None:
         self.name = name
@@ -170,6 +170,8 @@ class _Group:
         self.members = 0  # instances judged with it
         self.fit_ns = 0  # step time (end) at which the last fit was asked for
         self.fit_after = 0.0  # monotonic time before which a shared model does not refit (its fits' CPU share)
+        self.fit_free_ns = 0  # step time before which a refit that is due (or drift) waits (``fit_share``)
+        self.fit_wait_ns = 0  # the last fit's CPU over ``fit_share``: a new workload waits a sixth of it
 
     def rows(self) -> list:
         return self.memory.rows()
@@ -411,12 +413,18 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
                 gap = self._fleet_gap_ns
                 if since is not None and time.monotonic() < g.fit_after:
                     since = -1  # its last fit's CPU is not paid off yet (FLEET_FIT_SHARE)
-                if g.clean >= self._refit_due(g) and (since is None or since >= gap):
+                # once its training memory is full, a model's refits take at most fit_share of a core over the
+                # stream's own time (a fast engine would otherwise pay for one every few seconds: a level that
+                # moves keeps the drift test firing until the memory has turned over); a new workload waits a
+                # sixth as long. A young model refits as its memory grows.
+                paid = end_ns >= g.fit_free_ns or m is None or m.n_train < self.cfg.max_train
+                if g.clean >= self._refit_due(g) and paid and (since is None or since >= gap):
                     why = "due"
-                elif g.novel >= self.cfg.novelty_refit and (since is None or since >= gap // 6):
+                elif (g.novel >= self.cfg.novelty_refit and (paid or end_ns >= g.fit_free_ns - g.fit_wait_ns * 5 // 6)
+                      and (since is None or since >= gap // 6)):
                     why = "novel"
                 elif (g.clean >= self.cfg.min_train // 4 and m is not None and abs(g.drift) > max(m.scale, 0.03)
-                      and (since is None or since >= gap)):
+                      and paid and (since is None or since >= gap)):
                     why = "drift"  # the level and the cells absorb a few percent; a model this far off is stale
                 if why is not None:
                     self.refits[why] = self.refits.get(why, 0) + 1
@@ -520,6 +528,9 @@ class AnomalyProcessor(PersistentBaselines, StepProcessor):
             g.model, g.norms = model, norms
             if g.members > 1:
                 g.fit_after = time.monotonic() + model.fit_s / FLEET_FIT_SHARE
+            if self.cfg.fit_share > 0:
+                g.fit_wait_ns = int(model.fit_s / self.cfg.fit_share * 1e9)
+                g.fit_free_ns = g.fit_ns + g.fit_wait_ns
             g.clean -= taken
             g.novel -= novel
             g.drift = 0.0

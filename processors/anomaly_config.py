@@ -17,6 +17,7 @@ class AnomalyConfig:
     min_train: int = 200
     refit_every: int = 1000
     fleet_refit_s: float = 30.0
+    fit_share: float = 0.02
     max_train: int = 4000
     background: bool = True
     fit_process: bool = False
@@ -79,6 +80,9 @@ class AnomalyConfig:
             raise invalid(key_path(where, "cell_min_steps"), f"must be >= 0, got {self.cell_min_steps}")
         if self.bias_rate > 1:
             raise invalid(key_path(where, "bias_rate"), f"must be <= 1, got {self.bias_rate}")
+        if not 0.0 <= self.fit_share <= 1.0:
+            raise invalid(key_path(where, "fit_share"),
+                          f"must be between 0 (no limit) and 1 (a share of one core), got {self.fit_share}")
         if self.max_train < self.min_train:
             raise invalid(key_path(where, "max_train"),
                           f"must be >= min_train ({self.min_train}), got {self.max_train}")

@@ -151,6 +151,7 @@ def test_refits_run_on_a_thread_of_their_own_the_first_fit_inline():
     ({"alert_webhook": "file:///etc/passwd"}, "alert_webhook"),
     ({"baseline_key": {"gpu": "x"}}, "baseline_key.gpu"),
     ({"max_train": 100, "min_train": 200}, "max_train"),
+    ({"fit_share": 2}, "fit_share"),
 ])
 def test_config_errors_name_the_key(bad, key):
     with pytest.raises(ValueError) as e:
@@ -225,3 +226,45 @@ def test_no_blind_start_every_step_after_min_train_is_judged_however_fast_they_c
     # the first fit's CPU time (its wall time is this and whatever else the machine runs: under 0.4 s on an
     # idle 2-core runner)
     assert proc.fit_seconds and proc.fit_seconds[0] < 1.0, proc.fit_seconds
+
+
+
+def _level_walk(steps, every: int, factor: float):
+    """The steps with their durations scaled up and down by ``factor`` every ``every`` steps (1, f, f², f, 1,
+    ...): a level that keeps moving (a host whose speed wanders), so a model fitted on its memory is always a
+    little stale and the drift test keeps asking for refits."""
+    walk = (0, 1, 2, 1)
+    return [dataclasses.replace(x, end_ns=x.start_ns + int((x.end_ns - x.start_ns) * factor ** walk[(i // every) % 4]))
+            for i, x in enumerate(steps)]
+
+
+def _fits_once_full(share: float, steps) -> tuple:
+    """(step end, fit CPU) of every fit after the training memory (400 steps) was full; and the processor."""
+    proc = AnomalyProcessor({**QUIET, "min_train": 100, "max_train": 400, "fit_share": share})
+    out, n = [], 0
+    for x in steps:
+        proc.process(x)
+        g = next(iter(proc._groups.values()), None)
+        if g is not None and g.fits > n:
+            n = g.fits
+            if g.model.n_train >= 400:
+                out.append((x.end_ns, proc.fit_seconds[-1]))
+    return out, proc
+
+
+def test_refits_of_a_full_memory_take_at_most_fit_share_of_a_core():
+    """Once the training memory is full, a refit waits its predecessor's fit CPU over fit_share of the stream's
+    own time (0: no limit, as many refits as the due, drift and novelty tests ask for)."""
+    s = simulate(PROFILES["gpu8b"], WORKLOADS["chat"], 5000, seed=13, n_train=0)
+    steps = _level_walk([x for x in s.steps if x.phase == "decode"][:3000], 100, 1.05)
+    free, p0 = _fits_once_full(0.0, steps)
+    share = 0.005
+    held, p1 = _fits_once_full(share, steps)
+    assert p0.stats()["refits"].get("drift", 0) >= 3  # the stream does what it is for
+    assert len(free) > len(held), (len(free), len(held))
+    r0, r1 = p0.stats()["refits"], p1.stats()["refits"]
+    assert r1.get("drift", 0) + r1.get("due", 0) < r0.get("drift", 0) + r0.get("due", 0), (r0, r1)
+    for (t0, c0), (t1, _) in zip(held, held[1:]):  # (a new workload may come at a sixth of the wait)
+        assert t1 - t0 >= c0 / share * 1e9 / 6 * 0.99, (t1 - t0, c0)
+    span = (steps[-1].end_ns - held[0][0]) / 1e9
+    assert sum(c for _, c in held[:-1]) <= 6 * share * span, (held, span)
