@@ -22,7 +22,10 @@ with the evidence of the latest such step) and how many steps it affected. It no
 when it closes (:mod:`processors.notify`: stderr line, incident log, Alertmanager, webhook).
 
 Runs after the detector (and the root-cause processor) on the same thread; costs a few deque
-operations per step. Steps without a verdict (no model yet) are not evidence either way.
+operations per step. Steps without a verdict (no model yet) are not evidence either way, and an anomalous
+step whose root cause is ``workload`` (it lies beyond the workloads the model was fitted on and the engine's
+threads ran as usual: the detector's blind spot) counts as a normal one: it is flagged on its span, it
+pages nobody.
 """
 
 from __future__ import annotations
@@ -311,7 +314,10 @@ class IncidentTracker:
         v = step.verdict
         if v is None or v.expected_ms is None:
             return []
-        anom = bool(v.anomaly)
+        # a step put down to its workload (beyond what the model was fitted on, the engine's threads running as
+        # usual: the model's blind spot, not the server's trouble) stays anomalous on its span but is no evidence
+        # of an incident: it neither opens one nor keeps one open
+        anom = bool(v.anomaly) and v.root_cause != sc.ROOT_WORKLOAD
         t = step.end_ns
         dur = max(0, t - step.start_ns)
         cfg = self.cfg

@@ -129,6 +129,26 @@ def test_gaps_inside_a_fault_do_not_split_it_and_two_faults_are_two():
     assert [e["incident"]["number"] for e in ev] == [1, 1, 2, 2]
 
 
+def test_steps_put_down_to_their_workload_page_nobody():
+    """A stretch the detector flags where the root cause says ``workload`` (beyond what the model was fitted
+    on, the engine running as usual: the model's blind spot) opens nothing; the same stretch with the cause
+    unknown is an incident, and workload steps inside a real one do not hold it open."""
+    blind = range(2000, 2400)
+    steps = stream(4000, anomalous=lambda i: i in blind, cause=lambda i: sc.ROOT_WORKLOAD, slow=lambda i: 1.6 if i in blind else 1.0)
+    p, ev = run(steps)
+    assert ev == [] and p.opened == 0
+    assert all(s.verdict.anomaly for s in steps[2000:2400])  # still flagged on the spans
+    steps = stream(4000, anomalous=lambda i: i in blind, cause=lambda i: sc.ROOT_UNKNOWN, slow=lambda i: 1.6 if i in blind else 1.0)
+    assert [e["event"] for e in run(steps)[1]] == [sc.INCIDENT_EVENT_OPEN, sc.INCIDENT_EVENT_CLOSE]
+    # a fault (2000-2400) followed by a flagged workload stretch (2400-3400): it ends with the fault
+    steps = stream(5000, anomalous=lambda i: 2000 <= i < 3400,
+                   cause=lambda i: sc.ROOT_UNKNOWN if i < 2400 else sc.ROOT_WORKLOAD, slow=lambda i: 1.6 if 2000 <= i < 3400 else 1.0)
+    _, ev = run(steps)
+    assert [e["event"] for e in ev] == [sc.INCIDENT_EVENT_OPEN, sc.INCIDENT_EVENT_CLOSE]
+    assert ev[1]["incident"]["end_ns"] <= steps[2399].end_ns
+    assert ev[1]["incident"]["close_ns"] < steps[3399].end_ns
+
+
 def test_shutdown_closes_an_open_incident_once():
     rng = random.Random(4)
     p, ev = run(stream(3000, anomalous=lambda i: i > 1000 and rng.random() < 0.8))
