@@ -42,6 +42,8 @@ import threading
 import time
 import urllib.request
 
+import _proc_cpu as proc_cpu
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VBIN = os.path.join(ROOT, ".venv-vllm", "bin")
@@ -161,9 +163,11 @@ def main() -> None:
     model = tiny_models.build(tiny_models.default_dir(a.size), a.size)
     tmp = tempfile.mkdtemp(prefix="vllm-bench-")
     portfile, sink_out = os.path.join(tmp, "port"), os.path.join(tmp, "sink.json")
-    sink = subprocess.Popen([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_sink.py"), portfile, sink_out])
+    sink = subprocess.Popen([os.path.join(VBIN, "python"), os.path.join(HERE, "_vllm_sink.py"), portfile, sink_out],
+                            start_new_session=True)
     arms = ["off"] + [x for x in a.arms.split(",") if x in ("on", "run", "companion", "inprocess")]
     tput = {arm: [] for arm in arms}
+    cpu = {arm: [] for arm in arms}  # per round: CPU seconds by role while that arm was measured
     servers = []
     try:
         while not os.path.exists(portfile) or not open(portfile).read():
@@ -175,11 +179,21 @@ def main() -> None:
         urls = dict(zip(arms, (u for _, u in servers)))
         for url in urls.values():  # warm-up
             load(url, a.concurrency, a.concurrency, a.max_tokens)
+        groups = dict({arm: p.pid for arm, (p, _) in zip(arms, servers)}, sink=sink.pid)
         for i in range(a.pairs):
             order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate who goes first
             for arm in order:
                 time.sleep(a.pause)  # the other servers' deferred work (export) is done, their workers idle
+                before, t_before, h_before = proc_cpu.snapshot(groups), os.times(), proc_cpu.host_busy()
+                t0 = time.perf_counter()
                 tput[arm].append(load(urls[arm], a.requests, a.concurrency, a.max_tokens))
+                wall = time.perf_counter() - t0
+                d = proc_cpu.delta(before, proc_cpu.snapshot(groups))
+                t_after, h_after = os.times(), proc_cpu.host_busy()
+                d["driver"] = t_after.user + t_after.system - t_before.user - t_before.system
+                d["host busy (of all CPUs)"] = (h_after[0] - h_before[0]) / max(h_after[1] - h_before[1], 1)
+                d["wall"] = wall
+                cpu[arm].append(d)
             print(f"round {i}: " + "  ".join(f"{arm} {tput[arm][-1]:.1f}" for arm in arms) + " tok/s", flush=True)
     finally:
         for proc, _ in servers:
@@ -208,6 +222,9 @@ def main() -> None:
         print(f"| paired ratio {arm}/off: median [IQR] (min..max) | {med:.4f} [{q[0]:.4f}, {q[2]:.4f}] "
               f"({min(ratios):.4f}..{max(ratios):.4f}) |")
         print(f"| end-to-end overhead {arm} (1 - median ratio) | {100 * (1 - med):+.2f}% |")
+    print()
+    print_cpu(arms, cpu, tput, a.requests * a.max_tokens)
+    print()
     print(f"| steps / spans exported by the prism-otel server(s) | {len(steps)} / {seen['spans']} |")
     print(f"| median step time: all / decode-only | {step_ms:.2f} ms / {statistics.median(dec):.2f} ms |")
     for b, h in sorted(hooks.items(), key=lambda kv: int(kv[0])):
@@ -217,6 +234,24 @@ def main() -> None:
     print(f"| engine-core hooks at batch {a.concurrency} / median step | {100 * h['engine_us'] / 1e3 / step_ms:.3f}% |")
     print(f"| companion CPU at batch {a.concurrency} / median step (its own process; warm, without sending: "
           f"bench/engine_cost.py measures the process) | {100 * h['pipeline_us'] / 1e3 / step_ms:.2f}% |")
+
+
+def print_cpu(arms, cpu, tput, tokens) -> None:
+    """Where the CPU went while each arm was measured: CPU ms per 1,000 generated tokens, by process role
+    (median over rounds): the API server (``.main``), its engine core and other children, our companions,
+    the OTLP sink, the load driver; and the share of both CPUs busy. A role of another arm is that server
+    idling (or finishing deferred work) while this one runs."""
+    roles = sorted({r for arm in arms for d in cpu[arm] for r in d if r not in ("wall", "host busy (of all CPUs)")})
+    print("| CPU ms per 1k tokens while the arm ran (median over rounds) | " + " | ".join(arms) + " |")
+    print("|---" * (len(arms) + 1) + "|")
+    for r in roles:
+        vals = [statistics.median([d.get(r, 0.0) for d in cpu[arm]]) * 1e3 / (tokens / 1e3) for arm in arms]
+        print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    tot = [statistics.median([sum(v for k, v in d.items() if k not in ("wall", "host busy (of all CPUs)"))
+                              for d in cpu[arm]]) * 1e3 / (tokens / 1e3) for arm in arms]
+    print("| all of the above | " + " | ".join(f"{v:.1f}" for v in tot) + " |")
+    busy = [statistics.median([d["host busy (of all CPUs)"] for d in cpu[arm]]) for arm in arms]
+    print("| host busy, share of all CPUs | " + " | ".join(f"{100 * v:.1f}%" for v in busy) + " |")
 
 
 def offline(a) -> None:
