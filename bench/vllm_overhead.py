@@ -13,7 +13,9 @@ started under ``prism-otel run``. Each round sends the same fixed load (``--requ
 ``--max-tokens`` tokens, ``--concurrency`` at once, greedy, ``ignore_eos``) to every server, order
 rotating, after a ``--pause`` during which the other servers' deferred work (export) finishes; rounds
 are long enough that the export work falls inside them. Reported: the median of the paired
-throughput ratios (arm/off) with their spread.
+throughput ratios (arm/off) with their spread, and where the CPU went while each arm ran (CPU ms per
+1,000 generated tokens by process role: API server, engine core and workers, our companions, the OTLP
+sink, the load driver; and how busy both CPUs were: bench/_proc_cpu.py).
 
 ``--offline``: ``LLM.generate`` of ``--requests`` prompts in a fresh process per run, off and on
 alternating (ABBA), the generate call timed.
