@@ -195,7 +195,7 @@ def _fsync(p: dict, ctl: _Control) -> None:
     _pin(p.get("cpu"))
     chunk = os.urandom(int(p.get("chunk_kb", 4096)) * 1024)
     span = max(1, int(float(p.get("file_mb", 256)) * 1024 * 1024 // len(chunk)))
-    every = max(1, int(float(p.get("sync_mb", 64)) * 1024 * 1024 // len(chunk)))
+    every = max(1, int(float(p.get("sync_mb", 4)) * 1024 * 1024 // len(chunk)))
     fd = os.open(p["path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         ctl.wait_go()

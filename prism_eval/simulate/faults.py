@@ -361,7 +361,7 @@ class IoStall(WorkerFault):
     summary = ("a neighbour hammering the engine's disk (checkpoint dump, log flood): large writes through the "
                "page cache, synced and dropped every sync_mb, on the engine's cores and filesystem (kernel copies, "
                "writeback, journal)")
-    defaults = {"per_core": 2, "chunk_kb": 4096, "file_mb": 256, "sync_mb": 64}
+    defaults = {"per_core": 2, "chunk_kb": 4096, "file_mb": 256, "sync_mb": 4}
 
     def specs(self):
         out = []
