@@ -1,10 +1,11 @@
-"""CPU seconds of process groups, read from /proc (for the end-to-end benches: where did the CPU go).
+"""CPU seconds of processes and process groups, read from /proc (for the benches: where did the CPU go).
 
-``roles(groups)`` maps a role name to the pids that belong to it now: a *group* is a session id
-(``start_new_session=True`` children: every process of a server, its engine core and workers) plus
-the prism-otel companions whose engine is one of that session's processes (a companion runs in a
-session of its own; its last argument is its engine's pid). ``cpu(pids)`` sums user+system time.
-Processes that come and go between two reads are counted from the moment they are seen.
+``process_cpu_s(pid)``: one process's user+system seconds. ``snapshot(groups)``: the CPU seconds of every
+process of each group, keyed by (role, pid). A *group* is a session id (``start_new_session=True``
+children: every process of a server, its engine core and workers) plus the prism-otel companions whose
+engine is one of that session's processes (a companion runs in a session of its own; its last argument
+is its engine's pid). ``delta(before, after)`` sums them per role; a process that came between two
+snapshots is counted from zero.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ def _stat(pid: int):
     try:
         with open(f"/proc/{pid}/stat") as f:
             s = f.read()
-    except OSError:
+        rest = s[s.rindex(")") + 2:].split()  # fields from 3 on (the name may hold spaces)
+        return {"ppid": int(rest[1]), "sid": int(rest[3]), "cpu": (int(rest[11]) + int(rest[12])) / TICK}
+    except (OSError, IndexError, ValueError):
         return None
-    rest = s[s.rindex(")") + 2:].split()  # fields from 3 on (the name may hold spaces)
-    return {"ppid": int(rest[1]), "sid": int(rest[3]), "cpu": (int(rest[11]) + int(rest[12])) / TICK}
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used; 0.0 when it is gone."""
+    st = _stat(pid)
+    return st["cpu"] if st is not None else 0.0
 
 
 def _cmdline(pid: int) -> list:

@@ -1,7 +1,6 @@
 """CPU time of prism-otel's own threads and the span exporter's in this process (they share the
 interpreter lock with the engine): the direct measure of what tracing costs the engine process."""
 
-import os
 import threading
 import time
 
@@ -25,12 +24,9 @@ def companion_cpu_s(rt) -> float:
     pid = getattr(rt.pipeline, "pid", None) if getattr(rt, "mode", "") == "companion" else None
     if not pid:
         return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    from _proc_cpu import process_cpu_s
+
+    return process_cpu_s(pid)
 
 
 def mean_step_ms(pipeline) -> float:

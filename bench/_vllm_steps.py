@@ -18,17 +18,9 @@ import sys
 import time
 
 
-def proc_cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def main() -> None:
     mode, batch, steps, step_ms = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+    from _proc_cpu import process_cpu_s
     from _vllm_fakes import Runner, Sched, Stub, decode_batches
     from _vllm_fakes import rotate as fake_rotate
 
@@ -122,8 +114,8 @@ def main() -> None:
     run(128)  # warm-up: the companion's start, the first batches, the detector's first model if on
     flush()
     time.sleep(2.0)
-    cpu0 = proc_cpu_s(os.getpid())
-    c0 = proc_cpu_s(comp_pid) if comp_pid else 0.0
+    cpu0 = process_cpu_s(os.getpid())
+    c0 = process_cpu_s(comp_pid) if comp_pid else 0.0
     loop0 = st.pipeline.stats().get("cpu_ns", 0) if comp_pid else 0
     t0 = time.perf_counter()
     th0 = time.thread_time()
@@ -132,8 +124,8 @@ def main() -> None:
     wall = time.perf_counter() - t0
     flush()
     time.sleep(0.3)
-    cpu1 = proc_cpu_s(os.getpid())
-    c1 = proc_cpu_s(comp_pid) if comp_pid else 0.0
+    cpu1 = process_cpu_s(os.getpid())
+    c1 = process_cpu_s(comp_pid) if comp_pid else 0.0
     out = {"mode": mode, "batch": batch, "steps": steps, "wall_s": wall, "cpu_s": cpu1 - cpu0, "loop_cpu_s": loop_cpu,
            "companion_cpu_s": c1 - c0, "companion": bool(comp_pid)}
     if st is not None:
