@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prism_eval import tiny_models
 from prism_otel import semconv as sc
+from tests import servers
 from tests.otlp_sink import OTLPSink
 
 BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _post(port, model, prompt, max_tokens):
@@ -51,7 +43,7 @@ def _serve_runs_engine_in_process() -> bool:
 
 def test_serve_request_spans(tmp_path):
     model = tiny_models.build(tiny_models.default_dir("tiny"), "tiny")
-    port = _free_port()
+    port = servers.free_port()
     (tmp_path / "hub").mkdir()
     with OTLPSink() as sink:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PRISM_OTEL_"))}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from prism_otel import semconv as sc
+from tests import servers
 from tests import vllm_checks as chk
 from tests.otlp_sink import OTLPSink
 
@@ -163,15 +163,9 @@ SEQ_PROMPTS = ["Hello world", "abc", "The quick brown fox"]
 BURST = [("Once upon a time", 200), ("x" * 150, 5), ("a b c d e f", 9), ("Lorem ipsum", 16), ("42", 3), ("zz", 7)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, model, tmp: Path, env: dict, prefix=(), extra_args=()) -> None:
-        self.port = _free_port()
+        self.port = servers.free_port()
         cmd = list(prefix) + [str(VPY), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
                               "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "8",
