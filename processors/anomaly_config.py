@@ -17,7 +17,7 @@ class AnomalyConfig:
     min_train: int = 200
     refit_every: int = 1000
     fleet_refit_s: float = 30.0
-    fit_share: float = 0.02
+    fit_share: float = 0.0
     max_train: int = 4000
     background: bool = True
     fit_process: bool = False
