@@ -22,6 +22,7 @@ fits its first models, is not part of the run.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -124,9 +125,19 @@ def _incidents(hook, since_ns=None):
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _steps_of(out_dir: str) -> tuple:
+    return tuple(dataset.steps_from_spans(dataset.read_spans(dataset.otlp_files(os.path.join(out_dir, "otlp")))))
+
+
+def _steps(out_dir) -> tuple:
+    """The step rows of a finished run (read once: every check below reads them)."""
+    return _steps_of(str(out_dir))
+
+
 def _window_story(out_dir, w) -> dict:
     """What the detector made of the fault window (for a failure message)."""
-    rows = dataset.steps_from_spans(dataset.read_spans(dataset.otlp_files(os.path.join(out_dir, "otlp"))))
+    rows = _steps(out_dir)
     inw = [r for r in rows if w["t_start"] <= int(r["start_ns"]) <= w["t_end"]]
     return {"steps": len(rows), "judged": sum(r.get("online_expected_us") not in (None, "") for r in rows),
             "in_window": len(inw), "anomalous_in_window": sum(str(r.get("online_anomaly")) in ("1", "True")
@@ -141,7 +152,7 @@ def _cpu_slower(out_dir, inc) -> float:
     named ``cpu.slow``, that no neighbour process explains."""
     import statistics
 
-    rows = [r for r in dataset.steps_from_spans(dataset.read_spans(dataset.otlp_files(os.path.join(out_dir, "otlp"))))
+    rows = [r for r in _steps(out_dir)
             if r.get("signal_cpu.run_ms") not in (None, "")]
     inside = [r for r in rows if inc["start_ns"] <= int(r["start_ns"]) <= inc["end_ns"]
               and str(r.get("online_anomaly")) in ("1", "True")]
@@ -165,7 +176,7 @@ def _work_slower(out_dir, t0: int, t1: int) -> float:
     that mispredicts a workload flags steps that take no longer than their like."""
     import statistics
 
-    rows = dataset.steps_from_spans(dataset.read_spans(dataset.otlp_files(os.path.join(out_dir, "otlp"))))
+    rows = _steps(out_dir)
     flagged = [r for r in rows if t0 <= int(r["start_ns"]) <= t1 and str(r.get("online_anomaly")) in ("1", "True")]
     normal = [r for r in rows if str(r.get("online_anomaly")) in ("0", "False")]
 
@@ -203,7 +214,7 @@ def _cpu_disturbed(out_dir, rq, t0: int, t1: int) -> dict:
 
 
 def _judged(out_dir) -> int:
-    rows = dataset.steps_from_spans(dataset.read_spans(dataset.otlp_files(os.path.join(out_dir, "otlp"))))
+    rows = _steps(out_dir)
     return sum(1 for r in rows if r.get("online_expected_us") not in (None, ""))
 
 
